@@ -1,0 +1,104 @@
+"""The terminal frontend: the same queue as Telegram and Discord, in a terminal.
+
+Interactive on a TTY (with a prompt and a /compare table); when stdin is a pipe it reads one
+message per line and prints one reply per message, so it can be scripted:
+``printf 'Do I need surgery?\\n' | drhouse chat``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+from typing import TextIO
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from bots.commands import parse_command
+from bots.conversations import conversation_id
+from bots.core import FrontendCore, Immediate, Incoming
+from bots.formatting import format_reply, variant_label
+from engine.config import Settings
+from engine.keys import Keys
+from engine.protocol import Reply
+from engine.queue_client import QueueClient
+from persona.pack import Persona
+
+log = logging.getLogger(__name__)
+
+
+class ConsoleFrontend:
+    def __init__(self, settings: Settings, persona: Persona, queue: QueueClient, keys: Keys,
+                 stdin: TextIO | None = None, stdout: TextIO | None = None,
+                 interactive: bool | None = None):
+        self.settings = settings
+        self.persona = persona
+        self.queue = queue
+        self.core = FrontendCore(settings, persona, queue, keys)
+        self.stdin = stdin or sys.stdin
+        self.out = Console(file=stdout or sys.stdout, highlight=False, soft_wrap=True)
+        self.interactive = self.stdin.isatty() if interactive is None else interactive
+        self.user = os.environ.get("USER", "console")
+        self.conversation = conversation_id("console", self.user)
+
+    async def run(self) -> None:
+        """Read messages until EOF or /quit."""
+        stop = asyncio.Event()
+        reader = asyncio.create_task(self.queue.run_reader(stop=stop, block_ms=200))
+        try:
+            if self.interactive:
+                self.out.print(f"[bold]{self.persona.full_name}[/bold]: {self.persona.greeting}")
+                self.out.print("[dim]/help for commands, /quit to leave.[/dim]")
+            while True:
+                if self.interactive:
+                    self.out.print("[bold cyan]you>[/bold cyan] ", end="")
+                line = await asyncio.to_thread(self.stdin.readline)
+                if not line:
+                    break
+                command = parse_command(line)
+                if command is not None and command.name in ("quit", "exit"):
+                    break
+                await self.handle_line(line.rstrip("\n"))
+        finally:
+            stop.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+
+    async def handle_line(self, line: str) -> None:
+        outcome = await self.core.handle(
+            Incoming(user=self.user, conversation=self.conversation, text=line))
+        if isinstance(outcome, Immediate):
+            self.say(outcome.text)
+            return
+        if self.interactive:
+            self.out.print("[dim]House is typing…[/dim]")
+        try:
+            reply = await self.queue.wait_reply(outcome.id, self.settings.reply_timeout_s)
+        except TimeoutError:
+            self.say(self.persona.line("timeout"))
+            return
+        self.show(reply)
+
+    def say(self, text: str) -> None:
+        if self.interactive:
+            self.out.print(f"[bold]House:[/bold] {escape(text)}")
+        else:
+            self.out.print(text, markup=False)
+
+    def show(self, reply: Reply) -> None:
+        if reply.variants and self.interactive and not reply.error:
+            table = Table(show_lines=True)
+            for column in ("model", "reply", "tokens", "ms"):
+                table.add_column(column)
+            for v in reply.variants:
+                table.add_row(variant_label(v.name), v.text, str(v.tokens), f"{v.ms:.0f}")
+            self.out.print(table)
+            return
+        if self.interactive:
+            self.say(format_reply(reply))
+        else:
+            self.out.print(format_reply(reply), markup=False)

@@ -1,0 +1,123 @@
+"""What every frontend does with an incoming message, whatever the platform.
+
+`FrontendCore.handle` validates a message, answers commands that need no model at once,
+applies the allow-list and the per-user limit, and otherwise enqueues a request. It returns
+either a line to send immediately or the submitted `Request` (whose reply arrives later on
+the frontend's reply stream).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from bots.commands import COMMANDS, parse_command
+from bots.throttle import UserRateLimit
+from engine.config import Settings
+from engine.keys import Keys
+from engine.metrics import FrontendMetrics
+from engine.protocol import Request
+from engine.queue_client import QueueClient, QueueFull, QueueUnavailable, queue_depth
+from engine.redis_conn import REDIS_DOWN
+from persona.pack import Persona
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Incoming:
+    """A platform message reduced to what the core needs."""
+
+    user: str
+    conversation: str
+    text: str
+    speaker: str = ""
+    chat: str = ""
+    route: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Immediate:
+    """A line to send now, without the queue."""
+
+    text: str
+
+
+class FrontendCore:
+    def __init__(self, settings: Settings, persona: Persona, queue: QueueClient, keys: Keys,
+                 metrics: FrontendMetrics | None = None):
+        self.settings = settings
+        self.persona = persona
+        self.queue = queue
+        self.keys = keys
+        self.metrics = metrics or FrontendMetrics(queue.frontend_id)
+        self.limit = UserRateLimit(queue.redis, keys, settings.user_rate_limit,
+                                   settings.user_rate_window_s)
+
+    def allowed(self, user: str, chat: str = "") -> bool:
+        users, chats = self.settings.allowed_user_ids, self.settings.allowed_chat_ids
+        if not users and not chats:
+            return True
+        return user in users or (bool(chat) and chat in chats)
+
+    def is_admin(self, user: str) -> bool:
+        return user in self.settings.admin_user_ids
+
+    async def handle(self, msg: Incoming) -> Immediate | Request:
+        try:
+            outcome = await self._handle(msg)
+        except QueueFull:
+            outcome = Immediate(self.persona.line("busy"))
+        except (QueueUnavailable, *REDIS_DOWN):
+            outcome = Immediate(self.persona.line("outage"))
+        self.metrics.count("queued" if isinstance(outcome, Request) else "immediate")
+        return outcome
+
+    async def _handle(self, msg: Incoming) -> Immediate | Request:
+        p = self.persona
+        if not self.allowed(msg.user, msg.chat):
+            return Immediate(p.line("not_allowed"))
+        text = msg.text.strip()
+        if not text:
+            return Immediate(p.line("empty"))
+        command = parse_command(text)
+        kind, body = "chat", text
+        if command is not None:
+            name = command.name
+            if name == "start":
+                return Immediate(f"{p.greeting}\n\n{p.disclaimer}")
+            if name == "help":
+                listing = "\n".join(f"/{c} — {d}" for c, d in COMMANDS.items())
+                return Immediate(f"{p.help}\n\n{listing}")
+            if name == "stats":
+                if not self.is_admin(msg.user):
+                    return Immediate(p.line("not_allowed"))
+                return Immediate(await self.stats())
+            if name in ("reset", "forget", "retry"):
+                kind, body = name, ""
+            elif name == "compare":
+                if not command.args:
+                    return Immediate("Compare what? /compare <your message>")
+                kind, body = "compare", command.args
+            else:
+                return Immediate(p.line("unknown_command"))
+        if len(body) > self.settings.max_message_chars:
+            return Immediate(p.line("too_long"))
+        if kind in ("chat", "compare", "retry") and not await self.limit.allow(msg.user):
+            return Immediate(p.line("slow_down"))
+        request = Request(frontend=self.queue.frontend_id, conversation=msg.conversation,
+                          user=msg.user, speaker=msg.speaker, kind=kind, text=body,
+                          route=msg.route)
+        await self.queue.submit(request)
+        log.info("request %s kind=%s chars=%d", request.id, kind, len(body))
+        return request
+
+    async def stats(self) -> str:
+        redis = self.queue.redis
+        counters = await redis.hgetall(self.keys.stats)
+        depth = await queue_depth(redis, self.keys)
+        workers = [k async for k in redis.scan_iter(match=self.keys.health_pattern)]
+        return (f"Queue: {depth} waiting. Workers alive: {len(workers)}. "
+                f"Replies: {counters.get('replies', 0)}, errors: {counters.get('errors', 0)}, "
+                f"dead letters: {counters.get('dead_letters', 0)}.")

@@ -1,0 +1,21 @@
+"""Turn a reply into the text a user sees."""
+
+from __future__ import annotations
+
+from engine.keys import BASE_VARIANT
+from engine.protocol import Reply
+
+
+def variant_label(name: str) -> str:
+    return "Base model" if name == BASE_VARIANT else f"{name.capitalize()} (fine-tuned)"
+
+
+def format_reply(reply: Reply) -> str:
+    """Plain text (no parse mode): a chat reply, an error sentence, or /compare side by side."""
+    if reply.error:
+        return reply.error
+    if reply.variants:
+        blocks = [f"{variant_label(v.name)} — {v.tokens} tokens, {v.ms:.0f} ms:\n{v.text}"
+                  for v in reply.variants]
+        return "\n\n".join(blocks)
+    return reply.text or ""

@@ -1,0 +1,156 @@
+"""Settings for every process, read once from the environment and `.env`.
+
+Every field is documented in `.env.example`; a process builds one `Settings` in `main()` and
+passes it down explicitly.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse_adapters(spec: str) -> dict[str, str]:
+    """Parse ``"house=models/house-smollm2,other=/path"`` into ``{name: path}``."""
+    adapters: dict[str, str] = {}
+    for item in spec.replace(";", ",").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ValueError(f"adapter {item!r} is not of the form name=path")
+        if name.strip() == "__base__":
+            raise ValueError("'__base__' is reserved for the base model")
+        adapters[name.strip()] = path.strip()
+    return adapters
+
+
+def parse_ids(spec: str) -> frozenset[str]:
+    """Parse a comma-separated list of user or chat ids."""
+    return frozenset(part.strip() for part in spec.split(",") if part.strip())
+
+
+class Settings(BaseSettings):
+    """All configuration; names map to upper-case environment variables."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    # Redis
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "house"
+    redis_connect_retries: int = 5
+    redis_retry_delay_s: float = 1.0
+
+    # Frontends
+    telegram_token: SecretStr | None = None
+    telegram_api_url: str = "https://api.telegram.org/bot"
+    telegram_webhook_url: str | None = None
+    telegram_webhook_port: int = 8443
+    discord_token: SecretStr | None = None
+    allowed_users: str = ""
+    allowed_chats: str = ""
+    admin_ids: str = ""
+    group_history: Literal["per_user", "shared"] = "per_user"
+    bot_names: str = "House,Dr. House,Dr House"
+    user_rate_limit: int = 6
+    user_rate_window_s: int = 30
+    max_message_chars: int = 4000
+    reply_timeout_s: float = 120.0
+
+    # Model
+    base_model: str = "smollm2-135m"
+    adapters: str = "house=models/house-smollm2"
+    default_adapter: str = "house"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    load_in_4bit: bool = False
+    model_cache_dir: Path = ROOT / ".cache" / "models"
+    persona: str = "house"
+    torch_threads: int = 0
+
+    # Generation overrides (empty = the persona pack's default)
+    gen_max_new_tokens: int | None = None
+    gen_temperature: float | None = None
+    gen_top_p: float | None = None
+    gen_repetition_penalty: float | None = None
+    gen_no_repeat_ngram_size: int | None = None
+    gen_sentence_cap: int | None = None
+    gen_candidates: int | None = None
+
+    # History
+    history_token_budget: int = 384
+    history_max_turns: int = 20
+    history_ttl_s: int = 7 * 24 * 3600
+
+    # Worker
+    worker_name: str = ""
+    batch_size: int = 16
+    batch_wait_ms: int = 30
+    generation_timeout_s: float = 120.0
+    claim_idle_ms: int = 60_000
+    max_deliveries: int = 3
+    max_queue_depth: int = 200
+    stream_maxlen: int = 10_000
+    worker_metrics_port: int = 9100
+    frontend_metrics_port: int = 0
+    log_level: str = "INFO"
+
+    @field_validator("adapters")
+    @classmethod
+    def _check_adapters(cls, value: str) -> str:
+        parse_adapters(value)
+        return value
+
+    @cached_property
+    def adapter_paths(self) -> dict[str, str]:
+        """Configured adapters as ``{name: path}``; relative paths start at the project root."""
+        resolved = {}
+        for name, path in parse_adapters(self.adapters).items():
+            p = Path(path)
+            resolved[name] = str(p if p.is_absolute() or not (ROOT / p).exists() else ROOT / p)
+        return resolved
+
+    @cached_property
+    def allowed_user_ids(self) -> frozenset[str]:
+        return parse_ids(self.allowed_users)
+
+    @cached_property
+    def allowed_chat_ids(self) -> frozenset[str]:
+        return parse_ids(self.allowed_chats)
+
+    @cached_property
+    def admin_user_ids(self) -> frozenset[str]:
+        return parse_ids(self.admin_ids)
+
+    @cached_property
+    def bot_name_list(self) -> list[str]:
+        return [n.strip() for n in self.bot_names.split(",") if n.strip()]
+
+    def generation_overrides(self) -> dict[str, float | int]:
+        """The GEN_* settings that are set, keyed like the persona's controls."""
+        fields = {
+            "max_new_tokens": self.gen_max_new_tokens,
+            "temperature": self.gen_temperature,
+            "top_p": self.gen_top_p,
+            "repetition_penalty": self.gen_repetition_penalty,
+            "no_repeat_ngram_size": self.gen_no_repeat_ngram_size,
+            "sentence_cap": self.gen_sentence_cap,
+            "candidates": self.gen_candidates,
+        }
+        return {k: v for k, v in fields.items() if v is not None}
+
+
+def mask_secret(text: str, settings: Settings) -> str:
+    """Replace any configured token inside ``text`` with ``***``."""
+    for secret in (settings.telegram_token, settings.discord_token):
+        if secret is not None and secret.get_secret_value():
+            text = text.replace(secret.get_secret_value(), "***")
+    return text
+

@@ -1,0 +1,222 @@
+"""Batched generation: one `generate()` call for a whole micro-batch.
+
+Each row carries its own adapter (peft's ``adapter_names``), its own sampling settings and
+its own seed. Sampling happens in `PerRowSampler`, a logits processor with one
+``torch.Generator`` per row that leaves a single allowed token, so the rest of ``generate``
+runs greedily: a row gets the same text in a batch as it would alone with the same seed.
+
+`FakeGenerator` is a fast deterministic stand-in with the same interface, for tests and the
+queue benchmark.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from engine.keys import BASE_VARIANT
+from persona.pack import Controls
+from persona.postprocess import speaker_tag_pattern, split_sentences
+
+
+@dataclass(frozen=True)
+class GenerationJob:
+    prompt: str
+    adapter: str
+    controls: Controls
+    seed: int
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class Generated:
+    text: str
+    tokens: int
+    finished: bool
+    ms: float
+
+
+class Generator(Protocol):
+    """What the worker needs from a model."""
+
+    tokenizer: Any
+    adapters: list[str]
+
+    def generate(self, jobs: Sequence[GenerationJob]) -> list[Generated]: ...
+
+
+class PerRowSampler:
+    """Temperature + top-p sampling with a generator per row; temperature 0 is greedy."""
+
+    def __init__(self, controls: Sequence[Controls], seeds: Sequence[int], device: torch.device):
+        self.temperatures = [c.temperature for c in controls]
+        self.top_ps = [c.top_p for c in controls]
+        self.generators = []
+        for seed in seeds:
+            g = torch.Generator(device="cpu")
+            g.manual_seed(int(seed))
+            self.generators.append(g)
+        self.device = device
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        chosen = torch.empty(scores.shape[0], dtype=torch.long)
+        cpu_scores = scores.detach().float().cpu()
+        for row in range(scores.shape[0]):
+            logits = cpu_scores[row]
+            temperature = self.temperatures[row]
+            if temperature <= 1e-5:
+                chosen[row] = int(torch.argmax(logits))
+                continue
+            probs = torch.softmax(logits / temperature, dim=-1)
+            sorted_probs, order = torch.sort(probs, descending=True)
+            keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < self.top_ps[row]
+            keep[0] = True
+            sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
+            pick = torch.multinomial(sorted_probs, 1, generator=self.generators[row])
+            chosen[row] = order[pick]
+        out = torch.full_like(scores, float("-inf"))
+        out[torch.arange(scores.shape[0]), chosen.to(scores.device)] = 0.0
+        return out
+
+
+class RowStops:
+    """Per-row stopping: each row's own token limit, an other-speaker tag, or a sentence past
+    the cap. Returns one bool per row (transformers' StoppingCriteria contract)."""
+
+    def __init__(self, tokenizer: Any, prompt_len: int, controls: Sequence[Controls],
+                 speakers: Sequence[str]):
+        self.tokenizer = tokenizer
+        self.prompt_len = prompt_len
+        self.limits = torch.tensor([c.max_new_tokens for c in controls])
+        self.caps = [c.sentence_cap for c in controls]
+        self.tag = speaker_tag_pattern(speakers)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        generated = input_ids.shape[1] - self.prompt_len
+        done = (self.limits <= generated).to(input_ids.device)
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len :],
+                                            skip_special_tokens=True)
+        for row, text in enumerate(texts):
+            if done[row]:
+                continue
+            if self.tag.search(text) or len(split_sentences(text + " x")) > self.caps[row] + 1:
+                done[row] = True
+        return done
+
+
+class HFGenerator:
+    """Batched generation with a transformers model (plain or PEFT with named adapters)."""
+
+    def __init__(self, loaded: Any, speakers: Sequence[str] = ()):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.adapters = list(loaded.adapters)
+        self.speakers = list(speakers)
+
+    def generate(self, jobs: Sequence[GenerationJob]) -> list[Generated]:
+        """Generate for all jobs; rows sharing penalty settings share one generate() call."""
+        results: list[Generated | None] = [None] * len(jobs)
+        groups: dict[tuple[float, int], list[int]] = {}
+        for i, job in enumerate(jobs):
+            key = (job.controls.repetition_penalty, job.controls.no_repeat_ngram_size)
+            groups.setdefault(key, []).append(i)
+        for indices in groups.values():
+            for i, gen in zip(indices, self._generate_group([jobs[i] for i in indices]),
+                              strict=True):
+                results[i] = gen
+        return [r for r in results if r is not None]
+
+    @torch.inference_mode()
+    def _generate_group(self, jobs: Sequence[GenerationJob]) -> list[Generated]:
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        started = time.perf_counter()
+        tok = self.tokenizer
+        enc = tok([j.prompt for j in jobs], return_tensors="pt", padding=True,
+                  add_special_tokens=False).to(self.loaded.device)
+        prompt_len = enc["input_ids"].shape[1]
+        controls = [j.controls for j in jobs]
+        kwargs: dict[str, Any] = {}
+        if self.adapters:
+            kwargs["adapter_names"] = [j.adapter if j.adapter in self.adapters else BASE_VARIANT
+                                       for j in jobs]
+        first = controls[0]
+        out = self.model.generate(
+            **enc,
+            do_sample=False,
+            max_new_tokens=max(c.max_new_tokens for c in controls),
+            repetition_penalty=first.repetition_penalty,
+            no_repeat_ngram_size=first.no_repeat_ngram_size,
+            logits_processor=LogitsProcessorList(
+                [PerRowSampler(controls, [j.seed for j in jobs], self.loaded.device)]
+            ),
+            stopping_criteria=StoppingCriteriaList(
+                [RowStops(tok, prompt_len, controls, self.speakers)]
+            ),
+            eos_token_id=self.loaded.eos_token_ids or None,
+            pad_token_id=tok.pad_token_id,
+            **kwargs,
+        )
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        eos = set(self.loaded.eos_token_ids)
+        results = []
+        for row, job in enumerate(jobs):
+            ids = out[row, prompt_len:].tolist()
+            n, finished = len(ids), False
+            for k, token in enumerate(ids):
+                if token in eos:
+                    n, finished = k, True
+                    break
+            ids = ids[:n]
+            text = tok.decode(ids, skip_special_tokens=True)
+            stopped_early = n < job.controls.max_new_tokens
+            results.append(Generated(text, len(ids), finished or stopped_early, elapsed_ms))
+        return results
+
+
+class FakeChatTokenizer:
+    """A tokenizer stand-in for the fake generator: one token per word."""
+
+    def apply_chat_template(self, conversation: Any, tokenize: bool = False,
+                            add_generation_prompt: bool = False, **_: Any) -> Any:
+        text = "".join(f"<{m['role']}>{m['content']}\n" for m in conversation)
+        if add_generation_prompt:
+            text += "<assistant>"
+        return text.split() if tokenize else text
+
+
+class FakeGenerator:
+    """Deterministic, model-free replies: ``Diagnosis <digest> from <adapter>.``
+
+    The digest hashes the request's message and seed, so tests can predict a reply. A message
+    containing ``#long`` gets three very long sentences (for reply-splitting tests).
+    """
+
+    def __init__(self, delay_s: float = 0.0, adapters: Sequence[str] = ("house",)):
+        self.tokenizer = FakeChatTokenizer()
+        self.adapters = list(adapters)
+        self.delay_s = delay_s
+        self.calls: list[int] = []
+
+    @staticmethod
+    def reply_for(message: str, adapter: str, seed: int = 0) -> str:
+        digest = hashlib.sha1(f"{message}|{seed}".encode()).hexdigest()[:8]
+        return f"Diagnosis {digest} from {adapter}."
+
+    def generate(self, jobs: Sequence[GenerationJob]) -> list[Generated]:
+        self.calls.append(len(jobs))
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        out = []
+        for job in jobs:
+            text = self.reply_for(job.message, job.adapter, job.seed)
+            if "#long" in job.message:
+                text = " ".join(("Long " + "very " * 350 + "long.") for _ in range(3))
+            out.append(Generated(text, len(text.split()), True, self.delay_s * 1000))
+        return out

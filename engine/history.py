@@ -1,0 +1,100 @@
+"""Conversation history in Redis: a capped list of JSON turns per conversation, with a TTL.
+
+Every key written about a user is also recorded in that user's key set, so /forget can
+remove all of it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import redis.asyncio as aioredis
+
+from engine.keys import Keys
+from persona.prompt import Turn
+
+
+class HistoryStore:
+    def __init__(self, redis: aioredis.Redis, keys: Keys, max_turns: int = 20, ttl_s: int = 604800):
+        self.redis = redis
+        self.keys = keys
+        self.max_turns = max_turns
+        self.ttl_s = ttl_s
+
+    async def load(self, conversation: str) -> list[Turn]:
+        raw = await self.redis.lrange(self.keys.history(conversation), 0, -1)
+        turns = []
+        for item in raw:
+            data = json.loads(item)
+            turns.append(Turn(data["role"], data["content"], data.get("speaker", "")))
+        return turns
+
+    def append_commands(self, pipe: aioredis.client.Pipeline, conversation: str, user: str,
+                        speaker: str, user_text: str, reply: str) -> None:
+        """Queue the commands that store one exchange on ``pipe`` (part of the reply MULTI)."""
+        key = self.keys.history(conversation)
+        pipe.rpush(
+            key,
+            json.dumps({"role": "user", "content": user_text, "speaker": speaker, "user": user}),
+            json.dumps({"role": "assistant", "content": reply}),
+        )
+        pipe.ltrim(key, -2 * self.max_turns, -1)
+        pipe.expire(key, self.ttl_s)
+        self.remember_key_commands(pipe, user, key)
+
+    def remember_key_commands(self, pipe: aioredis.client.Pipeline, user: str, key: str) -> None:
+        index = self.keys.user_keys(user)
+        pipe.sadd(index, key)
+        pipe.expire(index, self.ttl_s)
+
+    async def drop_last_exchange(self, conversation: str) -> tuple[str, str] | None:
+        """Remove the last user/assistant pair (for /retry); returns (user text, speaker)."""
+        key = self.keys.history(conversation)
+        tail = await self.redis.lrange(key, -2, -1)
+        if len(tail) != 2:
+            return None
+        user_turn = json.loads(tail[0])
+        if user_turn.get("role") != "user":
+            return None
+        await self.redis.ltrim(key, 0, -3)
+        return user_turn["content"], user_turn.get("speaker", "")
+
+    async def reset(self, conversation: str) -> None:
+        await self.redis.delete(self.keys.history(conversation),
+                                self.keys.last_request(conversation))
+
+    async def forget(self, user: str) -> int:
+        """Delete everything stored about ``user``; shared histories lose only their turns.
+
+        Returns how many keys were deleted or rewritten.
+        """
+        index = self.keys.user_keys(user)
+        keys = await self.redis.smembers(index)
+        touched = 0
+        for key in keys:
+            if await self.redis.type(key) == "list":
+                touched += await self._remove_user_turns(key, user)
+            else:
+                touched += await self.redis.delete(key)
+        touched += await self.redis.delete(index, self.keys.rate(user))
+        return touched
+
+    async def _remove_user_turns(self, key: str, user: str) -> int:
+        items = await self.redis.lrange(key, 0, -1)
+        kept: list[str] = []
+        skip_answer = False
+        for item in items:
+            turn = json.loads(item)
+            if turn.get("role") == "user":
+                skip_answer = turn.get("user") == user
+                if not skip_answer:
+                    kept.append(item)
+            elif not skip_answer:
+                kept.append(item)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(key)
+            if kept:
+                pipe.rpush(key, *kept)
+                pipe.expire(key, self.ttl_s)
+            await pipe.execute()
+        return 1

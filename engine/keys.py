@@ -1,0 +1,66 @@
+"""Every Redis key, stream and consumer-group name, in one place.
+
+A ``Keys`` is built from the configured prefix, so tests and parallel deployments can share
+one Redis without touching each other's data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+WORKERS_GROUP = "workers"
+FRONTEND_GROUP = "frontend"
+BASE_VARIANT = "__base__"
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = "house"
+
+    @property
+    def requests(self) -> str:
+        """The stream every frontend adds requests to."""
+        return f"{self.prefix}:requests"
+
+    @property
+    def dead_letters(self) -> str:
+        """Requests delivered too many times, kept for inspection."""
+        return f"{self.prefix}:dead"
+
+    def replies(self, frontend: str) -> str:
+        """The reply stream of one frontend instance."""
+        return f"{self.prefix}:replies:{frontend}"
+
+    def history(self, conversation: str) -> str:
+        return f"{self.prefix}:hist:{conversation}"
+
+    def last_request(self, conversation: str) -> str:
+        """The last chat request of a conversation, for /retry."""
+        return f"{self.prefix}:last:{conversation}"
+
+    def user_keys(self, user: str) -> str:
+        """A set of every key stored about a user, so /forget can delete them all."""
+        return f"{self.prefix}:user:{user}:keys"
+
+    def answered(self, request_id: str) -> str:
+        """Set once a frontend delivered the reply to a request (drops duplicates)."""
+        return f"{self.prefix}:answered:{request_id}"
+
+    def rate(self, user: str) -> str:
+        return f"{self.prefix}:rate:{user}"
+
+    def health(self, worker: str) -> str:
+        return f"{self.prefix}:health:{worker}"
+
+    @property
+    def health_pattern(self) -> str:
+        return f"{self.prefix}:health:*"
+
+    @property
+    def stats(self) -> str:
+        """A hash of counters the workers keep (replies, errors, dead letters)."""
+        return f"{self.prefix}:stats"
+
+    @property
+    def all_pattern(self) -> str:
+        return f"{self.prefix}:*"

@@ -1,0 +1,103 @@
+"""Building the long-running pieces from `Settings`: logging, Redis, the model, a worker."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+import redis.asyncio as aioredis
+
+from engine.config import Settings, mask_secret
+from engine.generation import FakeGenerator, Generator, HFGenerator
+from engine.keys import Keys
+from engine.metrics import WorkerMetrics
+from engine.model_loading import load_model
+from engine.redis_conn import connect
+from engine.worker import Worker, WorkerOptions
+from persona.pack import Persona, load_persona
+
+log = logging.getLogger(__name__)
+
+
+class SecretMaskingFilter(logging.Filter):
+    """Masks configured tokens in every log record (python-telegram-bot logs request URLs,
+    which contain the bot token)."""
+
+    def __init__(self, settings: Settings):
+        super().__init__()
+        self.settings = settings
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = mask_secret(message, self.settings)
+        if masked != message:
+            record.msg, record.args = masked, None
+        return True
+
+
+def setup_logging(settings: Settings, logfile: Path | None = None) -> None:
+    handler: logging.Handler
+    if logfile is not None:
+        logfile.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(logfile, encoding="utf-8")
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(SecretMaskingFilter(settings))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level.upper())
+    for noisy in ("httpx", "httpcore", "discord.gateway", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def keys_for(settings: Settings) -> Keys:
+    return Keys(settings.key_prefix)
+
+
+async def redis_for(settings: Settings) -> aioredis.Redis:
+    return await connect(settings.redis_url, settings.redis_connect_retries,
+                         settings.redis_retry_delay_s)
+
+
+def build_generator(settings: Settings, persona: Persona, fake: bool = False) -> Generator:
+    """The real model with its adapters, or the fast fake for tests and benchmarks."""
+    if fake:
+        return FakeGenerator(adapters=list(settings.adapter_paths))
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    loaded = load_model(settings.base_model, settings.adapter_paths, settings.device,
+                        settings.dtype, settings.model_cache_dir, settings.load_in_4bit)
+    return HFGenerator(loaded, persona.other_speakers)
+
+
+def worker_options(settings: Settings) -> WorkerOptions:
+    options = WorkerOptions(
+        batch_size=settings.batch_size,
+        batch_wait_ms=settings.batch_wait_ms,
+        claim_idle_ms=settings.claim_idle_ms,
+        max_deliveries=settings.max_deliveries,
+        generation_timeout_s=settings.generation_timeout_s,
+        history_token_budget=settings.history_token_budget,
+        history_max_turns=settings.history_max_turns,
+        history_ttl_s=settings.history_ttl_s,
+        max_message_chars=settings.max_message_chars,
+        default_adapter=settings.default_adapter,
+        stream_maxlen=settings.stream_maxlen,
+        overrides=settings.generation_overrides(),
+    )
+    if settings.worker_name:
+        options.name = settings.worker_name
+    return options
+
+
+async def build_worker(settings: Settings, redis: aioredis.Redis, fake: bool = False,
+                       metrics: WorkerMetrics | None = None) -> Worker:
+    persona = load_persona(settings.persona)
+    generator = await asyncio.to_thread(build_generator, settings, persona, fake)
+    return Worker(redis, keys_for(settings), generator, persona, worker_options(settings),
+                  metrics)

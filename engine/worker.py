@@ -1,0 +1,382 @@
+"""The inference worker: read micro-batches from the request stream, generate once per batch,
+write each reply and its ACK in one MULTI.
+
+Outcomes per request:
+- answered: reply + history + ACK in one transaction;
+- error: a user-facing sentence in the reply (timeout, bad request) + ACK;
+- dead letter: delivered more than ``max_deliveries`` times → copied to the dead-letter
+  stream, the user gets an apology, ACK;
+- deferred: Redis failed while writing → no ACK; the request stays pending and is claimed
+  again (XAUTOCLAIM) after ``claim_idle_ms``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from engine.generation import Generated, GenerationJob, Generator
+from engine.history import HistoryStore
+from engine.keys import BASE_VARIANT, WORKERS_GROUP, Keys
+from engine.metrics import WorkerMetrics
+from engine.protocol import ProtocolError, Reply, Request, Variant
+from engine.queue_client import ensure_group, queue_depth
+from engine.redis_conn import REDIS_DOWN
+from persona.pack import Controls, Persona
+from persona.postprocess import choose_reply, clean_reply
+from persona.prompt import clean_user_text, render_prompt
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerOptions:
+    name: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    batch_size: int = 16
+    batch_wait_ms: int = 10
+    block_ms: int = 1000
+    claim_idle_ms: int = 60_000
+    max_deliveries: int = 3
+    generation_timeout_s: float = 120.0
+    history_token_budget: int = 384
+    history_max_turns: int = 20
+    history_ttl_s: int = 604800
+    max_message_chars: int = 4000
+    default_adapter: str = "house"
+    stream_maxlen: int = 10_000
+    health_ttl_s: int = 30
+    overrides: dict[str, float | int] = field(default_factory=dict)
+
+
+@dataclass
+class Task:
+    """One request of a batch and the generation rows it needs."""
+
+    entry_id: str
+    request: Request
+    text: str = ""
+    speaker: str = ""
+    variants: list[str] = field(default_factory=list)
+    controls: Controls | None = None
+    rows: list[int] = field(default_factory=list)
+    reply: Reply | None = None
+
+
+def request_seed(request: Request, controls: Controls) -> int:
+    """A per-request seed: the request's own ``seed`` setting, else derived from its id, so a
+    redelivered request gets the same reply."""
+    if "seed" in request.settings:
+        return controls.seed
+    return int(hashlib.sha1(request.id.encode()).hexdigest()[:8], 16)
+
+
+class Worker:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        generator: Generator,
+        persona: Persona,
+        options: WorkerOptions | None = None,
+        metrics: WorkerMetrics | None = None,
+        scorer: Callable[[Sequence[str]], Sequence[float]] | None = None,
+    ):
+        self.redis = redis
+        self.keys = keys
+        self.generator = generator
+        self.persona = persona
+        self.options = options or WorkerOptions()
+        self.metrics = metrics or WorkerMetrics()
+        self.scorer = scorer
+        self.history = HistoryStore(redis, keys, self.options.history_max_turns,
+                                    self.options.history_ttl_s)
+        self.defaults = persona.controls.merged(self.options.overrides)
+        self.stop = asyncio.Event()
+        self.batches = 0
+        self.replies = 0
+        self._last_generation_s = 0.0
+        self._signals = 0
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        """First SIGTERM/SIGINT: finish the batch in flight, then exit. Second: exit now."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            log.warning("second %s: exiting now", sig.name)
+            os._exit(1)
+        log.info("%s: finishing the batch in flight, then stopping", sig.name)
+        self.stop.set()
+
+    async def run(self, burst: bool = False) -> None:
+        """Serve until stopped; with ``burst`` return once nothing is left to read."""
+        await ensure_group(self.redis, self.keys.requests, WORKERS_GROUP)
+        log.info("worker %s serving %s (batch %d)", self.options.name, self.keys.requests,
+                 self.options.batch_size)
+        backoff = 0.1
+        while not self.stop.is_set():
+            try:
+                await self.record_health()
+                entries = await self.read_batch(block=not burst)
+                backoff = 0.1
+            except REDIS_DOWN as exc:
+                log.warning("Redis unavailable (%s); retrying in %.1fs", type(exc).__name__,
+                            backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            except ResponseError as exc:
+                if "NOGROUP" in str(exc):
+                    await ensure_group(self.redis, self.keys.requests, WORKERS_GROUP)
+                    continue
+                raise
+            if not entries:
+                if burst:
+                    return
+                continue
+            await self.process_batch(entries)
+        log.info("worker %s stopped after %d batches, %d replies", self.options.name,
+                 self.batches, self.replies)
+
+    async def record_health(self) -> None:
+        self.metrics.last_batch_ts.set_to_current_time()
+        await self.redis.set(
+            self.keys.health(self.options.name),
+            json.dumps({"ts": time.time(), "batches": self.batches, "replies": self.replies}),
+            ex=self.options.health_ttl_s,
+        )
+
+    # ---- reading ---------------------------------------------------------------------------
+
+    async def read_batch(self, block: bool = True) -> list[tuple[str, dict[str, str]]]:
+        """Claimed stale requests first, then new ones, up to ``batch_size``."""
+        size = self.options.batch_size
+        entries = await self.claim_stale(size)
+        if len(entries) < size:
+            entries += await self._read_new(size - len(entries),
+                                            self.options.block_ms if block and not entries
+                                            else None)
+        # Under load a short wait fills the batch; it costs little next to a generate().
+        wait_ms = self.options.batch_wait_ms
+        if (entries and len(entries) < size and wait_ms
+                and self._last_generation_s * 1000 > 10 * wait_ms):
+            await asyncio.sleep(wait_ms / 1000)
+            entries += await self._read_new(size - len(entries), None)
+        return entries
+
+    async def _read_new(self, count: int, block_ms: int | None) -> list[tuple[str, dict]]:
+        streams = await self.redis.xreadgroup(WORKERS_GROUP, self.options.name,
+                                              {self.keys.requests: ">"}, count=count,
+                                              block=block_ms)
+        return list(streams[0][1]) if streams else []
+
+    async def claim_stale(self, count: int) -> list[tuple[str, dict[str, str]]]:
+        """Take over requests another (dead) worker held longer than ``claim_idle_ms``."""
+        result = await self.redis.xautoclaim(self.keys.requests, WORKERS_GROUP, self.options.name,
+                                             min_idle_time=self.options.claim_idle_ms,
+                                             start_id="0-0", count=count)
+        claimed = [(eid, fields) for eid, fields in result[1] if fields]
+        if claimed:
+            self.metrics.claimed.inc(len(claimed))
+            log.warning("claimed %d stale requests", len(claimed))
+        return claimed
+
+    async def delivery_count(self, entry_id: str) -> int:
+        info = await self.redis.xpending_range(self.keys.requests, WORKERS_GROUP,
+                                               min=entry_id, max=entry_id, count=1)
+        return int(info[0]["times_delivered"]) if info else 1
+
+    # ---- processing ------------------------------------------------------------------------
+
+    async def process_batch(self, entries: list[tuple[str, dict[str, str]]]) -> None:
+        started = time.perf_counter()
+        self.batches += 1
+        self.metrics.batch_size.observe(len(entries))
+        with contextlib.suppress(*REDIS_DOWN):
+            self.metrics.queue_depth.set(await queue_depth(self.redis, self.keys))
+        tasks: list[Task] = []
+        for entry_id, fields in entries:
+            try:
+                request = Request.loads(fields)
+            except ProtocolError as exc:
+                log.error("malformed request %s: %s", entry_id, exc)
+                await self._dead_letter(entry_id, fields, None, "malformed")
+                continue
+            if await self.delivery_count(entry_id) > self.options.max_deliveries:
+                await self._dead_letter(entry_id, fields, request, "too many deliveries")
+                continue
+            self.metrics.queue_seconds.observe(max(0.0, time.time() - request.created_at))
+            tasks.append(Task(entry_id, request))
+        jobs: list[GenerationJob] = []
+        for task in tasks:
+            await self.prepare(task, jobs)
+        outputs: list[Generated] = []
+        if jobs:
+            outputs = await self._generate(jobs)
+        for task in tasks:
+            if task.reply is None:
+                task.reply = self.make_reply(task, jobs, outputs)
+            await asyncio.shield(self.finish(task))
+        log.info("batch of %d requests, %d rows in %.0f ms", len(tasks), len(jobs),
+                 (time.perf_counter() - started) * 1000)
+
+    async def prepare(self, task: Task, jobs: list[GenerationJob]) -> None:
+        """Answer control requests at once; add generation rows for the others."""
+        request = task.request
+        persona = self.persona
+        if request.kind == "reset":
+            await self.history.reset(request.conversation)
+            task.reply = self.reply(request, text=persona.line("reset"))
+            return
+        if request.kind == "forget":
+            await self.history.forget(request.user)
+            task.reply = self.reply(request, text=persona.line("forget"))
+            return
+        text, speaker = request.text, request.speaker
+        if request.kind == "retry":
+            last = await self.history.drop_last_exchange(request.conversation)
+            if last is None:
+                task.reply = self.reply(request, text=persona.line("fallback"))
+                return
+            text, speaker = last
+        text = clean_user_text(text, self.options.max_message_chars)
+        if not text:
+            task.reply = self.reply(request, text=persona.line("empty"))
+            return
+        task.text, task.speaker = text, speaker
+        task.controls = self.defaults.merged(request.settings)
+        if request.kind == "compare":
+            wanted = request.variants or [BASE_VARIANT, *self.generator.adapters]
+            task.variants = [v for v in wanted if v == BASE_VARIANT or v in
+                             self.generator.adapters] or [BASE_VARIANT]
+        else:
+            adapter = str(request.settings.get("adapter", self.options.default_adapter))
+            task.variants = [adapter if adapter in self.generator.adapters else BASE_VARIANT]
+        history = [] if request.kind == "compare" else await self.history.load(
+            request.conversation)
+        prompt = render_prompt(self.generator.tokenizer, persona, history, text, speaker,
+                               self.options.history_token_budget)
+        seed = request_seed(request, task.controls)
+        for variant in task.variants:
+            for k in range(task.controls.candidates):
+                task.rows.append(len(jobs))
+                jobs.append(GenerationJob(prompt, variant, task.controls, seed + k, text))
+
+    async def _generate(self, jobs: list[GenerationJob]) -> list[Generated]:
+        started = time.perf_counter()
+        try:
+            outputs = await asyncio.wait_for(asyncio.to_thread(self.generator.generate, jobs),
+                                             self.options.generation_timeout_s)
+        except TimeoutError:
+            log.error("generation of %d rows timed out", len(jobs))
+            self.metrics.errors.labels("timeout").inc(len(jobs))
+            return []
+        except Exception:
+            log.exception("generation of %d rows failed", len(jobs))
+            self.metrics.errors.labels("generation").inc(len(jobs))
+            return []
+        elapsed = time.perf_counter() - started
+        self._last_generation_s = elapsed
+        tokens = sum(o.tokens for o in outputs)
+        self.metrics.generation_seconds.observe(elapsed)
+        self.metrics.tokens.inc(tokens)
+        self.metrics.tokens_per_s.set(tokens / elapsed if elapsed else 0.0)
+        return outputs
+
+    def make_reply(self, task: Task, jobs: list[GenerationJob],
+                   outputs: list[Generated]) -> Reply:
+        request = task.request
+        if not outputs:
+            return self.reply(request, error=self.persona.line("timeout"))
+        controls = task.controls or self.defaults
+        variants = []
+        n = controls.candidates
+        for v, name in enumerate(task.variants):
+            rows = task.rows[v * n : (v + 1) * n]
+            candidates = [clean_reply(outputs[r].text, self.persona.other_speakers,
+                                      controls.sentence_cap, finished=outputs[r].finished)
+                          for r in rows]
+            best = choose_reply(candidates, task.text, self.scorer)
+            text = candidates[best] or self.persona.line("fallback")
+            out = outputs[rows[best]]
+            variants.append(Variant(name=name, text=text, tokens=out.tokens, ms=round(out.ms, 1)))
+        if request.kind == "compare":
+            return self.reply(request, variants=variants)
+        return self.reply(request, text=variants[0].text, variants=None,
+                          generation_ms=variants[0].ms)
+
+    def reply(self, request: Request, **fields) -> Reply:  # type: ignore[no-untyped-def]
+        return Reply(id=request.id, conversation=request.conversation, worker=self.options.name,
+                     kind=request.kind, route=request.route,
+                     queued_ms=round(max(0.0, time.time() - request.created_at) * 1000, 1),
+                     **fields)
+
+    async def finish(self, task: Task) -> None:
+        """Reply, history and ACK in one MULTI. If Redis fails, the request stays pending."""
+        request, reply = task.request, task.reply
+        assert reply is not None
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                if request.kind in ("chat", "retry") and reply.text and not reply.error:
+                    self.history.append_commands(pipe, request.conversation, request.user,
+                                                 task.speaker, task.text, reply.text)
+                    pipe.set(self.keys.last_request(request.conversation), request.id,
+                             ex=self.options.history_ttl_s)
+                    self.history.remember_key_commands(
+                        pipe, request.user, self.keys.last_request(request.conversation))
+                pipe.xadd(self.keys.replies(request.frontend), reply.dumps(),
+                          maxlen=self.options.stream_maxlen, approximate=True)
+                pipe.xack(self.keys.requests, WORKERS_GROUP, task.entry_id)
+                pipe.hincrby(self.keys.stats, "errors" if reply.error else "replies", 1)
+                await pipe.execute()
+        except REDIS_DOWN as exc:
+            log.warning("request %s deferred: Redis unavailable (%s)", request.id,
+                        type(exc).__name__)
+            return
+        self.replies += 1
+        self.metrics.replies.labels(request.kind).inc()
+        if reply.error:
+            self.metrics.errors.labels("reply").inc()
+        log.info("request %s kind=%s chars=%d queued=%.0fms", request.id, request.kind,
+                 len(request.text), reply.queued_ms)
+
+    async def _dead_letter(self, entry_id: str, fields: dict[str, str], request: Request | None,
+                           reason: str) -> None:
+        log.error("dead letter %s (%s)", entry_id, reason)
+        self.metrics.dead_letters.inc()
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(self.keys.dead_letters, {**fields, "reason": reason, "entry": entry_id},
+                      maxlen=self.options.stream_maxlen, approximate=True)
+            if request is not None:
+                reply = self.reply(request, error=self.persona.line("dead_letter"))
+                pipe.xadd(self.keys.replies(request.frontend), reply.dumps(),
+                          maxlen=self.options.stream_maxlen, approximate=True)
+            pipe.xack(self.keys.requests, WORKERS_GROUP, entry_id)
+            pipe.hincrby(self.keys.stats, "dead_letters", 1)
+            await pipe.execute()
+
+
+async def check_health(redis: aioredis.Redis, keys: Keys, max_age_s: float = 30.0) -> int:
+    """0 when at least one worker reported within ``max_age_s``, else 1 (container health)."""
+    async for key in redis.scan_iter(match=keys.health_pattern):
+        raw = await redis.get(key)
+        if raw and time.time() - json.loads(raw)["ts"] <= max_age_s:
+            return 0
+    return 1

@@ -1,0 +1,1 @@
+"""The House persona: pack, prompt building, post-processing, data, training, evaluation."""

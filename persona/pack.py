@@ -1,0 +1,91 @@
+"""The persona pack: a YAML file with the system prompt, lines and generation controls."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+
+PACKS_DIR = Path(__file__).resolve().parent / "packs"
+
+
+@dataclass(frozen=True)
+class Controls:
+    """Generation controls; persona defaults, overridable per request."""
+
+    max_new_tokens: int = 48
+    temperature: float = 0.7
+    top_p: float = 0.9
+    repetition_penalty: float = 1.15
+    no_repeat_ngram_size: int = 3
+    sentence_cap: int = 3
+    candidates: int = 2
+    seed: int = 0
+
+    LIMITS: ClassVar[dict[str, tuple[float, float]]] = {
+        "max_new_tokens": (1, 512),
+        "temperature": (0.0, 2.0),
+        "top_p": (0.05, 1.0),
+        "repetition_penalty": (1.0, 2.0),
+        "no_repeat_ngram_size": (0, 10),
+        "sentence_cap": (1, 10),
+        "candidates": (1, 8),
+        "seed": (0, 2**31 - 1),
+    }
+
+    def merged(self, overrides: dict[str, Any] | None) -> Controls:
+        """These controls with ``overrides`` applied; unknown keys are ignored, values clamped."""
+        if not overrides:
+            return self
+        known = {f.name: f.type for f in fields(self)}
+        changes: dict[str, Any] = {}
+        for key, value in overrides.items():
+            if key not in known or value is None:
+                continue
+            low, high = self.LIMITS[key]
+            cast = int if isinstance(getattr(self, key), int) else float
+            try:
+                changes[key] = min(max(cast(value), low), high)
+            except (TypeError, ValueError):
+                continue
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Persona:
+    name: str
+    full_name: str
+    system_prompt: str
+    greeting: str
+    disclaimer: str
+    help: str
+    other_speakers: tuple[str, ...]
+    controls: Controls
+    lines: dict[str, str] = field(default_factory=dict)
+
+    def line(self, key: str) -> str:
+        """A canned in-character line (``busy``, ``error`` …); falls back to ``error``."""
+        return self.lines.get(key) or self.lines.get("error", "Something went wrong.")
+
+
+def load_persona(name_or_path: str = "house") -> Persona:
+    """Load a pack by name (``persona/packs/<name>.yaml``) or by file path."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PACKS_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"persona pack not found: {path}")
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return Persona(
+        name=raw["name"],
+        full_name=raw.get("full_name", raw["name"]),
+        system_prompt=raw["system_prompt"].strip(),
+        greeting=raw.get("greeting", "").strip(),
+        disclaimer=raw.get("disclaimer", "").strip(),
+        help=raw.get("help", "").strip(),
+        other_speakers=tuple(raw.get("other_speakers", [])),
+        controls=Controls().merged(raw.get("controls", {})),
+        lines={k: str(v).strip() for k, v in raw.get("lines", {}).items()},
+    )

@@ -1,0 +1,125 @@
+"""Post-processing of generated text: no invented scenes, no stage directions, no rambling,
+no echoes.
+
+`clean_reply` cuts a raw generation at the first other-speaker tag or new turn, removes stage
+directions, and keeps at most ``sentence_cap`` complete sentences. `is_echo` tells whether a
+reply merely repeats the user's message; `choose_reply` picks the best of several candidates.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Sequence
+
+_STAGE = re.compile(r"\[[^\]]*\]?|\([^)]*\)?|\*[^*\n]*\*?")
+_SENTENCE_END = re.compile(r"(?<=[.!?…])[\"')\]]*\s+")
+_GENERIC_TURN = re.compile(r"(?:^|\n)\s*[A-Z][\w.' -]{0,24}:\s")
+_WORD = re.compile(r"[\w']+")
+_ENDS_SENTENCE = re.compile(r"[.!?…][\"')\]]*$")
+
+
+def speaker_tag_pattern(speakers: Iterable[str]) -> re.Pattern[str]:
+    """Matches ``Wilson:``-style tags (or ``<|im_start|>``-like leftovers) anywhere."""
+    names = sorted({re.escape(s.strip()) for s in speakers if s.strip()}, key=len, reverse=True)
+    alternatives = "|".join(names) if names else "(?!)"
+    return re.compile(rf"(?:\b(?:{alternatives})\s*:|<\||\|>|\n\s*\n)", re.IGNORECASE)
+
+
+def split_sentences(text: str) -> list[str]:
+    return [s for s in (part.strip() for part in _SENTENCE_END.split(text)) if s]
+
+
+def strip_self_tag(text: str, names: Sequence[str]) -> str:
+    """Drop a leading ``House:`` / ``Dr. House:`` the model sometimes writes before itself."""
+    for name in sorted(names, key=len, reverse=True):
+        match = re.match(rf"\s*{re.escape(name)}\s*:\s*", text, re.IGNORECASE)
+        if match:
+            return text[match.end() :]
+    return text
+
+
+def clean_reply(
+    raw: str,
+    speakers: Iterable[str],
+    sentence_cap: int,
+    self_names: Sequence[str] = ("House", "Dr. House", "Gregory House"),
+    finished: bool = True,
+) -> str:
+    """Cut ``raw`` into a reply House would say.
+
+    ``finished`` is False when generation stopped at ``max_new_tokens``: a trailing fragment
+    is then dropped if at least one complete sentence precedes it.
+    """
+    text = strip_self_tag(raw.replace("\r", ""), self_names)
+    tag = speaker_tag_pattern(speakers).search(text)
+    if tag:
+        text = text[: tag.start()]
+    turn = _GENERIC_TURN.search(text)
+    if turn:
+        text = text[: turn.start()]
+    text = _STAGE.sub(" ", text)
+    text = re.sub(r"\s+", " ", text).strip(" \"-–—:;,")
+    sentences = split_sentences(text)
+    if not finished and len(sentences) > 1 and not _ENDS_SENTENCE.search(sentences[-1]):
+        sentences = sentences[:-1]
+    return " ".join(sentences[:sentence_cap]).strip()
+
+
+def words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    if not a or not b:
+        return 0
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b, 1):
+            current.append(previous[j - 1] + 1 if x == y else max(previous[j], current[j - 1]))
+        previous = current
+    return previous[-1]
+
+
+def rouge_l_precision(reply: str, message: str) -> float:
+    """Share of the reply's words that form a common subsequence with the message."""
+    r, m = words(reply), words(message)
+    return lcs_length(r, m) / len(r) if r else 0.0
+
+
+def is_echo(reply: str, message: str, threshold: float = 0.8) -> bool:
+    """True when the reply repeats the message: it starts with it, or ROUGE-L precision of
+    the reply against the message reaches ``threshold``."""
+    r, m = words(reply), words(message)
+    if not r or not m:
+        return False
+    if len(m) >= 3 and r[: len(m)] == m:
+        return True
+    return len(r) >= 3 and rouge_l_precision(reply, message) >= threshold
+
+
+def seq_rep_n(text: str, n: int = 4) -> float:
+    """Share of repeated n-grams in a text (0 = no repetition)."""
+    w = words(text)
+    grams = [tuple(w[i : i + n]) for i in range(len(w) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def choose_reply(
+    candidates: Sequence[str],
+    message: str,
+    scorer: Callable[[Sequence[str]], Sequence[float]] | None = None,
+) -> int:
+    """Index of the best candidate: non-empty, not an echo, not looping; then the highest
+    ``scorer`` score (e.g. the persona classifier), else the first acceptable one."""
+    acceptable = [
+        i
+        for i, c in enumerate(candidates)
+        if c.strip() and not is_echo(c, message) and seq_rep_n(c) <= 0.2
+    ]
+    if not acceptable:
+        acceptable = [i for i, c in enumerate(candidates) if c.strip()] or [0]
+    if scorer is None or len(acceptable) == 1:
+        return acceptable[0]
+    scores = scorer([candidates[i] for i in acceptable])
+    return acceptable[max(range(len(acceptable)), key=lambda k: scores[k])]

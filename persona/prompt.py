@@ -1,0 +1,105 @@
+"""Prompt building: persona system prompt + windowed history + the new message, through the
+tokenizer's chat template. Training uses the same functions, so train and serve prompts match.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from persona.pack import Persona
+
+# Chat-template control sequences a user must not be able to inject (ChatML, Llama 3, Gemma).
+_TEMPLATE_TOKENS = re.compile(r"<\|[^|>]{0,40}\|>|<\/?s>|<(?:start|end)_of_turn>", re.IGNORECASE)
+# Control characters except tab and newline; zero-width and bidi controls stay out of prompts.
+_INVISIBLE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
+
+
+class ChatTokenizer(Protocol):
+    def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One stored turn of a conversation."""
+
+    role: str  # "user" | "assistant"
+    content: str
+    speaker: str = ""
+
+
+def clean_user_text(text: str, max_chars: int = 4000) -> str:
+    """Normalise a message for the prompt: drop template tokens, invisible and control
+    characters, collapse whitespace, cap the length."""
+    text = unicodedata.normalize("NFC", text)
+    text = _TEMPLATE_TOKENS.sub(" ", text)
+    text = _INVISIBLE.sub("", text)
+    text = re.sub(r"[ \t]+", " ", text)
+    text = re.sub(r"\n{3,}", "\n\n", text).strip()
+    return text[:max_chars].strip()
+
+
+def user_content(text: str, speaker: str = "") -> str:
+    """A user turn as the model sees it; in shared group chats it carries the speaker's name."""
+    return f"{speaker} says: {text}" if speaker else text
+
+
+def build_messages(
+    persona: Persona, history: Sequence[Turn], text: str, speaker: str = ""
+) -> list[dict[str, str]]:
+    messages = [{"role": "system", "content": persona.system_prompt}]
+    for turn in history:
+        content = user_content(turn.content, turn.speaker) if turn.role == "user" else turn.content
+        messages.append({"role": turn.role, "content": content})
+    messages.append({"role": "user", "content": user_content(text, speaker)})
+    return messages
+
+
+def count_tokens(tokenizer: ChatTokenizer, messages: list[dict[str, str]]) -> int:
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return len(ids)
+
+
+def window_history(
+    tokenizer: ChatTokenizer,
+    persona: Persona,
+    history: Sequence[Turn],
+    text: str,
+    speaker: str,
+    token_budget: int,
+) -> list[Turn]:
+    """The longest suffix of ``history`` whose turns fit in ``token_budget`` tokens.
+
+    The budget covers the history only; the system prompt and the new message always stay.
+    Pairs are dropped oldest first, and the window never starts with an assistant turn.
+    """
+    base = count_tokens(tokenizer, build_messages(persona, [], text, speaker))
+    kept = list(history)
+    while kept:
+        if kept[0].role != "user":
+            kept.pop(0)
+            continue
+        used = count_tokens(tokenizer, build_messages(persona, kept, text, speaker)) - base
+        if used <= token_budget:
+            break
+        kept.pop(0)
+    return kept
+
+
+def render_prompt(
+    tokenizer: ChatTokenizer,
+    persona: Persona,
+    history: Sequence[Turn],
+    text: str,
+    speaker: str = "",
+    token_budget: int = 384,
+) -> str:
+    """The full prompt string (generation prompt appended) for one request."""
+    window = window_history(tokenizer, persona, history, text, speaker, token_budget)
+    messages = build_messages(persona, window, text, speaker)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
