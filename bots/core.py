@@ -35,6 +35,9 @@ class Incoming:
     speaker: str = ""
     chat: str = ""
     route: dict[str, Any] = field(default_factory=dict)
+    # The id the request gets, when the frontend must know it before submitting (a Discord
+    # interaction waiting for its reply); empty: a fresh one.
+    request_id: str = ""
 
 
 @dataclass
@@ -108,7 +111,7 @@ class FrontendCore:
             return Immediate(p.line("slow_down"))
         request = Request(frontend=self.queue.frontend_id, conversation=msg.conversation,
                           user=msg.user, speaker=msg.speaker, kind=kind, text=body,
-                          route=msg.route)
+                          route=msg.route, **({"id": msg.request_id} if msg.request_id else {}))
         await self.queue.submit(request)
         log.info("request %s kind=%s chars=%d", request.id, kind, len(body))
         return request

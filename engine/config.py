@@ -53,7 +53,16 @@ class Settings(BaseSettings):
     telegram_api_url: str = "https://api.telegram.org/bot"
     telegram_webhook_url: str | None = None
     telegram_webhook_port: int = 8443
+    telegram_webhook_listen: str = "0.0.0.0"
+    telegram_webhook_secret: SecretStr | None = None
+    telegram_poll_timeout_s: int = 30
+    telegram_overall_rate: float = 30.0  # messages per second, whole bot (Telegram's limit)
+    telegram_group_rate: float = 20.0  # messages per minute in one group (Telegram's limit)
+    telegram_max_retries: int = 3  # retries of a request answered 429 RetryAfter
     discord_token: SecretStr | None = None
+    discord_group_history: Literal["per_user", "shared"] = "shared"
+    discord_sync_commands: bool = True
+    typing_interval_s: float = 4.0
     allowed_users: str = ""
     allowed_chats: str = ""
     admin_ids: str = ""
@@ -149,7 +158,8 @@ class Settings(BaseSettings):
 
 def mask_secret(text: str, settings: Settings) -> str:
     """Replace any configured token inside ``text`` with ``***``."""
-    for secret in (settings.telegram_token, settings.discord_token):
+    for secret in (settings.telegram_token, settings.discord_token,
+                   settings.telegram_webhook_secret):
         if secret is not None and secret.get_secret_value():
             text = text.replace(secret.get_secret_value(), "***")
     return text

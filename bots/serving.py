@@ -1,0 +1,72 @@
+"""What every chat frontend runs beside its platform client: the reply reader and the typing
+refresher; and running one frontend as its own process (``drhouse telegram|discord``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from bots.outbox import ChatOutbox
+from bots.typing_indicator import TypingIndicator
+from engine.config import Settings
+from engine.protocol import Reply
+from engine.queue_client import QueueClient
+
+log = logging.getLogger(__name__)
+
+Serve = Callable[[Settings, Any], Awaitable[None]]
+
+
+async def serve_replies(queue: QueueClient, deliver: Callable[[Reply], Awaitable[None]],
+                        typing: TypingIndicator[Any], outbox: ChatOutbox,
+                        block_ms: int = 1000) -> None:
+    """Read replies and refresh "typing…" until cancelled (or the reader fails); then stop
+    reading and let the sends already queued finish, while the platform client still runs."""
+    stop = asyncio.Event()
+    reader = asyncio.create_task(queue.run_reader(deliver, block_ms=block_ms, stop=stop),
+                                 name=f"{queue.frontend_id}-replies")
+    refresher = asyncio.create_task(typing.run(), name=f"{queue.frontend_id}-typing")
+    try:
+        done, _ = await asyncio.wait({reader, refresher}, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()
+    finally:
+        stop.set()
+        refresher.cancel()
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+            await asyncio.wait_for(reader, block_ms / 1000 + 5)
+        with contextlib.suppress(asyncio.CancelledError):
+            await refresher
+        await outbox.drain()
+
+
+def run_frontend(settings: Settings, serve: Serve, name: str) -> int:
+    """Serve until SIGINT/SIGTERM, then let ``serve`` clean up; the exit code."""
+    from engine.runtime import setup_logging
+
+    setup_logging(settings)
+    return asyncio.run(_main(settings, serve, name))
+
+
+async def _main(settings: Settings, serve: Serve, name: str) -> int:
+    from engine.runtime import redis_for
+
+    redis = await redis_for(settings)
+    task = asyncio.create_task(serve(settings, redis), name=name)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        await task
+    except asyncio.CancelledError:
+        log.info("%s frontend: stopped by signal", name)
+    except Exception:
+        log.exception("%s frontend failed", name)
+        return 1
+    finally:
+        await redis.aclose()
+    return 0

@@ -1,0 +1,121 @@
+"""What the chat frontends share: trigger rules, the typing indicator, the per-chat outbox."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from bots.outbox import ChatOutbox
+from bots.triggers import Reason, Triggers
+from bots.typing_indicator import TypingIndicator
+
+TG = Triggers(["House", "Dr. House"], "DrHouseBot", ["@DrHouseBot"])
+
+
+@pytest.mark.parametrize(("text", "private", "mentioned", "replied", "expected"), [
+    ("anything at all", True, False, False, Reason.PRIVATE),
+    ("/help@SomeOtherBot", True, False, False, None),
+    ("/help", False, False, False, Reason.COMMAND),
+    ("/compare@drhousebot is it lupus", False, False, False, Reason.COMMAND),
+    ("/help@SomeOtherBot", False, False, False, None),
+    ("@DrHouseBot hi", False, True, False, Reason.MENTION),
+    ("really?", False, False, True, Reason.REPLY),
+    ("House, is it lupus?", False, False, False, Reason.NAME),
+    ("What would Dr. House say", False, False, False, Reason.NAME),
+    ("ask house", False, False, False, None),  # lowercase: "my house", not him
+    ("the greenhouse and the Houses", False, False, False, None),
+    ("@House_fan_club hello", False, False, False, None),
+    ("just chatting", False, False, False, None),
+])
+def test_trigger_reason(text: str, private: bool, mentioned: bool, replied: bool,
+                        expected: Reason | None) -> None:
+    assert TG.reason(text, private=private, mentioned=mentioned,
+                     replied_to_bot=replied) == expected
+
+
+def test_clean_removes_the_account_mention_but_not_the_name() -> None:
+    assert TG.clean("@DrHouseBot is it lupus?") == "is it lupus?"
+    assert TG.clean("hey @drhousebot, is it lupus?") == "hey , is it lupus?"
+    assert TG.clean("House, is it lupus?") == "House, is it lupus?"
+    assert TG.clean("@DrHouseBotFan hi") == "@DrHouseBotFan hi"
+    discord = Triggers(["House"], "", ["<@42>", "<@!42>"])
+    assert discord.clean("<@!42> my knee") == "my knee"
+
+
+async def test_typing_one_action_per_chat_until_done() -> None:
+    sent: list[str] = []
+    refreshed = asyncio.Event()
+
+    async def send(chat: str) -> None:
+        sent.append(chat)
+        if sent.count("a") >= 2:
+            refreshed.set()
+
+    typing: TypingIndicator[str] = TypingIndicator(send, interval_s=0.01, timeout_s=60)
+    typing.start("r1", "a")
+    typing.start("r2", "a")  # same chat: no second immediate action
+    await asyncio.sleep(0)
+    assert sent == ["a"]
+    runner = asyncio.create_task(typing.run())
+    await asyncio.wait_for(refreshed.wait(), 10)
+    assert typing.targets() == {"a"}
+    assert typing.done("r1") is not None
+    assert typing.targets() == {"a"}
+    assert typing.done("r2") is not None
+    assert typing.targets() == set() and len(typing) == 0
+    runner.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await runner
+
+
+async def test_typing_reply_before_start_and_timeout() -> None:
+    async def send(chat: str) -> None:
+        return None
+
+    typing: TypingIndicator[str] = TypingIndicator(send, interval_s=1, timeout_s=0)
+    assert typing.done("fast") is None  # the reply came before the handler called start
+    typing.start("fast", "a")
+    assert len(typing) == 0
+    typing.start("slow", "b")
+    assert typing.targets() == set()  # timeout 0: expired at once
+    assert typing.done("slow") is None
+
+
+async def test_typing_failures_are_swallowed() -> None:
+    async def send(chat: str) -> None:
+        raise RuntimeError("network down")
+
+    typing: TypingIndicator[str] = TypingIndicator(send)
+    typing.start("r", "a")
+    await asyncio.sleep(0.01)  # the failing action ran and was logged, not raised
+    assert typing.done("r") is not None
+
+
+async def test_outbox_keeps_order_per_chat_and_survives_failures() -> None:
+    log: list[str] = []
+    gate = asyncio.Event()
+
+    async def slow_first() -> None:
+        await gate.wait()
+        log.append("a1")
+
+    async def failing() -> None:
+        raise RuntimeError("send failed")
+
+    def record(name: str):  # type: ignore[no-untyped-def]
+        async def send() -> None:
+            log.append(name)
+        return send
+
+    outbox = ChatOutbox()
+    outbox.submit("a", slow_first)
+    outbox.submit("a", failing)
+    outbox.submit("a", record("a2"))
+    other = outbox.submit("b", record("b1"))
+    await other
+    assert log == ["b1"], "chat b must not wait for chat a"
+    gate.set()
+    await outbox.drain()
+    assert log == ["b1", "a1", "a2"]
+    assert len(outbox) == 0
