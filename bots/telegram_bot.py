@@ -1,9 +1,32 @@
-"""Not built yet: issue #4 fills this subcommand."""
+"""``drhouse telegram`` and the Telegram frontend's entry point for ``drhouse up``.
+
+The frontend itself is `bots.telegram_frontend` (imported only when it runs, so the CLI stays
+quick to start).
+"""
 
 from __future__ import annotations
 
 import argparse
-import sys
+from typing import Any
+
+from engine.config import Settings
+
+FRONTEND_ID = "telegram"
+
+
+async def serve_telegram(settings: Settings, redis: Any) -> None:
+    """The Telegram frontend until cancelled; cleans up on cancellation."""
+    from bots.telegram_frontend import TelegramFrontend
+    from engine.queue_client import QueueClient
+    from engine.runtime import keys_for
+    from persona.pack import load_persona
+
+    keys = keys_for(settings)
+    queue = QueueClient(redis, keys, FRONTEND_ID, settings.max_queue_depth,
+                        settings.stream_maxlen)
+    await queue.setup()
+    frontend = TelegramFrontend(settings, load_persona(settings.persona), queue, keys)
+    await frontend.serve()
 
 
 def configure(parser: argparse.ArgumentParser, name: str) -> None:
@@ -11,5 +34,11 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    print(f"drhouse {args.action}: not built yet (issue #4).", file=sys.stderr)
-    return 2
+    """``drhouse telegram``: the frontend alone; start workers separately."""
+    from bots.serving import run_frontend
+
+    settings = Settings()
+    if settings.telegram_token is None:
+        print("TELEGRAM_TOKEN is not set (see .env.example).")
+        return 2
+    return run_frontend(settings, serve_telegram, FRONTEND_ID)

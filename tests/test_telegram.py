@@ -1,0 +1,367 @@
+"""The Telegram frontend: the real python-telegram-bot Application against a local fake Bot
+API server (tests/fake_telegram.py), real Redis and a worker with the deterministic
+generator, so every reply can be predicted from its request."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from fake_telegram import FakeTelegram
+
+from bots.commands import COMMANDS
+from bots.conversations import conversation_id
+from bots.splitting import TELEGRAM_LIMIT
+from bots.telegram_bot import FRONTEND_ID
+from bots.telegram_frontend import TelegramFrontend
+from engine.config import Settings
+from engine.generation import FakeGenerator, HFGenerator
+from engine.keys import Keys
+from engine.protocol import Reply, Request
+from engine.queue_client import QueueClient
+from engine.worker import Worker, WorkerOptions
+from persona.pack import Persona
+
+BOT = FakeTelegram.username
+Factory = Callable[..., Awaitable[TelegramFrontend]]
+
+
+@pytest.fixture
+async def tg() -> AsyncIterator[FakeTelegram]:
+    async with FakeTelegram() as server:
+        yield server
+
+
+@pytest.fixture
+async def start_bot(settings: Settings, redis: aioredis.Redis, keys: Keys, persona: Persona,
+                    tg: FakeTelegram) -> AsyncIterator[Factory]:
+    """Start the frontend (with optional setting overrides); stopped after the test."""
+    running: list[asyncio.Task[None]] = []
+
+    async def start(**overrides: Any) -> TelegramFrontend:
+        fields = {**settings.model_dump(), "telegram_token": tg.token,
+                  "telegram_api_url": tg.api_url, "telegram_poll_timeout_s": 1, **overrides}
+        bot_settings = Settings(_env_file=None, **fields)  # type: ignore[call-arg]
+        queue = QueueClient(redis, keys, FRONTEND_ID)
+        await queue.setup()
+        frontend = TelegramFrontend(bot_settings, persona, queue, keys, reader_block_ms=100)
+        task = asyncio.create_task(frontend.serve())
+        running.append(task)
+        ready = asyncio.create_task(frontend.ready.wait())
+        await asyncio.wait({task, ready}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            task.result()
+        assert frontend.ready.is_set(), "the frontend did not start"
+        return frontend
+
+    yield start
+    for task in running:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, 30)
+
+
+@pytest.fixture
+async def bot(fake_worker: Worker, start_bot: Factory) -> TelegramFrontend:
+    return await start_bot()
+
+
+async def expected_replies(redis: aioredis.Redis, keys: Keys, text: str,
+                           adapter: str = "house", candidates: int = 2) -> set[str]:
+    """The replies the fake generator can give to the queued request with this text (the
+    worker seeds each request from its id and draws ``candidates`` candidates)."""
+    found: set[str] = set()
+    for _, fields in await redis.xrange(keys.requests):
+        request = Request.loads(fields)
+        if request.text == text:
+            seed = int(hashlib.sha1(request.id.encode()).hexdigest()[:8], 16)
+            found |= {FakeGenerator.reply_for(text, adapter, seed + k) for k in range(candidates)}
+    assert found, f"no request with text {text!r} was queued"
+    return found
+
+
+async def first_bot_message(tg: FakeTelegram, chat_id: int, count: int = 1,
+                            timeout: float = 15.0) -> dict[str, Any]:
+    """The ``count``-th message the bot sent to the chat, once it is there."""
+    return (await tg.wait_sent(count, chat_id=chat_id, timeout=timeout))[count - 1]
+
+
+# ---- private chats ---------------------------------------------------------------------------
+
+
+async def test_private_message_is_answered_with_typing(bot: TelegramFrontend, tg: FakeTelegram,
+                                                       redis: aioredis.Redis, keys: Keys) -> None:
+    tg.private_text(1, "My leg hurts when I walk.")
+    sent = await first_bot_message(tg, 1)
+    assert sent["text"] in await expected_replies(redis, keys, "My leg hurts when I walk.")
+    assert sent["reply_to"] is None and sent["parse_mode"] is None
+    await tg.wait_for(lambda: any(a["chat_id"] == 1 and a["action"] == "typing"
+                                  for a in tg.actions))
+    assert len(bot.typing) == 0, "typing must stop once the reply is delivered"
+    history = await redis.lrange(keys.history(conversation_id("telegram", "1")), 0, -1)
+    assert len(history) == 2
+    assert [c["command"] for c in tg.commands] == list(COMMANDS)
+
+
+async def test_start_and_unknown_command_answer_at_once(bot: TelegramFrontend, tg: FakeTelegram,
+                                                        persona: Persona,
+                                                        redis: aioredis.Redis, keys: Keys) -> None:
+    tg.private_text(2, "/start")
+    tg.private_text(2, "/frobnicate")
+    first, second = await tg.wait_sent(2, chat_id=2)
+    assert persona.disclaimer in first["text"]
+    assert second["text"] == persona.line("unknown_command")
+    assert await redis.xlen(keys.requests) == 0
+
+
+# ---- groups ----------------------------------------------------------------------------------
+
+
+async def test_group_without_mention_stays_silent(bot: TelegramFrontend, tg: FakeTelegram,
+                                                  redis: aioredis.Redis, keys: Keys) -> None:
+    tg.group_text(-100, 5, "My house is on fire and the greenhouse too.")
+    tg.group_text(-100, 5, "Anyone seen @SomeOtherBot?")
+    tg.group_text(-100, 5, "/help@SomeOtherBot")
+    await tg.settle()
+    assert tg.sent == []
+    assert await redis.xlen(keys.requests) == 0
+
+
+async def test_group_mention_and_reply_are_answered_as_replies(
+        bot: TelegramFrontend, tg: FakeTelegram, redis: aioredis.Redis, keys: Keys) -> None:
+    asked = tg.group_text(-100, 5, f"@{BOT} is it lupus?", first_name="Ann")
+    answer = await first_bot_message(tg, -100)
+    assert answer["reply_to"] == asked["message_id"]
+    assert answer["text"] in await expected_replies(redis, keys, "is it lupus?")
+
+    followup = tg.group_text(-100, 6, "Are you sure?", first_name="Bob",
+                             reply_to=answer["message_id"])
+    second = await first_bot_message(tg, -100, 2)
+    assert second["reply_to"] == followup["message_id"]
+    assert second["text"] in await expected_replies(redis, keys, "Are you sure?")
+
+    named = tg.group_text(-100, 5, "House, what about sarcoidosis?", first_name="Ann")
+    third = await first_bot_message(tg, -100, 3)
+    assert third["reply_to"] == named["message_id"]
+
+    # Per-user history within the group by default: Ann has two exchanges, Bob one.
+    ann = conversation_id("telegram", "5", chat="-100", private=False)
+    bob = conversation_id("telegram", "6", chat="-100", private=False)
+    assert await redis.llen(keys.history(ann)) == 4
+    assert await redis.llen(keys.history(bob)) == 2
+
+
+async def test_forum_topic_reply_stays_in_topic(bot: TelegramFrontend, tg: FakeTelegram,
+                                                redis: aioredis.Redis, keys: Keys) -> None:
+    asked = tg.group_text(-200, 5, f"@{BOT} cough for three weeks", thread=77)
+    answer = await first_bot_message(tg, -200)
+    assert answer["message_thread_id"] == 77
+    assert answer["reply_to"] == asked["message_id"]
+    assert any(a.get("message_thread_id") == 77 for a in tg.actions)
+    topic = conversation_id("telegram", "5", chat="-200", thread="77", private=False)
+    assert await redis.llen(keys.history(topic)) == 2
+
+
+async def test_shared_group_history_names_speakers(fake_worker: Worker, start_bot: Factory,
+                                                   tg: FakeTelegram, redis: aioredis.Redis,
+                                                   keys: Keys) -> None:
+    await start_bot(group_history="shared")
+    tg.group_text(-300, 5, f"@{BOT} my knee hurts", first_name="Ann")
+    await tg.wait_sent(1, chat_id=-300)
+    tg.group_text(-300, 6, f"@{BOT} mine too", first_name="Bob")
+    await tg.wait_sent(2, chat_id=-300)
+    shared = conversation_id("telegram", "5", chat="-300", private=False, shared=True)
+    turns = await redis.lrange(keys.history(shared), 0, -1)
+    assert len(turns) == 4
+    assert '"speaker": "Ann"' in turns[0] and '"speaker": "Bob"' in turns[2]
+
+
+# ---- commands --------------------------------------------------------------------------------
+
+
+async def test_compare_shows_base_and_adapter(bot: TelegramFrontend, tg: FakeTelegram,
+                                              redis: aioredis.Redis, keys: Keys) -> None:
+    tg.private_text(3, "/compare is it lupus?")
+    sent = await first_bot_message(tg, 3)
+    base, house = sent["text"].split("\n\n")
+    assert base.startswith("Base model")
+    assert base.splitlines()[1] in await expected_replies(redis, keys, "is it lupus?",
+                                                           adapter="__base__")
+    assert house.startswith("House (fine-tuned)")
+    assert house.splitlines()[1] in await expected_replies(redis, keys, "is it lupus?")
+
+
+async def test_compare_as_reply_compares_the_replied_message(
+        bot: TelegramFrontend, tg: FakeTelegram, redis: aioredis.Redis, keys: Keys) -> None:
+    original = tg.group_text(-400, 5, "My skin turned orange.")
+    command = tg.group_text(-400, 6, f"/compare@{BOT}", reply_to=original["message_id"])
+    sent = await first_bot_message(tg, -400)
+    assert sent["reply_to"] == command["message_id"]
+    assert "Base model" in sent["text"] and "House (fine-tuned)" in sent["text"]
+    await expected_replies(redis, keys, "My skin turned orange.", adapter="__base__")
+
+
+async def test_reset_clears_the_conversation(bot: TelegramFrontend, tg: FakeTelegram,
+                                             persona: Persona, redis: aioredis.Redis,
+                                             keys: Keys) -> None:
+    history = keys.history(conversation_id("telegram", "4"))
+    tg.private_text(4, "I see spots.")
+    await tg.wait_sent(1, chat_id=4)
+    assert await redis.llen(history) == 2
+    tg.private_text(4, "/reset")
+    reset = await first_bot_message(tg, 4, 2)
+    assert reset["text"] == persona.line("reset")
+    assert await redis.exists(history) == 0
+
+
+async def test_forget_deletes_everything_about_the_user(
+        bot: TelegramFrontend, tg: FakeTelegram, persona: Persona, redis: aioredis.Redis,
+        keys: Keys) -> None:
+    tg.private_text(8, "I keep fainting.")
+    tg.group_text(-500, 8, f"@{BOT} and my hands shake")
+    await tg.wait_sent(1, chat_id=8)
+    await tg.wait_sent(1, chat_id=-500)
+    assert await redis.scard(keys.user_keys("8")) >= 2
+    tg.private_text(8, "/forget")
+    forget = await first_bot_message(tg, 8, 2)
+    assert forget["text"] == persona.line("forget")
+    assert await redis.exists(keys.user_keys("8")) == 0
+    assert await redis.exists(keys.history(conversation_id("telegram", "8"))) == 0
+    group = conversation_id("telegram", "8", chat="-500", private=False)
+    assert await redis.exists(keys.history(group)) == 0
+
+
+# ---- long replies, media, edits, channels ----------------------------------------------------
+
+
+async def test_long_reply_is_split_in_order(bot: TelegramFrontend, tg: FakeTelegram) -> None:
+    asked = tg.group_text(-600, 5, f"@{BOT} tell me everything #long")
+    pieces = await tg.wait_sent(2, chat_id=-600)
+    await tg.settle()
+    pieces = tg.sent_to(-600)
+    assert len(pieces) == 2
+    assert all(len(p["text"]) <= TELEGRAM_LIMIT for p in pieces)
+    assert sum(len(p["text"]) for p in pieces) > TELEGRAM_LIMIT
+    assert pieces[0]["reply_to"] == asked["message_id"] and pieces[1]["reply_to"] is None
+    assert pieces[0]["text"].endswith(".") and pieces[1]["text"].startswith("Long")
+
+
+async def test_stickers_get_a_line_only_when_addressed(bot: TelegramFrontend, tg: FakeTelegram,
+                                                       persona: Persona) -> None:
+    tg.sticker(9, 9)
+    assert (await first_bot_message(tg, 9))["text"] == persona.line("non_text")
+
+    tg.sticker(-700, 9, kind="supergroup")
+    asked = tg.group_text(-700, 9, f"@{BOT} hello")
+    answer = await first_bot_message(tg, -700)
+    assert answer["reply_to"] == asked["message_id"], "the unaddressed sticker got an answer"
+    tg.sticker(-700, 9, kind="supergroup", reply_to=answer["message_id"])
+    assert (await first_bot_message(tg, -700, 2))["text"] == persona.line("non_text")
+
+
+async def test_edits_and_channel_posts_are_ignored(bot: TelegramFrontend, tg: FakeTelegram,
+                                                   redis: aioredis.Redis, keys: Keys) -> None:
+    tg.private_text(10, "Edited: it was my left leg.", edited=True)
+    tg.channel_post(-800, f"@{BOT} House, diagnose the channel")
+    await tg.settle()
+    assert tg.sent == []
+    assert await redis.xlen(keys.requests) == 0
+
+
+# ---- limits and failures ---------------------------------------------------------------------
+
+
+async def test_retry_after_429_is_retried(bot: TelegramFrontend, tg: FakeTelegram,
+                                          redis: aioredis.Redis, keys: Keys) -> None:
+    tg.fail_next("sendMessage", times=1, retry_after=1)
+    tg.private_text(11, "Is it contagious?")
+    sent = await first_bot_message(tg, 11)
+    assert tg.rejected["sendMessage"] == 1
+    assert sent["text"] in await expected_replies(redis, keys, "Is it contagious?")
+    await tg.settle()
+    assert len(tg.sent_to(11)) == 1
+
+
+async def test_burst_is_throttled_without_losing_allowed_messages(
+        fake_worker: Worker, start_bot: Factory, tg: FakeTelegram, persona: Persona,
+        redis: aioredis.Redis, keys: Keys) -> None:
+    await start_bot(user_rate_limit=5, user_rate_window_s=600)
+    texts = [f"Symptom number {i}." for i in range(50)]
+    for text in texts:
+        tg.private_text(12, text)
+    sent = await tg.wait_sent(50, chat_id=12, timeout=60)
+    await tg.settle()
+    sent = [m["text"] for m in tg.sent_to(12)]
+    assert len(sent) == 50
+    assert sent.count(persona.line("slow_down")) == 45
+    for text in texts[:5]:  # the first five are within the limit: each answered exactly once
+        answers = await expected_replies(redis, keys, text)
+        assert sum(s in answers for s in sent) == 1, text
+    assert await redis.xlen(keys.requests) == 5
+
+
+async def test_allow_list(fake_worker: Worker, start_bot: Factory, tg: FakeTelegram,
+                          persona: Persona) -> None:
+    await start_bot(allowed_users="13")
+    tg.private_text(14, "Let me in.")
+    assert (await first_bot_message(tg, 14))["text"] == persona.line("not_allowed")
+    tg.private_text(13, "I'm on the list.")
+    assert (await first_bot_message(tg, 13))["text"].startswith("Diagnosis")
+
+
+async def test_handler_error_is_logged_and_answered_in_character(
+        bot: TelegramFrontend, tg: FakeTelegram, persona: Persona,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    async def broken(msg: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(bot.core, "handle", broken)
+    with caplog.at_level(logging.ERROR, logger="bots.telegram_frontend"):
+        tg.private_text(15, "Hello?")
+        sent = await first_bot_message(tg, 15)
+    assert sent["text"] == persona.line("error")
+    assert "boom" not in sent["text"]
+    [record] = [r for r in caplog.records if r.name == "bots.telegram_frontend"]
+    assert record.exc_info is not None and isinstance(record.exc_info[1], RuntimeError)
+
+
+async def test_restarted_frontend_delivers_pending_replies(start_bot: Factory, tg: FakeTelegram,
+                                                           redis: aioredis.Redis,
+                                                           keys: Keys) -> None:
+    # A reply written while no Telegram frontend ran (e.g. during a restart).
+    reply = Reply(id="r-pending", conversation="telegram:u:16", text="You waited. Good.",
+                  route={"chat": 16, "reply_to": None, "thread": None})
+    await redis.xadd(keys.replies(FRONTEND_ID), reply.dumps())
+    await start_bot()
+    sent = await first_bot_message(tg, 16)
+    assert sent["text"] == "You waited. Good."
+
+
+# ---- the real model --------------------------------------------------------------------------
+
+
+@pytest.mark.model
+async def test_private_message_through_the_embedded_model(
+        embedded_model: Any, start_bot: Factory, tg: FakeTelegram, redis: aioredis.Redis,
+        keys: Keys, persona: Persona) -> None:
+    generator = HFGenerator(embedded_model, persona.other_speakers)
+    worker = Worker(redis, keys, generator, persona,
+                    WorkerOptions(name="model-worker", block_ms=50, batch_wait_ms=0,
+                                  overrides={"max_new_tokens": 16, "candidates": 1}))
+    serving = asyncio.create_task(worker.run())
+    try:
+        await start_bot()
+        tg.private_text(17, "Doctor, I have a headache and a fever.")
+        sent = await first_bot_message(tg, 17, timeout=300)
+    finally:
+        worker.stop.set()
+        await asyncio.wait_for(serving, 120)
+    assert sent["text"].strip()
+    assert "Traceback" not in sent["text"]
+    assert len(sent["text"]) <= TELEGRAM_LIMIT
