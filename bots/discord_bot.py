@@ -1,9 +1,34 @@
-"""Not built yet: issue #4 fills this subcommand."""
+"""``drhouse discord`` and the Discord frontend's entry point for ``drhouse up``.
+
+The frontend itself is `bots.discord_frontend` (imported only when it runs, so the CLI stays
+quick to start).
+"""
 
 from __future__ import annotations
 
 import argparse
-import sys
+from typing import Any
+
+from engine.config import Settings
+
+FRONTEND_ID = "discord"
+
+
+async def serve_discord(settings: Settings, redis: Any) -> None:
+    """The Discord frontend until cancelled; cleans up on cancellation."""
+    from bots.discord_frontend import DiscordFrontend
+    from engine.queue_client import QueueClient
+    from engine.runtime import keys_for
+    from persona.pack import load_persona
+
+    if settings.discord_token is None:
+        raise ValueError("DISCORD_TOKEN is not set")
+    keys = keys_for(settings)
+    queue = QueueClient(redis, keys, FRONTEND_ID, settings.max_queue_depth,
+                        settings.stream_maxlen)
+    await queue.setup()
+    frontend = DiscordFrontend(settings, load_persona(settings.persona), queue, keys)
+    await frontend.serve(settings.discord_token.get_secret_value())
 
 
 def configure(parser: argparse.ArgumentParser, name: str) -> None:
@@ -11,5 +36,11 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    print(f"drhouse {args.action}: not built yet (issue #4).", file=sys.stderr)
-    return 2
+    """``drhouse discord``: the frontend alone; start workers separately."""
+    from bots.serving import run_frontend
+
+    settings = Settings()
+    if settings.discord_token is None:
+        print("DISCORD_TOKEN is not set (see .env.example).")
+        return 2
+    return run_frontend(settings, serve_discord, FRONTEND_ID)
