@@ -35,7 +35,7 @@ from engine.protocol import ProtocolError, Reply, Request, Variant
 from engine.queue_client import ensure_group, queue_depth
 from engine.redis_conn import REDIS_DOWN
 from persona.pack import Controls, Persona
-from persona.postprocess import choose_reply, clean_reply
+from persona.postprocess import choose_reply, clean_reply, leaks_prompt
 from persona.prompt import clean_user_text, render_prompt
 
 log = logging.getLogger(__name__)
@@ -313,6 +313,9 @@ class Worker:
             candidates = [clean_reply(outputs[r].text, self.persona.other_speakers,
                                       controls.sentence_cap, finished=outputs[r].finished)
                           for r in rows]
+            # A candidate that prints the system prompt (prompt injection) is dropped.
+            candidates = ["" if leaks_prompt(c, self.persona.system_prompt) else c
+                          for c in candidates]
             best = choose_reply(candidates, task.text, self.scorer)
             text = candidates[best] or self.persona.line("fallback")
             out = outputs[rows[best]]
@@ -334,7 +337,8 @@ class Worker:
         assert reply is not None
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
-                if request.kind in ("chat", "retry") and reply.text and not reply.error:
+                if (request.kind in ("chat", "retry") and task.text and reply.text
+                        and not reply.error):
                     self.history.append_commands(pipe, request.conversation, request.user,
                                                  task.speaker, task.text, reply.text)
                     pipe.set(self.keys.last_request(request.conversation), request.id,

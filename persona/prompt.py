@@ -16,6 +16,8 @@ from persona.pack import Persona
 _TEMPLATE_TOKENS = re.compile(r"<\|[^|>]{0,40}\|>|<\/?s>|<(?:start|end)_of_turn>", re.IGNORECASE)
 # Control characters except tab and newline; zero-width and bidi controls stay out of prompts.
 _INVISIBLE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
+# Most tokens the new message may take in a prompt; the rest of a longer message is cut.
+MESSAGE_TOKEN_BUDGET = 1024
 
 
 class ChatTokenizer(Protocol):
@@ -91,6 +93,32 @@ def window_history(
     return kept
 
 
+def fit_message(
+    tokenizer: ChatTokenizer, persona: Persona, text: str, speaker: str, max_tokens: int
+) -> str:
+    """``text`` cut to its longest prefix that takes at most ``max_tokens`` tokens in the
+    prompt. A message within MAX_MESSAGE_CHARS can still be many tokens (4,000 emoji or CJK
+    characters are about 12,000 for SmolLM2, past its context), and one such row would pad a
+    whole batch to that length."""
+
+    def cost(candidate: str) -> int:
+        return count_tokens(tokenizer, build_messages(persona, [], candidate, speaker)) - base
+
+    if len(text.encode("utf-8")) <= max_tokens:  # a token covers at least one byte
+        return text
+    base = count_tokens(tokenizer, build_messages(persona, [], "", speaker))
+    if cost(text) <= max_tokens:
+        return text
+    fits, too_long = 0, len(text)
+    while too_long - fits > 1:
+        middle = (fits + too_long) // 2
+        if cost(text[:middle]) <= max_tokens:
+            fits = middle
+        else:
+            too_long = middle
+    return text[:fits].rstrip()
+
+
 def render_prompt(
     tokenizer: ChatTokenizer,
     persona: Persona,
@@ -98,8 +126,11 @@ def render_prompt(
     text: str,
     speaker: str = "",
     token_budget: int = 384,
+    message_token_budget: int = MESSAGE_TOKEN_BUDGET,
 ) -> str:
-    """The full prompt string (generation prompt appended) for one request."""
+    """The full prompt string (generation prompt appended) for one request: at most
+    ``message_token_budget`` tokens of the new message and ``token_budget`` of history."""
+    text = fit_message(tokenizer, persona, text, speaker, message_token_budget)
     window = window_history(tokenizer, persona, history, text, speaker, token_budget)
     messages = build_messages(persona, window, text, speaker)
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -1,0 +1,103 @@
+"""Helpers shared by the hostile-input, isolation and outage tests: settings with overrides,
+a message sent through the frontend core and its answer, and generators that record their
+prompts or play a model that obeys a prompt injection."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from bots.core import FrontendCore, Immediate, Incoming
+from bots.formatting import format_reply
+from engine.config import Settings
+from engine.generation import FakeGenerator, Generated, GenerationJob, Generator
+from engine.keys import Keys
+from engine.queue_client import QueueClient
+from engine.worker import Worker, WorkerOptions
+from persona.pack import Persona
+
+
+def make_settings(redis_url: str, prefix: str, **overrides: Any) -> Settings:
+    """Settings without .env and tokens (a fresh object: cached properties are not copied)."""
+    values: dict[str, Any] = {"redis_url": redis_url, "key_prefix": prefix,
+                              "telegram_token": None, "discord_token": None,
+                              "worker_metrics_port": 0, **overrides}
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+async def ask(core: FrontendCore, queue: QueueClient, user: str, text: str,
+              conversation: str | None = None, chat: str = "", speaker: str = "",
+              timeout_s: float = 15.0) -> str:
+    """What the user sees: the immediate line, or the reply once a worker answered."""
+    outcome = await core.handle(Incoming(user=user, conversation=conversation or f"t:u:{user}",
+                                         text=text, speaker=speaker, chat=chat))
+    if isinstance(outcome, Immediate):
+        return outcome.text
+    return format_reply(await queue.wait_reply(outcome.id, timeout_s))
+
+
+class CapturingGenerator(FakeGenerator):
+    """The fake generator that keeps every prompt it was given, with its message."""
+
+    def __init__(self, tokenizer: Any = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        if tokenizer is not None:
+            self.tokenizer = tokenizer
+        self.jobs: list[GenerationJob] = []
+
+    def generate(self, jobs: Sequence[GenerationJob]) -> list[Generated]:
+        self.jobs.extend(jobs)
+        return super().generate(jobs)
+
+    def prompts_for(self, marker: str) -> list[str]:
+        return [job.prompt for job in self.jobs if marker in job.message]
+
+
+class ObedientGenerator(CapturingGenerator):
+    """Plays a model that falls for prompt injection: for a message containing a key of
+    ``script`` it "generates" that value (a callable gets the job, e.g. to print the system
+    prompt it finds in its own prompt); other messages get the fake diagnosis."""
+
+    def __init__(self, script: dict[str, str | Callable[[GenerationJob], str]], **kwargs: Any):
+        super().__init__(**kwargs)
+        self.script = script
+
+    def generate(self, jobs: Sequence[GenerationJob]) -> list[Generated]:
+        normal = super().generate(jobs)
+        out = []
+        for job, default in zip(jobs, normal, strict=True):
+            raw = next((v for k, v in self.script.items() if k in job.message), None)
+            if raw is None:
+                out.append(default)
+                continue
+            text = raw(job) if callable(raw) else raw
+            out.append(Generated(text, len(text.split()), True, 0.0))
+        return out
+
+
+def system_prompt_in(job: GenerationJob) -> str:
+    """The system prompt as it stands in a FakeChatTokenizer prompt (what a leaking model
+    would print)."""
+    match = re.search(r"<system>(.*?)\n<", job.prompt, re.DOTALL)
+    assert match, "no system turn in the prompt"
+    return match.group(1)
+
+
+@contextlib.asynccontextmanager
+async def running_worker(redis: aioredis.Redis, keys: Keys, persona: Persona,
+                         generator: Generator, name: str = "test-worker",
+                         **options: Any) -> AsyncIterator[Worker]:
+    """A worker serving in the background until the block ends."""
+    worker = Worker(redis, keys, generator, persona,
+                    WorkerOptions(name=name, block_ms=50, batch_wait_ms=0, **options))
+    task = asyncio.create_task(worker.run(), name=name)
+    try:
+        yield worker
+    finally:
+        worker.stop.set()
+        await asyncio.wait_for(task, 15)
