@@ -211,7 +211,8 @@ parser = build_parser()
 for command in ("telegram", "discord"):
     args = parser.parse_args([command])
     assert callable(args.module.run)
-for module in ("bots.telegram_bot", "bots.discord_bot", "bots.core", "bots.formatting",
+for module in ("bots.telegram_bot", "bots.discord_bot", "bots.telegram_frontend",
+               "bots.discord_frontend", "bots.core", "bots.formatting",
                "bots.splitting", "engine.queue_client", "engine.redis_conn"):
     importlib.import_module(module)
 print("ok")
