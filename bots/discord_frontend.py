@@ -39,7 +39,7 @@ from bots.core import FrontendCore, Immediate, Incoming
 from bots.discord_bot import FRONTEND_ID
 from bots.formatting import format_reply
 from bots.outbox import ChatOutbox
-from bots.serving import serve_replies
+from bots.serving import serve_metrics, serve_replies
 from bots.splitting import DISCORD_LIMIT, split_message
 from bots.triggers import Triggers
 from bots.typing_indicator import TypingIndicator
@@ -98,7 +98,8 @@ class DiscordFrontend:
         self.client = HouseClient(self)
         self.outbox = ChatOutbox()
         self.typing: TypingIndicator[int] = TypingIndicator(
-            self._send_typing, settings.typing_interval_s, settings.reply_timeout_s)
+            self._send_typing, settings.typing_interval_s, settings.reply_timeout_s,
+            on_expire=self._timed_out)
         self.reader_block_ms = reader_block_ms
         # Slash commands waiting for their reply: request id → (interaction, when).
         self._interactions: dict[str, tuple[discord.Interaction, float]] = {}
@@ -109,6 +110,7 @@ class DiscordFrontend:
 
     async def serve(self, token: str) -> None:
         """Connect to Discord and deliver replies until cancelled."""
+        serve_metrics(self.core.metrics, self.settings.frontend_metrics_port)
         async with self.client:
             gateway = asyncio.create_task(self.client.start(token), name="discord-gateway")
             replies = asyncio.create_task(self.serve_replies(), name="discord-serve-replies")
@@ -269,6 +271,10 @@ class DiscordFrontend:
                                    allowed_mentions=SAFE_MENTIONS)
         except discord.Forbidden:
             log.warning("channel %s: missing permission to send", channel_id)
+
+    def _timed_out(self, request_id: str, channel_id: int) -> None:
+        text = self.persona.line("timeout")
+        self.outbox.submit(channel_id, lambda: self.send_text(channel_id, text))
 
     async def _send_typing(self, channel_id: int) -> None:
         await self.channel(channel_id).typing()

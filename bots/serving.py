@@ -13,12 +13,22 @@ from typing import Any
 from bots.outbox import ChatOutbox
 from bots.typing_indicator import TypingIndicator
 from engine.config import Settings
+from engine.metrics import FrontendMetrics
 from engine.protocol import Reply
 from engine.queue_client import QueueClient
 
 log = logging.getLogger(__name__)
 
 Serve = Callable[[Settings, Any], Awaitable[None]]
+
+
+def serve_metrics(metrics: FrontendMetrics, port: int) -> None:
+    """Expose a frontend's Prometheus metrics on ``port`` (0 = off). When two frontends run in
+    one process (``drhouse up``), the second finds the port taken and goes without."""
+    try:
+        metrics.serve(port)
+    except OSError as exc:
+        log.warning("%s metrics not served on port %d: %s", metrics.frontend, port, exc)
 
 
 async def serve_replies(queue: QueueClient, deliver: Callable[[Reply], Awaitable[None]],

@@ -51,7 +51,7 @@ from bots.conversations import conversation_id
 from bots.core import FrontendCore, Immediate, Incoming
 from bots.formatting import format_reply
 from bots.outbox import ChatOutbox
-from bots.serving import serve_replies
+from bots.serving import serve_metrics, serve_replies
 from bots.splitting import TELEGRAM_LIMIT, split_message
 from bots.telegram_bot import FRONTEND_ID
 from bots.triggers import Triggers
@@ -113,7 +113,8 @@ class TelegramFrontend:
         self.app = application or build_application(settings)
         self.outbox = ChatOutbox()
         self.typing: TypingIndicator[ChatTarget] = TypingIndicator(
-            self._send_typing, settings.typing_interval_s, settings.reply_timeout_s)
+            self._send_typing, settings.typing_interval_s, settings.reply_timeout_s,
+            on_expire=self._timed_out)
         self.triggers = Triggers(settings.bot_name_list)
         self.reader_block_ms = reader_block_ms
         self.ready = asyncio.Event()
@@ -124,6 +125,7 @@ class TelegramFrontend:
 
     async def serve(self) -> None:
         """Run until cancelled: updates in, replies out; then stop cleanly."""
+        serve_metrics(self.core.metrics, self.settings.frontend_metrics_port)
         async with self.app:
             bot = self.app.bot
             self.triggers = Triggers(self.settings.bot_name_list, bot.username,
@@ -270,6 +272,11 @@ class TelegramFrontend:
                                                 link_preview_options=NO_PREVIEW)
         except Forbidden:
             log.warning("chat %s: the bot may not write there (blocked or removed)", chat)
+
+    def _timed_out(self, request_id: str, target: ChatTarget) -> None:
+        chat, thread = target
+        text = self.persona.line("timeout")
+        self.outbox.submit(chat, lambda: self.send_text(chat, text, None, thread))
 
     async def _send_typing(self, target: ChatTarget) -> None:
         chat, thread = target

@@ -3,7 +3,8 @@
 Platforms show a typing action for a few seconds (Telegram 5, Discord 10), so it must be
 refreshed until the reply is delivered. Instead of one task per request, one loop ticks every
 ``interval_s`` and sends one action per chat that still has a pending request; an entry is
-dropped when its reply arrives (`done`) or after ``timeout_s``. The state is one small tuple
+dropped when its reply arrives (`done`) or after ``timeout_s`` (then ``on_expire`` can tell
+the user; a reply that comes later is still delivered). The state is one small tuple
 per pending request. Typing is best effort: a failed action is logged at debug level and
 never reaches the user.
 """
@@ -24,8 +25,10 @@ Target = TypeVar("Target", bound=Hashable)
 
 class TypingIndicator(Generic[Target]):
     def __init__(self, send: Callable[[Target], Awaitable[object]], interval_s: float = 4.0,
-                 timeout_s: float = 120.0):
+                 timeout_s: float = 120.0,
+                 on_expire: Callable[[str, Target], object] | None = None):
         self.send = send
+        self.on_expire = on_expire  # called for a request whose reply did not come in time
         self.interval_s = interval_s
         self.timeout_s = timeout_s
         self._pending: dict[str, tuple[Target, float]] = {}
@@ -71,8 +74,10 @@ class TypingIndicator(Generic[Target]):
             if started < deadline:
                 del self._pending[request_id]
                 self._forget(target)
-                log.info("request %s: no reply after %.0fs, typing stopped", request_id,
-                         self.timeout_s)
+                log.warning("request %s: no reply after %.0fs, typing stopped", request_id,
+                            self.timeout_s)
+                if self.on_expire is not None:
+                    self.on_expire(request_id, target)
         return set(self._waiting)
 
     async def run(self) -> None:

@@ -331,6 +331,32 @@ async def test_handler_error_is_logged_and_answered_in_character(
     assert record.exc_info is not None and isinstance(record.exc_info[1], RuntimeError)
 
 
+async def test_no_reply_in_time_tells_the_user(start_bot: Factory, tg: FakeTelegram,
+                                               persona: Persona) -> None:
+    # No worker runs: the request waits, typing stops after the reply timeout.
+    bot = await start_bot(reply_timeout_s=0.3, typing_interval_s=0.05)
+    tg.private_text(18, "Hello? Anyone?")
+    assert (await first_bot_message(tg, 18))["text"] == persona.line("timeout")
+    assert len(bot.typing) == 0
+
+
+async def test_fake_server_accepts_json_and_form_bodies(tg: FakeTelegram) -> None:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http:
+        url = f"{tg.api_url}{tg.token}/sendMessage"
+        async with http.post(url, json={"chat_id": 21, "text": "42",
+                                        "reply_parameters": {"message_id": 7}}) as response:
+            assert (await response.json())["ok"] is True
+        async with http.post(url, data={"chat_id": "21", "text": "007"}) as response:
+            assert (await response.json())["result"]["text"] == "007"
+        async with http.post(f"{tg.api_url}wrong/getMe") as response:
+            assert response.status == 401
+    first, second = tg.sent_to(21)
+    assert first["text"] == "42" and first["reply_to"] == 7
+    assert second["text"] == "007"
+
+
 async def test_restarted_frontend_delivers_pending_replies(start_bot: Factory, tg: FakeTelegram,
                                                            redis: aioredis.Redis,
                                                            keys: Keys) -> None:
