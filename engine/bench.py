@@ -1,15 +1,247 @@
-"""Not built yet: issue #3 fills this subcommand."""
+"""``drhouse bench`` — benchmarks, not tests: they print tables and ratios, never assert.
+
+- ``bench batching``: C concurrent conversations through Redis against the real embedded
+  model, micro-batching on (B=C) versus off (B=1), same prompts, seeds and token limits:
+  aggregate generated tokens/s, p50/p95 reply latency and the batched/sequential ratio; one
+  run per ``--dtypes`` entry.
+- ``bench queue``: frontend → Redis → worker → frontend round trips with a generator that
+  returns at once: p50/p99 overhead in ms (one request in flight) and requests/s (many).
+- ``bench all``: both. ``--json PATH`` writes ``{"batching": {...}, "queue": {...}}``.
+"""
 
 from __future__ import annotations
 
 import argparse
-import sys
+import asyncio
+import contextlib
+import json
+import statistics
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+BENCH_PROMPTS = [
+    "Do I need surgery?",
+    "My head hurts every morning.",
+    "Is it lupus?",
+    "Can I take painkillers with beer?",
+    "Why are you so rude to your patients?",
+    "I have a rash on my arm that won't go away and it itches at night.",
+    "What's wrong with me?",
+    "Should I trust my doctor?",
+    "I've been coughing blood for a week.",
+    "My son won't stop sneezing.",
+    "Is coffee bad for my heart?",
+    "I feel tired all the time, even after sleeping ten hours.",
+    "Do you ever admit you're wrong?",
+    "My girlfriend says I snore. Is that serious?",
+    "Can stress make my hair fall out?",
+    "Why does my knee click when I climb stairs?",
+]
 
 
 def configure(parser: argparse.ArgumentParser, name: str) -> None:
-    parser.set_defaults(action=name)
+    parser.add_argument("which", choices=["batching", "queue", "all"], nargs="?", default="all")
+    parser.add_argument("--json", type=Path, default=None, help="write the figures here")
+    parser.add_argument("--conversations", type=int, default=16,
+                        help="concurrent conversations for 'batching' (default 16)")
+    parser.add_argument("--max-new-tokens", type=int, default=32,
+                        help="tokens per reply for 'batching' (default 32)")
+    parser.add_argument("--dtypes", default="float32",
+                        help="comma-separated dtypes to compare, e.g. float32,bfloat16")
+    parser.add_argument("--requests", type=int, default=1000,
+                        help="round trips for 'queue' (default 1000)")
 
 
 def run(args: argparse.Namespace) -> int:
-    print(f"drhouse {args.action}: not built yet (issue #3).", file=sys.stderr)
-    return 2
+    from engine.config import Settings
+    from engine.runtime import setup_logging
+
+    settings = Settings()
+    setup_logging(settings.model_copy(update={"log_level": "WARNING"}))
+    results: dict[str, Any] = {}
+    if args.which in ("batching", "all"):
+        results["batching"] = asyncio.run(bench_batching(
+            settings, args.conversations, args.max_new_tokens,
+            [d.strip() for d in args.dtypes.split(",") if d.strip()]))
+    if args.which in ("queue", "all"):
+        results["queue"] = asyncio.run(bench_queue(settings, args.requests))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+        print(f"figures written to {args.json}")
+    return 0
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return 0.0
+    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+async def _round(redis: Any, keys: Any, generator: Any, persona: Any, batch_size: int,
+                 requests: list[Any], batch_wait_ms: int = 0) -> dict[str, float]:
+    """Send all ``requests`` at once to a fresh worker; time every reply."""
+    from engine.queue_client import QueueClient
+    from engine.worker import Worker, WorkerOptions
+
+    queue = QueueClient(redis, keys, "bench", max_queue_depth=10**6)
+    await queue.setup()
+    worker = Worker(redis, keys, generator, persona,
+                    WorkerOptions(name=f"bench-{batch_size}", batch_size=batch_size,
+                                  batch_wait_ms=batch_wait_ms, block_ms=20))
+    stop = asyncio.Event()
+    reader = asyncio.create_task(queue.run_reader(stop=stop, block_ms=20))
+    serving = asyncio.create_task(worker.run())
+    started = time.perf_counter()
+
+    async def one(request: Any) -> tuple[float, int]:
+        sent = time.perf_counter()
+        reply = await queue.ask(request, timeout_s=3600)
+        return (time.perf_counter() - sent) * 1000, reply.tokens
+
+    outcomes = await asyncio.gather(*(one(r) for r in requests))
+    wall = time.perf_counter() - started
+    worker.stop.set()
+    stop.set()
+    await asyncio.gather(serving, reader)
+    latencies = [ms for ms, _ in outcomes]
+    tokens = sum(t for _, t in outcomes)
+    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+            "p50_ms": percentile(latencies, 50), "p95_ms": percentile(latencies, 95)}
+
+
+async def bench_batching(settings: Any, conversations: int, max_new_tokens: int,
+                         dtypes: list[str]) -> dict[str, Any]:
+    from rich.console import Console
+    from rich.table import Table
+
+    from engine.generation import HFGenerator
+    from engine.keys import Keys
+    from engine.model_loading import load_model
+    from engine.protocol import Request
+    from engine.runtime import redis_for
+    from persona.pack import load_persona
+
+    persona = load_persona(settings.persona)
+    # Fixed seeds and token limits; the sentence cap is lifted so every row generates the same
+    # amount of text in both modes.
+    overrides = {"max_new_tokens": max_new_tokens, "sentence_cap": 10, "candidates": 1}
+
+    def requests(tag: str) -> list[Request]:
+        return [Request(frontend="bench", conversation=f"bench:{tag}:{i}", user=f"u{i}",
+                        text=BENCH_PROMPTS[i % len(BENCH_PROMPTS)],
+                        settings={**overrides, "seed": i})
+                for i in range(conversations)]
+
+    redis = await redis_for(settings)
+    keys = Keys(f"bench-{uuid.uuid4().hex[:8]}")
+    per_dtype: dict[str, Any] = {}
+    table = Table(title=f"micro-batching: {conversations} conversations, "
+                        f"{max_new_tokens} new tokens each")
+    for column in ("dtype", "mode", "tokens", "wall s", "tokens/s", "p50 ms", "p95 ms"):
+        table.add_column(column, justify="right")
+    try:
+        for dtype in dtypes:
+            loaded = await asyncio.to_thread(load_model, settings.base_model, {}, "cpu", dtype,
+                                             settings.model_cache_dir)
+            generator = HFGenerator(loaded, persona.other_speakers)
+            runs = {}
+            for mode, batch in (("sequential", 1), ("batched", conversations)):
+                runs[mode] = await _round(redis, keys, generator, persona, batch, requests(mode))
+                r = runs[mode]
+                table.add_row(dtype, f"{mode} (B={batch})", str(r["tokens"]), f"{r['wall_s']:.1f}",
+                              f"{r['tokens_per_s']:.1f}", f"{r['p50_ms']:.0f}",
+                              f"{r['p95_ms']:.0f}")
+            ratio = runs["batched"]["tokens_per_s"] / runs["sequential"]["tokens_per_s"]
+            per_dtype[dtype] = {"ratio": ratio, "batched": runs["batched"],
+                                "sequential": runs["sequential"]}
+            del generator, loaded
+    finally:
+        async for key in redis.scan_iter(match=keys.all_pattern):
+            await redis.delete(key)
+        await redis.aclose()
+    Console().print(table)
+    best = max(per_dtype, key=lambda d: per_dtype[d]["batched"]["tokens_per_s"])
+    for dtype, figures in per_dtype.items():
+        print(f"{dtype}: batched/sequential = {figures['ratio']:.2f}x")
+    chosen = per_dtype[best]
+    return {
+        "conversations": conversations,
+        "max_new_tokens": max_new_tokens,
+        "dtype": best,
+        "ratio": chosen["ratio"],
+        "batched_tokens_per_s": chosen["batched"]["tokens_per_s"],
+        "sequential_tokens_per_s": chosen["sequential"]["tokens_per_s"],
+        "batched_p50_ms": chosen["batched"]["p50_ms"],
+        "batched_p95_ms": chosen["batched"]["p95_ms"],
+        "sequential_p50_ms": chosen["sequential"]["p50_ms"],
+        "sequential_p95_ms": chosen["sequential"]["p95_ms"],
+        "by_dtype": per_dtype,
+    }
+
+
+async def bench_queue(settings: Any, n: int) -> dict[str, Any]:
+    from rich.console import Console
+    from rich.table import Table
+
+    from engine.generation import FakeGenerator
+    from engine.keys import Keys
+    from engine.protocol import Request
+    from engine.queue_client import QueueClient
+    from engine.runtime import redis_for
+    from engine.worker import Worker, WorkerOptions
+    from persona.pack import load_persona
+
+    persona = load_persona(settings.persona)
+    redis = await redis_for(settings)
+    keys = Keys(f"bench-{uuid.uuid4().hex[:8]}")
+    generator = FakeGenerator()
+    queue = QueueClient(redis, keys, "bench", max_queue_depth=10**6)
+    await queue.setup()
+    worker = Worker(redis, keys, generator, persona,
+                    WorkerOptions(name="bench-queue", block_ms=1000,
+                                  batch_wait_ms=settings.batch_wait_ms))
+    stop = asyncio.Event()
+    reader = asyncio.create_task(queue.run_reader(stop=stop, block_ms=1000))
+    serving = asyncio.create_task(worker.run())
+
+    def request(i: int) -> Request:
+        return Request(frontend="bench", conversation=f"q:{i % 50}", user=f"u{i % 50}",
+                       text=BENCH_PROMPTS[i % len(BENCH_PROMPTS)], settings={"candidates": 1})
+
+    try:
+        for i in range(20):  # warm-up
+            await queue.ask(request(i))
+        latencies = []
+        for i in range(n):
+            sent = time.perf_counter()
+            await queue.ask(request(i))
+            latencies.append((time.perf_counter() - sent) * 1000)
+        in_flight = 64
+        started = time.perf_counter()
+        for start in range(0, n, in_flight):
+            await asyncio.gather(*(queue.ask(request(i))
+                                   for i in range(start, min(n, start + in_flight))))
+        rps = n / (time.perf_counter() - started)
+    finally:
+        worker.stop.set()
+        stop.set()
+        with contextlib.suppress(Exception):
+            await asyncio.gather(serving, reader)
+        async for key in redis.scan_iter(match=keys.all_pattern):
+            await redis.delete(key)
+        await redis.aclose()
+    figures = {"requests": n, "p50_ms": percentile(latencies, 50),
+               "p99_ms": percentile(latencies, 99), "mean_ms": statistics.fmean(latencies),
+               "requests_per_s": rps, "in_flight": in_flight}
+    table = Table(title=f"queue round trip, instant generator, {n} requests")
+    for column in ("p50 ms", "p99 ms", "mean ms", f"requests/s ({in_flight} in flight)"):
+        table.add_column(column, justify="right")
+    table.add_row(f"{figures['p50_ms']:.2f}", f"{figures['p99_ms']:.2f}",
+                  f"{figures['mean_ms']:.2f}", f"{rps:.0f}")
+    Console().print(table)
+    return figures

@@ -58,6 +58,7 @@ class Reply(BaseModel):
     variants: list[Variant] | None = None
     error: str | None = None
     worker: str = ""
+    tokens: int = 0
     queued_ms: float = 0.0
     generation_ms: float = 0.0
     batch_size: int = 0

@@ -233,6 +233,7 @@ class Worker:
         for task in tasks:
             if task.reply is None:
                 task.reply = self.make_reply(task, jobs, outputs)
+            task.reply.batch_size = len(tasks)
             await asyncio.shield(self.finish(task))
         log.info("batch of %d requests, %d rows in %.0f ms", len(tasks), len(jobs),
                  (time.perf_counter() - started) * 1000)
@@ -322,7 +323,7 @@ class Worker:
             variants.append(Variant(name=name, text=text, tokens=out.tokens, ms=round(out.ms, 1)))
         if request.kind == "compare":
             return self.reply(request, variants=variants)
-        return self.reply(request, text=variants[0].text, variants=None,
+        return self.reply(request, text=variants[0].text, tokens=variants[0].tokens,
                           generation_ms=variants[0].ms)
 
     def reply(self, request: Request, **fields) -> Reply:  # type: ignore[no-untyped-def]
