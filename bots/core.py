@@ -116,6 +116,15 @@ class FrontendCore:
         log.info("request %s kind=%s chars=%d", request.id, kind, len(body))
         return request
 
+    async def non_text(self, user: str, chat: str = "") -> Immediate | None:
+        """A sticker, photo or voice message: a line, or None once the user is over the
+        per-user limit (a flood of media gets silence, not a flood of replies)."""
+        if not self.allowed(user, chat):
+            return Immediate(self.persona.line("not_allowed"))
+        if not await self.limit.allow(user):
+            return None
+        return Immediate(self.persona.line("non_text"))
+
     async def stats(self) -> str:
         redis = self.queue.redis
         counters = await redis.hgetall(self.keys.stats)

@@ -157,7 +157,11 @@ class DiscordFrontend:
         text = self.triggers.clean(message.content)
         if not text:
             if message.attachments or message.stickers:
-                self._say(message, self.persona.line("non_text"))
+                guild_id = message.guild.id if message.guild is not None else None
+                line = await self.core.non_text(str(message.author.id),
+                                                self._chat_key(message.channel.id, guild_id))
+                if line is not None:
+                    self._say(message, line.text)
             elif not private:  # a bare mention
                 self._say(message, self.persona.line("empty"))
             return
@@ -179,13 +183,17 @@ class DiscordFrontend:
                                        private=private, shared=shared)
         route: dict[str, Any] = {"channel": channel_id, "guild": guild_id,
                                  "message": None if private else message_id}
-        # ALLOWED_CHATS may name a guild (every channel in it) or single channels.
-        chat = str(channel_id)
-        if guild_id is not None and str(guild_id) in self.settings.allowed_chat_ids:
-            chat = str(guild_id)
         return Incoming(user=str(author.id), conversation=conversation, text=text,
-                        speaker=author.display_name if shared else "", chat=chat, route=route,
+                        speaker=author.display_name if shared else "",
+                        chat=self._chat_key(channel_id, guild_id), route=route,
                         request_id=request_id)
+
+    def _chat_key(self, channel_id: int, guild_id: int | None) -> str:
+        """What the allow-list checks: ALLOWED_CHATS may name a guild (all its channels) or
+        single channels."""
+        if guild_id is not None and str(guild_id) in self.settings.allowed_chat_ids:
+            return str(guild_id)
+        return str(channel_id)
 
     def _replies_to_me(self, message: discord.Message) -> bool:
         me = self.client.user

@@ -177,7 +177,9 @@ class TelegramFrontend:
             return
         if text is None:
             if message.effective_attachment is not None:
-                self._say(message, self.persona.line("non_text"))
+                line = await self.core.non_text(str(message.from_user.id), str(message.chat_id))
+                if line is not None:
+                    self._say(message, line.text)
             return
         outcome = await self.core.handle(self.incoming(message, self._request_text(message)))
         if isinstance(outcome, Immediate):

@@ -347,3 +347,20 @@ async def test_slash_reset_forget_help(bot: DiscordFrontend, sent: Sent, persona
     await slash(bot, "help", helped)
     [text] = await followups(helped)
     assert persona.help in text and "/compare" in text
+
+
+async def test_allow_list_by_guild(fake_worker: Worker, start_bot: tuple[Factory, Sent],
+                                   persona: Persona) -> None:
+    start, sent = start_bot
+    bot = await start(allowed_users="1")
+    channel, ann, _ = channel_and_members()
+    await dpytest.message(f"<@{bot.client.user.id}> hello", channel, ann)
+    assert (await sent.next()).content == persona.line("not_allowed")
+    # The guild on the allow-list (its id exists only once dpytest is configured) lets
+    # everyone in it talk to House.
+    bot.settings = Settings(_env_file=None,  # type: ignore[call-arg]
+                            **{**bot.settings.model_dump(), "allowed_chats":
+                               str(channel.guild.id)})
+    bot.core.settings = bot.settings
+    await dpytest.message(f"<@{bot.client.user.id}> hello again", channel, ann)
+    assert (await sent.next()).content.startswith("Diagnosis")

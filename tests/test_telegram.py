@@ -265,6 +265,16 @@ async def test_stickers_get_a_line_only_when_addressed(bot: TelegramFrontend, tg
     assert (await first_bot_message(tg, -700, 2))["text"] == persona.line("non_text")
 
 
+async def test_a_flood_of_stickers_counts_against_the_user_limit(
+        fake_worker: Worker, start_bot: Factory, tg: FakeTelegram, persona: Persona) -> None:
+    await start_bot(user_rate_limit=2, user_rate_window_s=600)
+    for _ in range(5):
+        tg.sticker(19, 19)
+    await tg.wait_sent(2, chat_id=19)
+    await tg.settle()
+    assert [m["text"] for m in tg.sent_to(19)] == [persona.line("non_text")] * 2
+
+
 async def test_edits_and_channel_posts_are_ignored(bot: TelegramFrontend, tg: FakeTelegram,
                                                    redis: aioredis.Redis, keys: Keys) -> None:
     tg.private_text(10, "Edited: it was my left leg.", edited=True)
