@@ -28,6 +28,8 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
     if name in ("up", "worker"):
         parser.add_argument("--fake", action="store_true",
                             help="use the fast deterministic generator instead of a model")
+        parser.add_argument("--fake-delay-ms", type=int, default=0,
+                            help="with --fake: how long each batch takes (tests, demos)")
     if name == "worker":
         parser.add_argument("--burst", action="store_true",
                             help="answer what is queued, then exit")
@@ -47,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         from engine.runtime import setup_logging
 
         setup_logging(settings)
-        return asyncio.run(_worker(settings, args.fake, args.burst))
+        return asyncio.run(_worker(settings, args.fake, args.burst, args.fake_delay_ms))
     if action == "chat":
         from engine.runtime import setup_logging
 
@@ -162,11 +164,11 @@ async def _chat_only(settings: Settings) -> int:
     return 0
 
 
-async def _worker(settings: Settings, fake: bool, burst: bool) -> int:
+async def _worker(settings: Settings, fake: bool, burst: bool, fake_delay_ms: int = 0) -> int:
     from engine.runtime import build_worker, redis_for
 
     redis = await redis_for(settings)
-    worker = await build_worker(settings, redis, fake=fake)
+    worker = await build_worker(settings, redis, fake=fake, fake_delay_ms=fake_delay_ms)
     worker.install_signal_handlers()
     worker.metrics.serve(settings.worker_metrics_port)
     try:
