@@ -34,6 +34,7 @@ import asyncio
 import logging
 from typing import Any
 
+from aiolimiter import AsyncLimiter
 from telegram import (
     BotCommand,
     LinkPreviewOptions,
@@ -73,15 +74,31 @@ ChatTarget = tuple[int, int | None]
 
 
 class TypingFriendlyRateLimiter(AIORateLimiter):
-    """PTB's AIORateLimiter (overall and per-group limits, retries after 429), except for chat
-    actions: they go out at once instead of waiting behind a group's 20-a-minute budget,
-    because a "typing…" that arrives after the reply is worse than none. A refused action is
-    simply dropped by the typing indicator."""
+    """PTB's AIORateLimiter (overall and per-group limits, retries after 429) for messages;
+    chat actions have a budget of their own (``overall_max_rate`` per
+    ``overall_time_period``) and never wait: an action with no budget left is dropped. A
+    "typing…" queued behind a group's 20-a-minute budget would arrive after the reply, which
+    is worse than none; and with hundreds of chats waiting, refreshes must not crowd out
+    replies."""
+
+    def __init__(self, overall_max_rate: float = 30, overall_time_period: float = 1,
+                 group_max_rate: float = 20, group_time_period: float = 60,
+                 max_retries: int = 0) -> None:
+        super().__init__(overall_max_rate=overall_max_rate,
+                         overall_time_period=overall_time_period,
+                         group_max_rate=group_max_rate, group_time_period=group_time_period,
+                         max_retries=max_retries)
+        self.actions = AsyncLimiter(overall_max_rate, overall_time_period)
+        self.dropped_actions = 0
 
     async def process_request(self, callback, args, kwargs, endpoint, data,  # type: ignore[no-untyped-def,override]
                               rate_limit_args):
         if endpoint == "sendChatAction":
-            return await callback(*args, **kwargs)
+            if not self.actions.has_capacity():
+                self.dropped_actions += 1
+                return True
+            async with self.actions:
+                return await callback(*args, **kwargs)
         return await super().process_request(callback, args, kwargs, endpoint, data,
                                              rate_limit_args)
 

@@ -19,7 +19,7 @@ from bots.commands import COMMANDS
 from bots.conversations import conversation_id
 from bots.splitting import TELEGRAM_LIMIT
 from bots.telegram_bot import FRONTEND_ID
-from bots.telegram_frontend import TelegramFrontend
+from bots.telegram_frontend import TelegramFrontend, TypingFriendlyRateLimiter
 from engine.config import Settings
 from engine.generation import FakeGenerator, HFGenerator
 from engine.keys import Keys
@@ -365,6 +365,25 @@ async def test_fake_server_accepts_json_and_form_bodies(tg: FakeTelegram) -> Non
     first, second = tg.sent_to(21)
     assert first["text"] == "42" and first["reply_to"] == 7
     assert second["text"] == "007"
+
+
+async def test_chat_actions_never_wait_for_rate_budget() -> None:
+    limiter = TypingFriendlyRateLimiter(overall_max_rate=1, overall_time_period=60,
+                                        group_max_rate=1, group_time_period=60)
+    calls: list[str] = []
+
+    async def call(endpoint: str) -> bool:
+        calls.append(endpoint)
+        return True
+
+    for _ in range(3):
+        await limiter.process_request(call, ("sendChatAction",), {}, "sendChatAction",
+                                      {"chat_id": -1}, None)
+    assert calls == ["sendChatAction"] and limiter.dropped_actions == 2
+    # Messages still go through the group limiter (one a minute here): the first one passes.
+    await limiter.process_request(call, ("sendMessage",), {}, "sendMessage", {"chat_id": -1},
+                                  None)
+    assert calls[-1] == "sendMessage"
 
 
 async def test_restarted_frontend_delivers_pending_replies(start_bot: Factory, tg: FakeTelegram,
