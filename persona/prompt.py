@@ -34,18 +34,31 @@ class Turn:
 
 
 def clean_user_text(text: str, max_chars: int = 4000) -> str:
-    """Normalise a message for the prompt: drop template tokens, invisible and control
-    characters, collapse whitespace, cap the length."""
-    text = unicodedata.normalize("NFC", text)
-    text = _TEMPLATE_TOKENS.sub(" ", text)
+    """Normalise a message for the prompt: drop invisible and control characters, then
+    template tokens, collapse whitespace, cap the length.
+
+    Invisible characters go first, or ``<\u200b|im_start|>`` would become a real
+    ``<|im_start|>`` after its template check; template tokens are removed until none is
+    left, since removing one can join the text around it into another."""
     text = _INVISIBLE.sub("", text)
+    text = unicodedata.normalize("NFC", text)
+    previous = None
+    while previous != text:
+        previous, text = text, _TEMPLATE_TOKENS.sub(" ", text)
     text = re.sub(r"[ \t]+", " ", text)
     text = re.sub(r"\n{3,}", "\n\n", text).strip()
     return text[:max_chars].strip()
 
 
+def clean_speaker(speaker: str) -> str:
+    """A display name as it may appear in a prompt: cleaned like a message, on one line, at
+    most 64 characters (names are chosen by users, so they are input too)."""
+    return " ".join(clean_user_text(speaker, 256).split())[:64].strip()
+
+
 def user_content(text: str, speaker: str = "") -> str:
     """A user turn as the model sees it; in shared group chats it carries the speaker's name."""
+    speaker = clean_speaker(speaker) if speaker else ""
     return f"{speaker} says: {text}" if speaker else text
 
 
