@@ -1,0 +1,111 @@
+"""Crash recovery with real worker processes: kill -9 one of two workers while it holds a
+batch; every request still gets exactly one reply. And a graceful SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from conftest import REDIS_URL
+
+from engine.keys import WORKERS_GROUP
+from engine.protocol import Reply, Request
+from engine.queue_client import QueueClient
+
+pytestmark = pytest.mark.timeout(180)
+DRHOUSE = str(Path(sys.executable).with_name("drhouse"))
+
+
+def start_worker(prefix: str, name: str, delay_ms: int, claim_idle_ms: int = 2000,
+                 batch: int = 8) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "REDIS_URL": REDIS_URL, "KEY_PREFIX": prefix, "WORKER_NAME": name,
+           "CLAIM_IDLE_MS": str(claim_idle_ms), "BATCH_SIZE": str(batch),
+           "WORKER_METRICS_PORT": "0", "LOG_LEVEL": "WARNING", "BATCH_WAIT_MS": "0"}
+    return subprocess.Popen([DRHOUSE, "worker", "--fake", "--fake-delay-ms", str(delay_ms)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+async def wait_until(predicate, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if await predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def pending_of(redis, keys, consumer: str) -> int:  # type: ignore[no-untyped-def]
+    for c in await redis.xinfo_consumers(keys.requests, WORKERS_GROUP):
+        if c["name"] == consumer:
+            return int(c["pending"])
+    return 0
+
+
+async def test_kill_9_mid_batch_loses_and_duplicates_nothing(redis, keys, prefix) -> None:  # type: ignore[no-untyped-def]
+    client = QueueClient(redis, keys, "chaos", max_queue_depth=10_000)
+    await client.setup()
+    workers = {name: start_worker(prefix, name, delay_ms=300) for name in ("w1", "w2")}
+    try:
+        requests = [Request(frontend="chaos", conversation=f"c{i}", user=f"u{i}",
+                            text=f"question {i}", settings={"candidates": 1})
+                    for i in range(200)]
+        for r in requests:
+            await client.submit(r)
+
+        async def w1_holds_a_batch() -> bool:
+            return await pending_of(redis, keys, "w1") > 0
+
+        await wait_until(w1_holds_a_batch, 60, "w1 to hold a batch")
+        held = await pending_of(redis, keys, "w1")
+        workers["w1"].send_signal(signal.SIGKILL)
+        workers["w1"].wait(10)
+        assert held > 0
+
+        async def all_answered() -> bool:
+            return await redis.xlen(keys.replies("chaos")) >= len(requests)
+
+        await wait_until(all_answered, 120, "every request to be answered")
+        await asyncio.sleep(1.0)  # a late duplicate would show up here
+        entries = await redis.xrange(keys.replies("chaos"))
+        counts = Counter(Reply.loads(fields).id for _, fields in entries)
+        assert set(counts) == {r.id for r in requests}, "a request was lost"
+        assert max(counts.values()) == 1, "a request was answered twice"
+        assert (await redis.xpending(keys.requests, WORKERS_GROUP))["pending"] == 0
+        assert workers["w2"].poll() is None, "the surviving worker died"
+    finally:
+        for proc in workers.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
+
+async def test_sigterm_finishes_the_batch_in_flight(redis, keys, prefix) -> None:  # type: ignore[no-untyped-def]
+    client = QueueClient(redis, keys, "graceful")
+    await client.setup()
+    worker = start_worker(prefix, "g1", delay_ms=1500, batch=4)
+    try:
+        requests = [Request(frontend="graceful", conversation=f"g{i}", user="u",
+                            text=f"q{i}", settings={"candidates": 1}) for i in range(4)]
+        for r in requests:
+            await client.submit(r)
+
+        async def holding() -> bool:
+            return await pending_of(redis, keys, "g1") == 4
+
+        await wait_until(holding, 60, "the worker to take the batch")
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(30) == 0
+        entries = await redis.xrange(keys.replies("graceful"))
+        assert {Reply.loads(f).id for _, f in entries} == {r.id for r in requests}
+        assert (await redis.xpending(keys.requests, WORKERS_GROUP))["pending"] == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait(10)

@@ -1,0 +1,73 @@
+"""Post-processing: scene cuts, stage directions, the sentence cap and the echo guard."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from persona.pack import load_persona
+from persona.postprocess import (
+    choose_reply,
+    clean_reply,
+    is_echo,
+    seq_rep_n,
+    speaker_tag_pattern,
+    split_sentences,
+)
+
+PERSONA = load_persona("house")
+SPEAKERS = PERSONA.other_speakers
+
+
+def clean(raw: str, cap: int = 3, finished: bool = True) -> str:
+    return clean_reply(raw, SPEAKERS, cap, finished=finished)
+
+
+def test_cuts_at_another_speakers_turn() -> None:
+    assert clean("It's not lupus. Wilson: It's never lupus.") == "It's not lupus."
+    assert clean("Go home.\nCuddy: House!") == "Go home."
+    assert clean("Fine. User: thanks") == "Fine."
+
+
+def test_cuts_at_any_new_named_turn() -> None:
+    assert clean("Take two aspirin.\nBob: and then?") == "Take two aspirin."
+
+
+def test_drops_own_tag_and_stage_directions() -> None:
+    assert clean("House: [limps in] You're an idiot. (smirks)") == "You're an idiot."
+    assert clean("Dr. House: *sighs* Sit down.") == "Sit down."
+
+
+def test_sentence_cap() -> None:
+    assert clean("One. Two! Three? Four. Five.", cap=3) == "One. Two! Three?"
+    assert clean("One. Two.", cap=1) == "One."
+
+
+def test_unfinished_trailing_fragment_is_dropped() -> None:
+    assert clean("You have lupus. And the reason is", finished=False) == "You have lupus."
+    assert clean("Only a fragment", finished=False) == "Only a fragment"
+
+
+def test_echo_guard() -> None:
+    assert is_echo("Do I need surgery? Yes.", "Do I need surgery?")
+    assert is_echo("you need surgery you need", "Do you need surgery, you need?")
+    assert not is_echo("No. You need a brain.", "Do I need surgery?")
+    assert not is_echo("", "anything")
+
+
+def test_choose_reply_skips_echoes_and_loops() -> None:
+    message = "My leg hurts when I walk"
+    candidates = ["My leg hurts when I walk", "the the the the the the the the the the",
+                  "Then stop walking."]
+    assert choose_reply(candidates, message) == 2
+    assert choose_reply(["a", "b", "c"], "x", scorer=lambda texts: [0.1, 0.9, 0.5]) == 1
+    assert seq_rep_n("one two three four one two three four one two three four") > 0.2
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.text(max_size=400), st.integers(1, 5))
+def test_clean_reply_never_exceeds_the_cap_or_keeps_a_tag(raw: str, cap: int) -> None:
+    out = clean(raw, cap=cap)
+    assert len(split_sentences(out)) <= cap
+    assert not speaker_tag_pattern(SPEAKERS).search(out)
+    assert "\n" not in out

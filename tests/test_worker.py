@@ -1,0 +1,166 @@
+"""The queue and the worker with the deterministic generator: replies, history, commands,
+micro-batching, dead letters, back-pressure and duplicate suppression."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from engine.generation import FakeGenerator
+from engine.keys import WORKERS_GROUP
+from engine.protocol import Reply, Request
+from engine.queue_client import QueueClient, QueueFull
+from engine.worker import Worker, WorkerOptions
+
+
+def chat(text: str, conversation: str = "c1", user: str = "u1", **kw) -> Request:  # type: ignore[no-untyped-def]
+    return Request(frontend="test-frontend", conversation=conversation, user=user, text=text,
+                   **kw)
+
+
+async def test_chat_reply_and_history(fake_worker, queue, redis, keys) -> None:  # type: ignore[no-untyped-def]
+    first = chat("Do I need surgery?", settings={"seed": 7, "candidates": 1})
+    reply = await queue.ask(first, timeout_s=10)
+    assert reply.id == first.id
+    assert reply.text == FakeGenerator.reply_for("Do I need surgery?", "house", 7)
+    await queue.ask(chat("And now?"), timeout_s=10)
+    stored = [json.loads(t) for t in await redis.lrange(keys.history("c1"), 0, -1)]
+    assert [t["role"] for t in stored] == ["user", "assistant", "user", "assistant"]
+    assert stored[0]["content"] == "Do I need surgery?"
+    assert stored[2]["content"] == "And now?"
+    assert await redis.lrange(keys.history("c2"), 0, -1) == []
+    assert await redis.ttl(keys.history("c1")) > 0
+
+
+async def test_history_reaches_the_prompt_of_its_own_conversation_only(
+        fake_worker, queue, fake_generator) -> None:  # type: ignore[no-untyped-def]
+    prompts: list[str] = []
+    original = fake_generator.generate
+
+    def capture(jobs):  # type: ignore[no-untyped-def]
+        prompts.extend(j.prompt for j in jobs)
+        return original(jobs)
+
+    fake_generator.generate = capture
+    await queue.ask(chat("my secret is pineapple", conversation="a"), timeout_s=10)
+    prompts.clear()
+    await queue.ask(chat("what did I say?", conversation="a"), timeout_s=10)
+    assert all("pineapple" in p for p in prompts)
+    prompts.clear()
+    await queue.ask(chat("what did I say?", conversation="b", user="u2"), timeout_s=10)
+    assert prompts and not any("pineapple" in p for p in prompts)
+
+
+async def test_reset_clears_the_conversation(fake_worker, queue, redis, keys, persona) -> None:  # type: ignore[no-untyped-def]
+    await queue.ask(chat("hello"), timeout_s=10)
+    reply = await queue.ask(chat("", kind="reset"), timeout_s=10)
+    assert reply.text == persona.line("reset")
+    assert await redis.exists(keys.history("c1")) == 0
+
+
+async def test_compare_answers_with_every_variant(fake_worker, queue) -> None:  # type: ignore[no-untyped-def]
+    reply = await queue.ask(chat("Is it lupus?", kind="compare", settings={"seed": 3}),
+                            timeout_s=10)
+    assert [v.name for v in reply.variants] == ["__base__", "house"]
+    assert reply.variants[0].text == FakeGenerator.reply_for("Is it lupus?", "__base__", 3)
+    assert reply.variants[1].text == FakeGenerator.reply_for("Is it lupus?", "house", 3)
+
+
+async def test_retry_regenerates_the_last_answer(fake_worker, queue, redis, keys) -> None:  # type: ignore[no-untyped-def]
+    await queue.ask(chat("Am I dying?"), timeout_s=10)
+    retry = chat("", kind="retry", settings={"seed": 99, "candidates": 1})
+    reply = await queue.ask(retry, timeout_s=10)
+    assert reply.text == FakeGenerator.reply_for("Am I dying?", "house", 99)
+    stored = [json.loads(t) for t in await redis.lrange(keys.history("c1"), 0, -1)]
+    assert len(stored) == 2 and stored[1]["content"] == reply.text
+
+
+async def test_forget_deletes_the_users_keys(fake_worker, queue, redis, keys) -> None:  # type: ignore[no-untyped-def]
+    await queue.ask(chat("hello", conversation="x", user="ann"), timeout_s=10)
+    await queue.ask(chat("hello", conversation="y", user="bob"), timeout_s=10)
+    await queue.ask(chat("", conversation="x", user="ann", kind="forget"), timeout_s=10)
+    remaining = [k async for k in redis.scan_iter(match=f"{keys.prefix}:*")]
+    assert not [k for k in remaining if ":x" in k or "ann" in k]
+    assert keys.history("y") in remaining
+
+
+async def test_bad_input_gets_a_line_and_the_worker_keeps_serving(fake_worker, queue,
+                                                                  persona) -> None:  # type: ignore[no-untyped-def]
+    for text in ["", "   ", "\x00\x01\x02", "\u200b\u200f"]:
+        reply = await queue.ask(chat(text), timeout_s=10)
+        assert reply.text == persona.line("empty")
+    huge = await queue.ask(chat("why? " * 10_000), timeout_s=10)
+    assert huge.text
+    rtl = await queue.ask(chat("שלום, אני חולה 🤒🤒🤒"), timeout_s=10)
+    assert rtl.text
+
+
+async def test_a_batch_runs_one_generate_call(redis, keys, persona, queue) -> None:  # type: ignore[no-untyped-def]
+    generator = FakeGenerator()
+    worker = Worker(redis, keys, generator, persona,
+                    WorkerOptions(name="w", batch_size=8, block_ms=50, batch_wait_ms=0))
+    requests = [chat(f"question {i}", conversation=f"c{i}", settings={"candidates": 1})
+                for i in range(8)]
+    for r in requests:
+        await queue.submit(r)
+    await worker.run(burst=True)
+    assert generator.calls == [8]
+    replies = await asyncio.gather(*(queue.wait_reply(r.id, 10) for r in requests))
+    assert all(rep.batch_size == 8 for rep in replies)
+
+
+async def test_malformed_and_overdelivered_requests_go_to_dead_letters(
+        redis, keys, persona, queue) -> None:  # type: ignore[no-untyped-def]
+    await redis.xadd(keys.requests, {"data": "not json"})
+    poisoned = chat("poison")
+    await queue.submit(poisoned)
+    # Earlier deliveries to workers that died without acknowledging: read once, then
+    # claimed twice (each claim counts as a delivery).
+    await redis.xreadgroup(WORKERS_GROUP, "dead-1", {keys.requests: ">"})
+    ids = [e[0] for e in await redis.xrange(keys.requests)]
+    for name in ("dead-2", "dead-3"):
+        await redis.xclaim(keys.requests, WORKERS_GROUP, name, 0, ids)
+    worker = Worker(redis, keys, FakeGenerator(), persona,
+                    WorkerOptions(name="w", block_ms=50, claim_idle_ms=0, max_deliveries=3))
+    await worker.run(burst=True)
+    reply = await queue.wait_reply(poisoned.id, 10)
+    assert reply.error == persona.line("dead_letter")
+    dead = await redis.xrange(keys.dead_letters)
+    assert len(dead) == 2
+    pending = await redis.xpending(keys.requests, WORKERS_GROUP)
+    assert pending["pending"] == 0
+
+
+async def test_back_pressure_refuses_when_the_queue_is_full(redis, keys) -> None:  # type: ignore[no-untyped-def]
+    client = QueueClient(redis, keys, "test-frontend", max_queue_depth=3)
+    await client.setup()
+    for i in range(3):
+        await client.submit(chat(f"m{i}"))
+    with pytest.raises(QueueFull):
+        await client.submit(chat("one too many"))
+    # Control requests are never refused: a user can always /reset or /forget.
+    await client.submit(chat("", kind="reset"))
+
+
+async def test_a_duplicate_reply_is_delivered_once(redis, keys) -> None:  # type: ignore[no-untyped-def]
+    client = QueueClient(redis, keys, "dup-frontend")
+    await client.setup()
+    reply = Reply(id="r1", conversation="c", text="It's not lupus.")
+    for _ in range(3):
+        await redis.xadd(keys.replies("dup-frontend"), reply.dumps())
+    delivered: list[Reply] = []
+
+    async def deliver(r: Reply) -> None:
+        delivered.append(r)
+
+    stop = asyncio.Event()
+    reader = asyncio.create_task(client.run_reader(deliver, stop=stop, block_ms=50))
+    for _ in range(100):
+        if await redis.xlen(keys.replies("dup-frontend")) == 0:
+            break
+        await asyncio.sleep(0.02)
+    stop.set()
+    await reader
+    assert [r.id for r in delivered] == ["r1"]
