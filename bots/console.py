@@ -15,8 +15,8 @@ import sys
 from typing import TextIO
 
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from bots.commands import parse_command
 from bots.conversations import conversation_id
@@ -40,7 +40,8 @@ class ConsoleFrontend:
         self.queue = queue
         self.core = FrontendCore(settings, persona, queue, keys)
         self.stdin = stdin or sys.stdin
-        self.out = Console(file=stdout or sys.stdout, highlight=False, soft_wrap=True)
+        self.out = Console(file=stdout or sys.stdout, highlight=False, soft_wrap=True,
+                           emoji=False)
         self.interactive = self.stdin.isatty() if interactive is None else interactive
         self.user = os.environ.get("USER", "console")
         self.conversation = conversation_id("console", self.user)
@@ -85,7 +86,8 @@ class ConsoleFrontend:
 
     def say(self, text: str) -> None:
         if self.interactive:
-            self.out.print(f"[bold]House:[/bold] {escape(text)}")
+            # Text, not markup: whatever brackets or backslashes the text holds print as is.
+            self.out.print(Text.assemble(("House:", "bold"), " ", text))
         else:
             self.out.print(text, markup=False)
 
@@ -95,7 +97,8 @@ class ConsoleFrontend:
             for column in ("model", "reply", "tokens", "ms"):
                 table.add_column(column)
             for v in reply.variants:
-                table.add_row(variant_label(v.name), v.text, str(v.tokens), f"{v.ms:.0f}")
+                table.add_row(variant_label(v.name), Text(v.text), str(v.tokens),
+                              f"{v.ms:.0f}")
             self.out.print(table)
             return
         if self.interactive:
