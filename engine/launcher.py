@@ -92,7 +92,7 @@ async def _up(settings: Settings, fake: bool, console: bool, stdin: io.StringIO 
     async def serve() -> None:
         worker = await build_worker(settings, redis, fake=fake)
         worker_box.append(worker)
-        worker.metrics.serve(settings.worker_metrics_port)
+        worker.metrics.serve(settings.worker_metrics_port, settings.generation_timeout_s + 60)
         await worker.run()
 
     worker_task = asyncio.create_task(serve(), name="worker")
@@ -170,7 +170,7 @@ async def _worker(settings: Settings, fake: bool, burst: bool, fake_delay_ms: in
     redis = await redis_for(settings)
     worker = await build_worker(settings, redis, fake=fake, fake_delay_ms=fake_delay_ms)
     worker.install_signal_handlers()
-    worker.metrics.serve(settings.worker_metrics_port)
+    worker.metrics.serve(settings.worker_metrics_port, settings.generation_timeout_s + 60)
     try:
         await worker.run(burst=burst)
     finally:

@@ -3,8 +3,19 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +45,45 @@ class WorkerMetrics:
                                registry=r)
         self.last_batch_ts = Gauge("house_last_loop_timestamp_seconds",
                                    "When the worker loop last ran (liveness)", registry=r)
+        self.last_beat = time.time()
 
-    def serve(self, port: int) -> None:
-        if port:
-            start_http_server(port, registry=self.registry)
-            log.info("worker metrics on :%d/metrics", port)
+    def beat(self) -> None:
+        """Called by the worker loop once per turn."""
+        self.last_beat = time.time()
+        self.last_batch_ts.set(self.last_beat)
+
+    def alive(self, max_age_s: float) -> bool:
+        """True when the worker loop turned within ``max_age_s`` (choose it longer than the
+        slowest batch: the loop turns once per batch)."""
+        return time.time() - self.last_beat <= max_age_s
+
+    def serve(self, port: int, max_age_s: float = 300.0) -> ThreadingHTTPServer | None:
+        """``/metrics`` (Prometheus) and ``/healthz`` (200 alive, 503 stalled) on ``port``."""
+        if not port:
+            return None
+        metrics = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path.startswith("/healthz"):
+                    ok = metrics.alive(max_age_s)
+                    body, status, kind = (b"ok\n" if ok else b"stalled\n"), (200 if ok else 503), \
+                        "text/plain"
+                else:
+                    body, status, kind = generate_latest(metrics.registry), 200, CONTENT_TYPE_LATEST
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                return
+
+        server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+        log.info("worker metrics on :%d/metrics, liveness on /healthz", port)
+        return server
 
 
 class FrontendMetrics:

@@ -156,7 +156,7 @@ class Worker:
                  self.batches, self.replies)
 
     async def record_health(self) -> None:
-        self.metrics.last_batch_ts.set_to_current_time()
+        self.metrics.beat()
         await self.redis.set(
             self.keys.health(self.options.name),
             json.dumps({"ts": time.time(), "batches": self.batches, "replies": self.replies}),

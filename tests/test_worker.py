@@ -164,3 +164,30 @@ async def test_a_duplicate_reply_is_delivered_once(redis, keys) -> None:  # type
     stop.set()
     await reader
     assert [r.id for r in delivered] == ["r1"]
+
+
+async def test_metrics_and_liveness_endpoints(redis, keys, persona, queue) -> None:  # type: ignore[no-untyped-def]
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = Worker(redis, keys, FakeGenerator(), persona, WorkerOptions(name="m", block_ms=50))
+    server = worker.metrics.serve(port, max_age_s=5)
+    try:
+        await queue.submit(chat("hello"))
+        await worker.run(burst=True)
+        body = await asyncio.to_thread(
+            lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode())
+        assert 'house_replies_total{kind="chat"} 1.0' in body
+        assert "house_batch_size_bucket" in body
+        health = await asyncio.to_thread(
+            lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz").status)
+        assert health == 200
+        worker.metrics.last_beat -= 60
+        with pytest.raises(urllib.error.HTTPError) as stalled:
+            await asyncio.to_thread(urllib.request.urlopen, f"http://127.0.0.1:{port}/healthz")
+        assert stalled.value.code == 503
+    finally:
+        server.shutdown()
