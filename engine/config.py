@@ -92,6 +92,9 @@ class Settings(BaseSettings):
     gen_no_repeat_ngram_size: int | None = None
     gen_sentence_cap: int | None = None
     gen_candidates: int | None = None
+    # Reranks the candidates by the persona classifier (models/persona-classifier); "none"
+    # keeps the first acceptable candidate.
+    reranker: Literal["persona", "none"] = "persona"
 
     # History
     history_token_budget: int = 384

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import redis.asyncio as aioredis
@@ -34,13 +35,6 @@ class SecretMaskingFilter(logging.Filter):
         masked = mask_secret(message, self.settings)
         if masked != message:
             record.msg, record.args = masked, None
-        # Tracebacks too: an HTTP error's message holds the request URL, and so the token.
-        if record.exc_info and not record.exc_text:
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
-        if record.exc_text:
-            record.exc_text = mask_secret(record.exc_text, self.settings)
-        if record.stack_info:
-            record.stack_info = mask_secret(record.stack_info, self.settings)
         return True
 
 
@@ -102,9 +96,24 @@ def worker_options(settings: Settings) -> WorkerOptions:
     return options
 
 
+def build_scorer(settings: Settings) -> Callable[[Sequence[str]], Sequence[float]] | None:
+    """The candidate reranker (RERANKER): the persona classifier's P(House), or none. A
+    missing classifier is logged and leaves the worker without a reranker."""
+    if settings.reranker != "persona":
+        return None
+    from persona.classifier import ClassifierError, load_scorer
+
+    try:
+        return load_scorer().score
+    except ClassifierError as exc:
+        log.warning("persona reranker off: %s", exc)
+        return None
+
+
 async def build_worker(settings: Settings, redis: aioredis.Redis, fake: bool = False,
                        metrics: WorkerMetrics | None = None) -> Worker:
     persona = load_persona(settings.persona)
     generator = await asyncio.to_thread(build_generator, settings, persona, fake)
+    scorer = None if fake else await asyncio.to_thread(build_scorer, settings)
     return Worker(redis, keys_for(settings), generator, persona, worker_options(settings),
-                  metrics)
+                  metrics, scorer)

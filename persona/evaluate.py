@@ -1,15 +1,306 @@
-"""Not built yet: issue #6 fills this subcommand."""
+"""``drhouse eval``: does it sound like House, without echoes, loops or invented scenes?
+
+Runs the same user messages through several systems and writes ``report.md``,
+``metrics.json``, ``run.json``, ``chart.png`` and ``samples.jsonl`` into ``--out``:
+
+    drhouse eval --limit 300 --out reports/eval                 # base, adapters, retrieval, human
+    drhouse eval --split validation --limit 100 --systems house --set temperature=0.8 \\
+        --out runs/tune/t08                                      # one tuning point
+    drhouse eval --collect runs/tune/* --out reports/eval        # before/after table
+
+Model systems generate exactly as the worker serves: `render_prompt` with the persona, one
+batched `HFGenerator.generate` per batch of requests (``candidates`` rows each, fixed seeds),
+`clean_reply`, `choose_reply` with the configured reranker, the fallback line when nothing
+survives.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
+import random
 import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from engine.config import ROOT, Settings
+
+if TYPE_CHECKING:
+    from engine.generation import Generator
+    from persona.pack import Controls, Persona
+    from persona.quality import Sample
+
+log = logging.getLogger(__name__)
+
+HUMAN, RETRIEVAL, BASE = "human", "retrieval", "base"
+DEFAULT_DATA_DIR = ROOT / "data" / "prepared"
+DEFAULT_OUT = ROOT / "reports" / "eval"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    message: str
+    reference: str | None = None
 
 
 def configure(parser: argparse.ArgumentParser, name: str) -> None:
     parser.set_defaults(action=name)
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
+                        help="prepared splits (train.jsonl for the classifier and retrieval)")
+    parser.add_argument("--split", default="test", choices=("test", "validation", "train"),
+                        help="split whose anchors are the prompts (default test)")
+    parser.add_argument("--prompts", type=Path,
+                        help="a file with one user message per line instead of a split")
+    parser.add_argument("--limit", type=int, default=300,
+                        help="prompts to use, a seeded sample (default 300; 0 = all)")
+    parser.add_argument("--systems",
+                        help="comma-separated: base, adapter names, retrieval, human "
+                             "(default: all; human needs prompts from a split)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory")
+    parser.add_argument("--seed", type=int, default=0, help="seed for sampling and prompts")
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="requests per generate() call, as the worker's BATCH_SIZE")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a generation control (temperature=0.8, candidates=4…)")
+    parser.add_argument("--reranker", choices=("persona", "none"),
+                        help="candidate reranker (default: the RERANKER setting)")
+    parser.add_argument("--classifier-dir", type=Path,
+                        help="stored persona classifier (default models/persona-classifier)")
+    parser.add_argument("--retrain-classifier", action="store_true",
+                        help="train the persona classifier on --data-dir and store it")
+    parser.add_argument("--label", default="", help="a name for this run in tables")
+    parser.add_argument("--collect", nargs="+", type=Path, metavar="RUN_DIR",
+                        help="only build tuning.md in --out from earlier runs' outputs")
+
+
+def parse_sets(items: Sequence[str]) -> dict[str, str]:
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
+        overrides[key.strip()] = value.strip()
+    return overrides
+
+
+def read_prompts(args: argparse.Namespace, max_chars: int) -> list[Prompt]:
+    """The prompts of this run: a seeded sample of a split's anchors or a file's lines."""
+    from persona.prompt import clean_user_text
+
+    if args.prompts:
+        lines = args.prompts.read_text(encoding="utf-8").splitlines()
+        items = [Prompt(clean_user_text(line, max_chars)) for line in lines]
+    else:
+        path = args.data_dir / f"{args.split}.jsonl"
+        if not path.is_file():
+            raise SystemExit(f"{path} not found: run `drhouse data prepare` or pass --data-dir")
+        items = []
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    items.append(Prompt(clean_user_text(row["anchor"], max_chars),
+                                        row["response"]))
+    items = [p for p in items if p.message]
+    if args.limit and args.limit < len(items):
+        keep = sorted(random.Random(args.seed).sample(range(len(items)), args.limit))
+        items = [items[i] for i in keep]
+    return items
+
+
+def prompt_seed(base: int, index: int) -> int:
+    """Seed of a prompt's first candidate; candidate k uses seed + k (as the worker)."""
+    return (base * 1_000_003 + index * 97) % (2**31 - 1)
+
+
+def generate_replies(
+    generator: Generator,
+    persona: Persona,
+    prompts: Sequence[Prompt],
+    adapter: str,
+    controls: Controls,
+    seed: int,
+    batch_size: int,
+    scorer: Callable[[Sequence[str]], Sequence[float]] | None,
+    token_budget: int,
+    progress: Any = None,
+) -> tuple[list[Sample], dict[str, float]]:
+    """Answer every prompt the way the worker would; returns samples and timing totals."""
+    from engine.generation import GenerationJob
+    from persona.postprocess import choose_reply, clean_reply
+    from persona.prompt import render_prompt
+    from persona.quality import Sample
+
+    samples: list[Sample] = []
+    tokens, generate_s = 0, 0.0
+    n = controls.candidates
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        jobs = []
+        for offset, item in enumerate(batch):
+            prompt = render_prompt(generator.tokenizer, persona, [], item.message, "",
+                                   token_budget)
+            first = prompt_seed(seed, start + offset)
+            jobs.extend(GenerationJob(prompt, adapter, controls, first + k, item.message)
+                        for k in range(n))
+        started = time.perf_counter()
+        outputs = generator.generate(jobs)
+        batch_ms = (time.perf_counter() - started) * 1000
+        generate_s += batch_ms / 1000
+        tokens += sum(o.tokens for o in outputs)
+        for offset, item in enumerate(batch):
+            rows = outputs[offset * n : (offset + 1) * n]
+            rerank_started = time.perf_counter()
+            candidates = [clean_reply(o.text, persona.other_speakers, controls.sentence_cap,
+                                      finished=o.finished) for o in rows]
+            best = choose_reply(candidates, item.message, scorer)
+            rerank_ms = (time.perf_counter() - rerank_started) * 1000
+            chosen = rows[best]
+            samples.append(Sample(
+                message=item.message,
+                reply=candidates[best] or persona.line("fallback"),
+                reference=item.reference,
+                raw=chosen.text,
+                hit_cap=not chosen.finished,
+                fallback=not candidates[best],
+                tokens=chosen.tokens,
+                ms=batch_ms + rerank_ms,
+            ))
+        if progress is not None:
+            progress.update(len(batch))
+    return samples, {"tokens": tokens, "generate_s": generate_s}
+
+
+def load_generator(settings: Settings, persona: Persona, adapters: dict[str, str]) -> Generator:
+    """The serving model (`load_model` + `HFGenerator`) with only the adapters evaluated."""
+    from engine.generation import HFGenerator
+    from engine.model_loading import load_model
+
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    loaded = load_model(settings.base_model, adapters, settings.device, settings.dtype,
+                        settings.model_cache_dir, settings.load_in_4bit)
+    return HFGenerator(loaded, persona.other_speakers)
+
+
+def load_classifier(args: argparse.Namespace, embedder: Any) -> Any:
+    from persona.classifier import DEFAULT_DIR, ClassifierError, PersonaClassifier, build
+
+    directory = args.classifier_dir or DEFAULT_DIR
+    if not args.retrain_classifier:
+        try:
+            return PersonaClassifier.load(directory, embedder)
+        except ClassifierError as exc:
+            log.warning("%s; training one", exc)
+    if not (args.data_dir / "train.jsonl").is_file():
+        raise SystemExit(f"no classifier in {directory} and no {args.data_dir}/train.jsonl")
+    return build(args.data_dir, directory, embedder)
+
+
+def pick_systems(spec: str | None, adapters: Sequence[str], has_reference: bool) -> list[str]:
+    systems = ([s.strip() for s in spec.split(",") if s.strip()] if spec
+               else [BASE, *adapters, RETRIEVAL, HUMAN])
+    if HUMAN in systems and not has_reference:
+        log.warning("no human replies for prompts from a file; 'human' skipped")
+        systems.remove(HUMAN)
+    return systems
 
 
 def run(args: argparse.Namespace) -> int:
-    print(f"drhouse {args.action}: not built yet (issue #6).", file=sys.stderr)
-    return 2
+    from engine.runtime import setup_logging
+    from persona import eval_report
+
+    settings = Settings()
+    setup_logging(settings)
+    if args.collect:
+        path = eval_report.write_tuning(args.collect, args.out)
+        print(f"wrote {path}")
+        return 0
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from tqdm import tqdm
+
+    from engine.keys import BASE_VARIANT
+    from persona.classifier import Embedder, read_split
+    from persona.pack import load_persona
+    from persona.quality import Sample
+    from persona.retrieval import RetrievalBaseline
+
+    persona = load_persona(settings.persona)
+    controls = persona.controls.merged(settings.generation_overrides()).merged(
+        parse_sets(args.set))
+    reranker = args.reranker or settings.reranker
+    prompts = read_prompts(args, settings.max_message_chars)
+    if not prompts:
+        raise SystemExit("no prompts")
+    has_reference = all(p.reference is not None for p in prompts)
+    systems = pick_systems(args.systems, list(settings.adapter_paths), has_reference)
+    model_systems = [s for s in systems if s not in (HUMAN, RETRIEVAL)]
+    load_before = os.getloadavg()
+
+    embedder = Embedder()
+    classifier = load_classifier(args, embedder)
+    scorer = classifier.score if reranker == "persona" else None
+    samples: dict[str, list[Sample]] = {}
+    timing: dict[str, dict[str, float]] = {}
+    adapters = {k: v for k, v in settings.adapter_paths.items() if k in model_systems}
+    generator = load_generator(settings, persona, adapters) if model_systems else None
+    for system in systems:
+        if system == HUMAN:
+            samples[system] = [Sample(p.message, p.reference or "", p.reference) for p in prompts]
+            continue
+        if system == RETRIEVAL:
+            index = RetrievalBaseline.from_split(args.data_dir / "train.jsonl", embedder)
+            replies, ms = index.reply([p.message for p in prompts])
+            samples[system] = [Sample(p.message, r, p.reference, ms=ms / len(prompts))
+                               for p, r in zip(prompts, replies, strict=True)]
+            timing[system] = {"tokens": 0, "generate_s": ms / 1000}
+            continue
+        adapter = BASE_VARIANT if system == BASE else system
+        if generator is None or (adapter != BASE_VARIANT and adapter not in generator.adapters):
+            log.warning("adapter %s is not loaded; skipped", system)
+            continue
+        with tqdm(total=len(prompts), desc=system, unit="prompt", file=sys.stderr) as bar:
+            samples[system], timing[system] = generate_replies(
+                generator, persona, prompts, adapter, controls, args.seed, args.batch_size,
+                scorer, settings.history_token_budget, bar)
+
+    house_train, _ = read_split(args.data_dir / "train.jsonl")
+    auc_split = args.data_dir / f"{args.split}.jsonl"
+    auc = (eval_report.classifier_auc(classifier, auc_split) if not args.prompts
+           else classifier.meta.get("test_auc"))
+    metrics = eval_report.compute_metrics(samples, timing, classifier, embedder,
+                                          persona.other_speakers, controls.sentence_cap,
+                                          house_train, auc)
+    run_info = {
+        "label": args.label,
+        "command": "drhouse eval " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "",
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "prompts": display_path(args.prompts or auc_split),
+        "n_prompts": len(prompts),
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "controls": controls.__dict__,
+        "reranker": reranker,
+        "base_model": settings.base_model,
+        "adapters": {k: display_path(Path(v)) for k, v in adapters.items()},
+        "classifier": classifier.meta,
+        "cpu_count": os.cpu_count(),
+        "load_before": [round(x, 2) for x in load_before],
+        "load_after": [round(x, 2) for x in os.getloadavg()],
+    }
+    paths = eval_report.write_outputs(args.out, metrics, run_info, samples)
+    print(eval_report.summary_table(metrics))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def display_path(path: Path) -> str:
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)

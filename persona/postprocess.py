@@ -65,6 +65,11 @@ def clean_reply(
     return " ".join(sentences[:sentence_cap]).strip()
 
 
+def ends_sentence(text: str) -> bool:
+    """True when ``text`` ends with sentence punctuation (optionally followed by quotes)."""
+    return bool(_ENDS_SENTENCE.search(text.strip()))
+
+
 def words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 

@@ -1,0 +1,186 @@
+"""Persona quality metrics on hand-made replies whose answers are known."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from persona.eval_report import check_targets, summary_table, write_tuning
+from persona.evaluate import Prompt, generate_replies, pick_systems, prompt_seed
+from persona.quality import (
+    Sample,
+    SceneDetector,
+    crep_n,
+    distinct_n,
+    distinct_table,
+    is_loop,
+    over_cap,
+    paired_cosine,
+    rouge_l_f1,
+    text_metrics,
+)
+
+CLEAN = "You're not sick, you're bored. Go home and watch some television."
+MESSAGE = "I have had a headache for three days and my left arm feels numb."
+
+
+@pytest.fixture
+def detector(persona) -> SceneDetector:
+    return SceneDetector(persona.other_speakers)
+
+
+@pytest.mark.parametrize("reply", [
+    "Wilson: hi",
+    "You're an idiot. Wilson: No, I'm not.",
+    "Fine.\nCuddy: House, my office.",
+    "He limps away. [exits]",
+    "(sarcastically) Great news.",
+    "*rolls eyes* Sure.",
+    "User: what about me?",
+    "Dr. House: It's lupus.",
+    "It's not lupus.<|im_start|>user",
+    "Go away.\nMarcus: Why?",
+])
+def test_scene_inserts_are_caught(detector: SceneDetector, reply: str) -> None:
+    assert detector(reply)
+
+
+@pytest.mark.parametrize("reply", [
+    CLEAN,
+    "Here's the thing: everybody lies.",
+    "It's 3:30 and you're still here. Wilson was right about you.",
+    "Give her 20 mg of prednisone. If I'm right, she'll be fine by morning.",
+])
+def test_clean_house_lines_are_not_scene_inserts(detector: SceneDetector, reply: str) -> None:
+    assert not detector(reply)
+
+
+def test_echo_is_caught_and_crep4_measures_copying(detector: SceneDetector) -> None:
+    echo = Sample(MESSAGE, "I have had a headache for three days and my left arm feels numb.")
+    partial = Sample(MESSAGE, "A headache for three days is nothing. Take an aspirin, stop "
+                              "whining.")
+    clean = Sample(MESSAGE, CLEAN)
+    figures = text_metrics([echo, partial, clean], detector, sentence_cap=3, word_limit=25)
+    assert figures["echo_rate"] == pytest.approx(1 / 3)
+    assert crep_n(echo.reply, MESSAGE) == 1.0
+    assert 0.0 < crep_n(partial.reply, MESSAGE) < 1.0
+    assert crep_n(CLEAN, MESSAGE) == 0.0
+    assert figures["crep4"] == pytest.approx((1.0 + crep_n(partial.reply, MESSAGE)) / 3)
+
+
+def test_loops_are_caught() -> None:
+    looping = "I know what you did. I know what you did. I know what you did. I know what."
+    assert is_loop(looping)
+    assert not is_loop(CLEAN)
+    # Cut off by max_new_tokens in the middle of a sentence: counts as a loop.
+    assert is_loop("You have a tumor the size of a", hit_cap=True)
+    # Hit the token cap but the reply the user sees ends properly: not a loop.
+    assert not is_loop("You have a tumor.", hit_cap=True)
+
+
+def test_sentence_cap_and_length() -> None:
+    assert not over_cap(CLEAN, 3)
+    assert over_cap("One. Two. Three. Four.", 3)
+    assert not over_cap("One. Two. Three. Four.", 4)
+
+
+def test_clean_house_line_has_no_flags(detector: SceneDetector) -> None:
+    figures = text_metrics([Sample(MESSAGE, CLEAN, reference=CLEAN)], detector, 3, 25)
+    for key in ("scene_insert_rate", "echo_rate", "loop_rate", "over_cap_rate",
+                "over_p95_rate", "fallback_rate", "crep4"):
+        assert figures[key] == 0.0, key
+    assert figures["rougeL"] == 1.0
+    assert figures["median_words"] == 11
+
+
+def test_rouge_l_f1_known_values() -> None:
+    assert rouge_l_f1("the cat sat", "the cat sat") == 1.0
+    assert rouge_l_f1("the cat", "dog bites man") == 0.0
+    # LCS "the cat" = 2: precision 2/2, recall 2/4 -> F1 2/3
+    assert rouge_l_f1("the cat", "the big cat sat") == pytest.approx(2 / 3)
+
+
+def test_distinct_n_known_values_and_equal_size_samples() -> None:
+    assert distinct_n(["a b c d"], 1) == 1.0
+    assert distinct_n(["a a a a"], 1) == 0.25
+    assert distinct_n(["a b", "a b"], 2) == 0.5
+    # n-grams never cross replies
+    assert distinct_n(["a", "b"], 2) == 0.0
+    short = ["alpha beta gamma delta"]
+    long = ["alpha beta gamma delta " * 5]
+    table = distinct_table({"short": short, "long": long}, 1)
+    # the long system is sampled down to 4 unigrams as well, so its score is not 4/20
+    assert table["short"] == 1.0
+    assert table["long"] > 4 / 20
+
+
+def test_paired_cosine() -> None:
+    a = np.array([[1.0, 0.0], [0.0, 2.0]])
+    b = np.array([[2.0, 0.0], [1.0, 0.0]])
+    assert paired_cosine(a, b).tolist() == [1.0, 0.0]
+
+
+def test_targets_are_checked() -> None:
+    base = {"scene_insert_rate": 0.1, "echo_rate": 0.1, "loop_rate": 0.1, "over_cap_rate": 0.0,
+            "distinct_2": 0.5, "persona_score": 0.3}
+    house = {**base, "scene_insert_rate": 0.0, "echo_rate": 0.01, "loop_rate": 0.0,
+             "distinct_2": 0.7, "persona_score": 0.5}
+    human = {**base, "distinct_2": 0.8, "persona_score": 0.6}
+    rows = check_targets({"base": base, "house": house, "human": human,
+                          "classifier_auc": 0.82})
+    met = {target.split(": ", 1)[1]: ok for target, _, ok in rows}
+    assert met == {"scene-insert ≤ 1%": True, "echo ≤ 2%": True, "loops ≤ 2%": True,
+                   "100% within the sentence cap": True, "distinct-2 ≥ 0.8× human": True,
+                   "persona score ≥ 0.8× human": True, "persona score ≥ base + 0.10": True,
+                   "classifier AUC ≥ 0.80": True}
+    rows = check_targets({"base": base, "house": {**house, "persona_score": 0.35},
+                          "human": human, "classifier_auc": 0.7})
+    assert [ok for _, _, ok in rows].count(False) == 3
+    assert "| scene_insert_rate | 10.0% | 0.0% | 10.0% |" in summary_table(
+        {"base": base, "house": house, "human": human, "classifier_auc": 0.82})
+
+
+def test_tuning_table(tmp_path) -> None:
+    run = tmp_path / "t08"
+    run.mkdir()
+    figures = {"n": 3, "scene_insert_rate": 0.0, "echo_rate": 0.0, "loop_rate": 0.0,
+               "over_cap_rate": 0.0, "median_words": 9.0, "distinct_2": 0.9,
+               "persona_score": 0.61, "rougeL": 0.1, "fallback_rate": 0.0}
+    (run / "metrics.json").write_text(json.dumps({"house": figures, "human": figures}))
+    controls = {"temperature": 0.8, "top_p": 0.9, "repetition_penalty": 1.15,
+                "no_repeat_ngram_size": 3, "candidates": 4}
+    (run / "run.json").write_text(json.dumps({"label": "", "controls": controls,
+                                              "reranker": "persona"}))
+    text = write_tuning([run], tmp_path).read_text()
+    assert "| t08 | house | 0.8 | 0.9 | 1.15 | 3 | 4 | persona | 3 |" in text
+    assert "| human |" not in text
+
+
+def test_systems_and_seeds() -> None:
+    assert pick_systems(None, ["house"], True) == ["base", "house", "retrieval", "human"]
+    assert pick_systems(None, ["house"], False) == ["base", "house", "retrieval"]
+    assert pick_systems("house,human", ["house"], True) == ["house", "human"]
+    assert prompt_seed(0, 1) != prompt_seed(0, 2) != prompt_seed(1, 1)
+
+
+def test_generation_goes_through_the_serving_path(persona, fake_generator) -> None:
+    """Candidates per prompt, seeds per candidate, clean_reply + choose_reply with the scorer."""
+    prompts = [Prompt("my knee hurts", "Take two aspirin."), Prompt("#long story", None)]
+    controls = persona.controls.merged({"candidates": 3})
+    scored: list[list[str]] = []
+
+    def scorer(texts):
+        scored.append(list(texts))
+        return [float(i) for i in range(len(texts))]  # prefers the last candidate
+
+    samples, timing = generate_replies(fake_generator, persona, prompts, "house", controls,
+                                       seed=5, batch_size=1, scorer=scorer, token_budget=384)
+    assert fake_generator.calls == [3, 3]
+    expected = fake_generator.reply_for("my knee hurts", "house", prompt_seed(5, 0) + 2)
+    assert samples[0].reply == expected and samples[0].reference == "Take two aspirin."
+    assert len(scored[0]) == 3
+    # the #long reply is cut to the persona's sentence cap
+    assert samples[1].reply.count(".") == persona.controls.sentence_cap
+    assert timing["tokens"] > 0
