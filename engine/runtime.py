@@ -35,6 +35,13 @@ class SecretMaskingFilter(logging.Filter):
         masked = mask_secret(message, self.settings)
         if masked != message:
             record.msg, record.args = masked, None
+        # Tracebacks too: an HTTP error's message holds the request URL, and so the token.
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = mask_secret(record.exc_text, self.settings)
+        if record.stack_info:
+            record.stack_info = mask_secret(record.stack_info, self.settings)
         return True
 
 
