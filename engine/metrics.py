@@ -80,7 +80,11 @@ class WorkerMetrics:
             def log_message(self, format: str, *args: object) -> None:
                 return
 
-        server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+        try:
+            server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+        except OSError as exc:
+            log.warning("metrics port %d unavailable (%s); metrics not served", port, exc)
+            return None
         threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
         log.info("worker metrics on :%d/metrics, liveness on /healthz", port)
         return server

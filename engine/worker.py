@@ -108,6 +108,9 @@ class Worker:
         self.replies = 0
         self._last_generation_s = 0.0
         self._signals = 0
+        # Requests whose conversation already had a request in the same batch: they wait for
+        # the next batch so they see the earlier reply in their history (per-chat order).
+        self._carry: list[tuple[str, dict[str, str]]] = []
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -131,7 +134,7 @@ class Worker:
         log.info("worker %s serving %s (batch %d)", self.options.name, self.keys.requests,
                  self.options.batch_size)
         backoff = 0.1
-        while not self.stop.is_set():
+        while not self.stop.is_set() or self._carry:
             try:
                 await self.record_health()
                 entries = await self.read_batch(block=not burst)
@@ -148,7 +151,7 @@ class Worker:
                     continue
                 raise
             if not entries:
-                if burst:
+                if burst and not self._carry:
                     return
                 continue
             await self.process_batch(entries)
@@ -168,7 +171,11 @@ class Worker:
     async def read_batch(self, block: bool = True) -> list[tuple[str, dict[str, str]]]:
         """Claimed stale requests first, then new ones, up to ``batch_size``."""
         size = self.options.batch_size
-        entries = await self.claim_stale(size)
+        entries, self._carry = self._carry[:size], self._carry[size:]
+        if self.stop.is_set():  # stopping: finish what was already read, take nothing new
+            return entries
+        if len(entries) < size:
+            entries += await self.claim_stale(size - len(entries))
         if len(entries) < size:
             entries += await self._read_new(size - len(entries),
                                             self.options.block_ms if block and not entries
@@ -212,6 +219,7 @@ class Worker:
         with contextlib.suppress(*REDIS_DOWN):
             self.metrics.queue_depth.set(await queue_depth(self.redis, self.keys))
         tasks: list[Task] = []
+        conversations: set[str] = set()
         for entry_id, fields in entries:
             try:
                 request = Request.loads(fields)
@@ -222,6 +230,10 @@ class Worker:
             if await self.delivery_count(entry_id) > self.options.max_deliveries:
                 await self._dead_letter(entry_id, fields, request, "too many deliveries")
                 continue
+            if request.conversation in conversations:
+                self._carry.append((entry_id, fields))
+                continue
+            conversations.add(request.conversation)
             self.metrics.queue_seconds.observe(max(0.0, time.time() - request.created_at))
             tasks.append(Task(entry_id, request))
         jobs: list[GenerationJob] = []

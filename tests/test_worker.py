@@ -191,3 +191,30 @@ async def test_metrics_and_liveness_endpoints(redis, keys, persona, queue) -> No
         assert stalled.value.code == 503
     finally:
         server.shutdown()
+
+
+async def test_messages_of_one_conversation_in_one_batch_are_answered_in_order(
+        redis, keys, persona, queue) -> None:  # type: ignore[no-untyped-def]
+    generator = FakeGenerator()
+    prompts: list[str] = []
+    original = generator.generate
+
+    def capture(jobs):  # type: ignore[no-untyped-def]
+        prompts.extend(j.prompt for j in jobs)
+        return original(jobs)
+
+    generator.generate = capture  # type: ignore[method-assign]
+    worker = Worker(redis, keys, generator, persona,
+                    WorkerOptions(name="w", batch_size=8, block_ms=50, batch_wait_ms=0))
+    first = chat("first message", settings={"candidates": 1})
+    second = chat("second message", settings={"candidates": 1})
+    other = chat("elsewhere", conversation="c9", settings={"candidates": 1})
+    for r in (first, second, other):
+        await queue.submit(r)
+    await worker.run(burst=True)
+    assert generator.calls == [2, 1]
+    first_reply = await queue.wait_reply(first.id, 10)
+    await queue.wait_reply(second.id, 10)
+    assert first_reply.text in prompts[-1] and "second message" in prompts[-1]
+    stored = [json.loads(t)["content"] for t in await redis.lrange(keys.history("c1"), 0, -1)]
+    assert stored[0] == "first message" and stored[2] == "second message"
