@@ -9,6 +9,7 @@ the frontend's reply stream).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,9 @@ from engine.redis_conn import REDIS_DOWN
 from persona.pack import Persona
 
 log = logging.getLogger(__name__)
+
+# How long a frontend reuses its finding that a worker is (or is not) alive.
+WORKER_CHECK_S = 5.0
 
 
 @dataclass
@@ -57,6 +61,8 @@ class FrontendCore:
         self.metrics = metrics or FrontendMetrics(queue.frontend_id)
         self.limit = UserRateLimit(queue.redis, keys, settings.user_rate_limit,
                                    settings.user_rate_window_s)
+        self._alive = False
+        self._alive_checked = float("-inf")
 
     def allowed(self, user: str, chat: str = "") -> bool:
         users, chats = self.settings.allowed_user_ids, self.settings.allowed_chat_ids
@@ -124,6 +130,29 @@ class FrontendCore:
         if not await self.limit.allow(user):
             return None
         return Immediate(self.persona.line("non_text"))
+
+    async def queued_notice(self) -> str | None:
+        """A line to send right after a request was queued while no worker is serving: the
+        request waits in the stream and is answered when a worker is back. None while a
+        worker is alive (or Redis cannot tell)."""
+        try:
+            alive = await self.workers_alive()
+        except REDIS_DOWN:
+            return None
+        return None if alive else self.persona.line("queued")
+
+    async def workers_alive(self) -> bool:
+        """Whether any worker's health key exists (workers refresh it every loop; it expires
+        30 s after the last). Checked at most every WORKER_CHECK_S."""
+        now = time.monotonic()
+        if now - self._alive_checked >= WORKER_CHECK_S:
+            found = False
+            async for _ in self.queue.redis.scan_iter(match=self.keys.health_pattern,
+                                                      count=1000):
+                found = True
+                break
+            self._alive, self._alive_checked = found, now
+        return self._alive
 
     async def stats(self) -> str:
         redis = self.queue.redis

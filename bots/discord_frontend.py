@@ -172,6 +172,9 @@ class DiscordFrontend:
             self._say(message, outcome.text)
             return
         self.typing.start(outcome.id, message.channel.id)
+        notice = await self.core.queued_notice()  # no worker: say it waits in the queue
+        if notice is not None:
+            self._say(message, notice)
 
     def incoming(self, author: discord.User | discord.Member, channel_id: int,
                  guild_id: int | None, text: str, message_id: int | None = None,

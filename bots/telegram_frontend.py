@@ -204,6 +204,9 @@ class TelegramFrontend:
             return
         thread = self._thread(message)
         self.typing.start(outcome.id, (message.chat_id, thread))
+        notice = await self.core.queued_notice()  # no worker: say it waits in the queue
+        if notice is not None:
+            self._say(message, notice)
 
     def incoming(self, message: Message, text: str) -> Incoming:
         """The core's view of a message: who, which conversation, where to reply."""

@@ -113,6 +113,11 @@ class QueueClient:
                                                        else ">"},
                     count=100, block=None if pending_first else block_ms,
                 )
+                entries = streams[0][1] if streams else []
+                if pending_first and not entries:
+                    pending_first = False
+                for entry_id, fields in entries:
+                    await self._handle(entry_id, fields, deliver)
                 backoff = 0.1
             except ResponseError as exc:
                 if "NOGROUP" in str(exc):
@@ -120,17 +125,13 @@ class QueueClient:
                     continue
                 raise
             except REDIS_DOWN as exc:
+                # Also while handling a reply: what was read but not acknowledged is read
+                # again once Redis is back (the answered key keeps it from a second delivery).
                 log.warning("reply reader: Redis unavailable (%s); retrying in %.1fs",
                             type(exc).__name__, backoff)
+                pending_first = True
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
-                continue
-            entries = streams[0][1] if streams else []
-            if pending_first and not entries:
-                pending_first = False
-                continue
-            for entry_id, fields in entries:
-                await self._handle(entry_id, fields, deliver)
 
     async def _handle(self, entry_id: str, fields: dict[str, str],
                       deliver: Callable[[Reply], Awaitable[None]] | None) -> None:

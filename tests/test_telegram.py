@@ -343,10 +343,13 @@ async def test_handler_error_is_logged_and_answered_in_character(
 
 async def test_no_reply_in_time_tells_the_user(start_bot: Factory, tg: FakeTelegram,
                                                persona: Persona) -> None:
-    # No worker runs: the request waits, typing stops after the reply timeout.
+    # No worker runs: the user is told the request waits in the queue; typing stops after
+    # the reply timeout.
     bot = await start_bot(reply_timeout_s=0.3, typing_interval_s=0.05)
     tg.private_text(18, "Hello? Anyone?")
-    assert (await first_bot_message(tg, 18))["text"] == persona.line("timeout")
+    assert (await first_bot_message(tg, 18))["text"] == persona.line("queued")
+    await tg.wait_sent(2, chat_id=18)
+    assert tg.sent_to(18)[1]["text"] == persona.line("timeout")
     assert len(bot.typing) == 0
 
 
