@@ -34,6 +34,12 @@ class Keys:
     def history(self, conversation: str) -> str:
         return f"{self.prefix}:hist:{conversation}"
 
+    def order(self, conversation: str) -> str:
+        """A list of a conversation's unanswered request entry ids, oldest first: a worker
+        answers only the head, so one conversation's messages are answered in order even when
+        several workers hold them."""
+        return f"{self.prefix}:order:{conversation}"
+
     def last_request(self, conversation: str) -> str:
         """The last chat request of a conversation, for /retry."""
         return f"{self.prefix}:last:{conversation}"

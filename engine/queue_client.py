@@ -15,12 +15,21 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from engine.keys import FRONTEND_GROUP, WORKERS_GROUP, Keys
-from engine.protocol import ProtocolError, Reply, Request
+from engine.protocol import FIELD, ProtocolError, Reply, Request
 from engine.redis_conn import REDIS_DOWN
 
 log = logging.getLogger(__name__)
 
 ANSWERED_TTL_S = 24 * 3600
+ORDER_TTL_S = 24 * 3600
+
+# XADD the request and append its entry id to the conversation's order list, atomically.
+_SUBMIT = """
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', ARGV[2], ARGV[3])
+redis.call('RPUSH', KEYS[2], id)
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return id
+"""
 
 
 class QueueFull(Exception):
@@ -41,18 +50,9 @@ async def ensure_group(redis: aioredis.Redis, stream: str, group: str) -> None:
 
 
 async def queue_depth(redis: aioredis.Redis, keys: Keys) -> int:
-    """Requests not yet answered: undelivered (lag) plus delivered but not acknowledged."""
-    try:
-        groups = await redis.xinfo_groups(keys.requests)
-    except ResponseError:
-        return 0
-    for group in groups:
-        if group["name"] == WORKERS_GROUP:
-            lag = group.get("lag")
-            if lag is None:  # Redis < 7 or an unknown lag: fall back to stream length
-                lag = await redis.xlen(keys.requests)
-            return int(lag) + int(group.get("pending", 0))
-    return await redis.xlen(keys.requests)
+    """Requests not yet answered. Workers delete a request from the stream when they answer
+    it, so this is the stream's length."""
+    return int(await redis.xlen(keys.requests))
 
 
 class QueueClient:
@@ -66,6 +66,7 @@ class QueueClient:
         self.reply_stream = keys.replies(frontend_id)
         self._waiters: dict[str, asyncio.Future[Reply]] = {}
         self._arrived: dict[str, Reply] = {}  # replies that came before anyone waited
+        self._submit = redis.register_script(_SUBMIT)
 
     async def setup(self) -> None:
         await ensure_group(self.redis, self.keys.requests, WORKERS_GROUP)
@@ -78,8 +79,9 @@ class QueueClient:
                 depth = await queue_depth(self.redis, self.keys)
                 if depth >= self.max_queue_depth:
                     raise QueueFull(f"{depth} requests waiting")
-            return await self.redis.xadd(self.keys.requests, request.dumps(),
-                                         maxlen=self.stream_maxlen, approximate=True)
+            return await self._submit(
+                keys=[self.keys.requests, self.keys.order(request.conversation)],
+                args=[self.stream_maxlen, FIELD, request.dumps()[FIELD], ORDER_TTL_S])
         except REDIS_DOWN as exc:
             raise QueueUnavailable(str(exc)) from exc
 

@@ -13,7 +13,6 @@ Outcomes per request:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
@@ -111,6 +110,7 @@ class Worker:
         # Requests whose conversation already had a request in the same batch: they wait for
         # the next batch so they see the earlier reply in their history (per-chat order).
         self._carry: list[tuple[str, dict[str, str]]] = []
+        self._dropped: set[str] = set()
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -154,7 +154,8 @@ class Worker:
                 if burst and not self._carry:
                     return
                 continue
-            await self.process_batch(entries)
+            if await self.process_batch(entries) == 0 and self._carry:
+                await asyncio.sleep(0.02)  # only waiting requests: let their turn come
         log.info("worker %s stopped after %d batches, %d replies", self.options.name,
                  self.batches, self.replies)
 
@@ -172,6 +173,10 @@ class Worker:
         """Claimed stale requests first, then new ones, up to ``batch_size``."""
         size = self.options.batch_size
         entries, self._carry = self._carry[:size], self._carry[size:]
+        if entries:
+            # Still ours: reset their idle time so no other worker claims them meanwhile.
+            await self.redis.xclaim(self.keys.requests, WORKERS_GROUP, self.options.name, 0,
+                                    [eid for eid, _ in entries], justid=True)
         if self.stop.is_set():  # stopping: finish what was already read, take nothing new
             return entries
         if len(entries) < size:
@@ -212,43 +217,81 @@ class Worker:
 
     # ---- processing ------------------------------------------------------------------------
 
-    async def process_batch(self, entries: list[tuple[str, dict[str, str]]]) -> None:
+    async def process_batch(self, entries: list[tuple[str, dict[str, str]]]) -> int:
+        """Answer a batch; returns how many requests were answered. Requests that must wait
+        (an older request of their conversation is unanswered) or whose answer could not be
+        written (Redis down) are carried to the next batch."""
         started = time.perf_counter()
-        self.batches += 1
-        self.metrics.batch_size.observe(len(entries))
-        with contextlib.suppress(*REDIS_DOWN):
+        finished: set[str] = set()
+        try:
+            tasks = await self._admit(entries)
+            if not tasks:
+                return 0
+            self.batches += 1
+            self.metrics.batch_size.observe(len(tasks))
             self.metrics.queue_depth.set(await queue_depth(self.redis, self.keys))
-        tasks: list[Task] = []
-        conversations: set[str] = set()
+            jobs: list[GenerationJob] = []
+            for task in tasks:
+                await self.prepare(task, jobs)
+            outputs = await self._generate(jobs) if jobs else []
+            for task in tasks:
+                if task.reply is None:
+                    task.reply = self.make_reply(task, jobs, outputs)
+                task.reply.batch_size = len(tasks)
+                if await asyncio.shield(self.finish(task)):
+                    finished.add(task.entry_id)
+        except REDIS_DOWN as exc:
+            log.warning("Redis unavailable mid-batch (%s); the batch is retried",
+                        type(exc).__name__)
+        carried = {eid for eid, _ in self._carry}
+        self._carry += [(eid, f) for eid, f in entries
+                        if eid not in finished and eid not in carried
+                        and eid not in self._dropped]
+        self._dropped.clear()
+        log.info("batch of %d requests answered %d in %.0f ms", len(entries), len(finished),
+                 (time.perf_counter() - started) * 1000)
+        return len(finished)
+
+    async def _admit(self, entries: list[tuple[str, dict[str, str]]]) -> list[Task]:
+        """Parse the entries, dead-letter the bad ones, and keep one request per conversation,
+        the oldest unanswered one (the head of its order list)."""
+        parsed: list[tuple[str, Request]] = []
         for entry_id, fields in entries:
             try:
                 request = Request.loads(fields)
             except ProtocolError as exc:
                 log.error("malformed request %s: %s", entry_id, exc)
                 await self._dead_letter(entry_id, fields, None, "malformed")
+                self._dropped.add(entry_id)
                 continue
             if await self.delivery_count(entry_id) > self.options.max_deliveries:
                 await self._dead_letter(entry_id, fields, request, "too many deliveries")
+                self._dropped.add(entry_id)
                 continue
-            if request.conversation in conversations:
-                self._carry.append((entry_id, fields))
-                continue
+            parsed.append((entry_id, request))
+        tasks: list[Task] = []
+        conversations: set[str] = set()
+        for entry_id, request in parsed:
+            if request.conversation in conversations or not await self._is_next(
+                    entry_id, request.conversation):
+                continue  # carried: answered after the older request of its conversation
             conversations.add(request.conversation)
             self.metrics.queue_seconds.observe(max(0.0, time.time() - request.created_at))
             tasks.append(Task(entry_id, request))
-        jobs: list[GenerationJob] = []
-        for task in tasks:
-            await self.prepare(task, jobs)
-        outputs: list[Generated] = []
-        if jobs:
-            outputs = await self._generate(jobs)
-        for task in tasks:
-            if task.reply is None:
-                task.reply = self.make_reply(task, jobs, outputs)
-            task.reply.batch_size = len(tasks)
-            await asyncio.shield(self.finish(task))
-        log.info("batch of %d requests, %d rows in %.0f ms", len(tasks), len(jobs),
-                 (time.perf_counter() - started) * 1000)
+        return tasks
+
+    async def _is_next(self, entry_id: str, conversation: str) -> bool:
+        """True when ``entry_id`` is its conversation's oldest unanswered request. A head whose
+        request no longer exists (trimmed from the stream) is dropped from the list."""
+        key = self.keys.order(conversation)
+        for _ in range(16):
+            head = await self.redis.lindex(key, 0)
+            if head is None or head == entry_id:
+                return True
+            if await self.redis.xrange(self.keys.requests, head, head, count=1):
+                return False
+            await self.redis.lrem(key, 1, head)
+        return False
 
     async def prepare(self, task: Task, jobs: list[GenerationJob]) -> None:
         """Answer control requests at once; add generation rows for the others."""
@@ -344,8 +387,9 @@ class Worker:
                      queued_ms=round(max(0.0, time.time() - request.created_at) * 1000, 1),
                      **fields)
 
-    async def finish(self, task: Task) -> None:
-        """Reply, history and ACK in one MULTI. If Redis fails, the request stays pending."""
+    async def finish(self, task: Task) -> bool:
+        """Reply, history, ACK and removal of the request in one MULTI. False when Redis
+        failed: the request stays pending and is retried."""
         request, reply = task.request, task.reply
         assert reply is not None
         try:
@@ -360,19 +404,29 @@ class Worker:
                         pipe, request.user, self.keys.last_request(request.conversation))
                 pipe.xadd(self.keys.replies(request.frontend), reply.dumps(),
                           maxlen=self.options.stream_maxlen, approximate=True)
-                pipe.xack(self.keys.requests, WORKERS_GROUP, task.entry_id)
+                self._remove_commands(pipe, task.entry_id, request.conversation)
                 pipe.hincrby(self.keys.stats, "errors" if reply.error else "replies", 1)
                 await pipe.execute()
         except REDIS_DOWN as exc:
             log.warning("request %s deferred: Redis unavailable (%s)", request.id,
                         type(exc).__name__)
-            return
+            return False
         self.replies += 1
         self.metrics.replies.labels(request.kind).inc()
         if reply.error:
             self.metrics.errors.labels("reply").inc()
         log.info("request %s kind=%s chars=%d queued=%.0fms", request.id, request.kind,
                  len(request.text), reply.queued_ms)
+        return True
+
+    def _remove_commands(self, pipe: aioredis.client.Pipeline, entry_id: str,
+                         conversation: str | None) -> None:
+        """ACK and delete an answered request (its text leaves Redis with it) and take it off
+        its conversation's order list."""
+        pipe.xack(self.keys.requests, WORKERS_GROUP, entry_id)
+        pipe.xdel(self.keys.requests, entry_id)
+        if conversation is not None:
+            pipe.lrem(self.keys.order(conversation), 1, entry_id)
 
     async def _dead_letter(self, entry_id: str, fields: dict[str, str], request: Request | None,
                            reason: str) -> None:
@@ -385,7 +439,8 @@ class Worker:
                 reply = self.reply(request, error=self.persona.line("dead_letter"))
                 pipe.xadd(self.keys.replies(request.frontend), reply.dumps(),
                           maxlen=self.options.stream_maxlen, approximate=True)
-            pipe.xack(self.keys.requests, WORKERS_GROUP, entry_id)
+            self._remove_commands(pipe, entry_id,
+                                  request.conversation if request is not None else None)
             pipe.hincrby(self.keys.stats, "dead_letters", 1)
             await pipe.execute()
 

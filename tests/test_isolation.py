@@ -166,8 +166,6 @@ async def test_forget_removes_everything_about_the_user(
     assert len(shared_turns) == 2 and "lionword" in shared_turns[0]
 
 
-@pytest.mark.xfail(strict=True, reason="answered requests stay in the request stream until "
-                   "MAXLEN trims them (proposed: XDEL with the XACK in Worker.finish)")
 async def test_answered_requests_leave_the_request_stream(
         core: FrontendCore, queue: QueueClient, redis: aioredis.Redis, keys: Keys,
         fake_worker) -> None:  # type: ignore[no-untyped-def]

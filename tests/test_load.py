@@ -123,13 +123,10 @@ async def test_500_conversations_of_4_messages(settings: Settings, prefix: str,
                for chat in range(FIRST_CHAT, FIRST_CHAT + CHATS)}
     assert lengths == {2 * MESSAGES}
 
-    # Per-chat order. With one worker it holds (the worker carries a conversation's second
-    # request to its next batch); with two, two requests of one chat can be in flight on
-    # both workers at once, so a burst is answered (and stored in the history) out of order.
-    # Reported to the lead; this turns into a pass once the workers serialise a conversation.
-    if disorder or stale:
-        pytest.xfail(
-            f"{len(disorder)} of {CHATS} chats answered out of order, e.g. "
-            f"{[[m['text'][-3:-1] for m in tg.sent_to(c)] for c in disorder[:3]]}; "
-            f"{len(stale)} prompts did not hold exactly the earlier messages, e.g. "
-            f"(chat, message, messages in its prompt) {stale[:3]}")
+    # Per-chat order: the workers answer only the oldest unanswered request of a
+    # conversation, so each chat's replies come in the order of its messages and each prompt
+    # holds exactly the earlier messages of its chat.
+    assert not disorder, (
+        f"{len(disorder)} of {CHATS} chats answered out of order, e.g. "
+        f"{[[m['text'][-3:-1] for m in tg.sent_to(c)] for c in disorder[:3]]}")
+    assert not stale, f"prompts without exactly the earlier messages, e.g. {stale[:3]}"

@@ -222,10 +222,7 @@ async def test_worker_down_requests_wait_and_are_answered_when_it_returns(
 
 
 @pytest.mark.parametrize("where", [
-    pytest.param("history", marks=pytest.mark.xfail(
-        strict=True, reason="Worker.run does not catch a Redis error raised inside "
-        "process_batch (prepare → history.load): the worker task ends")),
-    "generate", "finish"])
+    "history", "generate", "finish"])
 async def test_worker_survives_redis_dying_mid_batch(where: str, server: PrivateRedis,
                                                      persona: Persona, prefix: str) -> None:
     """Redis stops at a chosen point inside a batch (while the worker loads a history, while
