@@ -13,7 +13,7 @@ import contextlib
 import json
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,7 +103,7 @@ async def wait_until(predicate, timeout_s: float, what: str) -> None:  # type: i
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> AsyncIterator[PrivateRedis]:  # type: ignore[misc]
+def server(tmp_path: Path) -> Iterator[PrivateRedis]:
     redis = PrivateRedis(tmp_path / "redis").start()
     yield redis
     redis.close()
