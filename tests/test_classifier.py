@@ -121,3 +121,14 @@ def test_retrieval_answers_with_the_nearest_anchors_reply(embedder: Embedder) ->
     assert ms >= 0
     with pytest.raises(ValueError):
         RetrievalBaseline([], [], embedder)
+
+
+def test_worker_reranker_setting(settings) -> None:
+    """RERANKER=persona gives the worker the stored classifier's score; none gives nothing."""
+    from engine.runtime import build_scorer
+
+    assert build_scorer(settings.model_copy(update={"reranker": "none"})) is None
+    scorer = build_scorer(settings.model_copy(update={"reranker": "persona"}))
+    assert scorer is not None
+    scores = scorer(["Everybody lies.", "Thank you, doctor."])
+    assert len(scores) == 2 and all(0.0 < s < 1.0 for s in scores)
