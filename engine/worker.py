@@ -13,6 +13,7 @@ Outcomes per request:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -133,10 +134,22 @@ class Worker:
         await ensure_group(self.redis, self.keys.requests, WORKERS_GROUP)
         log.info("worker %s serving %s (batch %d)", self.options.name, self.keys.requests,
                  self.options.batch_size)
+        heartbeat = asyncio.create_task(self._heartbeat(), name="heartbeat")
+        try:
+            await self._serve(burst)
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError, *REDIS_DOWN):
+                await heartbeat
+                await self.redis.delete(self.keys.health(self.options.name))
+        log.info("worker %s stopped after %d batches, %d replies", self.options.name,
+                 self.batches, self.replies)
+
+    async def _serve(self, burst: bool) -> None:
         backoff = 0.1
         while not self.stop.is_set() or self._carry:
+            self.metrics.beat()
             try:
-                await self.record_health()
                 entries = await self.read_batch(block=not burst)
                 backoff = 0.1
             except REDIS_DOWN as exc:
@@ -156,11 +169,16 @@ class Worker:
                 continue
             if await self.process_batch(entries) == 0 and self._carry:
                 await asyncio.sleep(0.02)  # only waiting requests: let their turn come
-        log.info("worker %s stopped after %d batches, %d replies", self.options.name,
-                 self.batches, self.replies)
+
+    async def _heartbeat(self, every_s: float = 5.0) -> None:
+        """Refresh the health key while the process lives, generation in flight included (the
+        frontends read it to tell users whether a worker is there)."""
+        while True:
+            with contextlib.suppress(*REDIS_DOWN):
+                await self.record_health()
+            await asyncio.sleep(every_s)
 
     async def record_health(self) -> None:
-        self.metrics.beat()
         await self.redis.set(
             self.keys.health(self.options.name),
             json.dumps({"ts": time.time(), "batches": self.batches, "replies": self.replies}),
