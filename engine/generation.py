@@ -205,7 +205,8 @@ class FakeGenerator:
         self.tokenizer = FakeChatTokenizer()
         self.adapters = list(adapters)
         self.delay_s = delay_s
-        self.calls: list[int] = []
+        self.calls: list[int] = []  # batch sizes, one per generate() call
+        self.jobs: list[GenerationJob] = []  # every job seen, for tests to inspect
 
     @staticmethod
     def reply_for(message: str, adapter: str, seed: int = 0) -> str:
@@ -214,6 +215,7 @@ class FakeGenerator:
 
     def generate(self, jobs: Sequence[GenerationJob]) -> list[Generated]:
         self.calls.append(len(jobs))
+        self.jobs.extend(jobs)
         if self.delay_s:
             time.sleep(self.delay_s)
         out = []

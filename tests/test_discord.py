@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,7 +26,6 @@ from bots.splitting import DISCORD_LIMIT
 from engine.config import Settings
 from engine.generation import FakeGenerator
 from engine.keys import Keys
-from engine.protocol import Request
 from engine.queue_client import QueueClient
 from engine.worker import Worker
 from persona.pack import Persona
@@ -113,16 +111,13 @@ def sent(start_bot: tuple[Factory, Sent]) -> Sent:
     return start_bot[1]
 
 
-async def expected_replies(redis: aioredis.Redis, keys: Keys, text: str,
-                           adapter: str = "house", candidates: int = 2) -> set[str]:
-    """The replies the fake generator can give to the queued request with this text."""
-    found: set[str] = set()
-    for _, fields in await redis.xrange(keys.requests):
-        request = Request.loads(fields)
-        if request.text == text:
-            seed = int(hashlib.sha1(request.id.encode()).hexdigest()[:8], 16)
-            found |= {FakeGenerator.reply_for(text, adapter, seed + k) for k in range(candidates)}
-    assert found, f"no request with text {text!r} was queued"
+async def expected_replies(generator: FakeGenerator, text: str, adapter: str = "house",
+                           candidates: int = 2) -> set[str]:
+    """The replies the fake generator could give to the request with this text (one per
+    candidate the worker drew for it)."""
+    found = {FakeGenerator.reply_for(job.message, adapter, job.seed)
+             for job in generator.jobs if job.message == text and job.adapter == adapter}
+    assert found, f"no request with text {text!r} was generated for"
     return found
 
 
@@ -151,13 +146,14 @@ async def reply_to(message: discord.Message, content: str,
 # ---- messages --------------------------------------------------------------------------------
 
 
-async def test_mention_in_channel_is_answered_as_reply(bot: DiscordFrontend, sent: Sent,
+async def test_mention_in_channel_is_answered_as_reply(fake_generator: FakeGenerator,
+                                                       bot: DiscordFrontend, sent: Sent,
                                                        redis: aioredis.Redis, keys: Keys) -> None:
     channel, ann, _ = channel_and_members()
     asked = await dpytest.message(f"<@{bot.client.user.id}> is it lupus?", channel, ann)
     answer = await sent.next()
     assert answer.channel.id == channel.id
-    assert answer.content in await expected_replies(redis, keys, "is it lupus?")
+    assert answer.content in await expected_replies(fake_generator, "is it lupus?")
     payload = sent.payloads[-1]
     assert payload["message_reference"]["message_id"] == asked.id
     assert payload["allowed_mentions"]["parse"] == []
@@ -165,13 +161,14 @@ async def test_mention_in_channel_is_answered_as_reply(bot: DiscordFrontend, sen
     assert len(bot.typing) == 0
 
 
-async def test_dm_is_answered(bot: DiscordFrontend, sent: Sent, redis: aioredis.Redis,
+async def test_dm_is_answered(fake_generator: FakeGenerator,
+                              bot: DiscordFrontend, sent: Sent, redis: aioredis.Redis,
                               keys: Keys) -> None:
     _, ann, _ = channel_and_members()
     dm = await ann.create_dm()
     await dpytest.message("My hands are numb.", dm, ann)
     answer = await sent.next()
-    assert answer.content in await expected_replies(redis, keys, "My hands are numb.")
+    assert answer.content in await expected_replies(fake_generator, "My hands are numb.")
     assert "message_reference" not in sent.payloads[-1]
     history = keys.history(conversation_id("discord", str(ann.id)))
     assert await redis.llen(history) == 2
@@ -185,18 +182,19 @@ async def test_channel_without_mention_stays_silent(bot: DiscordFrontend, sent: 
     assert await redis.xlen(keys.requests) == 0
 
 
-async def test_reply_to_house_and_name_are_answered(bot: DiscordFrontend, sent: Sent,
+async def test_reply_to_house_and_name_are_answered(fake_generator: FakeGenerator,
+                                                    bot: DiscordFrontend, sent: Sent,
                                                     redis: aioredis.Redis, keys: Keys) -> None:
     channel, ann, bob = channel_and_members()
     await dpytest.message(f"<@{bot.client.user.id}> my knee", channel, ann)
     answer = await sent.next()
     followup = await reply_to(answer, "And my elbow?", bob)
     second = await sent.next()
-    assert second.content in await expected_replies(redis, keys, "And my elbow?")
+    assert second.content in await expected_replies(fake_generator, "And my elbow?")
     assert sent.payloads[-1]["message_reference"]["message_id"] == followup.id
     await dpytest.message("House, what about my ankle?", channel, bob)
     third = await sent.next()
-    assert third.content in await expected_replies(redis, keys, "House, what about my ankle?")
+    assert third.content in await expected_replies(fake_generator, "House, what about my ankle?")
 
 
 async def test_channel_history_is_shared_with_speaker_names(
@@ -308,7 +306,8 @@ async def test_slash_commands_are_registered(bot: DiscordFrontend) -> None:
     assert {c.name for c in bot.client.tree.get_commands()} == set(SLASH_COMMANDS)
 
 
-async def test_slash_compare(bot: DiscordFrontend, redis: aioredis.Redis, keys: Keys) -> None:
+async def test_slash_compare(fake_generator: FakeGenerator,
+                             bot: DiscordFrontend, redis: aioredis.Redis, keys: Keys) -> None:
     channel, ann, _ = channel_and_members()
     mocked = interaction(ann, channel)
     await slash(bot, "compare", mocked, text="is it lupus?")
@@ -316,9 +315,9 @@ async def test_slash_compare(bot: DiscordFrontend, redis: aioredis.Redis, keys: 
     [text] = await followups(mocked)
     base, house = text.split("\n\n")
     assert base.startswith("Base model") and house.startswith("House (fine-tuned)")
-    assert base.splitlines()[1] in await expected_replies(redis, keys, "is it lupus?",
+    assert base.splitlines()[1] in await expected_replies(fake_generator, "is it lupus?",
                                                            adapter="__base__")
-    assert house.splitlines()[1] in await expected_replies(redis, keys, "is it lupus?")
+    assert house.splitlines()[1] in await expected_replies(fake_generator, "is it lupus?")
 
 
 async def test_slash_reset_forget_help(bot: DiscordFrontend, sent: Sent, persona: Persona,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -23,7 +22,7 @@ from bots.telegram_frontend import TelegramFrontend, TypingFriendlyRateLimiter
 from engine.config import Settings
 from engine.generation import FakeGenerator, HFGenerator
 from engine.keys import Keys
-from engine.protocol import Reply, Request
+from engine.protocol import Reply
 from engine.queue_client import QueueClient
 from engine.worker import Worker, WorkerOptions
 from persona.pack import Persona
@@ -72,17 +71,13 @@ async def bot(fake_worker: Worker, start_bot: Factory) -> TelegramFrontend:
     return await start_bot()
 
 
-async def expected_replies(redis: aioredis.Redis, keys: Keys, text: str,
-                           adapter: str = "house", candidates: int = 2) -> set[str]:
-    """The replies the fake generator can give to the queued request with this text (the
-    worker seeds each request from its id and draws ``candidates`` candidates)."""
-    found: set[str] = set()
-    for _, fields in await redis.xrange(keys.requests):
-        request = Request.loads(fields)
-        if request.text == text:
-            seed = int(hashlib.sha1(request.id.encode()).hexdigest()[:8], 16)
-            found |= {FakeGenerator.reply_for(text, adapter, seed + k) for k in range(candidates)}
-    assert found, f"no request with text {text!r} was queued"
+async def expected_replies(generator: FakeGenerator, text: str, adapter: str = "house",
+                           candidates: int = 2) -> set[str]:
+    """The replies the fake generator could give to the request with this text (one per
+    candidate the worker drew for it)."""
+    found = {FakeGenerator.reply_for(job.message, adapter, job.seed)
+             for job in generator.jobs if job.message == text and job.adapter == adapter}
+    assert found, f"no request with text {text!r} was generated for"
     return found
 
 
@@ -95,11 +90,12 @@ async def first_bot_message(tg: FakeTelegram, chat_id: int, count: int = 1,
 # ---- private chats ---------------------------------------------------------------------------
 
 
-async def test_private_message_is_answered_with_typing(bot: TelegramFrontend, tg: FakeTelegram,
+async def test_private_message_is_answered_with_typing(fake_generator: FakeGenerator,
+                                                       bot: TelegramFrontend, tg: FakeTelegram,
                                                        redis: aioredis.Redis, keys: Keys) -> None:
     tg.private_text(1, "My leg hurts when I walk.")
     sent = await first_bot_message(tg, 1)
-    assert sent["text"] in await expected_replies(redis, keys, "My leg hurts when I walk.")
+    assert sent["text"] in await expected_replies(fake_generator, "My leg hurts when I walk.")
     assert sent["reply_to"] is None and sent["parse_mode"] is None
     await tg.wait_for(lambda: any(a["chat_id"] == 1 and a["action"] == "typing"
                                   for a in tg.actions))
@@ -133,18 +129,18 @@ async def test_group_without_mention_stays_silent(bot: TelegramFrontend, tg: Fak
     assert await redis.xlen(keys.requests) == 0
 
 
-async def test_group_mention_and_reply_are_answered_as_replies(
+async def test_group_mention_and_reply_are_answered_as_replies(fake_generator: FakeGenerator,
         bot: TelegramFrontend, tg: FakeTelegram, redis: aioredis.Redis, keys: Keys) -> None:
     asked = tg.group_text(-100, 5, f"@{BOT} is it lupus?", first_name="Ann")
     answer = await first_bot_message(tg, -100)
     assert answer["reply_to"] == asked["message_id"]
-    assert answer["text"] in await expected_replies(redis, keys, "is it lupus?")
+    assert answer["text"] in await expected_replies(fake_generator, "is it lupus?")
 
     followup = tg.group_text(-100, 6, "Are you sure?", first_name="Bob",
                              reply_to=answer["message_id"])
     second = await first_bot_message(tg, -100, 2)
     assert second["reply_to"] == followup["message_id"]
-    assert second["text"] in await expected_replies(redis, keys, "Are you sure?")
+    assert second["text"] in await expected_replies(fake_generator, "Are you sure?")
 
     named = tg.group_text(-100, 5, "House, what about sarcoidosis?", first_name="Ann")
     third = await first_bot_message(tg, -100, 3)
@@ -185,26 +181,27 @@ async def test_shared_group_history_names_speakers(fake_worker: Worker, start_bo
 # ---- commands --------------------------------------------------------------------------------
 
 
-async def test_compare_shows_base_and_adapter(bot: TelegramFrontend, tg: FakeTelegram,
+async def test_compare_shows_base_and_adapter(fake_generator: FakeGenerator,
+                                              bot: TelegramFrontend, tg: FakeTelegram,
                                               redis: aioredis.Redis, keys: Keys) -> None:
     tg.private_text(3, "/compare is it lupus?")
     sent = await first_bot_message(tg, 3)
     base, house = sent["text"].split("\n\n")
     assert base.startswith("Base model")
-    assert base.splitlines()[1] in await expected_replies(redis, keys, "is it lupus?",
+    assert base.splitlines()[1] in await expected_replies(fake_generator, "is it lupus?",
                                                            adapter="__base__")
     assert house.startswith("House (fine-tuned)")
-    assert house.splitlines()[1] in await expected_replies(redis, keys, "is it lupus?")
+    assert house.splitlines()[1] in await expected_replies(fake_generator, "is it lupus?")
 
 
-async def test_compare_as_reply_compares_the_replied_message(
+async def test_compare_as_reply_compares_the_replied_message(fake_generator: FakeGenerator,
         bot: TelegramFrontend, tg: FakeTelegram, redis: aioredis.Redis, keys: Keys) -> None:
     original = tg.group_text(-400, 5, "My skin turned orange.")
     command = tg.group_text(-400, 6, f"/compare@{BOT}", reply_to=original["message_id"])
     sent = await first_bot_message(tg, -400)
     assert sent["reply_to"] == command["message_id"]
     assert "Base model" in sent["text"] and "House (fine-tuned)" in sent["text"]
-    await expected_replies(redis, keys, "My skin turned orange.", adapter="__base__")
+    await expected_replies(fake_generator, "My skin turned orange.", adapter="__base__")
 
 
 async def test_reset_clears_the_conversation(bot: TelegramFrontend, tg: FakeTelegram,
@@ -287,18 +284,19 @@ async def test_edits_and_channel_posts_are_ignored(bot: TelegramFrontend, tg: Fa
 # ---- limits and failures ---------------------------------------------------------------------
 
 
-async def test_retry_after_429_is_retried(bot: TelegramFrontend, tg: FakeTelegram,
+async def test_retry_after_429_is_retried(fake_generator: FakeGenerator,
+                                          bot: TelegramFrontend, tg: FakeTelegram,
                                           redis: aioredis.Redis, keys: Keys) -> None:
     tg.fail_next("sendMessage", times=1, retry_after=1)
     tg.private_text(11, "Is it contagious?")
     sent = await first_bot_message(tg, 11)
     assert tg.rejected["sendMessage"] == 1
-    assert sent["text"] in await expected_replies(redis, keys, "Is it contagious?")
+    assert sent["text"] in await expected_replies(fake_generator, "Is it contagious?")
     await tg.settle()
     assert len(tg.sent_to(11)) == 1
 
 
-async def test_burst_is_throttled_without_losing_allowed_messages(
+async def test_burst_is_throttled_without_losing_allowed_messages(fake_generator: FakeGenerator,
         fake_worker: Worker, start_bot: Factory, tg: FakeTelegram, persona: Persona,
         redis: aioredis.Redis, keys: Keys) -> None:
     await start_bot(user_rate_limit=5, user_rate_window_s=600)
@@ -311,9 +309,9 @@ async def test_burst_is_throttled_without_losing_allowed_messages(
     assert len(sent) == 50
     assert sent.count(persona.line("slow_down")) == 45
     for text in texts[:5]:  # the first five are within the limit: each answered exactly once
-        answers = await expected_replies(redis, keys, text)
+        answers = await expected_replies(fake_generator, text)
         assert sum(s in answers for s in sent) == 1, text
-    assert await redis.xlen(keys.requests) == 5
+    assert {job.message for job in fake_generator.jobs} == set(texts[:5])
 
 
 async def test_allow_list(fake_worker: Worker, start_bot: Factory, tg: FakeTelegram,
