@@ -83,7 +83,8 @@ class Embedder:
         vectors = self.model.encode(list(texts), batch_size=self.batch_size,
                                     normalize_embeddings=True, convert_to_numpy=True,
                                     show_progress_bar=progress).astype(np.float32)
-        log.info("embedded %d texts in %.1fs", len(texts), time.perf_counter() - started)
+        log.log(logging.INFO if cache else logging.DEBUG, "embedded %d texts in %.1fs",
+                len(texts), time.perf_counter() - started)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}.npy")

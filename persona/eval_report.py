@@ -3,6 +3,7 @@ tuning table."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 from collections.abc import Sequence
@@ -176,6 +177,9 @@ def render_report(metrics: dict[str, Any], run: dict[str, Any]) -> str:
         marks = {True: "yes", False: "**no**", None: "–"}
         lines += [f"| {t} | {v} | {marks[ok]} |" for t, v, ok in targets]
         lines.append("")
+    details = _system_lines(run)
+    if details:
+        lines += ["## Systems", "", *details, ""]
     lines += ["## Definitions", ""]
     lines += [f"- **{key}** — {text}." for key, text in DEFINITIONS.items()]
     lines += [
@@ -198,6 +202,28 @@ def render_report(metrics: dict[str, Any], run: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _system_lines(run: dict[str, Any]) -> list[str]:
+    """One line per generated or reused system: its controls when they differ from the run's,
+    its reranker, the load average around it, where it was reused from."""
+    lines = []
+    for system, info in run.get("systems", {}).items():
+        parts = []
+        controls = info.get("controls")
+        if controls and controls != run["controls"]:
+            changed = {k: v for k, v in controls.items() if run["controls"].get(k) != v}
+            parts.append("controls " + ", ".join(f"{k}={v}" for k, v in changed.items()))
+        if info.get("reranker") and info["reranker"] != run["reranker"]:
+            parts.append(f"reranker `{info['reranker']}`")
+        if "load_before" in info:
+            parts.append(f"load average {info['load_before']}"
+                         + (f" → {info['load_after']}" if "load_after" in info else ""))
+        if info.get("reused_from"):
+            parts.append(f"reused from `{info['reused_from']}`")
+        if parts:
+            lines.append(f"- **{system}**: " + "; ".join(parts))
+    return lines
+
+
 def write_chart(metrics: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -211,7 +237,8 @@ def write_chart(metrics: dict[str, Any], path: Path) -> None:
     for i, system in enumerate(systems):
         values = [metrics[system].get(k) or 0.0 for k in CHART_KEYS]
         bars = ax.bar(x + (i - (len(systems) - 1) / 2) * width, values, width, label=system)
-        ax.bar_label(bars, labels=[f"{v:.2f}" if v else "" for v in values], fontsize=6,
+        ax.bar_label(bars, labels=[f"{v:.2f}" if metrics[system].get(k) is not None else ""
+                                   for k, v in zip(CHART_KEYS, values, strict=True)], fontsize=6,
                      padding=1)
     ax.set_xticks(x, [k.replace("_rate", "").replace("_", " ") for k in CHART_KEYS])
     ax.set_ylim(0, 1.05)
@@ -239,6 +266,13 @@ def write_outputs(out: Path, metrics: dict[str, Any], run: dict[str, Any],
             row = {"message": first.message, "reference": first.reference}
             row.update({s: samples[s][i].reply for s in systems})
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    folder = out / "samples"
+    folder.mkdir(exist_ok=True)
+    for system, items in samples.items():
+        path = folder / f"{system}.jsonl"
+        path.write_text("".join(json.dumps(dataclasses.asdict(s), ensure_ascii=False) + "\n"
+                                for s in items), encoding="utf-8")
+        paths.append(path)
     return paths
 
 

@@ -71,9 +71,15 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
                         help="candidate reranker (default: the RERANKER setting)")
     parser.add_argument("--classifier-dir", type=Path,
                         help="stored persona classifier (default models/persona-classifier)")
+    parser.add_argument("--reranker-dir", type=Path,
+                        help="classifier used for reranking when it should differ from the "
+                             "judge (default: the same as --classifier-dir)")
     parser.add_argument("--retrain-classifier", action="store_true",
                         help="train the persona classifier on --data-dir and store it")
     parser.add_argument("--label", default="", help="a name for this run in tables")
+    parser.add_argument("--reuse", type=Path, metavar="RUN_DIR",
+                        help="take the systems not named in --systems from an earlier run on "
+                             "the same prompts (its samples/ folder) instead of recomputing")
     parser.add_argument("--collect", nargs="+", type=Path, metavar="RUN_DIR",
                         help="only build tuning.md in --out from earlier runs' outputs")
 
@@ -246,12 +252,26 @@ def run(args: argparse.Namespace) -> int:
 
     embedder = Embedder()
     classifier = load_classifier(args, embedder)
-    scorer = classifier.score if reranker == "persona" else None
+    scorer = None
+    reranker_name = reranker + (f" ({display_path(args.reranker_dir)})"
+                                if args.reranker_dir and reranker == "persona" else "")
+    if reranker == "persona":
+        from persona.classifier import PersonaClassifier
+
+        ranker = (PersonaClassifier.load(args.reranker_dir, embedder) if args.reranker_dir
+                  else classifier)
+        scorer = ranker.score
     samples: dict[str, list[Sample]] = {}
-    timing: dict[str, dict[str, float]] = {}
-    adapters = {k: v for k, v in settings.adapter_paths.items() if k in model_systems}
-    generator = load_generator(settings, persona, adapters) if model_systems else None
+    timing: dict[str, dict[str, Any]] = {}
+    if args.reuse:
+        samples, timing = reuse_run(args.reuse, prompts, skip=systems if args.systems else [])
+    to_generate = [s for s in model_systems if s not in samples]
+    adapters = {k: v for k, v in settings.adapter_paths.items() if k in to_generate}
+    generator = load_generator(settings, persona, adapters) if to_generate else None
     for system in systems:
+        if system in samples:
+            continue
+        info: dict[str, Any] = {"load_before": round(os.getloadavg()[0], 2)}
         if system == HUMAN:
             samples[system] = [Sample(p.message, p.reference or "", p.reference) for p in prompts]
             continue
@@ -260,16 +280,20 @@ def run(args: argparse.Namespace) -> int:
             replies, ms = index.reply([p.message for p in prompts])
             samples[system] = [Sample(p.message, r, p.reference, ms=ms / len(prompts))
                                for p, r in zip(prompts, replies, strict=True)]
-            timing[system] = {"tokens": 0, "generate_s": ms / 1000}
+            timing[system] = {**info, "tokens": 0, "generate_s": ms / 1000}
             continue
         adapter = BASE_VARIANT if system == BASE else system
         if generator is None or (adapter != BASE_VARIANT and adapter not in generator.adapters):
             log.warning("adapter %s is not loaded; skipped", system)
             continue
         with tqdm(total=len(prompts), desc=system, unit="prompt", file=sys.stderr) as bar:
-            samples[system], timing[system] = generate_replies(
+            samples[system], totals = generate_replies(
                 generator, persona, prompts, adapter, controls, args.seed, args.batch_size,
                 scorer, settings.history_token_budget, bar)
+        timing[system] = {**info, **totals, "controls": controls.__dict__,
+                          "reranker": reranker_name,
+                          "load_after": round(os.getloadavg()[0], 2)}
+    samples = {s: samples[s] for s in order_systems(samples, list(settings.adapter_paths))}
 
     house_train, _ = read_split(args.data_dir / "train.jsonl")
     auc_split = args.data_dir / f"{args.split}.jsonl"
@@ -287,7 +311,9 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "batch_size": args.batch_size,
         "controls": controls.__dict__,
-        "reranker": reranker,
+        "reranker": reranker_name,
+        "systems": timing,
+        "reused_from": display_path(args.reuse) if args.reuse else None,
         "base_model": settings.base_model,
         "adapters": {k: display_path(Path(v)) for k, v in adapters.items()},
         "classifier": classifier.meta,
@@ -299,6 +325,33 @@ def run(args: argparse.Namespace) -> int:
     print(eval_report.summary_table(metrics))
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
+
+
+def order_systems(systems: Sequence[str], adapters: Sequence[str]) -> list[str]:
+    """base, adapters, other model systems, retrieval, human."""
+    rank = {BASE: 0, **{a: 1 for a in adapters}, RETRIEVAL: 3, HUMAN: 4}
+    return sorted(systems, key=lambda s: rank.get(s, 2))
+
+
+def reuse_run(directory: Path, prompts: Sequence[Prompt], skip: Sequence[str]
+              ) -> tuple[dict[str, list[Sample]], dict[str, dict[str, Any]]]:
+    """Samples and timing of an earlier run's systems (except ``skip``); its prompts must be
+    this run's prompts."""
+    from persona.quality import Sample
+
+    run = json.loads((directory / "run.json").read_text(encoding="utf-8"))
+    samples, timing = {}, {}
+    for path in sorted((directory / "samples").glob("*.jsonl")):
+        if path.stem in skip:
+            continue
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        if [r["message"] for r in rows] != [p.message for p in prompts]:
+            raise SystemExit(f"{path}: other prompts than this run's (same --split, --limit, "
+                             "--seed, --prompts?)")
+        samples[path.stem] = [Sample(**r) for r in rows]
+        timing[path.stem] = {**run.get("systems", {}).get(path.stem, {}),
+                             "reused_from": display_path(directory)}
+    return samples, timing
 
 
 def display_path(path: Path) -> str:

@@ -184,3 +184,44 @@ def test_generation_goes_through_the_serving_path(persona, fake_generator) -> No
     # the #long reply is cut to the persona's sentence cap
     assert samples[1].reply.count(".") == persona.controls.sentence_cap
     assert timing["tokens"] > 0
+
+
+def test_outputs_can_be_reused_by_a_later_run(tmp_path, detector: SceneDetector) -> None:
+    from persona.eval_report import compute_metrics, write_outputs
+    from persona.evaluate import order_systems, reuse_run
+
+    prompts = [Prompt("my knee hurts", "Stop running."), Prompt("is it lupus?", "No.")]
+    samples = {
+        "human": [Sample(p.message, p.reference or "", p.reference) for p in prompts],
+        "base": [Sample(p.message, "Wilson: hi", p.reference, raw="Wilson: hi", ms=5.0)
+                 for p in prompts],
+    }
+
+    class FlatClassifier:
+        def predict_proba(self, texts, embeddings=None):
+            return np.full(len(texts), 0.5)
+
+    class ZeroEmbedder:
+        def encode(self, texts, cache=False):
+            return np.ones((len(texts), 3))
+
+    metrics = compute_metrics(samples, {"base": {"tokens": 10, "generate_s": 2.0}},
+                              FlatClassifier(), ZeroEmbedder(), ["Wilson"], 3, ["a b c"], 0.7)
+    assert metrics["base"]["scene_insert_rate"] == 1.0
+    assert metrics["base"]["tokens_per_s"] == 5.0 and metrics["base"]["median_ms"] == 5.0
+    assert metrics["human"]["rougeL"] is None and metrics["classifier_auc"] == 0.7
+    run = {"controls": {}, "reranker": "none", "systems": {"base": {"load_before": 0.1}},
+           "n_prompts": 2, "prompts": "x", "seed": 0, "base_model": "m", "adapters": {},
+           "batch_size": 16, "command": "drhouse eval", "started": "now", "cpu_count": 2,
+           "load_before": [0.1, 0, 0], "load_after": [0.2, 0, 0]}
+    write_outputs(tmp_path, metrics, run, samples)
+    report = (tmp_path / "report.md").read_text()
+    assert "| base: scene-insert ≤ 1% | 100.0% | **no** |" in report
+    assert (tmp_path / "chart.png").stat().st_size > 0
+    loaded, timing = reuse_run(tmp_path, prompts, skip=["human"])
+    assert list(loaded) == ["base"] and loaded["base"] == samples["base"]
+    assert timing["base"]["load_before"] == 0.1
+    with pytest.raises(SystemExit):
+        reuse_run(tmp_path, prompts[:1], skip=[])
+    assert order_systems(["human", "retrieval", "house", "base"], ["house"]) == \
+        ["base", "house", "retrieval", "human"]
