@@ -29,6 +29,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from engine.config import ROOT
 
@@ -346,20 +347,32 @@ class Stats:
         return sum(self.splits.values())
 
 
-def read_pairs(path: Path) -> Iterator[tuple[int, str, str]]:
-    """(row number, anchor, response) from a CSV with ``anchor`` and ``response`` columns."""
+def _open_checked(path: Path) -> tuple[Any, csv.DictReader[str], dict[str, str]]:
     if not path.is_file():
         raise DataError(f"no data file at {path} (set HOUSE_DATA or pass --input)")
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        reader = csv.DictReader(handle)
-        header = [c.strip().lower() for c in reader.fieldnames or []]
-        missing = [c for c in COLUMNS if c not in header]
-        if missing:
-            raise DataError(
-                f"{path} has columns {reader.fieldnames or []}; a House dialogue CSV needs "
-                f"{', '.join(COLUMNS)} (missing {', '.join(missing)})"
-            )
-        names = dict(zip(header, reader.fieldnames or [], strict=True))
+    handle = path.open(encoding="utf-8-sig", newline="")
+    reader = csv.DictReader(handle)
+    header = [c.strip().lower() for c in reader.fieldnames or []]
+    missing = [c for c in COLUMNS if c not in header]
+    if missing:
+        handle.close()
+        raise DataError(
+            f"{path} has columns {reader.fieldnames or []}; a House dialogue CSV needs "
+            f"{', '.join(COLUMNS)} (missing {', '.join(missing)})"
+        )
+    return handle, reader, dict(zip(header, reader.fieldnames or [], strict=True))
+
+
+def check_input(path: Path) -> None:
+    """Raise :class:`DataError` unless ``path`` is a CSV with anchor and response columns."""
+    handle, _, _ = _open_checked(path)
+    handle.close()
+
+
+def read_pairs(path: Path) -> Iterator[tuple[int, str, str]]:
+    """(row number, anchor, response) from a CSV with ``anchor`` and ``response`` columns."""
+    handle, reader, names = _open_checked(path)
+    with handle:
         for number, row in enumerate(reader, start=1):
             yield number, row[names["anchor"]] or "", row[names["response"]] or ""
 
@@ -404,11 +417,15 @@ def prepare(config: PrepareConfig) -> Stats:
     """Read, repair, filter, split and write; returns the statistics."""
     from persona.pack import load_persona
 
+    check_input(config.input)
     persona = load_persona(config.persona)
     stats = Stats()
     seen: set[tuple[str, str]] = set()
     config.out.mkdir(parents=True, exist_ok=True)
-    handles = {name: (config.out / f"{name}.jsonl").open("w", encoding="utf-8") for name in SPLITS}
+    # Written next to the outputs and renamed at the end: a failed run leaves the old files.
+    paths = {name: config.out / f"{name}.jsonl" for name in SPLITS}
+    handles = {name: p.with_suffix(".jsonl.tmp").open("w", encoding="utf-8")
+               for name, p in paths.items()}
     try:
         for number, raw_anchor, raw_response in read_pairs(config.input):
             stats.rows += 1
@@ -435,6 +452,8 @@ def prepare(config: PrepareConfig) -> Stats:
     finally:
         for handle in handles.values():
             handle.close()
+    for path in paths.values():
+        path.with_suffix(".jsonl.tmp").replace(path)
     return stats
 
 
