@@ -42,17 +42,13 @@ async def ask(core: FrontendCore, queue: QueueClient, user: str, text: str,
 
 
 class CapturingGenerator(FakeGenerator):
-    """The fake generator that keeps every prompt it was given, with its message."""
+    """The fake generator (which keeps every job it was given in ``jobs``), optionally with
+    another tokenizer."""
 
     def __init__(self, tokenizer: Any = None, **kwargs: Any):
         super().__init__(**kwargs)
         if tokenizer is not None:
             self.tokenizer = tokenizer
-        self.jobs: list[GenerationJob] = []
-
-    def generate(self, jobs: Sequence[GenerationJob]) -> list[Generated]:
-        self.jobs.extend(jobs)
-        return super().generate(jobs)
 
     def prompts_for(self, marker: str) -> list[str]:
         return [job.prompt for job in self.jobs if marker in job.message]
