@@ -77,7 +77,21 @@ class HistoryStore:
             else:
                 touched += await self.redis.delete(key)
         touched += await self.redis.delete(index, self.keys.rate(user))
+        touched += await self._remove_dead_letters(user)
         return touched
+
+    async def _remove_dead_letters(self, user: str) -> int:
+        """Dead-lettered requests keep the message text: the user's go too."""
+        from engine.protocol import ProtocolError, Request
+
+        ids = []
+        for entry_id, fields in await self.redis.xrange(self.keys.dead_letters):
+            try:
+                if Request.loads(fields).user == user:
+                    ids.append(entry_id)
+            except ProtocolError:
+                continue
+        return await self.redis.xdel(self.keys.dead_letters, *ids) if ids else 0
 
     async def _remove_user_turns(self, key: str, user: str) -> int:
         items = await self.redis.lrange(key, 0, -1)

@@ -59,6 +59,9 @@ def setup_logging(settings: Settings, logfile: Path | None = None) -> None:
     root.setLevel(settings.log_level.upper())
     for noisy in ("httpx", "httpcore", "discord.gateway", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # The client libraries log message contents at DEBUG; ours never log message text.
+    for library in ("telegram", "discord"):
+        logging.getLogger(library).setLevel(max(root.level, logging.INFO))
 
 
 def keys_for(settings: Settings) -> Keys:
@@ -70,10 +73,11 @@ async def redis_for(settings: Settings) -> aioredis.Redis:
                          settings.redis_retry_delay_s)
 
 
-def build_generator(settings: Settings, persona: Persona, fake: bool = False) -> Generator:
+def build_generator(settings: Settings, persona: Persona, fake: bool = False,
+                    fake_delay_ms: int = 0) -> Generator:
     """The real model with its adapters, or the fast fake for tests and benchmarks."""
     if fake:
-        return FakeGenerator(adapters=list(settings.adapter_paths))
+        return FakeGenerator(delay_s=fake_delay_ms / 1000, adapters=list(settings.adapter_paths))
     if settings.torch_threads:
         import torch
 
@@ -118,9 +122,9 @@ def build_scorer(settings: Settings) -> Callable[[Sequence[str]], Sequence[float
 
 
 async def build_worker(settings: Settings, redis: aioredis.Redis, fake: bool = False,
-                       metrics: WorkerMetrics | None = None) -> Worker:
+                       metrics: WorkerMetrics | None = None, fake_delay_ms: int = 0) -> Worker:
     persona = load_persona(settings.persona)
-    generator = await asyncio.to_thread(build_generator, settings, persona, fake)
+    generator = await asyncio.to_thread(build_generator, settings, persona, fake, fake_delay_ms)
     scorer = None if fake else await asyncio.to_thread(build_scorer, settings)
     return Worker(redis, keys_for(settings), generator, persona, worker_options(settings),
                   metrics, scorer)

@@ -144,7 +144,9 @@ async def test_drhouse_telegram_never_logs_its_token(
             output, _ = await asyncio.wait_for(proc.communicate(), 60)
     text = output.decode(errors="replace")
     assert proc.returncode == 0, text[-3000:]
-    assert "DEBUG telegram.ext.ExtBot: Calling Bot API endpoint `getUpdates`" in text
+    assert "DEBUG bots." in text or "DEBUG engine." in text or "DEBUG asyncio" in text
+    # python-telegram-bot logs message contents at DEBUG: it is held at INFO.
+    assert "DEBUG telegram" not in text
     assert "Rate limit hit" in text  # the 429 went through the retry path
     assert TOKEN not in text and TOKEN.split(":")[1] not in text
     assert WEBHOOK_SECRET not in text

@@ -218,3 +218,13 @@ async def test_messages_of_one_conversation_in_one_batch_are_answered_in_order(
     assert first_reply.text in prompts[-1] and "second message" in prompts[-1]
     stored = [json.loads(t)["content"] for t in await redis.lrange(keys.history("c1"), 0, -1)]
     assert stored[0] == "first message" and stored[2] == "second message"
+
+
+async def test_forget_also_removes_the_users_dead_letters(redis, keys, persona, queue) -> None:  # type: ignore[no-untyped-def]
+    from engine.history import HistoryStore
+
+    for user in ("ann", "bob"):
+        await redis.xadd(keys.dead_letters, chat(f"{user} secret", user=user).dumps())
+    await HistoryStore(redis, keys).forget("ann")
+    left = [f["data"] for _, f in await redis.xrange(keys.dead_letters)]
+    assert len(left) == 1 and "bob secret" in left[0]
