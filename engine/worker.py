@@ -228,10 +228,14 @@ class Worker:
             log.warning("claimed %d stale requests", len(claimed))
         return claimed
 
-    async def delivery_count(self, entry_id: str) -> int:
-        info = await self.redis.xpending_range(self.keys.requests, WORKERS_GROUP,
-                                               min=entry_id, max=entry_id, count=1)
-        return int(info[0]["times_delivered"]) if info else 1
+    async def delivery_counts(self, entry_ids: list[str]) -> list[int]:
+        """How many times each entry was delivered (XPENDING), in one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for entry_id in entry_ids:
+                pipe.xpending_range(self.keys.requests, WORKERS_GROUP, min=entry_id,
+                                    max=entry_id, count=1)
+            infos = await pipe.execute()
+        return [int(info[0]["times_delivered"]) if info else 1 for info in infos]
 
     # ---- processing ------------------------------------------------------------------------
 
@@ -273,8 +277,9 @@ class Worker:
     async def _admit(self, entries: list[tuple[str, dict[str, str]]]) -> list[Task]:
         """Parse the entries, dead-letter the bad ones, and keep one request per conversation,
         the oldest unanswered one (the head of its order list)."""
+        counts = await self.delivery_counts([eid for eid, _ in entries])
         parsed: list[tuple[str, Request]] = []
-        for entry_id, fields in entries:
+        for (entry_id, fields), delivered in zip(entries, counts, strict=True):
             try:
                 request = Request.loads(fields)
             except ProtocolError as exc:
@@ -282,16 +287,21 @@ class Worker:
                 await self._dead_letter(entry_id, fields, None, "malformed")
                 self._dropped.add(entry_id)
                 continue
-            if await self.delivery_count(entry_id) > self.options.max_deliveries:
+            if delivered > self.options.max_deliveries:
                 await self._dead_letter(entry_id, fields, request, "too many deliveries")
                 self._dropped.add(entry_id)
                 continue
             parsed.append((entry_id, request))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for _, request in parsed:
+                pipe.lindex(self.keys.order(request.conversation), 0)
+            heads = await pipe.execute()
         tasks: list[Task] = []
         conversations: set[str] = set()
-        for entry_id, request in parsed:
-            if request.conversation in conversations or not await self._is_next(
-                    entry_id, request.conversation):
+        for (entry_id, request), head in zip(parsed, heads, strict=True):
+            if request.conversation in conversations or (
+                    head not in (None, entry_id)
+                    and not await self._is_next(entry_id, request.conversation)):
                 continue  # carried: answered after the older request of its conversation
             conversations.add(request.conversation)
             self.metrics.queue_seconds.observe(max(0.0, time.time() - request.created_at))
