@@ -1,15 +1,647 @@
-"""Not built yet: issue #5 fills this subcommand."""
+"""``drhouse train``: the House LoRA adapter, trained with TRL's SFTTrainer on the prepared data.
+
+The records are prompt–completion conversations (``drhouse data prepare``): the prompt is the
+persona system prompt plus the anchor, built by :func:`persona.prompt.build_messages`, and the
+tokenizer's chat template renders it with the generation prompt exactly as serving does
+(:func:`persona.prompt.render_prompt`). The loss covers House's reply only (completion-only
+loss): the prompt tokens are masked with -100, so the model learns to answer, not to echo.
+
+Exact commands (defaults in ``persona/train_config.yaml``; any flag overrides the YAML)::
+
+    drhouse data prepare
+    drhouse train --config persona/train_config.yaml
+    drhouse train --config persona/train_config.yaml --max-steps 20 --output-dir runs/smoke
+    drhouse train --measure-precision 6        # bf16 autocast vs fp32, a few steps each
+
+Training uses a cosine schedule with warm-up, evaluates on the validation split every
+``eval_steps``, stops early when the eval loss stops improving, keeps checkpoints (``--resume``
+continues from the last one), groups batches by length, and accumulates gradients. On CUDA the
+base is loaded in 4 bits (QLoRA) unless ``--no-qlora``. At the end it writes the adapter in
+float16 and a report folder: ``metrics.json``, ``loss.png``, ``command.txt``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
+import shlex
 import sys
+import time
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+from engine.config import ROOT
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "train_config.yaml"
+LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+@dataclass
+class TrainArgs:
+    """Everything a training run needs; YAML (``--config``) < command-line flags."""
+
+    base_model: str = field(default="smollm2-135m", metadata={
+        "help": "base model: 'smollm2-135m' (the embedded GGUF), a hub id or a local directory"})
+    data_dir: str = field(default="data/prepared", metadata={
+        "help": "directory with train.jsonl and validation.jsonl from 'drhouse data prepare'"})
+    output_dir: str = field(default="runs/house-smollm2", metadata={
+        "help": "checkpoints and the trainer's state"})
+    adapter_dir: str = field(default="models/house-smollm2", metadata={
+        "help": "where the final adapter is written (float16 safetensors)"})
+    report_dir: str = field(default="", metadata={
+        "help": "report folder (metrics.json, loss.png, command.txt); default ADAPTER_DIR/report"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    lora_targets: str = field(default=LORA_TARGETS, metadata={
+        "help": "comma-separated module names that get LoRA"})
+    learning_rate: float = field(default=2e-4, metadata={"help": "peak learning rate"})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "warm-up share of the steps"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    epochs: float = field(default=1.0, metadata={"help": "epochs over the train split"})
+    max_steps: int = field(default=-1, metadata={
+        "help": "optimizer steps; > 0 overrides --epochs"})
+    batch_size: int = field(default=8, metadata={"help": "sequences per micro-batch"})
+    grad_accum: int = field(default=2, metadata={"help": "micro-batches per optimizer step"})
+    eval_batch_size: int = field(default=16, metadata={"help": "sequences per eval batch"})
+    max_length: int = field(default=256, metadata={
+        "help": "tokens per sequence (prompt + reply); longer ones are cut at the end"})
+    max_train_samples: int = field(default=0, metadata={
+        "help": "use only the first N train records (0 = all)"})
+    max_eval_samples: int = field(default=0, metadata={
+        "help": "use only the first N validation records (0 = all)"})
+    eval_steps: int = field(default=100, metadata={"help": "evaluate every N optimizer steps"})
+    save_steps: int = field(default=100, metadata={
+        "help": "checkpoint every N steps (a multiple of eval_steps)"})
+    logging_steps: int = field(default=10, metadata={"help": "log the train loss every N steps"})
+    save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept"})
+    early_stopping_patience: int = field(default=3, metadata={
+        "help": "stop after N evaluations without improvement (0 = off)"})
+    early_stopping_threshold: float = field(default=0.001, metadata={
+        "help": "smallest eval-loss improvement that counts"})
+    precision: Literal["auto", "bf16", "fp32"] = field(default="auto", metadata={
+        "help": "bf16 autocast or fp32; auto = bf16 on CUDA and on CPUs with native bf16 "
+                "(avx512_bf16/AMX; measured faster, see README), else fp32"})
+    qlora: Literal["auto", "on", "off"] = field(default="auto", metadata={
+        "help": "4-bit base (bitsandbytes nf4); auto = on when CUDA is present"})
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={
+        "help": "training device"})
+    torch_threads: int = field(default=0, metadata={
+        "help": "CPU threads for torch (0 = torch's default)"})
+    time_budget_min: float = field(default=0.0, metadata={
+        "help": "stop training after N minutes (evaluate and checkpoint first; 0 = off)"})
+    resume: bool = field(default=False, metadata={
+        "help": "continue from the last checkpoint in OUTPUT_DIR"})
+    base_eval: bool = field(default=True, metadata={
+        "help": "evaluate the base model (adapter off) on the validation split first"})
+    save_dtype: Literal["float16", "bfloat16", "float32"] = field(default="float16", metadata={
+        "help": "dtype of the saved adapter weights"})
+    shared_prefix: bool = field(default=True, metadata={
+        "help": "encode the system-prompt prefix all sequences share once per batch (exact)"})
+    compact_head: bool = field(default=True, metadata={
+        "help": "score only the reply positions in the LM head on CPU too (exact)"})
+    seed: int = field(default=42, metadata={"help": "random seed"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    cache_dir: str = field(default=".cache/models", metadata={
+        "help": "where the embedded model's safetensors copy is cached"})
+    persona: str = field(default="house", metadata={"help": "persona pack (for the report)"})
+    config: str = field(default="", metadata={"help": "YAML file with any of these options"})
+    measure_precision: int = field(default=0, metadata={
+        "help": "instead of training, time N steps in fp32 and in bf16 and print tokens/s"})
+
+
+def _resolve(path: str) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else ROOT / p
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`TrainArgs` field; unset flags stay out of the namespace."""
+    hints = get_type_hints(TrainArgs)
+    for f in fields(TrainArgs):
+        kind = hints[f.name]
+        default = f.default if f.default is not MISSING else None
+        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        if kind is bool:
+            parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
+        elif get_origin(kind) is Literal:
+            parser.add_argument(_flag(f.name), dest=f.name, choices=get_args(kind),
+                                default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(_flag(f.name), dest=f.name, type=kind,
+                                default=argparse.SUPPRESS, help=help_text)
+
+
+def build_args(overrides: dict[str, Any]) -> TrainArgs:
+    """Defaults, then the YAML named by ``config`` (if any), then ``overrides``."""
+    import yaml
+
+    known = {f.name for f in fields(TrainArgs)}
+    values: dict[str, Any] = {}
+    config = overrides.get("config") or ""
+    if config:
+        raw = yaml.safe_load(_resolve(config).read_text(encoding="utf-8")) or {}
+        unknown = set(raw) - known
+        if unknown:
+            raise ValueError(f"{config}: unknown options {sorted(unknown)}")
+        values.update(raw)
+    values.update({k: v for k, v in overrides.items() if k in known})
+    return TrainArgs(**values)
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_precision(args: TrainArgs, device_type: str) -> bool:
+    """Whether to train with bf16 autocast."""
+    import torch
+
+    if args.precision != "auto":
+        if args.precision == "bf16" and device_type == "cpu" and not _cpu_has_bf16():
+            log.warning("this CPU has no native bf16; bf16 autocast will be emulated (slow)")
+        return args.precision == "bf16"
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device_type == "cpu" and _cpu_has_bf16()
+
+
+def load_records(data_dir: Path, split: str, limit: int) -> list[dict[str, Any]]:
+    path = data_dir / f"{split}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; run 'drhouse data prepare' first")
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                record = json.loads(line)
+                rows.append({"prompt": record["prompt"], "completion": record["completion"]})
+            if limit and len(rows) >= limit:
+                break
+    return rows
+
+
+def score_only_label_positions() -> None:
+    """Make TRL's fused LM head score only the positions that have a label on every device.
+
+    TRL scores just those positions on CUDA/XPU and every position elsewhere, to keep tile
+    shapes static for graph compilers. Eager CPU training gains nothing from static shapes,
+    and here about 80% of each sequence is prompt (no label): scoring it took ~40% of a
+    training step. The result is the same; only the wasted work goes.
+    """
+    import trl.trainer.utils as trl_utils
+
+    original = getattr(trl_utils, "_use_triton", None)
+    if original is None or getattr(original, "drhouse_compact", False):
+        return
+
+    def compact(device: Any) -> bool:
+        return device.type == "cpu" or bool(original(device))
+
+    compact.drhouse_compact = True  # type: ignore[attr-defined]
+    trl_utils._use_triton = compact
+
+
+def cast_frozen_linears(model: Any, dtype: Any) -> int:
+    """Store the decoder's (frozen) linear weights in ``dtype``; returns how many.
+
+    Under bf16 autocast every matmul casts its fp32 weight to bf16 on each call; storing the
+    frozen weights in bf16 gives the same products without the per-step copies (and halves
+    their memory). Embeddings, norms and the tied LM head stay fp32, so the residual stream
+    and the loss are computed exactly as with fp32 weights under autocast.
+    """
+    import torch
+
+    count = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
+            module.to(dtype)
+            count += 1
+    return count
+
+
+def load_base_for_training(args: TrainArgs, device: Any, qlora: bool,
+                           bf16: bool = False) -> tuple[Any, Any]:
+    """The base model (float32, or 4-bit on CUDA) and its tokenizer, through the serving loader
+    so the embedded model's cached safetensors copy is reused."""
+    import torch
+
+    from engine.model_loading import load_base
+
+    model, tokenizer, source = load_base(
+        args.base_model, device, torch.float32 if not qlora else torch.bfloat16,
+        _resolve(args.cache_dir), load_in_4bit=qlora,
+    )
+    if qlora:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    else:
+        if device.type != "cpu":
+            model = model.to(device)
+        if bf16:
+            cast_frozen_linears(model, torch.bfloat16)
+    if tokenizer.pad_token is None:
+        vocab = tokenizer.get_vocab()
+        tokenizer.pad_token = "<|endoftext|>" if "<|endoftext|>" in vocab else tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    model.config.use_cache = False
+    log.info("base %s loaded from %s", args.base_model, source)
+    return model, tokenizer
+
+
+def lora_config(args: TrainArgs) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=[t.strip() for t in args.lora_targets.split(",") if t.strip()],
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def sft_config(args: TrainArgs, bf16: bool, use_cpu: bool, output_dir: Path) -> Any:
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.eval_batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_ratio=args.warmup_ratio,
+        weight_decay=args.weight_decay,
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
+        eval_strategy="steps",
+        eval_steps=args.eval_steps,
+        save_strategy="steps",
+        save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        logging_steps=args.logging_steps,
+        logging_first_step=True,
+        group_by_length=True,
+        bf16=bf16,
+        use_cpu=use_cpu,
+        gradient_checkpointing=False,
+        max_length=args.max_length,
+        completion_only_loss=True,
+        packing=False,
+        report_to="none",
+        disable_tqdm=not args.progress,
+        seed=args.seed,
+        data_seed=args.seed,
+        dataloader_num_workers=0,
+        save_only_model=False,
+        dataset_num_proc=None,
+    )
+
+
+def build_trainer(args: TrainArgs, output_dir: Path, callbacks: list[Any] | None = None,
+                  ) -> tuple[Any, dict[str, Any]]:
+    """The SFTTrainer (LoRA applied) and a description of the setup."""
+    import torch
+    from datasets import Dataset
+    from transformers import EarlyStoppingCallback
+
+    from engine.model_loading import pick_device
+
+    device = pick_device(args.device)
+    if device.type == "cpu" and args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    qlora = args.qlora == "on" or (args.qlora == "auto" and device.type == "cuda")
+    bf16 = pick_precision(args, device.type)
+    model, tokenizer = load_base_for_training(args, device, qlora, bf16)
+    if args.compact_head:
+        score_only_label_positions()
+    data_dir = _resolve(args.data_dir)
+    train_rows = load_records(data_dir, "train", args.max_train_samples)
+    eval_rows = load_records(data_dir, "validation", args.max_eval_samples)
+    all_callbacks = list(callbacks or [])
+    if args.time_budget_min > 0:
+        all_callbacks.append(time_budget_callback(args.time_budget_min))
+    if args.early_stopping_patience > 0:
+        all_callbacks.append(EarlyStoppingCallback(args.early_stopping_patience,
+                                                   args.early_stopping_threshold))
+    trainer_class = shared_prefix_trainer_class()
+    trainer = trainer_class(
+        model=model,
+        args=sft_config(args, bf16, device.type == "cpu", output_dir),
+        train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(eval_rows),
+        processing_class=tokenizer,
+        peft_config=lora_config(args),
+        callbacks=all_callbacks,
+    )
+    prefix_len = trainer.set_shared_prefix() if args.shared_prefix else 0
+    setup = {
+        "device": str(device),
+        "shared_prefix_tokens": prefix_len,
+        "precision": "bf16-autocast" if bf16 else "fp32",
+        "qlora": qlora,
+        "torch_threads": torch.get_num_threads(),
+        "train_records": len(train_rows),
+        "eval_records": len(eval_rows),
+        "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+    }
+    return trainer, setup
+
+
+def time_budget_callback(minutes: float) -> Any:
+    """Stops training once ``minutes`` of training have passed, after an evaluation and a
+    checkpoint, so the best checkpoint is still the one kept."""
+    from transformers import TrainerCallback
+
+    class TimeBudget(TrainerCallback):
+        def __init__(self) -> None:
+            self.started = 0.0
+            self.stopped_at_step: int | None = None
+
+        def on_train_begin(self, *_: Any, **__: Any) -> None:
+            self.started = time.perf_counter()
+
+        def on_step_end(self, _args: Any, state: Any, control: Any, **__: Any) -> None:
+            if time.perf_counter() - self.started > minutes * 60:
+                control.should_training_stop = True
+                control.should_evaluate = True
+                control.should_save = True
+                self.stopped_at_step = state.global_step
+                log.warning("time budget of %.0f min reached at step %d; stopping",
+                            minutes, state.global_step)
+
+    return TimeBudget()
+
+
+def common_prefix(sequences: list[list[int]]) -> list[int]:
+    """The longest token prefix every sequence shares."""
+    if not sequences:
+        return []
+    prefix = list(sequences[0])
+    for seq in sequences[1:]:
+        n = 0
+        for a, b in zip(prefix, seq, strict=False):
+            if a != b:
+                break
+            n += 1
+        prefix = prefix[:n]
+    return prefix
+
+
+def shared_prefix_trainer_class() -> type:
+    """SFTTrainer that runs the prompt prefix every sequence shares once per batch.
+
+    Every training sequence starts with the same persona system prompt (about 60 of its ~90
+    tokens). The prefix is encoded once (batch 1), its key/value cache is repeated across the
+    batch, and only the rest of each sequence runs through the model. Causal attention makes
+    this exact: prefix positions never see later tokens, so the loss equals the full forward's
+    (a test checks it) at roughly a third of the compute. Gradients reach the LoRA weights
+    through the shared prefix too. Batches that do not start with the prefix take the normal
+    path.
+    """
+    import torch
+    from trl import SFTTrainer
+
+    class SharedPrefixSFTTrainer(SFTTrainer):
+        prefix_ids: torch.Tensor | None = None
+
+        def set_shared_prefix(self, sample: int = 256) -> int:
+            rows = self.train_dataset.select(range(min(sample, len(self.train_dataset))))
+            prefix = common_prefix([list(r) for r in rows["input_ids"]])
+            labels = rows["labels"] if "labels" in rows.column_names else None
+            if labels is not None:  # never share a token the loss covers
+                first_label = min(
+                    next((i for i, x in enumerate(lab) if x != -100), len(lab)) for lab in labels
+                )
+                prefix = prefix[: max(0, first_label - 1)]
+            self.prefix_ids = torch.tensor(prefix, dtype=torch.long) if len(prefix) > 1 else None
+            return len(prefix)
+
+        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            prefix = self.prefix_ids
+            ids = inputs["input_ids"]
+            n = 0 if prefix is None else prefix.numel()
+            if (
+                n
+                and ids.size(1) > n + 1
+                and "attention_mask" in inputs
+                and torch.equal(ids[:, :n], prefix.to(ids.device).expand(ids.size(0), -1))
+            ):
+                cache = model(input_ids=ids[:1, :n], use_cache=True).past_key_values
+                cache.batch_repeat_interleave(ids.size(0))
+                inputs = {
+                    **inputs,
+                    "input_ids": ids[:, n:],
+                    "labels": inputs["labels"][:, n:],
+                    "past_key_values": cache,
+                }
+                inputs.pop("position_ids", None)
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    return SharedPrefixSFTTrainer
+
+
+def save_adapter(trainer: Any, adapter_dir: Path, dtype_name: str) -> int:
+    """Save the adapter with its weights cast to ``dtype_name``; returns the weight file size."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    trainer.model.save_pretrained(str(adapter_dir))
+    weights = adapter_dir / "adapter_model.safetensors"
+    dtype = getattr(torch, dtype_name)
+    tensors = {k: v.to(dtype).contiguous() for k, v in load_file(str(weights)).items()}
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    return weights.stat().st_size
+
+
+def plot_losses(metrics: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    train = metrics["train_loss"]
+    evals = metrics["eval_loss"]
+    if train:
+        ax.plot([s for s, _ in train], [v for _, v in train], label="train loss", alpha=0.7)
+    if evals:
+        ax.plot([s for s, _ in evals], [v for _, v in evals], "o-", label="eval loss (validation)")
+    if metrics.get("base_eval_loss") is not None:
+        ax.axhline(metrics["base_eval_loss"], color="grey", linestyle="--",
+                   label=f"base model eval loss {metrics['base_eval_loss']:.3f}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (House's reply tokens only)")
+    ax.set_title(f"House LoRA on {metrics['args']['base_model']}")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(report_dir: Path, metrics: dict[str, Any], command: str) -> None:
+    report_dir.mkdir(parents=True, exist_ok=True)
+    (report_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (report_dir / "command.txt").write_text(command + "\n")
+    plot_losses(metrics, report_dir / "loss.png")
+
+
+def _history(trainer: Any) -> tuple[list[list[float]], list[list[float]]]:
+    train, evals = [], []
+    for entry in trainer.state.log_history:
+        if "loss" in entry and "step" in entry:
+            train.append([entry["step"], round(float(entry["loss"]), 5)])
+        if "eval_loss" in entry and "step" in entry:
+            evals.append([entry["step"], round(float(entry["eval_loss"]), 5)])
+    return train, evals
+
+
+def main(args: TrainArgs, command: str = "") -> dict[str, Any]:
+    """Train, save the adapter and write the report; returns the metrics."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    set_seed(args.seed)
+    started = time.perf_counter()
+    output_dir = _resolve(args.output_dir)
+    adapter_dir = _resolve(args.adapter_dir)
+    report_dir = _resolve(args.report_dir) if args.report_dir else adapter_dir / "report"
+    trainer, setup = build_trainer(args, output_dir)
+    log.info("training setup: %s", setup)
+
+    base_eval_loss = None
+    if args.base_eval:
+        with trainer.model.disable_adapter():
+            base_eval_loss = float(trainer.evaluate(metric_key_prefix="base")["base_loss"])
+        log.info("base model eval loss %.4f", base_eval_loss)
+
+    resume = get_last_checkpoint(str(output_dir)) if args.resume and output_dir.is_dir() else None
+    train_started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume)
+    train_s = time.perf_counter() - train_started
+    final_eval = trainer.evaluate()
+    size = save_adapter(trainer, adapter_dir, args.save_dtype)
+    train_loss, eval_loss = _history(trainer)
+    tokens = int(trainer._total_train_tokens)
+    metrics = {
+        "args": asdict(args),
+        "setup": setup,
+        "resumed_from": resume,
+        "stopped_by_time_budget_at_step": next(
+            (c.stopped_at_step for c in trainer.callback_handler.callbacks
+             if hasattr(c, "stopped_at_step")), None),
+        "base_eval_loss": base_eval_loss,
+        "final_eval_loss": float(final_eval["eval_loss"]),
+        "best_eval_loss": trainer.state.best_metric,
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "train_loss": train_loss,
+        "eval_loss": eval_loss,
+        "steps": trainer.state.global_step,
+        "epochs_done": round(float(trainer.state.epoch or 0), 4),
+        "train_tokens": tokens,
+        "train_runtime_s": round(float(result.metrics.get("train_runtime", train_s)), 1),
+        "tokens_per_s": round(tokens / max(train_s, 1e-9), 1),
+        "wall_s": round(time.perf_counter() - started, 1),
+        "adapter_bytes": size,
+        "adapter_dir": str(adapter_dir),
+    }
+    write_report(report_dir, metrics, command)
+    log.info("adapter saved to %s (%.1f MiB); eval loss %.4f (base %s); report in %s",
+             adapter_dir, size / 2**20, metrics["final_eval_loss"], base_eval_loss, report_dir)
+    return metrics
+
+
+def measure_precision(args: TrainArgs, steps: int) -> dict[str, Any]:
+    """Train ``steps`` optimizer steps in fp32 and in bf16 autocast on the same data and report
+    tokens/s for each (the first step is a warm-up and not counted)."""
+    import tempfile
+
+    from transformers import TrainerCallback
+
+    class Timer(TrainerCallback):
+        """(time, tokens seen) at the end of every optimizer step."""
+
+        def __init__(self) -> None:
+            self.trainer: Any = None
+            self.marks: list[tuple[float, int]] = []
+
+        def on_step_end(self, *_: Any, **__: Any) -> None:
+            self.marks.append((time.perf_counter(), int(self.trainer._total_train_tokens)))
+
+    results: dict[str, Any] = {}
+    for precision in ("fp32", "bf16"):
+        with tempfile.TemporaryDirectory() as tmp:
+            run_args = TrainArgs(**{**asdict(args), "precision": precision, "max_steps": steps + 1,
+                                    "eval_steps": 10_000, "save_steps": 10_000,
+                                    "early_stopping_patience": 0, "progress": False})
+            timer = Timer()
+            trainer, setup = build_trainer(run_args, Path(tmp), callbacks=[timer])
+            timer.trainer = trainer
+            trainer.train()
+            (t0, n0), (t1, n1) = timer.marks[0], timer.marks[-1]
+            results[precision] = {
+                "steps_timed": len(timer.marks) - 1,
+                "seconds": round(t1 - t0, 2),
+                "tokens": n1 - n0,
+                "tokens_per_s": round((n1 - n0) / (t1 - t0), 1),
+                "s_per_step": round((t1 - t0) / (len(timer.marks) - 1), 2),
+                "setup": setup,
+            }
+    results["bf16_speedup"] = round(
+        results["bf16"]["tokens_per_s"] / results["fp32"]["tokens_per_s"], 3)
+    return results
 
 
 def configure(parser: argparse.ArgumentParser, name: str) -> None:
+    add_arguments(parser)
     parser.set_defaults(action=name)
 
 
+def args_from_namespace(args: argparse.Namespace) -> TrainArgs:
+    """The flags given on the command line over the YAML config (``persona/train_config.yaml``
+    unless ``--config`` names another)."""
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainArgs) if hasattr(args, f.name)}
+    if "config" not in overrides and DEFAULT_CONFIG.is_file():
+        overrides["config"] = str(DEFAULT_CONFIG)
+    return build_args(overrides)
+
+
 def run(args: argparse.Namespace) -> int:
-    print(f"drhouse {args.action}: not built yet (issue #5).", file=sys.stderr)
-    return 2
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    train_args = args_from_namespace(args)
+    command = "drhouse " + shlex.join(sys.argv[1:])
+    if train_args.measure_precision:
+        results = measure_precision(train_args, train_args.measure_precision)
+        print(json.dumps(results, indent=2))
+        return 0
+    metrics = main(train_args, command)
+    print(json.dumps({k: metrics[k] for k in ("base_eval_loss", "final_eval_loss", "steps",
+                                              "tokens_per_s", "wall_s", "adapter_bytes")},
+                     indent=2))
+    return 0
