@@ -543,9 +543,9 @@ def main(args: TrainArgs, command: str = "") -> dict[str, Any]:
     train_started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     train_s = time.perf_counter() - train_started
+    train_loss, eval_loss = _history(trainer)  # before the final evaluation of the kept model
     final_eval = trainer.evaluate()
     size = save_adapter(trainer, adapter_dir, args.save_dtype)
-    train_loss, eval_loss = _history(trainer)
     tokens = int(trainer._total_train_tokens)
     metrics = {
         "args": asdict(args),

@@ -1,0 +1,227 @@
+"""Training: completion-only labels that match the serving prompt, the shared-prefix forward,
+and a tiny end-to-end run (a two-layer Llama with the SmolLM2 tokenizer, built here) that
+produces a loadable float16 adapter whose loss went down. Everything runs in tmp dirs with
+reporting off."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from engine.cli import build_parser
+from engine.config import Settings
+from engine.model_loading import ModelLoadError, _cached_copy, find_embedded_gguf, load_model
+from persona.data import PrepareConfig, load_split, prepare
+from persona.pack import load_persona
+from persona.prompt import render_prompt
+from persona.train import (
+    TrainArgs,
+    _cpu_has_bf16,
+    args_from_namespace,
+    build_args,
+    build_trainer,
+    common_prefix,
+    main,
+    pick_precision,
+)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROWS = [
+    (f"{opener} Is it {disease}?", f"It's never {disease}. Check the {organ}.")
+    for opener in ("Doctor,", "Tell me.", "Honestly,", "Quick question.", "House,", "Wait.")
+    for disease, organ in (("lupus", "kidneys"), ("cancer", "liver"), ("sarcoidosis", "lungs"),
+                           ("an infection", "heart"), ("an allergy", "skin"))
+]
+
+
+def smollm2_tokenizer() -> Any:
+    from transformers import AutoTokenizer
+
+    gguf = find_embedded_gguf("smollm2-135m")
+    cached = _cached_copy(gguf, Path(Settings().model_cache_dir))
+    if (cached / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(cached)
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised two-layer Llama with SmolLM2's tokenizer and chat template."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = smollm2_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    out = tmp_path_factory.mktemp("tiny-base")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import csv
+
+    root = tmp_path_factory.mktemp("data")
+    source = root / "qa.csv"
+    with source.open("w", encoding="utf-8-sig", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["anchor", "response"])
+        writer.writerows(ROWS)
+    prepare(PrepareConfig(input=source, out=root / "prepared", validation=0.25, test=0.05))
+    assert load_split(root / "prepared", "validation")
+    return root / "prepared"
+
+
+def tiny_args(base: Path, data: Path, tmp: Path, **changes: Any) -> TrainArgs:
+    values: dict[str, Any] = {
+        "base_model": str(base), "data_dir": str(data), "output_dir": str(tmp / "run"),
+        "adapter_dir": str(tmp / "adapter"), "max_steps": 12, "batch_size": 4, "grad_accum": 1,
+        "eval_batch_size": 8, "learning_rate": 1e-2, "warmup_ratio": 0.0, "eval_steps": 6,
+        "save_steps": 6, "logging_steps": 1, "early_stopping_patience": 0, "progress": False,
+        "precision": "fp32", "lora_dropout": 0.0, "cache_dir": str(tmp / "cache"),
+        "torch_threads": 1,
+    }
+    values.update(changes)
+    return TrainArgs(**values)
+
+
+@pytest.fixture
+def trainer_setup(tiny_base: Path, data_dir: Path, tmp_path: Path) -> Iterator[tuple[Any, Any]]:
+    trainer, setup = build_trainer(tiny_args(tiny_base, data_dir, tmp_path), tmp_path / "run")
+    yield trainer, setup
+
+
+def test_labels_mask_every_prompt_token_and_prompt_equals_serving(
+    trainer_setup: tuple[Any, Any], data_dir: Path
+) -> None:
+    trainer, _ = trainer_setup
+    tokenizer = trainer.processing_class
+    persona = load_persona()
+    records = load_split(data_dir, "train")
+    rows = trainer.train_dataset
+    assert len(rows) == len(records)
+    for record, row in zip(records, rows, strict=True):
+        served = render_prompt(tokenizer, persona, [], record["anchor"])
+        served_ids = tokenizer(served, add_special_tokens=False)["input_ids"]
+        ids, labels = row["input_ids"], row["labels"]
+        n = len(served_ids)
+        assert ids[:n] == served_ids  # train prompt == serving prompt, token for token
+        assert all(label == -100 for label in labels[:n])  # no prompt token in the loss
+        assert labels[n:] == ids[n:]  # every reply token (and the turn end) in the loss
+        reply = tokenizer.decode(ids[n:])
+        assert reply.startswith(record["response"]) and reply.rstrip().endswith("<|im_end|>")
+
+
+def test_shared_prefix_forward_equals_full_forward(trainer_setup: tuple[Any, Any]) -> None:
+    trainer, setup = trainer_setup
+    assert setup["shared_prefix_tokens"] > 40  # the persona system prompt
+    model = trainer.model
+    model.train()
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    results = []
+    for prefix in (None, trainer.prefix_ids):
+        trainer.prefix_ids = prefix
+        model.zero_grad()
+        loss = trainer.compute_loss(model, dict(batch))
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+        results.append((loss.item(), grads))
+    (full_loss, full_grads), (shared_loss, shared_grads) = results
+    assert shared_loss == pytest.approx(full_loss, rel=1e-5)
+    assert torch.allclose(shared_grads, full_grads, rtol=1e-3, atol=1e-6)
+
+
+def test_tiny_run_produces_a_loadable_adapter_and_lowers_the_loss(
+    tiny_base: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    args = tiny_args(tiny_base, data_dir, tmp_path)
+    metrics = main(args, "drhouse train --test")
+    assert metrics["steps"] == 12
+    assert metrics["final_eval_loss"] < metrics["base_eval_loss"] - 0.1
+    assert metrics["train_loss"][-1][1] < metrics["train_loss"][0][1]
+    assert [step for step, _ in metrics["eval_loss"]] == [6, 12]
+    assert metrics["tokens_per_s"] > 0
+
+    adapter = tmp_path / "adapter"
+    from safetensors.torch import load_file
+
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    assert weights and all(t.dtype == torch.float16 for t in weights.values())
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] == 16 and config["lora_alpha"] == 32
+    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj",
+                                             "gate_proj", "up_proj", "down_proj"}
+    report = adapter / "report"
+    assert json.loads((report / "metrics.json").read_text())["base_eval_loss"] == pytest.approx(
+        metrics["base_eval_loss"])
+    assert (report / "loss.png").stat().st_size > 1000
+    assert (report / "command.txt").read_text().strip() == "drhouse train --test"
+
+    loaded = load_model(str(tiny_base), {"house": str(adapter)}, device="cpu", dtype="float32")
+    assert loaded.adapters == ["house"]
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        tuned = loaded.model(input_ids=ids).logits
+        with loaded.model.disable_adapter():
+            base = loaded.model(input_ids=ids).logits
+    assert not torch.allclose(tuned, base)
+
+
+def test_checkpoints_and_resume(tiny_base: Path, data_dir: Path, tmp_path: Path) -> None:
+    first = main(tiny_args(tiny_base, data_dir, tmp_path, max_steps=4, eval_steps=2,
+                           save_steps=2, base_eval=False))
+    assert first["steps"] == 4 and first["base_eval_loss"] is None
+    assert (tmp_path / "run" / "checkpoint-4").is_dir()
+    resumed = main(tiny_args(tiny_base, data_dir, tmp_path, max_steps=6, eval_steps=2,
+                             save_steps=2, base_eval=False, resume=True))
+    assert resumed["resumed_from"].endswith("checkpoint-4")
+    assert resumed["steps"] == 6
+
+
+def test_yaml_config_and_flags(tmp_path: Path) -> None:
+    config = tmp_path / "train.yaml"
+    config.write_text("lora_r: 8\nlearning_rate: 1.0e-3\nmax_steps: 30\n")
+    args = build_parser().parse_args(
+        ["train", "--config", str(config), "--max-steps", "5", "--no-progress", "--precision",
+         "fp32"])
+    resolved = args_from_namespace(args)
+    assert (resolved.lora_r, resolved.learning_rate, resolved.max_steps) == (8, 1e-3, 5)
+    assert resolved.progress is False and resolved.precision == "fp32"
+    assert resolved.lora_alpha == 32  # untouched default
+    shipped = args_from_namespace(build_parser().parse_args(["train"]))
+    assert shipped.lora_r == 16 and shipped.lora_dropout == 0.05
+    config.write_text("lora_rank: 8\n")
+    with pytest.raises(ValueError, match="unknown options"):
+        build_args({"config": str(config)})
+
+
+def test_precision_and_qlora_choices(tiny_base: Path, data_dir: Path, tmp_path: Path) -> None:
+    assert pick_precision(TrainArgs(precision="fp32"), "cpu") is False
+    assert pick_precision(TrainArgs(precision="bf16"), "cpu") is True
+    assert pick_precision(TrainArgs(precision="auto"), "cpu") is _cpu_has_bf16()
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelLoadError, match="CUDA"):
+            build_trainer(tiny_args(tiny_base, data_dir, tmp_path, qlora="on"), tmp_path / "q")
+
+
+def test_common_prefix() -> None:
+    assert common_prefix([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == [1, 2]
+    assert common_prefix([[7, 8]]) == [7, 8]
+    assert common_prefix([]) == []
