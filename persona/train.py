@@ -93,6 +93,11 @@ class TrainArgs:
         "help": "training device"})
     torch_threads: int = field(default=0, metadata={
         "help": "CPU threads for torch (0 = torch's default)"})
+    init_adapter: str = field(default="", metadata={
+        "help": "start from this LoRA adapter instead of a fresh one (continue training, or "
+                "evaluate it with --eval-only)"})
+    eval_only: bool = field(default=False, metadata={
+        "help": "no training: print the eval loss of the base model and of the adapter"})
     time_budget_min: float = field(default=0.0, metadata={
         "help": "stop training after N minutes (evaluate and checkpoint first; 0 = off)"})
     resume: bool = field(default=False, metadata={
@@ -333,6 +338,13 @@ def build_trainer(args: TrainArgs, output_dir: Path, callbacks: list[Any] | None
     qlora = args.qlora == "on" or (args.qlora == "auto" and device.type == "cuda")
     bf16 = pick_precision(args, device.type)
     model, tokenizer = load_base_for_training(args, device, qlora, bf16)
+    peft_config = lora_config(args)
+    if args.init_adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(_resolve(args.init_adapter)),
+                                          is_trainable=True)
+        peft_config = None
     if args.compact_head:
         score_only_label_positions()
     data_dir = _resolve(args.data_dir)
@@ -351,7 +363,7 @@ def build_trainer(args: TrainArgs, output_dir: Path, callbacks: list[Any] | None
         train_dataset=Dataset.from_list(train_rows),
         eval_dataset=Dataset.from_list(eval_rows),
         processing_class=tokenizer,
-        peft_config=lora_config(args),
+        peft_config=peft_config,
         callbacks=all_callbacks,
     )
     prefix_len = trainer.set_shared_prefix() if args.shared_prefix else 0
@@ -448,7 +460,8 @@ def shared_prefix_trainer_class() -> type:
                 and "attention_mask" in inputs
                 and torch.equal(ids[:, :n], prefix.to(ids.device).expand(ids.size(0), -1))
             ):
-                cache = model(input_ids=ids[:1, :n], use_cache=True).past_key_values
+                cache = model(input_ids=ids[:1, :n], use_cache=True,
+                              logits_to_keep=1).past_key_values
                 cache.batch_repeat_interleave(ids.size(0))
                 inputs = {
                     **inputs,
@@ -462,13 +475,22 @@ def shared_prefix_trainer_class() -> type:
     return SharedPrefixSFTTrainer
 
 
-def save_adapter(trainer: Any, adapter_dir: Path, dtype_name: str) -> int:
-    """Save the adapter with its weights cast to ``dtype_name``; returns the weight file size."""
+def save_adapter(trainer: Any, adapter_dir: Path, dtype_name: str, base_model: str = "") -> int:
+    """Save the adapter with its weights cast to ``dtype_name``; returns the weight file size.
+
+    ``base_model`` (the name training was given, e.g. ``smollm2-135m``) replaces the local
+    path PEFT records, so the config means the same on every machine."""
     import torch
     from safetensors.torch import load_file, save_file
 
     adapter_dir.mkdir(parents=True, exist_ok=True)
     trainer.model.save_pretrained(str(adapter_dir))
+    (adapter_dir / "README.md").unlink(missing_ok=True)  # PEFT's empty model-card template
+    if base_model:
+        config_path = adapter_dir / "adapter_config.json"
+        config = json.loads(config_path.read_text())
+        config["base_model_name_or_path"] = base_model
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     weights = adapter_dir / "adapter_model.safetensors"
     dtype = getattr(torch, dtype_name)
     tensors = {k: v.to(dtype).contiguous() for k, v in load_file(str(weights)).items()}
@@ -519,6 +541,21 @@ def _history(trainer: Any) -> tuple[list[list[float]], list[list[float]]]:
     return train, evals
 
 
+def evaluate_only(args: TrainArgs) -> dict[str, Any]:
+    """Eval loss of the base model and of ``init_adapter`` on the validation split."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer, setup = build_trainer(
+            TrainArgs(**{**asdict(args), "early_stopping_patience": 0, "time_budget_min": 0.0}),
+            Path(tmp))
+        with trainer.model.disable_adapter():
+            base = float(trainer.evaluate(metric_key_prefix="base")["base_loss"])
+        tuned = float(trainer.evaluate()["eval_loss"])
+    return {"base_eval_loss": base, "adapter_eval_loss": tuned, "adapter": args.init_adapter,
+            "eval_records": setup["eval_records"], "precision": setup["precision"]}
+
+
 def main(args: TrainArgs, command: str = "") -> dict[str, Any]:
     """Train, save the adapter and write the report; returns the metrics."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -545,7 +582,7 @@ def main(args: TrainArgs, command: str = "") -> dict[str, Any]:
     train_s = time.perf_counter() - train_started
     train_loss, eval_loss = _history(trainer)  # before the final evaluation of the kept model
     final_eval = trainer.evaluate()
-    size = save_adapter(trainer, adapter_dir, args.save_dtype)
+    size = save_adapter(trainer, adapter_dir, args.save_dtype, args.base_model)
     tokens = int(trainer._total_train_tokens)
     metrics = {
         "args": asdict(args),
@@ -656,6 +693,12 @@ def run(args: argparse.Namespace) -> int:
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     train_args = args_from_namespace(args)
     command = "drhouse " + shlex.join(sys.argv[1:])
+    if train_args.eval_only:
+        if not train_args.init_adapter:
+            print("drhouse train --eval-only needs --init-adapter PATH", file=sys.stderr)
+            return 2
+        print(json.dumps(evaluate_only(train_args), indent=2))
+        return 0
     if train_args.measure_precision:
         results = measure_precision(train_args, train_args.measure_precision)
         print(json.dumps(results, indent=2))

@@ -27,7 +27,9 @@ from persona.train import (
     build_args,
     build_trainer,
     common_prefix,
+    evaluate_only,
     main,
+    measure_precision,
     pick_precision,
 )
 
@@ -166,6 +168,7 @@ def test_tiny_run_produces_a_loadable_adapter_and_lowers_the_loss(
     assert weights and all(t.dtype == torch.float16 for t in weights.values())
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["r"] == 16 and config["lora_alpha"] == 32
+    assert config["base_model_name_or_path"] == str(tiny_base)
     assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj",
                                              "gate_proj", "up_proj", "down_proj"}
     report = adapter / "report"
@@ -182,6 +185,10 @@ def test_tiny_run_produces_a_loadable_adapter_and_lowers_the_loss(
         with loaded.model.disable_adapter():
             base = loaded.model(input_ids=ids).logits
     assert not torch.allclose(tuned, base)
+
+    again = evaluate_only(tiny_args(tiny_base, data_dir, tmp_path, init_adapter=str(adapter)))
+    assert again["base_eval_loss"] == pytest.approx(metrics["base_eval_loss"], rel=1e-4)
+    assert again["adapter_eval_loss"] == pytest.approx(metrics["final_eval_loss"], rel=1e-2)
 
 
 def test_checkpoints_and_resume(tiny_base: Path, data_dir: Path, tmp_path: Path) -> None:
@@ -219,6 +226,14 @@ def test_precision_and_qlora_choices(tiny_base: Path, data_dir: Path, tmp_path: 
     if not torch.cuda.is_available():
         with pytest.raises(ModelLoadError, match="CUDA"):
             build_trainer(tiny_args(tiny_base, data_dir, tmp_path, qlora="on"), tmp_path / "q")
+
+
+def test_measure_precision_times_both(tiny_base: Path, data_dir: Path, tmp_path: Path) -> None:
+    results = measure_precision(tiny_args(tiny_base, data_dir, tmp_path), steps=1, rounds=1)
+    assert results["fp32"]["setup"]["precision"] == "fp32"
+    assert results["bf16"]["setup"]["precision"] == "bf16-autocast"
+    assert results["fp32"]["tokens_per_round"] == results["bf16"]["tokens_per_round"] > 0
+    assert results["bf16_speedup"] > 0
 
 
 def test_common_prefix() -> None:
