@@ -77,9 +77,10 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--retrain-classifier", action="store_true",
                         help="train the persona classifier on --data-dir and store it")
     parser.add_argument("--label", default="", help="a name for this run in tables")
-    parser.add_argument("--reuse", type=Path, metavar="RUN_DIR",
-                        help="take the systems not named in --systems from an earlier run on "
-                             "the same prompts (its samples/ folder) instead of recomputing")
+    parser.add_argument("--reuse", type=Path, nargs="+", metavar="RUN_DIR",
+                        help="take the systems not named in --systems from earlier runs on "
+                             "the same prompts (their samples/ folders; the first run that has "
+                             "a system wins) instead of recomputing")
     parser.add_argument("--collect", nargs="+", type=Path, metavar="RUN_DIR",
                         help="only build tuning.md in --out from earlier runs' outputs")
 
@@ -263,8 +264,11 @@ def run(args: argparse.Namespace) -> int:
         scorer = ranker.score
     samples: dict[str, list[Sample]] = {}
     timing: dict[str, dict[str, Any]] = {}
-    if args.reuse:
-        samples, timing = reuse_run(args.reuse, prompts, skip=systems if args.systems else [])
+    for directory in args.reuse or []:
+        more, more_timing = reuse_run(directory, prompts,
+                                      skip=[*samples, *(systems if args.systems else [])])
+        samples.update(more)
+        timing.update(more_timing)
     to_generate = [s for s in model_systems if s not in samples]
     adapters = {k: v for k, v in settings.adapter_paths.items() if k in to_generate}
     generator = load_generator(settings, persona, adapters) if to_generate else None
@@ -313,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
         "controls": controls.__dict__,
         "reranker": reranker_name,
         "systems": timing,
-        "reused_from": display_path(args.reuse) if args.reuse else None,
+        "reused_from": [display_path(d) for d in args.reuse or []],
         "base_model": settings.base_model,
         "adapters": {k: display_path(Path(v)) for k, v in adapters.items()},
         "classifier": classifier.meta,
