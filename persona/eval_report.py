@@ -88,7 +88,8 @@ def compute_metrics(samples: dict[str, list[Sample]], timing: dict[str, dict[str
 def subject_system(metrics: dict[str, Any]) -> str | None:
     """The system the targets are about: the first adapter, else the base model."""
     systems = [k for k, v in metrics.items() if isinstance(v, dict)]
-    adapters = [s for s in systems if s not in (HUMAN, RETRIEVAL, BASE)]
+    adapters = [s for s in systems
+                if s not in (HUMAN, RETRIEVAL, BASE) and not s.endswith("-norerank")]
     return adapters[0] if adapters else (BASE if BASE in systems else None)
 
 

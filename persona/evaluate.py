@@ -17,6 +17,7 @@ survives.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -76,6 +77,9 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
                              "judge (default: the same as --classifier-dir)")
     parser.add_argument("--retrain-classifier", action="store_true",
                         help="train the persona classifier on --data-dir and store it")
+    parser.add_argument("--also-no-rerank", action="store_true",
+                        help="add '<system>-norerank': the first acceptable candidate of the "
+                             "same generations, i.e. the reply without the reranker")
     parser.add_argument("--label", default="", help="a name for this run in tables")
     parser.add_argument("--reuse", type=Path, nargs="+", metavar="RUN_DIR",
                         help="take the systems not named in --systems from earlier runs on "
@@ -177,6 +181,8 @@ def generate_replies(
                 fallback=not candidates[best],
                 tokens=chosen.tokens,
                 ms=batch_ms + rerank_ms,
+                candidates=tuple((c, o.text, o.finished) for c, o in zip(candidates, rows,
+                                                                         strict=True)),
             ))
         if progress is not None:
             progress.update(len(batch))
@@ -297,6 +303,10 @@ def run(args: argparse.Namespace) -> int:
         timing[system] = {**info, **totals, "controls": controls.__dict__,
                           "reranker": reranker_name,
                           "load_after": round(os.getloadavg()[0], 2)}
+    if args.also_no_rerank:
+        for system in [s for s in samples if s not in (HUMAN, RETRIEVAL)]:
+            if samples[system] and samples[system][0].candidates:
+                samples[f"{system}-norerank"] = without_reranker(samples[system], persona)
     samples = {s: samples[s] for s in order_systems(samples, list(settings.adapter_paths))}
 
     house_train, _ = read_split(args.data_dir / "train.jsonl")
@@ -331,10 +341,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def without_reranker(samples: Sequence[Sample], persona: Persona) -> list[Sample]:
+    """The replies the same generations give when no scorer ranks the candidates."""
+    from persona.postprocess import choose_reply
+
+    out = []
+    for s in samples:
+        texts = [c[0] for c in s.candidates]
+        best = choose_reply(texts, s.message, None)
+        _, raw, finished = s.candidates[best]
+        out.append(dataclasses.replace(s, reply=texts[best] or persona.line("fallback"),
+                                       raw=raw, hit_cap=not finished, fallback=not texts[best]))
+    return out
+
+
 def order_systems(systems: Sequence[str], adapters: Sequence[str]) -> list[str]:
     """base, adapters, other model systems, retrieval, human."""
     rank = {BASE: 0, **{a: 1 for a in adapters}, RETRIEVAL: 3, HUMAN: 4}
-    return sorted(systems, key=lambda s: rank.get(s, 2))
+    return sorted(systems, key=lambda s: (rank.get(s.split("-norerank")[0], 2), s))
 
 
 def reuse_run(directory: Path, prompts: Sequence[Prompt], skip: Sequence[str]
@@ -352,7 +376,9 @@ def reuse_run(directory: Path, prompts: Sequence[Prompt], skip: Sequence[str]
         if [r["message"] for r in rows] != [p.message for p in prompts]:
             raise SystemExit(f"{path}: other prompts than this run's (same --split, --limit, "
                              "--seed, --prompts?)")
-        samples[path.stem] = [Sample(**r) for r in rows]
+        samples[path.stem] = [Sample(**{**r, "candidates": tuple(tuple(c) for c in
+                                                                 r.get("candidates", []))})
+                              for r in rows]
         timing[path.stem] = {**run.get("systems", {}).get(path.stem, {}),
                              "reused_from": display_path(directory)}
     return samples, timing

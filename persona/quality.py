@@ -160,6 +160,9 @@ class Sample:
     fallback: bool = False
     tokens: int = 0
     ms: float | None = None
+    # Every candidate of a model reply as (cleaned text, raw text, finished), for
+    # counterfactual choices (e.g. without the reranker) from the same generations.
+    candidates: tuple[tuple[str, str, bool], ...] = ()
 
 
 def rate(flags: Iterable[bool]) -> float:

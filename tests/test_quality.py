@@ -225,3 +225,20 @@ def test_outputs_can_be_reused_by_a_later_run(tmp_path, detector: SceneDetector)
         reuse_run(tmp_path, prompts[:1], skip=[])
     assert order_systems(["human", "retrieval", "house", "base"], ["house"]) == \
         ["base", "house", "retrieval", "human"]
+
+
+def test_counterfactual_without_reranker(persona, fake_generator) -> None:
+    from persona.evaluate import without_reranker
+
+    prompts = [Prompt("my knee hurts", "Stop running.")]
+    controls = persona.controls.merged({"candidates": 2})
+    samples, _ = generate_replies(fake_generator, persona, prompts, "house", controls, seed=1,
+                                  batch_size=4, scorer=lambda texts: [0.0, 1.0],
+                                  token_budget=384)
+    assert samples[0].reply == samples[0].candidates[1][0]
+    first = without_reranker(samples, persona)[0]
+    assert first.reply == samples[0].candidates[0][0] != samples[0].reply
+    figures = {"scene_insert_rate": 0.0, "echo_rate": 0.0, "loop_rate": 0.0,
+               "over_cap_rate": 0.0}
+    rows = check_targets({"house-norerank": figures, "house": figures, "classifier_auc": None})
+    assert rows[0][0].startswith("house: ")
