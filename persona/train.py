@@ -508,7 +508,15 @@ def plot_losses(metrics: dict[str, Any], path: Path) -> None:
     train = metrics["train_loss"]
     evals = metrics["eval_loss"]
     if train:
-        ax.plot([s for s, _ in train], [v for _, v in train], label="train loss", alpha=0.7)
+        ax.plot([s for s, _ in train], [v for _, v in train], label="train loss", alpha=0.35)
+        window = min(10, len(train))
+        if window > 1:
+            # Length-grouped batches make the per-step loss a saw-tooth; the mean shows the trend.
+            values = [v for _, v in train]
+            chunks = [values[max(0, i - window + 1):i + 1] for i in range(len(values))]
+            means = [sum(chunk) / len(chunk) for chunk in chunks]
+            ax.plot([s for s, _ in train], means, color="C0",
+                    label=f"train loss, mean of last {window} logs")
     if evals:
         ax.plot([s for s, _ in evals], [v for _, v in evals], "o-", label="eval loss (validation)")
     if metrics.get("base_eval_loss") is not None:
