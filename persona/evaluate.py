@@ -77,6 +77,9 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
                              "judge (default: the same as --classifier-dir)")
     parser.add_argument("--retrain-classifier", action="store_true",
                         help="train the persona classifier on --data-dir and store it")
+    parser.add_argument("--time-budget-min", type=float, default=0.0,
+                        help="stop generating after this many minutes (checked between "
+                             "batches) and report on the prompts every system answered")
     parser.add_argument("--also-no-rerank", action="store_true",
                         help="add '<system>-norerank': the first acceptable candidate of the "
                              "same generations, i.e. the reply without the reranker")
@@ -140,8 +143,11 @@ def generate_replies(
     scorer: Callable[[Sequence[str]], Sequence[float]] | None,
     token_budget: int,
     progress: Any = None,
+    deadline: float | None = None,
 ) -> tuple[list[Sample], dict[str, float]]:
-    """Answer every prompt the way the worker would; returns samples and timing totals."""
+    """Answer every prompt the way the worker would; returns samples and timing totals.
+
+    With ``deadline`` (a `time.monotonic` value), stops after the batch that passes it."""
     from engine.generation import GenerationJob
     from persona.postprocess import choose_reply, clean_reply
     from persona.prompt import render_prompt
@@ -151,6 +157,9 @@ def generate_replies(
     tokens, generate_s = 0, 0.0
     n = controls.candidates
     for start in range(0, len(prompts), batch_size):
+        if deadline is not None and time.monotonic() > deadline:
+            log.warning("time budget spent: %d of %d prompts answered", start, len(prompts))
+            break
         batch = prompts[start : start + batch_size]
         jobs = []
         for offset, item in enumerate(batch):
@@ -275,6 +284,7 @@ def run(args: argparse.Namespace) -> int:
                                       skip=[*samples, *(systems if args.systems else [])])
         samples.update(more)
         timing.update(more_timing)
+    deadline = (time.monotonic() + args.time_budget_min * 60) if args.time_budget_min else None
     to_generate = [s for s in model_systems if s not in samples]
     adapters = {k: v for k, v in settings.adapter_paths.items() if k in to_generate}
     generator = load_generator(settings, persona, adapters) if to_generate else None
@@ -299,7 +309,7 @@ def run(args: argparse.Namespace) -> int:
         with tqdm(total=len(prompts), desc=system, unit="prompt", file=sys.stderr) as bar:
             samples[system], totals = generate_replies(
                 generator, persona, prompts, adapter, controls, args.seed, args.batch_size,
-                scorer, settings.history_token_budget, bar)
+                scorer, settings.history_token_budget, bar, deadline)
         timing[system] = {**info, **totals, "controls": controls.__dict__,
                           "reranker": reranker_name,
                           "load_after": round(os.getloadavg()[0], 2)}
@@ -308,6 +318,11 @@ def run(args: argparse.Namespace) -> int:
             if samples[system] and samples[system][0].candidates:
                 samples[f"{system}-norerank"] = without_reranker(samples[system], persona)
     samples = {s: samples[s] for s in order_systems(samples, list(settings.adapter_paths))}
+    answered = min(len(items) for items in samples.values())
+    if answered < len(prompts):
+        log.warning("reporting on the %d prompts every system answered", answered)
+        prompts = prompts[:answered]
+        samples = {s: items[:answered] for s, items in samples.items()}
 
     house_train, _ = read_split(args.data_dir / "train.jsonl")
     auc_split = args.data_dir / f"{args.split}.jsonl"
@@ -373,7 +388,9 @@ def reuse_run(directory: Path, prompts: Sequence[Prompt], skip: Sequence[str]
         if path.stem in skip:
             continue
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-        if [r["message"] for r in rows] != [p.message for p in prompts]:
+        theirs, ours = [r["message"] for r in rows], [p.message for p in prompts]
+        n = min(len(theirs), len(ours))
+        if not n or theirs[:n] != ours[:n]:
             raise SystemExit(f"{path}: other prompts than this run's (same --split, --limit, "
                              "--seed, --prompts?)")
         samples[path.stem] = [Sample(**{**r, "candidates": tuple(tuple(c) for c in

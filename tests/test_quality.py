@@ -222,7 +222,7 @@ def test_outputs_can_be_reused_by_a_later_run(tmp_path, detector: SceneDetector)
     assert list(loaded) == ["base"] and loaded["base"] == samples["base"]
     assert timing["base"]["load_before"] == 0.1
     with pytest.raises(SystemExit):
-        reuse_run(tmp_path, prompts[:1], skip=[])
+        reuse_run(tmp_path, [Prompt("something else")], skip=[])
     assert order_systems(["human", "retrieval", "house", "base"], ["house"]) == \
         ["base", "house", "retrieval", "human"]
 
@@ -242,3 +242,17 @@ def test_counterfactual_without_reranker(persona, fake_generator) -> None:
                "over_cap_rate": 0.0}
     rows = check_targets({"house-norerank": figures, "house": figures, "classifier_auc": None})
     assert rows[0][0].startswith("house: ")
+
+
+def test_time_budget_stops_between_batches(persona, fake_generator) -> None:
+    import time
+
+    prompts = [Prompt(f"message {i}") for i in range(3)]
+    done, _ = generate_replies(fake_generator, persona, prompts, "house", persona.controls,
+                               seed=0, batch_size=1, scorer=None, token_budget=384,
+                               deadline=time.monotonic() - 1)
+    assert done == []
+    done, _ = generate_replies(fake_generator, persona, prompts, "house", persona.controls,
+                               seed=0, batch_size=1, scorer=None, token_budget=384,
+                               deadline=time.monotonic() + 600)
+    assert [s.message for s in done] == [p.message for p in prompts]
