@@ -9,15 +9,19 @@ loss): the prompt tokens are masked with -100, so the model learns to answer, no
 Exact commands (defaults in ``persona/train_config.yaml``; any flag overrides the YAML)::
 
     drhouse data prepare
-    drhouse train --config persona/train_config.yaml
-    drhouse train --config persona/train_config.yaml --max-steps 20 --output-dir runs/smoke
-    drhouse train --measure-precision 6        # bf16 autocast vs fp32, a few steps each
+    drhouse train            # the shipped adapter: see models/house-smollm2/report/command.txt
+    drhouse train --max-steps 20 --output-dir runs/smoke --adapter-dir runs/smoke/adapter
+    drhouse train --resume   # continue from the last checkpoint in --output-dir
+    drhouse train --eval-only --init-adapter models/house-smollm2   # base vs adapter eval loss
+    drhouse train --measure-precision 3 --torch-threads 1           # bf16 autocast vs fp32
 
 Training uses a cosine schedule with warm-up, evaluates on the validation split every
 ``eval_steps``, stops early when the eval loss stops improving, keeps checkpoints (``--resume``
 continues from the last one), groups batches by length, and accumulates gradients. On CUDA the
-base is loaded in 4 bits (QLoRA) unless ``--no-qlora``. At the end it writes the adapter in
-float16 and a report folder: ``metrics.json``, ``loss.png``, ``command.txt``.
+base is loaded in 4 bits (QLoRA) unless ``--qlora off``. On a CPU with native bf16 it trains
+under bf16 autocast. At the end it writes the adapter in float16 and a report folder:
+``metrics.json``, ``loss.png``, ``command.txt``. On a shared CPU ``--torch-threads 1`` is much
+faster than two threads fighting other processes (see the README).
 """
 
 from __future__ import annotations
