@@ -314,9 +314,11 @@ def run(args: argparse.Namespace) -> int:
                           "reranker": reranker_name,
                           "load_after": round(os.getloadavg()[0], 2)}
     if args.also_no_rerank:
-        for system in [s for s in samples if s not in (HUMAN, RETRIEVAL)]:
+        for system in [s for s in samples
+                       if s not in (HUMAN, RETRIEVAL) and not s.endswith("-norerank")]:
             if samples[system] and samples[system][0].candidates:
                 samples[f"{system}-norerank"] = without_reranker(samples[system], persona)
+                timing.pop(f"{system}-norerank", None)
     samples = {s: samples[s] for s in order_systems(samples, list(settings.adapter_paths))}
     answered = min(len(items) for items in samples.values())
     if answered < len(prompts):
