@@ -97,3 +97,13 @@ async def running_worker(redis: aioredis.Redis, keys: Keys, persona: Persona,
     finally:
         worker.stop.set()
         await asyncio.wait_for(task, 15)
+
+
+async def expected_replies(generator: FakeGenerator, text: str, adapter: str = "house",
+                           candidates: int = 2) -> set[str]:
+    """The replies the fake generator could give to the request with this text (one per
+    candidate the worker drew for it)."""
+    found = {FakeGenerator.reply_for(job.message, adapter, job.seed)
+             for job in generator.jobs if job.message == text and job.adapter == adapter}
+    assert found, f"no request with text {text!r} was generated for"
+    return found

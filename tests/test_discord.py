@@ -18,6 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 from discord.ext.test import backend, callbacks
 from discord.ext.test import factories as facts
+from harness import expected_replies
 
 from bots.conversations import conversation_id
 from bots.discord_bot import FRONTEND_ID
@@ -109,16 +110,6 @@ async def bot(fake_worker: Worker, start_bot: tuple[Factory, Sent]) -> DiscordFr
 @pytest.fixture
 def sent(start_bot: tuple[Factory, Sent]) -> Sent:
     return start_bot[1]
-
-
-async def expected_replies(generator: FakeGenerator, text: str, adapter: str = "house",
-                           candidates: int = 2) -> set[str]:
-    """The replies the fake generator could give to the request with this text (one per
-    candidate the worker drew for it)."""
-    found = {FakeGenerator.reply_for(job.message, adapter, job.seed)
-             for job in generator.jobs if job.message == text and job.adapter == adapter}
-    assert found, f"no request with text {text!r} was generated for"
-    return found
 
 
 def channel_and_members() -> tuple[discord.TextChannel, discord.Member, discord.Member]:

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from fake_telegram import FakeTelegram
+from harness import expected_replies
 
 from bots.commands import COMMANDS
 from bots.conversations import conversation_id
@@ -69,16 +70,6 @@ async def start_bot(settings: Settings, redis: aioredis.Redis, keys: Keys, perso
 @pytest.fixture
 async def bot(fake_worker: Worker, start_bot: Factory) -> TelegramFrontend:
     return await start_bot()
-
-
-async def expected_replies(generator: FakeGenerator, text: str, adapter: str = "house",
-                           candidates: int = 2) -> set[str]:
-    """The replies the fake generator could give to the request with this text (one per
-    candidate the worker drew for it)."""
-    found = {FakeGenerator.reply_for(job.message, adapter, job.seed)
-             for job in generator.jobs if job.message == text and job.adapter == adapter}
-    assert found, f"no request with text {text!r} was generated for"
-    return found
 
 
 async def first_bot_message(tg: FakeTelegram, chat_id: int, count: int = 1,
