@@ -3,7 +3,8 @@
 - ``bench batching``: C concurrent conversations through Redis against the real embedded
   model, micro-batching on (B=C) versus off (B=1), same prompts, seeds and token limits:
   aggregate generated tokens/s, p50/p95 reply latency and the batched/sequential ratio; one
-  run per ``--dtypes`` entry.
+  run per ``--dtypes`` entry, each mode ``--rounds`` times (interleaved, the median round is
+  reported), with or without the system-prompt prefix cache, on the base model or an adapter.
 - ``bench queue``: frontend → Redis → worker → frontend round trips with a generator that
   returns at once: p50/p99 overhead in ms (one request in flight) and requests/s (many).
 - ``bench all``: both. ``--json PATH`` writes ``{"batching": {...}, "queue": {...}}``.
@@ -50,6 +51,13 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
                         help="tokens per reply for 'batching' (default 32)")
     parser.add_argument("--dtypes", default="float32",
                         help="comma-separated dtypes to compare, e.g. float32,bfloat16")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of each mode for 'batching'; the median is reported")
+    parser.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=None,
+                        help="reuse the system prompt's keys/values (default: PREFIX_CACHE)")
+    parser.add_argument("--adapter", default="",
+                        help="load the configured adapter of this name and send every request "
+                             "to it (default: the base model alone)")
     parser.add_argument("--requests", type=int, default=1000,
                         help="round trips for 'queue' (default 1000)")
 
@@ -59,12 +67,14 @@ def run(args: argparse.Namespace) -> int:
     from engine.runtime import setup_logging
 
     settings = Settings()
+    if args.prefix_cache is not None:
+        settings = settings.model_copy(update={"prefix_cache": args.prefix_cache})
     setup_logging(settings.model_copy(update={"log_level": "WARNING"}))
     results: dict[str, Any] = {}
     if args.which in ("batching", "all"):
         results["batching"] = asyncio.run(bench_batching(
             settings, args.conversations, args.max_new_tokens,
-            [d.strip() for d in args.dtypes.split(",") if d.strip()]))
+            [d.strip() for d in args.dtypes.split(",") if d.strip()], args.adapter, args.rounds))
     if args.which in ("queue", "all"):
         results["queue"] = asyncio.run(bench_queue(settings, args.requests))
     if args.json:
@@ -115,7 +125,8 @@ async def _round(redis: Any, keys: Any, generator: Any, persona: Any, batch_size
 
 
 async def bench_batching(settings: Any, conversations: int, max_new_tokens: int,
-                         dtypes: list[str]) -> dict[str, Any]:
+                         dtypes: list[str], adapter: str = "", repeats: int = 3,
+                         ) -> dict[str, Any]:
     from rich.console import Console
     from rich.table import Table
 
@@ -125,37 +136,53 @@ async def bench_batching(settings: Any, conversations: int, max_new_tokens: int,
     from engine.protocol import Request
     from engine.runtime import redis_for
     from persona.pack import load_persona
+    from persona.prompt import system_block
 
     persona = load_persona(settings.persona)
     # Fixed seeds and token limits; the sentence cap is lifted so every row generates the same
     # amount of text in both modes.
     overrides = {"max_new_tokens": max_new_tokens, "sentence_cap": 10, "candidates": 1}
 
+    adapters = {adapter: settings.adapter_paths[adapter]} if adapter else {}
+
     def requests(tag: str) -> list[Request]:
         return [Request(frontend="bench", conversation=f"bench:{tag}:{i}", user=f"u{i}",
                         text=BENCH_PROMPTS[i % len(BENCH_PROMPTS)],
-                        settings={**overrides, "seed": i})
+                        settings={**overrides, "seed": i, "adapter": adapter or "base"})
                 for i in range(conversations)]
 
     redis = await redis_for(settings)
     keys = Keys(f"bench-{uuid.uuid4().hex[:8]}")
     per_dtype: dict[str, Any] = {}
     table = Table(title=f"micro-batching: {conversations} conversations, "
-                        f"{max_new_tokens} new tokens each")
-    for column in ("dtype", "mode", "tokens", "wall s", "tokens/s", "p50 ms", "p95 ms"):
+                        f"{max_new_tokens} new tokens each, adapter {adapter or 'none'}, "
+                        f"prefix cache {'on' if settings.prefix_cache else 'off'}")
+    for column in ("dtype", "mode", "tokens", "wall s", "tokens/s", "p50 ms", "p95 ms",
+                   "tokens/s by round"):
         table.add_column(column, justify="right")
     try:
         for dtype in dtypes:
-            loaded = await asyncio.to_thread(load_model, settings.base_model, {}, "cpu", dtype,
-                                             settings.model_cache_dir)
-            generator = HFGenerator(loaded, persona.other_speakers)
+            loaded = await asyncio.to_thread(load_model, settings.base_model, adapters, "cpu",
+                                             dtype, settings.model_cache_dir)
+            prefix = system_block(loaded.tokenizer, persona) if settings.prefix_cache else ""
+            generator = HFGenerator(loaded, persona.other_speakers, shared_prefix=prefix)
+            rounds: dict[str, list[dict[str, float]]] = {"sequential": [], "batched": []}
+            for _ in range(repeats):
+                for mode, batch in (("sequential", 1), ("batched", conversations)):
+                    rounds[mode].append(await _round(redis, keys, generator, persona, batch,
+                                                     requests(f"{mode}{len(rounds[mode])}")))
             runs = {}
             for mode, batch in (("sequential", 1), ("batched", conversations)):
-                runs[mode] = await _round(redis, keys, generator, persona, batch, requests(mode))
+                # The median round by throughput: one slow round (a noisy neighbour) is ignored.
+                ordered = sorted(rounds[mode], key=lambda r: r["tokens_per_s"])
+                runs[mode] = {**ordered[len(ordered) // 2],
+                              "rounds_tokens_per_s": [round(r["tokens_per_s"], 2)
+                                                      for r in rounds[mode]]}
                 r = runs[mode]
                 table.add_row(dtype, f"{mode} (B={batch})", str(r["tokens"]), f"{r['wall_s']:.1f}",
                               f"{r['tokens_per_s']:.1f}", f"{r['p50_ms']:.0f}",
-                              f"{r['p95_ms']:.0f}")
+                              f"{r['p95_ms']:.0f}",
+                              " ".join(f"{t:.1f}" for t in r["rounds_tokens_per_s"]))
             ratio = runs["batched"]["tokens_per_s"] / runs["sequential"]["tokens_per_s"]
             per_dtype[dtype] = {"ratio": ratio, "batched": runs["batched"],
                                 "sequential": runs["sequential"]}
@@ -172,6 +199,9 @@ async def bench_batching(settings: Any, conversations: int, max_new_tokens: int,
     return {
         "conversations": conversations,
         "max_new_tokens": max_new_tokens,
+        "adapter": adapter or None,
+        "prefix_cache": settings.prefix_cache,
+        "rounds": repeats,
         "dtype": best,
         "ratio": chosen["ratio"],
         "batched_tokens_per_s": chosen["batched"]["tokens_per_s"],

@@ -83,6 +83,7 @@ class Settings(BaseSettings):
     model_cache_dir: Path = ROOT / ".cache" / "models"
     persona: str = "house"
     torch_threads: int = 0
+    prefix_cache: bool = True
 
     # Generation overrides (empty = the persona pack's default)
     gen_max_new_tokens: int | None = None

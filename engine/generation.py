@@ -5,6 +5,9 @@ its own seed. Sampling happens in `PerRowSampler`, a logits processor with one
 ``torch.Generator`` per row that leaves a single allowed token, so the rest of ``generate``
 runs greedily: a row gets the same text in a batch as it would alone with the same seed.
 
+Every prompt starts with the same persona system block, so `PrefixCache` keeps its keys and
+values (one copy per adapter: LoRA changes them) and a batch only runs the part after it.
+
 `FakeGenerator` is a fast deterministic stand-in with the same interface, for tests and the
 queue benchmark.
 """
@@ -112,15 +115,65 @@ class RowStops:
         return done
 
 
-class HFGenerator:
-    """Batched generation with a transformers model (plain or PEFT with named adapters)."""
+class PrefixCache:
+    """Keys and values of a prompt prefix that every request shares (the persona's system
+    block), computed once per adapter and handed to ``generate()`` as its starting cache.
 
-    def __init__(self, loaded: Any, speakers: Sequence[str] = ()):
+    Rows are laid out as ``[prefix][left padding][rest of the prompt]``; the padding is masked
+    and positions come from the attention mask, so a row sees exactly the prompt it would see
+    without the cache. A prompt whose tokens do not start with the prefix's tokens (another
+    template, a different persona) is generated without it.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, text: str, adapters: Sequence[str]):
+        self.model = model
+        self.adapters = list(adapters)
+        self.ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        self._layers: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def covers(self, rows: Sequence[Sequence[int]]) -> bool:
+        n = len(self.ids)
+        return n > 0 and all(len(row) > n and list(row[:n]) == self.ids for row in rows)
+
+    def _for_adapter(self, adapter: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if adapter not in self._layers:
+            kwargs = {"adapter_names": [adapter]} if self.adapters else {}
+            ids = torch.tensor([self.ids], device=self.model.device)
+            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs)
+            cache = out.past_key_values
+            self._layers[adapter] = [(cache.layers[i].keys, cache.layers[i].values)
+                                     if hasattr(cache, "layers") else
+                                     (cache.key_cache[i], cache.value_cache[i])
+                                     for i in range(len(cache))]
+        return self._layers[adapter]
+
+    def batch_cache(self, adapters: Sequence[str]) -> Any:
+        """A fresh ``DynamicCache`` holding the prefix for each row's adapter."""
+        from transformers import DynamicCache
+
+        per_row = [self._for_adapter(a) for a in adapters]
+        cache = DynamicCache()
+        for layer in range(len(per_row[0])):
+            keys = torch.cat([row[layer][0] for row in per_row])
+            values = torch.cat([row[layer][1] for row in per_row])
+            cache.update(keys, values, layer)
+        return cache
+
+
+class HFGenerator:
+    """Batched generation with a transformers model (plain or PEFT with named adapters).
+
+    ``shared_prefix`` is the text every prompt starts with (`persona.prompt.system_block`);
+    its keys and values are computed once instead of in every batch.
+    """
+
+    def __init__(self, loaded: Any, speakers: Sequence[str] = (), shared_prefix: str = ""):
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.adapters = list(loaded.adapters)
         self.speakers = list(speakers)
+        self.prefix = PrefixCache(self.model, self.tokenizer, shared_prefix, self.adapters)
 
     def generate(self, jobs: Sequence[GenerationJob]) -> list[Generated]:
         """Generate for all jobs; rows sharing penalty settings share one generate() call."""
@@ -141,14 +194,20 @@ class HFGenerator:
 
         started = time.perf_counter()
         tok = self.tokenizer
-        enc = tok([j.prompt for j in jobs], return_tensors="pt", padding=True,
-                  add_special_tokens=False).to(self.loaded.device)
-        prompt_len = enc["input_ids"].shape[1]
         controls = [j.controls for j in jobs]
+        adapters = [j.adapter if j.adapter in self.adapters else BASE_VARIANT for j in jobs]
         kwargs: dict[str, Any] = {}
         if self.adapters:
-            kwargs["adapter_names"] = [j.adapter if j.adapter in self.adapters else BASE_VARIANT
-                                       for j in jobs]
+            kwargs["adapter_names"] = adapters
+        rows = tok([j.prompt for j in jobs], add_special_tokens=False)["input_ids"]
+        if self.prefix.covers(rows):
+            enc = self._after_prefix(rows)
+            kwargs["past_key_values"] = self.prefix.batch_cache(adapters)
+        else:
+            enc = tok([j.prompt for j in jobs], return_tensors="pt", padding=True,
+                      add_special_tokens=False)
+        enc = {k: v.to(self.loaded.device) for k, v in enc.items()}
+        prompt_len = enc["input_ids"].shape[1]
         first = controls[0]
         out = self.model.generate(
             **enc,
@@ -181,6 +240,20 @@ class HFGenerator:
             stopped_early = n < job.controls.max_new_tokens
             results.append(Generated(text, len(ids), finished or stopped_early, elapsed_ms))
         return results
+
+
+    def _after_prefix(self, rows: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+        """``[prefix][padding][rest]`` rows and their attention mask."""
+        n = len(self.prefix.ids)
+        width = max(len(row) for row in rows) - n
+        pad = self.tokenizer.pad_token_id
+        ids, mask = [], []
+        for row in rows:
+            rest = list(row[n:])
+            gap = width - len(rest)
+            ids.append(self.prefix.ids + [pad] * gap + rest)
+            mask.append([1] * n + [0] * gap + [1] * len(rest))
+        return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
 
 
 class FakeChatTokenizer:

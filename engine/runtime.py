@@ -18,6 +18,7 @@ from engine.model_loading import load_model
 from engine.redis_conn import connect
 from engine.worker import Worker, WorkerOptions
 from persona.pack import Persona, load_persona
+from persona.prompt import system_block
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,8 @@ def build_generator(settings: Settings, persona: Persona, fake: bool = False,
         torch.set_num_threads(settings.torch_threads)
     loaded = load_model(settings.base_model, settings.adapter_paths, settings.device,
                         settings.dtype, settings.model_cache_dir, settings.load_in_4bit)
-    return HFGenerator(loaded, persona.other_speakers)
+    prefix = system_block(loaded.tokenizer, persona) if settings.prefix_cache else ""
+    return HFGenerator(loaded, persona.other_speakers, shared_prefix=prefix)
 
 
 def worker_options(settings: Settings) -> WorkerOptions:

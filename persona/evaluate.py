@@ -202,6 +202,7 @@ def load_generator(settings: Settings, persona: Persona, adapters: dict[str, str
     """The serving model (`load_model` + `HFGenerator`) with only the adapters evaluated."""
     from engine.generation import HFGenerator
     from engine.model_loading import load_model
+    from persona.prompt import system_block
 
     if settings.torch_threads:
         import torch
@@ -209,7 +210,8 @@ def load_generator(settings: Settings, persona: Persona, adapters: dict[str, str
         torch.set_num_threads(settings.torch_threads)
     loaded = load_model(settings.base_model, adapters, settings.device, settings.dtype,
                         settings.model_cache_dir, settings.load_in_4bit)
-    return HFGenerator(loaded, persona.other_speakers)
+    prefix = system_block(loaded.tokenizer, persona) if settings.prefix_cache else ""
+    return HFGenerator(loaded, persona.other_speakers, shared_prefix=prefix)
 
 
 def load_classifier(args: argparse.Namespace, embedder: Any) -> Any:

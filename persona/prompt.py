@@ -73,6 +73,13 @@ def build_messages(
     return messages
 
 
+def system_block(tokenizer: ChatTokenizer, persona: Persona) -> str:
+    """The rendered system turn every prompt of this persona starts with (the generator caches
+    its keys and values once instead of recomputing them for every request)."""
+    return tokenizer.apply_chat_template([{"role": "system", "content": persona.system_prompt}],
+                                         tokenize=False, add_generation_prompt=False)
+
+
 def count_tokens(tokenizer: ChatTokenizer, messages: list[dict[str, str]]) -> int:
     ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
     if isinstance(ids, dict) or hasattr(ids, "keys"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 
 import pytest
@@ -14,7 +15,7 @@ from engine.model_loading import find_embedded_gguf
 from engine.protocol import Request
 from engine.worker import Worker, WorkerOptions
 from persona.postprocess import is_echo, speaker_tag_pattern, split_sentences
-from persona.prompt import render_prompt
+from persona.prompt import Turn, render_prompt, system_block
 
 pytestmark = [pytest.mark.model, pytest.mark.timeout(900)]
 
@@ -42,6 +43,39 @@ def test_a_row_in_a_batch_gets_the_text_it_gets_alone(embedded_model, persona) -
     assert batched == alone
     again = [g.text for g in generator.generate(jobs)]
     assert again == batched, "same seeds must give the same text"
+
+
+def test_the_prefix_cache_changes_no_text(embedded_model, persona) -> None:  # type: ignore[no-untyped-def]
+    """The system block's cached keys/values (per adapter) give the same text as running the
+    whole prompt, in a batch mixing adapters and alone; a history turn makes rows' lengths
+    differ, so the padding sits between the prefix and the rest."""
+    plain = HFGenerator(embedded_model, persona.other_speakers)
+    cached = HFGenerator(embedded_model, persona.other_speakers,
+                         shared_prefix=system_block(embedded_model.tokenizer, persona))
+    assert len(cached.prefix.ids) > 20
+    variants = [*embedded_model.adapters, "__base__"]
+    controls = persona.controls.merged({"max_new_tokens": 12, "sentence_cap": 10})
+    history = [Turn("user", "I fell off my bike."), Turn("assistant", "Gravity works.")]
+    jobs = [GenerationJob(render_prompt(cached.tokenizer, persona, history if seed % 2 else [], q),
+                          variants[seed % len(variants)], controls, seed, q)
+            for seed, q in enumerate(QUESTIONS)]
+    assert cached.prefix.covers(cached.tokenizer([j.prompt for j in jobs],
+                                                 add_special_tokens=False)["input_ids"])
+    expected = [g.text for g in plain.generate(jobs)]
+    assert [g.text for g in cached.generate(jobs)] == expected
+    assert [cached.generate([job])[0].text for job in jobs] == expected
+
+
+def test_a_prompt_without_the_prefix_is_generated_in_full(embedded_model, persona) -> None:  # type: ignore[no-untyped-def]
+    cached = HFGenerator(embedded_model, persona.other_speakers,
+                         shared_prefix=system_block(embedded_model.tokenizer, persona))
+    plain = HFGenerator(embedded_model, persona.other_speakers)
+    pirate = dataclasses.replace(persona, system_prompt="You are a cheerful pirate.")
+    prompt = render_prompt(cached.tokenizer, pirate, [], "Ahoy?")
+    job = GenerationJob(prompt, "__base__", persona.controls.merged({"max_new_tokens": 8}), 3)
+    assert not cached.prefix.covers([cached.tokenizer(prompt, add_special_tokens=False)
+                                     ["input_ids"]])
+    assert cached.generate([job])[0].text == plain.generate([job])[0].text
 
 
 async def test_end_to_end_replies_through_redis(embedded_model, persona, redis, keys,
