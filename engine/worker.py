@@ -256,9 +256,15 @@ class Worker:
             for task in tasks:
                 await self.prepare(task, jobs)
             outputs = await self._generate(jobs) if jobs else []
+            pending = [task for task in tasks if task.reply is None]
+            if pending:
+                # Off the event loop: the reranker runs an encoder over every candidate.
+                replies = await asyncio.to_thread(
+                    lambda: [self.make_reply(task, jobs, outputs) for task in pending])
+                for task, reply in zip(pending, replies, strict=True):
+                    task.reply = reply
             for task in tasks:
-                if task.reply is None:
-                    task.reply = self.make_reply(task, jobs, outputs)
+                assert task.reply is not None
                 task.reply.batch_size = len(tasks)
                 if await asyncio.shield(self.finish(task)):
                     finished.add(task.entry_id)
