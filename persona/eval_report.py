@@ -41,7 +41,7 @@ def classifier_auc(classifier: Any, split: Path) -> float:
     """Held-out AUC of the persona classifier on a prepared split (House vs anchors)."""
     from persona.classifier import auc, read_split
 
-    return round(auc(classifier, *read_split(split), cache=True), 4)
+    return round(auc(classifier, *read_split(split)), 4)
 
 
 def _round(value: Any) -> Any:
@@ -65,9 +65,8 @@ def compute_metrics(samples: dict[str, list[Sample]], timing: dict[str, dict[str
     out: dict[str, Any] = {}
     for system, items in samples.items():
         figures = text_metrics(items, detector, sentence_cap, word_limit)
+        figures["persona_score"] = float(np.mean(classifier.predict_proba(replies[system])))
         vectors = embedder.encode(replies[system])
-        figures["persona_score"] = float(np.mean(classifier.predict_proba(replies[system],
-                                                                          vectors)))
         figures["distinct_1"] = distinct[1][system]
         figures["distinct_2"] = distinct[2][system]
         figures["embed_cosine"] = None

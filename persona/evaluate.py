@@ -214,18 +214,18 @@ def load_generator(settings: Settings, persona: Persona, adapters: dict[str, str
     return HFGenerator(loaded, persona.other_speakers, shared_prefix=prefix)
 
 
-def load_classifier(args: argparse.Namespace, embedder: Any) -> Any:
+def load_classifier(args: argparse.Namespace) -> Any:
     from persona.classifier import DEFAULT_DIR, ClassifierError, PersonaClassifier, build
 
     directory = args.classifier_dir or DEFAULT_DIR
     if not args.retrain_classifier:
         try:
-            return PersonaClassifier.load(directory, embedder)
+            return PersonaClassifier.load(directory)
         except ClassifierError as exc:
             log.warning("%s; training one", exc)
     if not (args.data_dir / "train.jsonl").is_file():
         raise SystemExit(f"no classifier in {directory} and no {args.data_dir}/train.jsonl")
-    return build(args.data_dir, directory, embedder)
+    return build(args.data_dir, directory)
 
 
 def pick_systems(spec: str | None, adapters: Sequence[str], has_reference: bool) -> list[str]:
@@ -269,14 +269,14 @@ def run(args: argparse.Namespace) -> int:
     load_before = os.getloadavg()
 
     embedder = Embedder()
-    classifier = load_classifier(args, embedder)
+    classifier = load_classifier(args)
     scorer = None
     reranker_name = reranker + (f" ({display_path(args.reranker_dir)})"
                                 if args.reranker_dir and reranker == "persona" else "")
     if reranker == "persona":
         from persona.classifier import PersonaClassifier
 
-        ranker = (PersonaClassifier.load(args.reranker_dir, embedder) if args.reranker_dir
+        ranker = (PersonaClassifier.load(args.reranker_dir) if args.reranker_dir
                   else classifier)
         scorer = ranker.score
     samples: dict[str, list[Sample]] = {}

@@ -45,8 +45,8 @@ DEFINITIONS: dict[str, str] = {
     "distinct_1": "distinct unigrams / all unigrams, on an equal-size random sample of n-grams "
     "for every system (mean of 5 draws)",
     "distinct_2": "the same for bigrams",
-    "persona_score": "mean P(House) of the persona classifier (MiniLM embeddings + char n-gram "
-    "TF-IDF, logistic regression, trained on House's lines vs the other characters' lines)",
+    "persona_score": "mean P(House) of the persona classifier (MiniLM fine-tuned with LoRA on "
+    "House's lines vs the other characters' lines of the train split)",
     "rougeL": "mean ROUGE-L F1 (word LCS) against House's real reply to the same message",
     "embed_cosine": "mean cosine of MiniLM embeddings of the reply and House's real reply",
     "fallback_rate": "share of prompts where no candidate survived post-processing and the "
