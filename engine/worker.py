@@ -258,9 +258,7 @@ class Worker:
             outputs = await self._generate(jobs) if jobs else []
             pending = [task for task in tasks if task.reply is None]
             if pending:
-                # Off the event loop: the reranker runs an encoder over every candidate.
-                replies = await asyncio.to_thread(
-                    lambda: [self.make_reply(task, jobs, outputs) for task in pending])
+                replies = await self._make_replies(pending, jobs, outputs)
                 for task, reply in zip(pending, replies, strict=True):
                     task.reply = reply
             for task in tasks:
@@ -389,6 +387,15 @@ class Worker:
         self.metrics.tokens.inc(tokens)
         self.metrics.tokens_per_s.set(tokens / elapsed if elapsed else 0.0)
         return outputs
+
+    async def _make_replies(self, tasks: list[Task], jobs: list[GenerationJob],
+                            outputs: list[Generated]) -> list[Reply]:
+        """Post-process every task's rows; with a reranker (an encoder pass over every
+        candidate) this runs off the event loop, without one it is quick string work."""
+        def build() -> list[Reply]:
+            return [self.make_reply(task, jobs, outputs) for task in tasks]
+
+        return await asyncio.to_thread(build) if self.scorer is not None else build()
 
     def make_reply(self, task: Task, jobs: list[GenerationJob],
                    outputs: list[Generated]) -> Reply:
