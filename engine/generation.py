@@ -140,11 +140,8 @@ class PrefixCache:
             kwargs = {"adapter_names": [adapter]} if self.adapters else {}
             ids = torch.tensor([self.ids], device=self.model.device)
             out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs)
-            cache = out.past_key_values
-            self._layers[adapter] = [(cache.layers[i].keys, cache.layers[i].values)
-                                     if hasattr(cache, "layers") else
-                                     (cache.key_cache[i], cache.value_cache[i])
-                                     for i in range(len(cache))]
+            self._layers[adapter] = [(layer.keys, layer.values)
+                                     for layer in out.past_key_values.layers]
         return self._layers[adapter]
 
     def batch_cache(self, adapters: Sequence[str]) -> Any:
@@ -204,8 +201,7 @@ class HFGenerator:
             enc = self._after_prefix(rows)
             kwargs["past_key_values"] = self.prefix.batch_cache(adapters)
         else:
-            enc = tok([j.prompt for j in jobs], return_tensors="pt", padding=True,
-                      add_special_tokens=False)
+            enc = tok.pad({"input_ids": rows}, return_tensors="pt")
         enc = {k: v.to(self.loaded.device) for k, v in enc.items()}
         prompt_len = enc["input_ids"].shape[1]
         first = controls[0]
@@ -240,7 +236,6 @@ class HFGenerator:
             stopped_early = n < job.controls.max_new_tokens
             results.append(Generated(text, len(ids), finished or stopped_early, elapsed_ms))
         return results
-
 
     def _after_prefix(self, rows: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
         """``[prefix][padding][rest]`` rows and their attention mask."""

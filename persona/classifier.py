@@ -183,16 +183,9 @@ class _Model:
 
     def logits(self, ids: Sequence[Sequence[int]]) -> Any:
         """Mean-pooled encoder output through the head; ``ids`` are padded here."""
-        import torch
-
-        width = max(len(x) for x in ids)
-        input_ids = torch.zeros(len(ids), width, dtype=torch.long)
-        mask = torch.zeros_like(input_ids)
-        for i, x in enumerate(ids):
-            input_ids[i, :len(x)] = torch.tensor(x)
-            mask[i, :len(x)] = 1
-        hidden = self.encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
-        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        enc = self.tokenizer.pad({"input_ids": list(ids)}, return_tensors="pt")
+        hidden = self.encoder(**enc).last_hidden_state
+        weights = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * weights).sum(1) / weights.sum(1)
         return self.head(pooled).squeeze(-1)
 

@@ -27,7 +27,8 @@ class RetrievalBaseline:
     def from_split(cls, path: Path, embedder: Embedder) -> RetrievalBaseline:
         """Index a prepared JSONL split (its anchor embeddings are cached on disk)."""
         responses, anchors = read_split(path)
-        return cls(anchors, responses, embedder, embedder.encode(anchors, cache=True))
+        vectors = embedder.encode(anchors, cache=True, progress=True)
+        return cls(anchors, responses, embedder, vectors)
 
     def nearest(self, messages: Sequence[str]) -> list[int]:
         """Index of the most similar anchor for each message."""
