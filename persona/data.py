@@ -5,6 +5,11 @@ upstream, so fragments inside ordinary words were rewritten (``chi``→``Park``,
 ``rob``→``Rob``, ``man``→``Man``, ``cate``→``Cate``, ``patient``/``house`` capitalised), and
 its lines carry stage directions and speaker notes. :func:`repair_text` undoes both;
 :func:`count_artefacts` finds what is left (the statistics table shows it before and after).
+The rows follow the episodes in order, and 13% of the anchors begin with the end of the row
+before's response — House's own previous line, glued to what the other character said ("You
+found ham. So?" after House's "...You found ham."), or nothing else at all.
+:func:`strip_previous_line` cuts that prefix; pairs whose anchor is only House's previous line
+are dropped, since nobody else spoke.
 
 Each output record holds ``id``, ``anchor`` and ``response`` (cleaned), ``prompt`` (the chat
 messages :func:`persona.prompt.build_messages` builds, so training sees exactly the serving
@@ -310,6 +315,26 @@ def normalise(text: str, capitalise: bool = True) -> str:
     return text
 
 
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def strip_previous_line(anchor: str, previous_response: str) -> str | None:
+    """``anchor`` without a leading copy of the end of ``previous_response`` (House's line of
+    the row before, one or more whole sentences, followed by a space); None when the anchor is
+    nothing but House's previous line."""
+    anchor, previous = anchor.strip(), previous_response.strip()
+    if not previous:
+        return anchor
+    if anchor == previous:
+        return None
+    sentences = _SENTENCE_END.split(previous)
+    for start in range(len(sentences)):
+        tail = " ".join(sentences[start:])
+        if anchor.startswith(tail) and anchor[len(tail):len(tail) + 1].isspace():
+            return anchor[len(tail):].strip()
+    return anchor
+
+
 def repair_text(text: str) -> str:
     """Fragments fixed, directions and notes removed, whitespace and quotes normalised."""
     text = normalise(text, capitalise=False)
@@ -427,11 +452,18 @@ def prepare(config: PrepareConfig) -> Stats:
     handles = {name: p.with_suffix(".jsonl.tmp").open("w", encoding="utf-8")
                for name, p in paths.items()}
     try:
+        previous_response = ""
         for number, raw_anchor, raw_response in read_pairs(config.input):
             stats.rows += 1
             stats.artefacts_before.update(count_artefacts(raw_anchor))
             stats.artefacts_before.update(count_artefacts(raw_response))
-            anchor, response = repair_text(raw_anchor), repair_text(raw_response)
+            own_anchor = strip_previous_line(raw_anchor, previous_response)
+            previous_response = raw_response
+            if own_anchor is None:
+                stats.dropped["anchor is House's previous line"] += 1
+                continue
+            stats.changed["anchor: House's previous line cut"] += own_anchor != raw_anchor.strip()
+            anchor, response = repair_text(own_anchor), repair_text(raw_response)
             stats.changed["anchor"] += anchor != raw_anchor.strip()
             stats.changed["response"] += response != raw_response.strip()
             reason = _drop_reason(anchor, response, config)
@@ -486,6 +518,8 @@ def print_stats(stats: Stats, config: PrepareConfig) -> None:
     for split in SPLITS:
         table.add_row(f"  {split}", str(stats.splits[split]))
     table.add_row("anchors changed by repair", str(stats.changed["anchor"]))
+    table.add_row("  of which: House's previous line cut",
+                  str(stats.changed["anchor: House's previous line cut"]))
     table.add_row("responses changed by repair", str(stats.changed["response"]))
     kinds = sorted(set(stats.artefacts_before) | set(stats.artefacts_after))
     for kind in kinds:

@@ -19,6 +19,7 @@ from persona.data import (
     run,
     split_of,
     strip_directions,
+    strip_previous_line,
 )
 from persona.pack import load_persona
 from persona.prompt import build_messages
@@ -120,6 +121,34 @@ def write_csv(path: Path, rows: list[tuple[str, str]],
 def sample_rows(n: int) -> list[tuple[str, str]]:
     return [(f"Question {i}: do I nEver need pRoblem {i}?", f"Answer {i}. Shrugs. It's lupus {i}.")
             for i in range(n)]
+
+
+@pytest.mark.parametrize(("anchor", "previous", "own"), [
+    ("You found ham. So?", "Everything you found was interrupted. You found ham.", "So?"),
+    ("Guess where they go. Out.", "Tapeworms lay eggs. Guess where they go.", "Out."),
+    ("Sit. Why?", "Sit.", "Why?"),
+    ("You found ham.", "Everything you found. You found ham.", "You found ham."),  # one sentence
+    ("So? You found ham.", "You found ham.", "So? You found ham."),   # not at the start
+    ("Hamster? No.", "You found ham.", "Hamster? No."),                # not a whole sentence
+    ("Out.Everywhere", "Out.", "Out.Everywhere"),                      # no space after it
+    ("Any question?", "", "Any question?"),
+])
+def test_strip_previous_line(anchor: str, previous: str, own: str) -> None:
+    assert strip_previous_line(anchor, previous) == own
+
+
+def test_anchor_that_is_only_house_s_previous_line_is_dropped(tmp_path: Path) -> None:
+    rows = [("Is it lupus?", "It's never lupus. Get out."),
+            ("Get out. Now?", "Now."),                  # prefix cut: the anchor becomes "Now?"
+            ("Now.", "And take the cane."),            # the whole anchor is House's line
+            ("Fine.", "Good.")]
+    config = PrepareConfig(input=write_csv(tmp_path / "qa.csv", rows), out=tmp_path / "out",
+                           validation=0.0, test=0.0)
+    stats = prepare(config)
+    assert stats.dropped == {"anchor is House's previous line": 1}
+    assert stats.changed["anchor: House's previous line cut"] == 1
+    anchors = [r["anchor"] for r in load_split(config.out, "train")]
+    assert anchors == ["Is it lupus?", "Now?", "Fine."]
 
 
 def test_prepare_writes_records_built_with_the_serving_prompt(tmp_path: Path) -> None:
