@@ -88,6 +88,9 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
                         help="take the systems not named in --systems from earlier runs on "
                              "the same prompts (their samples/ folders; the first run that has "
                              "a system wins) instead of recomputing")
+    parser.add_argument("--rerank-reused", action="store_true",
+                        help="choose the reused systems' replies again from their stored "
+                             "candidates with this run's reranker (after a new classifier)")
     parser.add_argument("--collect", nargs="+", type=Path, metavar="RUN_DIR",
                         help="only build tuning.md in --out from earlier runs' outputs")
 
@@ -284,6 +287,11 @@ def run(args: argparse.Namespace) -> int:
     for directory in args.reuse or []:
         more, more_timing = reuse_run(directory, prompts,
                                       skip=[*samples, *(systems if args.systems else [])])
+        if args.rerank_reused:
+            for system, items in more.items():
+                if items and items[0].candidates and not system.endswith("-norerank"):
+                    more[system] = rechoose(items, persona, scorer)
+                    more_timing[system]["reranker"] = reranker_name
         samples.update(more)
         timing.update(more_timing)
     deadline = (time.monotonic() + args.time_budget_min * 60) if args.time_budget_min else None
@@ -362,12 +370,19 @@ def run(args: argparse.Namespace) -> int:
 
 def without_reranker(samples: Sequence[Sample], persona: Persona) -> list[Sample]:
     """The replies the same generations give when no scorer ranks the candidates."""
+    return rechoose(samples, persona, None)
+
+
+def rechoose(samples: Sequence[Sample], persona: Persona,
+             scorer: Callable[[Sequence[str]], Sequence[float]] | None) -> list[Sample]:
+    """The replies the same generations give with ``scorer`` as the reranker: generation does
+    not depend on the reranker, so a new classifier needs no new generations."""
     from persona.postprocess import choose_reply
 
     out = []
     for s in samples:
         texts = [c[0] for c in s.candidates]
-        best = choose_reply(texts, s.message, None)
+        best = choose_reply(texts, s.message, scorer)
         _, raw, finished = s.candidates[best]
         out.append(dataclasses.replace(s, reply=texts[best] or persona.line("fallback"),
                                        raw=raw, hit_cap=not finished, fallback=not texts[best]))

@@ -228,7 +228,7 @@ def test_outputs_can_be_reused_by_a_later_run(tmp_path, detector: SceneDetector)
 
 
 def test_counterfactual_without_reranker(persona, fake_generator) -> None:
-    from persona.evaluate import without_reranker
+    from persona.evaluate import rechoose, without_reranker
 
     prompts = [Prompt("my knee hurts", "Stop running.")]
     controls = persona.controls.merged({"candidates": 2})
@@ -238,6 +238,8 @@ def test_counterfactual_without_reranker(persona, fake_generator) -> None:
     assert samples[0].reply == samples[0].candidates[1][0]
     first = without_reranker(samples, persona)[0]
     assert first.reply == samples[0].candidates[0][0] != samples[0].reply
+    again = rechoose(samples, persona, lambda texts: [1.0, 0.0])[0]
+    assert again.reply == first.reply and again.candidates == samples[0].candidates
     figures = {"scene_insert_rate": 0.0, "echo_rate": 0.0, "loop_rate": 0.0,
                "over_cap_rate": 0.0}
     rows = check_targets({"house-norerank": figures, "house": figures, "classifier_auc": None})
