@@ -354,7 +354,7 @@ def build_trainer(args: TrainArgs, output_dir: Path, callbacks: list[Any] | None
     data_dir = _resolve(args.data_dir)
     train_rows = load_records(data_dir, "train", args.max_train_samples)
     eval_rows = load_records(data_dir, "validation", args.max_eval_samples)
-    all_callbacks = list(callbacks or [])
+    all_callbacks = [final_step_callback(), *(callbacks or [])]
     if args.time_budget_min > 0:
         all_callbacks.append(time_budget_callback(args.time_budget_min))
     if args.early_stopping_patience > 0:
@@ -382,6 +382,21 @@ def build_trainer(args: TrainArgs, output_dir: Path, callbacks: list[Any] | None
         "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
     }
     return trainer, setup
+
+
+def final_step_callback() -> Any:
+    """Evaluates and checkpoints the last step too, when it is not a multiple of eval_steps:
+    otherwise the best-checkpoint choice at the end never sees the end of the epoch (a full
+    epoch of 575 steps evaluated every 100 kept step 500's weights)."""
+    from transformers import TrainerCallback
+
+    class FinalStep(TrainerCallback):
+        def on_step_end(self, _args: Any, state: Any, control: Any, **__: Any) -> None:
+            if state.global_step >= state.max_steps:
+                control.should_evaluate = True
+                control.should_save = True
+
+    return FinalStep()
 
 
 def time_budget_callback(minutes: float) -> Any:

@@ -202,6 +202,16 @@ def test_checkpoints_and_resume(tiny_base: Path, data_dir: Path, tmp_path: Path)
     assert resumed["steps"] == 6
 
 
+def test_last_step_is_evaluated_and_can_be_the_one_kept(tiny_base: Path, data_dir: Path,
+                                                         tmp_path: Path) -> None:
+    metrics = main(tiny_args(tiny_base, data_dir, tmp_path, max_steps=5, eval_steps=2,
+                             save_steps=2, base_eval=False))
+    assert [step for step, _ in metrics["eval_loss"]] == [2, 4, 5]
+    assert (tmp_path / "run" / "checkpoint-5").is_dir()
+    best = min(metrics["eval_loss"], key=lambda row: row[1])
+    assert metrics["best_checkpoint"].endswith(f"checkpoint-{best[0]}")
+
+
 def test_yaml_config_and_flags(tmp_path: Path) -> None:
     config = tmp_path / "train.yaml"
     config.write_text("lora_r: 8\nlearning_rate: 1.0e-3\nmax_steps: 30\n")
