@@ -202,6 +202,14 @@ def test_checkpoints_and_resume(tiny_base: Path, data_dir: Path, tmp_path: Path)
     assert resumed["steps"] == 6
 
 
+def test_evaluation_is_deterministic(trainer_setup: tuple[Any, Any]) -> None:
+    trainer, _ = trainer_setup
+    torch.manual_seed(1)
+    first = trainer.evaluate()["eval_loss"]
+    torch.manual_seed(2)
+    assert trainer.evaluate()["eval_loss"] == first
+
+
 def test_last_step_is_evaluated_and_can_be_the_one_kept(tiny_base: Path, data_dir: Path,
                                                          tmp_path: Path) -> None:
     metrics = main(tiny_args(tiny_base, data_dir, tmp_path, max_steps=5, eval_steps=2,
