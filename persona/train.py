@@ -385,16 +385,15 @@ def build_trainer(args: TrainArgs, output_dir: Path, callbacks: list[Any] | None
 
 
 def final_step_callback() -> Any:
-    """Evaluates and checkpoints the last step too, when it is not a multiple of eval_steps:
-    otherwise the best-checkpoint choice at the end never sees the end of the epoch (a full
-    epoch of 575 steps evaluated every 100 kept step 500's weights)."""
+    """Evaluates the last step too, when it is not a multiple of eval_steps (the Trainer
+    checkpoints it anyway): otherwise the best-checkpoint choice at the end never sees the end
+    of the epoch (a full epoch of 575 steps evaluated every 100 kept step 500's weights)."""
     from transformers import TrainerCallback
 
     class FinalStep(TrainerCallback):
         def on_step_end(self, _args: Any, state: Any, control: Any, **__: Any) -> None:
             if state.global_step >= state.max_steps:
                 control.should_evaluate = True
-                control.should_save = True
 
     return FinalStep()
 

@@ -240,6 +240,7 @@ def test_counterfactual_without_reranker(persona, fake_generator) -> None:
     assert first.reply == samples[0].candidates[0][0] != samples[0].reply
     again = rechoose(samples, persona, lambda texts: [1.0, 0.0])[0]
     assert again.reply == first.reply and again.candidates == samples[0].candidates
+    assert rechoose([first], persona, lambda texts: [0.0, 1.0])[0].reply == samples[0].reply
     figures = {"scene_insert_rate": 0.0, "echo_rate": 0.0, "loop_rate": 0.0,
                "over_cap_rate": 0.0}
     rows = check_targets({"house-norerank": figures, "house": figures, "classifier_auc": None})
