@@ -92,8 +92,25 @@ STAGE_VERBS = _wordset(
     throws tosses puts moves follows appears notices lifts waves taps raises slams storms
     hurries rushes heads returns approaches kneels leans reaches shakes hugs kisses slaps
     glances winces frowns smirks blinks gestures hesitates sips scribbles dials hangs unlocks
-    knocks rips examines injects inserts removes peers waits leaves"""
+    knocks rips examines injects inserts removes peers waits leaves turns pops drops pockets
+    climbs pours steps pats rolls swallows holds writes watches disconnects sticks jumps
+    tugs flips wipes"""
 )
+# Verbs that read as narration only after a character's name ("Chase comes in.", "Wilson
+# takes the chart."); after He/She they are as often about a patient ("He comes in twice a
+# week", "She takes warfarin").
+NAME_VERBS = _wordset("takes gets starts comes continues tries runs makes calls stops goes")
+# Capitalised words that open dialogue after a note glued to it, besides CONTINUATIONS.
+DIALOGUE_OPENERS = _wordset(
+    """tell call run start get go give look stop welcome congratulations sorry thanks thank
+    good great hi hello hey another unless assuming except tough did are do does have has
+    can't won't don't didn't isn't we she he they i you it this that there here how what why
+    when who where one two mommy daddy mom dad kids people nice fine sure never always
+    please wait hold sit"""
+)
+# Sentences that are a note on their own ("A beat.", "Long pause.").
+NOTE_SENTENCES = frozenset({"a beat", "beat", "pause", "a pause", "long pause", "silence",
+                            "voice over", "beat beat"})
 # Verbs that alone open a direction ("Shrugs.", "Walks in You could have…").
 BARE_VERBS = _wordset(
     """walks enters exits stares glares shrugs sighs nods smiles grins laughs chuckles pauses
@@ -113,11 +130,18 @@ NOTE_NAMES = _wordset(
     """House Wilson Cuddy Chase Cameron Foreman Thirteen Taub Kutner Amber Park Adams Masters
     Stacy Tritter Vogler Lucas Dominika Nolan Vicodin Rachel Annie Sam Martha Cate"""
 )
+# Main characters: after one of these, NAME_VERBS narrate.
+CHARACTERS = NOTE_NAMES - {"Vicodin"}
 _LOOK_DIRECTIONS = _wordset("at around up down away over back out into toward towards")
 _NOT_SUBJECTS = _wordset(
     """I You We It This That What Which Who Where There Here Nothing Something Everything
     Anything Nobody Somebody Everybody Anybody Everyone Someone Anyone No One If When Why
-    How Because And But Or So"""
+    How Because And But Or So Only Just Maybe"""
+)
+# Capitalised words before 's that open dialogue ("It's", "Let's"), unlike names ("Chase's").
+_CONTRACTION_SUBJECTS = _wordset(
+    """It That What Here There He She Let Who Where How When Why This Nothing Something
+    Everything Everybody Nobody Somebody Everyone Someone Nobody"""
 )
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+")
 _WORD = re.compile(r"[A-Za-z][\w'-]*")
@@ -233,11 +257,16 @@ def count_artefacts(text: str) -> Counter[str]:
 
 
 def _is_direction_sentence(sentence: str) -> bool:
-    """A narrative sentence: ``He stares at her.``, ``Chase glares at Wilson.``, ``Shrugs.``"""
+    """A narrative sentence: ``He stares at her.``, ``Chase glares at Wilson.``, ``Shrugs.``,
+    ``He finally turns around.``, ``A beat.``"""
     words = [w.strip("\"'.,!?;:") for w in sentence.split()]
     words = [w for w in words if w]
     if not words:
         return False
+    if " ".join(words).lower() in NOTE_SENTENCES:
+        return True
+    if len(words) > 2 and words[1].endswith("ly") and words[1].islower():
+        words = [words[0], *words[2:]]  # "He finally turns", "House slowly limps"
     first = words[0]
     if first.lower() == "looks" or (len(words) > 1 and words[1].lower() == "looks"):
         at = 1 if first.lower() == "looks" else 2
@@ -252,7 +281,40 @@ def _is_direction_sentence(sentence: str) -> bool:
     verb = words[idx].lower()
     if idx == 3:
         return verb + "s" in STAGE_VERBS or verb + "es" in STAGE_VERBS
-    return verb in STAGE_VERBS
+    return verb in STAGE_VERBS or (verb in NAME_VERBS and first in CHARACTERS)
+
+
+def _opens_dialogue(word: str) -> bool:
+    """A word that starts a line of dialogue (a pronoun, a question word, an auxiliary, a
+    contraction, a common imperative), unlike a name that starts more narration."""
+    lower = word.lower()
+    return (lower in CONTINUATIONS or lower in DIALOGUE_OPENERS or word in _NOT_SUBJECTS
+            or lower.endswith(("'s", "'re", "'ll", "n't", "'m", "'ve", "'d")))
+
+
+def _dialogue_after_direction(sentence: str) -> str:
+    """The dialogue glued after a narrative sentence without a full stop (``He holds up a
+    flashcard Hint the answer is a number.``): the words from the first capitalised one that
+    opens a line of dialogue; "" when there is none. Names the note mentions (``to Thirteen``,
+    ``Chase's pocket``) and a new narrative subject (``Mickey crumples to the floor.``) do
+    not open one."""
+    words = sentence.split(" ")
+    for i in range(3, len(words) - 1):
+        word = words[i].lstrip("'\"").strip(".,!?;:")
+        if not word[:1].isupper() or word in NOTE_NAMES:
+            continue
+        if word.endswith("'s") and word[:-2] not in _CONTRACTION_SUBJECTS:
+            continue  # "Chase's pocket", "Wilson's desk": part of the note
+        if words[i - 1].lower().strip(",") in _DIRECTION_PREPOSITIONS:
+            continue
+        if words[i - 1].endswith((",", ";", ":")):
+            continue
+        if not _opens_dialogue(word):
+            continue  # "Mickey crumples to the floor.", "Room One, where Sarah awaits."
+        rest = " ".join(words[i:])
+        if rest[-1:] in ".?!" and not _is_direction_sentence(rest):
+            return rest
+    return ""
 
 
 def _is_note_start(word: str) -> bool:
@@ -296,7 +358,9 @@ def strip_directions(text: str) -> str:
         if stripped != sentence.strip() and stripped[:1].islower():
             stripped = stripped[0].upper() + stripped[1:]
         sentence = stripped
-        if sentence and not _is_direction_sentence(sentence):
+        if sentence and _is_direction_sentence(sentence):
+            sentence = _dialogue_after_direction(sentence)
+        if sentence:
             kept.append(sentence)
     return " ".join(kept)
 
