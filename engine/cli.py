@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "data": ("persona.data", "prepare the House dialogue data set"),
     "train": ("persona.train", "train the House LoRA adapter"),
     "eval": ("persona.evaluate", "evaluate persona quality of base, adapters and baselines"),
+    "blind": ("persona.blind_check", "a reader does the persona classifier's job blind"),
     "bench": ("engine.bench", "benchmarks: micro-batching and queue overhead"),
 }
 

@@ -1,0 +1,278 @@
+"""``drhouse blind``: a reader does the persona classifier's job blind, on the same lines.
+
+The classifier's AUC says little on its own: how well can *anyone* tell House's lines from
+the lines said to him, one line at a time, without the scene? And does a reader hear more
+House in the adapter's replies than in the base model's, where the classifier hears none?
+
+    drhouse blind lines --n 200 --out runs/blind/lines      # lines.txt: text only, no speaker
+    drhouse blind pairs --run reports/eval --systems base,house --n 60 --out runs/blind/pairs
+    # the reader writes labels.txt next to it: one answer per item, in order
+    #   lines: 0 (not House) … 1 (House), e.g. 0, 0.25, 0.5, 0.75, 1
+    #   pairs: A or B (which reply sounds more like House), = for no difference
+    drhouse blind score runs/blind/lines [more dirs of the same kind: pooled]
+
+``key.json`` (who said what, which system is A) sits beside the texts; a reader must not open
+it. ``score`` prints the reader's and the classifier's figures on the same items with
+bootstrap 95% intervals and writes ``result.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.config import ROOT
+
+DEFAULT_DATA_DIR = ROOT / "data" / "prepared"
+KEY_FILE, LABELS_FILE, RESULT_FILE = "key.json", "labels.txt", "result.json"
+LINES_FILE, PAIRS_FILE = "lines.txt", "pairs.txt"
+PAIR_ANSWERS = {"a": 1.0, "b": 0.0, "=": 0.5}
+BOOTSTRAP_ROUNDS = 2000
+
+
+class BlindError(ValueError):
+    """Missing or mismatched files, or answers that cannot be read."""
+
+
+def sample_lines(records: Sequence[dict[str, Any]], n: int, seed: int,
+                 exclude: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+    """``n // 2`` House replies and ``n - n // 2`` anchors of distinct records (none whose id
+    is in ``exclude``), shuffled."""
+    rng = random.Random(seed)
+    records = [r for r in records if r["id"] not in exclude]
+    if n > len(records):
+        raise BlindError(f"asked for {n} lines from {len(records)} records")
+    chosen = rng.sample(list(records), n)
+    items = [{"id": r["id"], "field": "response", "text": r["response"], "house": 1}
+             for r in chosen[:n // 2]]
+    items += [{"id": r["id"], "field": "anchor", "text": r["anchor"], "house": 0}
+              for r in chosen[n // 2:]]
+    rng.shuffle(items)
+    return items
+
+
+def sample_pairs(first: Sequence[dict[str, Any]], second: Sequence[dict[str, Any]],
+                 names: tuple[str, str], n: int, seed: int) -> list[dict[str, Any]]:
+    """``n`` messages both systems answered, each system shown as A or B at random."""
+    if [r["message"] for r in first] != [r["message"] for r in second]:
+        raise BlindError("the two systems answered different messages")
+    rng = random.Random(seed)
+    indices = rng.sample(range(len(first)), min(n, len(first)))
+    items = []
+    for i in indices:
+        flip = rng.random() < 0.5
+        (a, a_row), (b, b_row) = ([(names[1], second[i]), (names[0], first[i])] if flip
+                                  else [(names[0], first[i]), (names[1], second[i])])
+        items.append({"index": i, "message": first[i]["message"], "a": a, "b": b,
+                      "a_text": a_row["reply"], "b_text": b_row["reply"]})
+    return items
+
+
+def read_answers(path: Path, kind: str, count: int) -> np.ndarray:
+    """The reader's answers, whitespace-separated, in item order."""
+    try:
+        tokens = path.read_text(encoding="utf-8").split()
+    except OSError as exc:
+        raise BlindError(f"no answers: {exc}") from exc
+    if len(tokens) != count:
+        raise BlindError(f"{path} has {len(tokens)} answers for {count} items")
+    values = []
+    for token in tokens:
+        try:
+            value = (PAIR_ANSWERS[token.lower()] if kind == "pairs" else float(token))
+        except (KeyError, ValueError) as exc:
+            raise BlindError(f"{path}: cannot read the answer {token!r}") from exc
+        if not 0.0 <= value <= 1.0:
+            raise BlindError(f"{path}: answer {token!r} is outside 0..1")
+        values.append(value)
+    return np.array(values)
+
+
+def bootstrap(stat: Any, n: int, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of ``stat(indices)`` over resampled items."""
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(BOOTSTRAP_ROUNDS):
+        value = stat(rng.integers(0, n, n))
+        if value is not None:
+            values.append(value)
+    low, high = np.percentile(values, [2.5, 97.5])
+    return round(float(low), 3), round(float(high), 3)
+
+
+def _auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
+    from sklearn.metrics import roc_auc_score
+
+    return None if labels.min() == labels.max() else float(roc_auc_score(labels, scores))
+
+
+def score_lines(items: Sequence[dict[str, Any]], reader: np.ndarray,
+                classifier: np.ndarray) -> dict[str, Any]:
+    """AUC of the reader and of the classifier on the same lines, the difference, and how
+    often each reader score was right."""
+    labels = np.array([item["house"] for item in items])
+    n = len(labels)
+
+    def diff(i: np.ndarray) -> float | None:
+        a, b = _auc(labels[i], reader[i]), _auc(labels[i], classifier[i])
+        return None if a is None or b is None else a - b
+
+    if labels.min() == labels.max():
+        raise BlindError("the lines need both House's and other speakers' lines")
+    return {
+        "n": n,
+        "reader_auc": round(float(_auc(labels, reader)), 3),
+        "reader_auc_ci": bootstrap(lambda i: _auc(labels[i], reader[i]), n),
+        "classifier_auc": round(float(_auc(labels, classifier)), 3),
+        "classifier_auc_ci": bootstrap(lambda i: _auc(labels[i], classifier[i]), n),
+        "reader_minus_classifier_ci": bootstrap(diff, n),
+        "by_reader_score": {f"{v:g}": {"n": int((reader == v).sum()),
+                                        "share_house": round(float(labels[reader == v].mean()), 3)}
+                            for v in sorted(set(reader.tolist()))},
+    }
+
+
+def score_pairs(items: Sequence[dict[str, Any]], reader: np.ndarray,
+                classifier: np.ndarray) -> dict[str, Any]:
+    """For each system, the share of pairs where the reader (and the classifier) hear more
+    House in its reply (ties count half), and how often the two judges agree."""
+    names = sorted({items[0]["a"], items[0]["b"]})
+    n = len(items)
+
+    def for_system(values: np.ndarray, name: str) -> np.ndarray:
+        return np.array([v if it["a"] == name else 1.0 - v
+                         for it, v in zip(items, values, strict=True)])
+
+    decided = reader != 0.5
+    agree = ((reader > 0.5) == (classifier > 0.5))[decided]
+    result: dict[str, Any] = {"n": n, "reader_ties": int((~decided).sum()),
+                              "agreement_where_reader_decided":
+                                  round(float(agree.mean()), 3) if agree.size else None}
+    for name in names:
+        mine = for_system(reader, name)
+        result[name] = {
+            "reader_prefers": round(float(mine.mean()), 3),
+            "reader_prefers_ci": bootstrap(lambda i, m=mine: float(m[i].mean()), n),
+            "classifier_prefers": round(float(for_system(classifier, name).mean()), 3),
+        }
+    return result
+
+
+def classifier_answers(kind: str, items: Sequence[dict[str, Any]], scorer: Any) -> np.ndarray:
+    """The classifier's answer to each item: P(House), or for pairs 1 when A scores higher."""
+    if kind == "lines":
+        return np.asarray(scorer([it["text"] for it in items]), dtype=float)
+    a = np.asarray(scorer([it["a_text"] for it in items]), dtype=float)
+    b = np.asarray(scorer([it["b_text"] for it in items]), dtype=float)
+    return np.where(a > b, 1.0, np.where(a < b, 0.0, 0.5))
+
+
+def write_task(out: Path, kind: str, items: list[dict[str, Any]], source: dict[str, Any]) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    if kind == "lines":
+        text = "".join(f"{i}\t{it['text']}\n" for i, it in enumerate(items))
+        task = out / LINES_FILE
+    else:
+        text = "".join(f"{i}\tMESSAGE: {it['message']}\n{i}\tA: {it['a_text']}\n"
+                       f"{i}\tB: {it['b_text']}\n\n" for i, it in enumerate(items))
+        task = out / PAIRS_FILE
+    task.write_text(text, encoding="utf-8")
+    (out / KEY_FILE).write_text(json.dumps({"kind": kind, **source, "items": items},
+                                           indent=1) + "\n", encoding="utf-8")
+    return task
+
+
+def load_task(directory: Path) -> tuple[str, list[dict[str, Any]], np.ndarray]:
+    try:
+        key = json.loads((directory / KEY_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise BlindError(f"no readable {KEY_FILE} in {directory}: {exc}") from exc
+    answers = read_answers(directory / LABELS_FILE, key["kind"], len(key["items"]))
+    return key["kind"], key["items"], answers
+
+
+def configure(parser: argparse.ArgumentParser, name: str) -> None:
+    sub = parser.add_subparsers(dest="blind_action", metavar="ACTION", required=True)
+    lines = sub.add_parser("lines", help="sample single lines of a split, speaker hidden")
+    lines.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    lines.add_argument("--split", default="test", choices=("test", "validation"))
+    lines.add_argument("--exclude", type=Path, nargs="*", default=[],
+                       help="earlier task folders whose records are not sampled again")
+    pairs = sub.add_parser("pairs", help="sample two systems' replies to the same messages")
+    pairs.add_argument("--run", type=Path, required=True,
+                       help="a drhouse eval output folder (its samples/ are read)")
+    pairs.add_argument("--systems", default="base,house", help="two systems of that run")
+    for p in (lines, pairs):
+        p.add_argument("--n", type=int, default=200, help="how many items")
+        p.add_argument("--seed", type=int, default=2026)
+        p.add_argument("--out", type=Path, required=True, help="folder for the task and key")
+    score = sub.add_parser("score", help="reader vs classifier on the labelled items")
+    score.add_argument("dirs", type=Path, nargs="+",
+                       help="task folders with labels.txt (same kind; pooled)")
+    score.add_argument("--classifier", type=Path, help="classifier folder (default: shipped)")
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    try:
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip()]
+    except OSError as exc:
+        raise BlindError(f"cannot read {path}: {exc}") from exc
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except BlindError as exc:
+        print(f"drhouse blind: {exc}")
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.blind_action == "lines":
+        records = _read_jsonl(args.data_dir / f"{args.split}.jsonl")
+        seen = frozenset(it["id"] for d in args.exclude
+                         for it in json.loads((d / KEY_FILE).read_text())["items"])
+        items = sample_lines(records, args.n, args.seed, seen)
+        task = write_task(args.out, "lines", items, {"split": args.split, "seed": args.seed})
+    elif args.blind_action == "pairs":
+        names = tuple(s.strip() for s in args.systems.split(","))
+        if len(names) != 2:
+            raise BlindError("--systems needs two systems, e.g. base,house")
+        rows = [_read_jsonl(args.run / "samples" / f"{s}.jsonl") for s in names]
+        items = sample_pairs(rows[0], rows[1], (names[0], names[1]), args.n, args.seed)
+        task = write_task(args.out, "pairs", items, {"run": str(args.run), "seed": args.seed})
+    else:
+        return _score(args)
+    print(f"{task}: {len(items)} items. Write one answer per item into "
+          f"{args.out / LABELS_FILE} without opening {args.out / KEY_FILE}, then: "
+          f"drhouse blind score {args.out}")
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    from persona.classifier import DEFAULT_DIR, PersonaClassifier
+
+    tasks = [load_task(d) for d in args.dirs]
+    kinds = {kind for kind, _, _ in tasks}
+    if len(kinds) != 1:
+        raise BlindError("pool folders of one kind only (lines or pairs)")
+    kind = kinds.pop()
+    items = [it for _, its, _ in tasks for it in its]
+    reader = np.concatenate([answers for _, _, answers in tasks])
+    clf = PersonaClassifier.load(args.classifier or DEFAULT_DIR)
+    machine = classifier_answers(kind, items, clf.score)
+    result = (score_lines(items, reader, machine) if kind == "lines"
+              else score_pairs(items, reader, machine))
+    result["classifier"] = {k: clf.meta.get(k) for k in ("validation_auc", "test_auc",
+                                                          "train_sha256")}
+    for d in args.dirs:
+        (d / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(result, indent=2))
+    return 0
