@@ -96,6 +96,11 @@ STAGE_VERBS = _wordset(
     climbs pours steps pats rolls swallows holds writes watches disconnects sticks jumps
     tugs flips wipes"""
 )
+# Movements and gestures narrated after "They" (other verbs after it are usually dialogue:
+# "They give him the wrong meds…").
+THEY_VERBS = _wordset(
+    "leave enter exit walk sit stand shrug sigh stare hug smile turn follow kiss nod glance shake"
+)
 # Verbs that read as narration only after a character's name ("Chase comes in.", "Wilson
 # takes the chart."); after He/She they are as often about a patient ("He comes in twice a
 # week", "She takes warfarin").
@@ -138,6 +143,10 @@ _NOT_SUBJECTS = _wordset(
     Anything Nobody Somebody Everybody Anybody Everyone Someone Anyone No One If When Why
     How Because And But Or So Only Just Maybe"""
 )
+# A phone or pager going off ("The phone rings.", "His beeper beeps").
+_DEVICE_SOUND = re.compile(
+    r"(?:The|His|Her|House's|[A-Z][a-z]+'s) (?:cell )?(?:phone|pager|beeper|cellphone) "
+    r"(?:rings|beeps|buzzes|goes off)\b")
 # Capitalised words before 's that open dialogue ("It's", "Let's"), unlike names ("Chase's").
 _CONTRACTION_SUBJECTS = _wordset(
     """It That What Here There He She Let Who Where How When Why This Nothing Something
@@ -267,6 +276,8 @@ def _is_direction_sentence(sentence: str) -> bool:
         return True
     if len(words) > 2 and words[1].endswith("ly") and words[1].islower():
         words = [words[0], *words[2:]]  # "He finally turns", "House slowly limps"
+    if _DEVICE_SOUND.match(" ".join(words)):
+        return True
     first = words[0]
     if first.lower() == "looks" or (len(words) > 1 and words[1].lower() == "looks"):
         at = 1 if first.lower() == "looks" else 2
@@ -274,12 +285,15 @@ def _is_direction_sentence(sentence: str) -> bool:
     if first[:1].isupper() and first.lower() in BARE_VERBS:
         return True
     idx = 1
+    if first == "They" and len(words) > 1:  # "They shake on it.", not "They give him…"
+        return words[1].lower() in THEY_VERBS
+    plural = False
     if len(words) > 3 and words[1] == "and" and re.fullmatch(r"[A-Z][a-z]+", words[2]):
-        idx = 3  # "Ethan and Karen start to laugh"
+        idx, plural = 3, True  # "Ethan and Karen start to laugh"
     if len(words) <= idx or first in _NOT_SUBJECTS or not re.fullmatch(r"[A-Z][a-z]+", first):
         return False
     verb = words[idx].lower()
-    if idx == 3:
+    if plural:
         return verb + "s" in STAGE_VERBS or verb + "es" in STAGE_VERBS
     return verb in STAGE_VERBS or (verb in NAME_VERBS and first in CHARACTERS)
 

@@ -105,6 +105,8 @@ def test_count_artefacts_kinds() -> None:
         ("He holds up another flashcard Let's see it.", "Let's see it."),
         ("He pats Taub on the shoulder and takes Chase's pen.", ""),
         ("He turns to the window Mickey crumples to the floor.", ""),
+        ("Okay, it's a deal. They shake on it. The phone rings.", "Okay, it's a deal."),
+        ("They give him the wrong meds, who knows?", "They give him the wrong meds, who knows?"),
         ("He comes in twice a week. She takes warfarin.",
          "He comes in twice a week. She takes warfarin."),
         ("Wilson says you're fine. He stops breathing. Only pockets for important stuff.",
