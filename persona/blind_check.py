@@ -23,11 +23,12 @@ import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from engine.config import ROOT
+
+if TYPE_CHECKING:  # numpy is not in the slim frontend image, which imports every subcommand
+    import numpy as np
 
 DEFAULT_DATA_DIR = ROOT / "data" / "prepared"
 KEY_FILE, LABELS_FILE, RESULT_FILE = "key.json", "labels.txt", "result.json"
@@ -76,6 +77,8 @@ def sample_pairs(first: Sequence[dict[str, Any]], second: Sequence[dict[str, Any
 
 def read_answers(path: Path, kind: str, count: int) -> np.ndarray:
     """The reader's answers, whitespace-separated, in item order."""
+    import numpy as np
+
     try:
         tokens = path.read_text(encoding="utf-8").split()
     except OSError as exc:
@@ -96,6 +99,8 @@ def read_answers(path: Path, kind: str, count: int) -> np.ndarray:
 
 def bootstrap(stat: Any, n: int, seed: int = 0) -> tuple[float, float]:
     """95% percentile interval of ``stat(indices)`` over resampled items."""
+    import numpy as np
+
     rng = np.random.default_rng(seed)
     values = []
     for _ in range(BOOTSTRAP_ROUNDS):
@@ -116,6 +121,8 @@ def score_lines(items: Sequence[dict[str, Any]], reader: np.ndarray,
                 classifier: np.ndarray) -> dict[str, Any]:
     """AUC of the reader and of the classifier on the same lines, the difference, and how
     often each reader score was right."""
+    import numpy as np
+
     labels = np.array([item["house"] for item in items])
     n = len(labels)
 
@@ -142,6 +149,8 @@ def score_pairs(items: Sequence[dict[str, Any]], reader: np.ndarray,
                 classifier: np.ndarray) -> dict[str, Any]:
     """For each system, the share of pairs where the reader (and the classifier) hear more
     House in its reply (ties count half), and how often the two judges agree."""
+    import numpy as np
+
     names = sorted({items[0]["a"], items[0]["b"]})
     n = len(items)
 
@@ -166,6 +175,8 @@ def score_pairs(items: Sequence[dict[str, Any]], reader: np.ndarray,
 
 def classifier_answers(kind: str, items: Sequence[dict[str, Any]], scorer: Any) -> np.ndarray:
     """The classifier's answer to each item: P(House), or for pairs 1 when A scores higher."""
+    import numpy as np
+
     if kind == "lines":
         return np.asarray(scorer([it["text"] for it in items]), dtype=float)
     a = np.asarray(scorer([it["a_text"] for it in items]), dtype=float)
@@ -257,6 +268,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from persona.classifier import DEFAULT_DIR, PersonaClassifier
 
     tasks = [load_task(d) for d in args.dirs]
