@@ -150,7 +150,7 @@ _DEVICE_SOUND = re.compile(
 # Capitalised words before 's that open dialogue ("It's", "Let's"), unlike names ("Chase's").
 _CONTRACTION_SUBJECTS = _wordset(
     """It That What Here There He She Let Who Where How When Why This Nothing Something
-    Everything Everybody Nobody Somebody Everyone Someone Nobody"""
+    Everything Everybody Nobody Somebody Everyone Someone"""
 )
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+")
 _WORD = re.compile(r"[A-Za-z][\w'-]*")
