@@ -9,7 +9,7 @@ House in the adapter's replies than in the base model's, where the classifier he
     # the reader writes labels.txt next to it: one answer per item, in order
     #   lines: 0 (not House) … 1 (House), e.g. 0, 0.25, 0.5, 0.75, 1
     #   pairs: A or B (which reply sounds more like House), = for no difference
-    drhouse blind score runs/blind/lines [more dirs of the same kind: pooled]
+    drhouse blind score runs/blind/lines [more dirs of the same kind: pooled] [--out FILE]
 
 ``key.json`` (who said what, which system is A) sits beside the texts; a reader must not open
 it. ``score`` prints the reader's and the classifier's figures on the same items with
@@ -199,11 +199,15 @@ def write_task(out: Path, kind: str, items: list[dict[str, Any]], source: dict[s
     return task
 
 
-def load_task(directory: Path) -> tuple[str, list[dict[str, Any]], np.ndarray]:
+def read_key(directory: Path) -> dict[str, Any]:
     try:
-        key = json.loads((directory / KEY_FILE).read_text(encoding="utf-8"))
+        return json.loads((directory / KEY_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise BlindError(f"no readable {KEY_FILE} in {directory}: {exc}") from exc
+
+
+def load_task(directory: Path) -> tuple[str, list[dict[str, Any]], np.ndarray]:
+    key = read_key(directory)
     answers = read_answers(directory / LABELS_FILE, key["kind"], len(key["items"]))
     return key["kind"], key["items"], answers
 
@@ -227,14 +231,18 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
     score.add_argument("dirs", type=Path, nargs="+",
                        help="task folders with labels.txt (same kind; pooled)")
     score.add_argument("--classifier", type=Path, help="classifier folder (default: shipped)")
+    score.add_argument("--out", type=Path,
+                       help=f"result file (default: the first folder's {RESULT_FILE})")
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def _read_records(directory: Path, name: str) -> list[dict[str, Any]]:
+    """``name``.jsonl of a prepared-data or samples folder."""
+    from persona.data import load_split
+
     try:
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip()]
-    except OSError as exc:
-        raise BlindError(f"cannot read {path}: {exc}") from exc
+        return load_split(directory, name)
+    except (OSError, ValueError) as exc:
+        raise BlindError(f"cannot read {directory / name}.jsonl: {exc}") from exc
 
 
 def run(args: argparse.Namespace) -> int:
@@ -247,16 +255,15 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.blind_action == "lines":
-        records = _read_jsonl(args.data_dir / f"{args.split}.jsonl")
-        seen = frozenset(it["id"] for d in args.exclude
-                         for it in json.loads((d / KEY_FILE).read_text())["items"])
+        records = _read_records(args.data_dir, args.split)
+        seen = frozenset(it["id"] for d in args.exclude for it in read_key(d)["items"])
         items = sample_lines(records, args.n, args.seed, seen)
         task = write_task(args.out, "lines", items, {"split": args.split, "seed": args.seed})
     elif args.blind_action == "pairs":
         names = tuple(s.strip() for s in args.systems.split(","))
         if len(names) != 2:
             raise BlindError("--systems needs two systems, e.g. base,house")
-        rows = [_read_jsonl(args.run / "samples" / f"{s}.jsonl") for s in names]
+        rows = [_read_records(args.run / "samples", s) for s in names]
         items = sample_pairs(rows[0], rows[1], (names[0], names[1]), args.n, args.seed)
         task = write_task(args.out, "pairs", items, {"run": str(args.run), "seed": args.seed})
     else:
@@ -285,7 +292,7 @@ def _score(args: argparse.Namespace) -> int:
               else score_pairs(items, reader, machine))
     result["classifier"] = {k: clf.meta.get(k) for k in ("validation_auc", "test_auc",
                                                           "train_sha256")}
-    for d in args.dirs:
-        (d / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    out = args.out or args.dirs[0] / RESULT_FILE
+    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(result, indent=2))
     return 0

@@ -287,13 +287,12 @@ def _is_direction_sentence(sentence: str) -> bool:
     idx = 1
     if first == "They" and len(words) > 1:  # "They shake on it.", not "They give him…"
         return words[1].lower() in THEY_VERBS
-    plural = False
     if len(words) > 3 and words[1] == "and" and re.fullmatch(r"[A-Z][a-z]+", words[2]):
-        idx, plural = 3, True  # "Ethan and Karen start to laugh"
+        idx = 3  # "Ethan and Karen start to laugh"
     if len(words) <= idx or first in _NOT_SUBJECTS or not re.fullmatch(r"[A-Z][a-z]+", first):
         return False
     verb = words[idx].lower()
-    if plural:
+    if idx == 3:
         return verb + "s" in STAGE_VERBS or verb + "es" in STAGE_VERBS
     return verb in STAGE_VERBS or (verb in NAME_VERBS and first in CHARACTERS)
 
@@ -315,7 +314,7 @@ def _dialogue_after_direction(sentence: str) -> str:
     words = sentence.split(" ")
     for i in range(3, len(words) - 1):
         word = words[i].lstrip("'\"").strip(".,!?;:")
-        if not word[:1].isupper() or word in NOTE_NAMES:
+        if not word[:1].isupper():
             continue
         if word.endswith("'s") and word[:-2] not in _CONTRACTION_SUBJECTS:
             continue  # "Chase's pocket", "Wilson's desk": part of the note
