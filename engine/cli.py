@@ -20,6 +20,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "health": ("engine.launcher", "exit 0 when a worker reported recently (container checks)"),
     "data": ("persona.data", "prepare the House dialogue data set"),
     "train": ("persona.train", "train the House LoRA adapter"),
+    "selector": ("persona.selector_train", "train or measure the response selector"),
+    "judge": ("persona.judge", "train the fit judge (evaluation only)"),
     "eval": ("persona.evaluate", "evaluate persona quality of base, adapters and baselines"),
     "blind": ("persona.blind_check", "a reader does the persona classifier's job blind"),
     "bench": ("engine.bench", "benchmarks: micro-batching and queue overhead"),

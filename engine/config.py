@@ -97,6 +97,14 @@ class Settings(BaseSettings):
     # keeps the first acceptable candidate.
     reranker: Literal["persona", "none"] = "persona"
 
+    # Reply choice (persona/reply_choice.py): House's real lines compete with the generations
+    reply_mode: Literal["generated", "canon", "hybrid"] = "hybrid"
+    selector_dir: Path = ROOT / "models" / "house-selector"
+    house_data: Path = ROOT.parent / "shared" / "data" / "house" / "questions_answers.csv"
+    data_dir: Path = ROOT / "data" / "prepared"
+    canon_candidates: int = 4
+    canon_repeat_window: int = 50
+
     # History
     history_token_budget: int = 384
     history_max_turns: int = 20
@@ -114,6 +122,12 @@ class Settings(BaseSettings):
     worker_metrics_port: int = 9100
     frontend_metrics_port: int = 0
     log_level: str = "INFO"
+
+    @field_validator("selector_dir", "house_data", "data_dir", "model_cache_dir")
+    @classmethod
+    def _from_root(cls, value: Path) -> Path:
+        """Relative paths start at the project root, whatever the working directory."""
+        return value if value.is_absolute() else (ROOT / value).resolve()
 
     @field_validator("adapters")
     @classmethod

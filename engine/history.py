@@ -7,6 +7,7 @@ remove all of it.
 from __future__ import annotations
 
 import json
+import time
 
 import redis.asyncio as aioredis
 
@@ -46,6 +47,20 @@ class HistoryStore:
         index = self.keys.user_keys(user)
         pipe.sadd(index, key)
         pipe.expire(index, self.ttl_s)
+
+    async def recent_canon(self, conversation: str) -> set[int]:
+        """The canon lines (rows) this conversation heard within the repeat window."""
+        return {int(m) for m in await self.redis.zrange(self.keys.canon_recent(conversation),
+                                                        0, -1)}
+
+    def canon_commands(self, pipe: aioredis.client.Pipeline, conversation: str, user: str,
+                       row: int, window: int) -> None:
+        """Queue: remember that ``row`` was said here; keep the last ``window`` lines."""
+        key = self.keys.canon_recent(conversation)
+        pipe.zadd(key, {str(row): time.time()})
+        pipe.zremrangebyrank(key, 0, -window - 1)
+        pipe.expire(key, self.ttl_s)
+        self.remember_key_commands(pipe, user, key)
 
     async def drop_last_exchange(self, conversation: str) -> tuple[str, str] | None:
         """Remove the last user/assistant pair (for /retry); returns (user text, speaker)."""

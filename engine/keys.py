@@ -44,6 +44,11 @@ class Keys:
         """The last chat request of a conversation, for /retry."""
         return f"{self.prefix}:last:{conversation}"
 
+    def canon_recent(self, conversation: str) -> str:
+        """A sorted set of the canon lines (data-set rows) a conversation heard lately, so none
+        is said twice within ``CANON_REPEAT_WINDOW`` replies."""
+        return f"{self.prefix}:canon:{conversation}"
+
     def user_keys(self, user: str) -> str:
         """A set of every key stored about a user, so /forget can delete them all."""
         return f"{self.prefix}:user:{user}:keys"

@@ -39,6 +39,8 @@ class WorkerMetrics:
         self.replies = Counter("house_replies", "Replies written", ["kind"], registry=r)
         self.errors = Counter("house_errors", "Requests answered with an error", ["reason"],
                               registry=r)
+        self.winners = Counter("house_reply_winner", "Chat replies by the kind that won "
+                               "(generated or canon)", ["kind"], registry=r)
         self.dead_letters = Counter("house_dead_letters", "Requests moved to dead letters",
                                     registry=r)
         self.claimed = Counter("house_claimed", "Requests taken over from another worker",

@@ -49,6 +49,7 @@ class Variant(BaseModel):
     text: str
     tokens: int = 0
     ms: float = 0.0
+    won: str | None = None  # "generated" or "canon": what the reply choice picked
 
 
 class Reply(BaseModel):
@@ -63,6 +64,7 @@ class Reply(BaseModel):
     generation_ms: float = 0.0
     batch_size: int = 0
     kind: str = "chat"
+    won: str | None = None  # "generated" or "canon": the kind of reply that won
     route: dict[str, Any] = Field(default_factory=dict)
     created_at: float = Field(default_factory=time.time)
 

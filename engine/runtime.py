@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
 
@@ -19,6 +20,9 @@ from engine.redis_conn import connect
 from engine.worker import Worker, WorkerOptions
 from persona.pack import Persona, load_persona
 from persona.prompt import system_block
+
+if TYPE_CHECKING:
+    from persona.canon import CanonPool
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +106,9 @@ def worker_options(settings: Settings) -> WorkerOptions:
         max_message_chars=settings.max_message_chars,
         default_adapter=settings.default_adapter,
         stream_maxlen=settings.stream_maxlen,
+        reply_mode=settings.reply_mode,
+        canon_candidates=settings.canon_candidates,
+        canon_repeat_window=settings.canon_repeat_window,
         overrides=settings.generation_overrides(),
     )
     if settings.worker_name:
@@ -123,10 +130,45 @@ def build_scorer(settings: Settings) -> Callable[[Sequence[str]], Sequence[float
         return None
 
 
+def ensure_prepared(settings: Settings) -> Path:
+    """The prepared data directory, preparing it from ``HOUSE_DATA`` when it is missing (a few
+    seconds; the canon pool needs it)."""
+    from persona.data import DataError, PrepareConfig, prepare
+
+    if not (settings.data_dir / "train.jsonl").is_file():
+        log.info("no prepared data in %s: preparing it from %s", settings.data_dir,
+                 settings.house_data)
+        try:
+            prepare(PrepareConfig(input=settings.house_data, out=settings.data_dir,
+                                  persona=settings.persona))
+        except DataError as exc:
+            raise FileNotFoundError(str(exc)) from exc
+    return settings.data_dir
+
+
+def build_canon(settings: Settings) -> CanonPool | None:
+    """House's real lines and the response selector, for the canon and hybrid modes; None
+    (logged, the worker then answers in generated mode) when the selector or the data set
+    is missing."""
+    if settings.reply_mode == "generated":
+        return None
+    from persona.canon import CanonPool
+    from persona.selector import Selector, SelectorError
+
+    try:
+        selector = Selector.load(settings.selector_dir)
+        return CanonPool.from_data(ensure_prepared(settings), selector)
+    except (SelectorError, FileNotFoundError) as exc:
+        log.warning("REPLY_MODE=%s needs House's lines and the selector; answering in "
+                    "generated mode: %s", settings.reply_mode, exc)
+        return None
+
+
 async def build_worker(settings: Settings, redis: aioredis.Redis, fake: bool = False,
                        metrics: WorkerMetrics | None = None, fake_delay_ms: int = 0) -> Worker:
     persona = load_persona(settings.persona)
     generator = await asyncio.to_thread(build_generator, settings, persona, fake, fake_delay_ms)
     scorer = None if fake else await asyncio.to_thread(build_scorer, settings)
+    canon = None if fake else await asyncio.to_thread(build_canon, settings)
     return Worker(redis, keys_for(settings), generator, persona, worker_options(settings),
-                  metrics, scorer)
+                  metrics, scorer, canon)

@@ -34,9 +34,11 @@ from engine.metrics import WorkerMetrics
 from engine.protocol import ProtocolError, Reply, Request, Variant
 from engine.queue_client import ensure_group, queue_depth
 from engine.redis_conn import REDIS_DOWN
+from persona.canon import CanonPool
 from persona.pack import Controls, Persona
-from persona.postprocess import choose_reply, clean_reply, leaks_prompt
-from persona.prompt import clean_user_text, render_prompt
+from persona.postprocess import clean_reply, leaks_prompt
+from persona.prompt import Turn, clean_user_text, render_prompt
+from persona.reply_choice import CANON, GENERATED, MODES, Candidate, pick
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,9 @@ class WorkerOptions:
     default_adapter: str = "house"
     stream_maxlen: int = 10_000
     health_ttl_s: int = 30
+    reply_mode: str = "hybrid"
+    canon_candidates: int = 4
+    canon_repeat_window: int = 50
     overrides: dict[str, float | int] = field(default_factory=dict)
 
 
@@ -72,6 +77,22 @@ class Task:
     controls: Controls | None = None
     rows: list[int] = field(default_factory=list)
     reply: Reply | None = None
+    mode: str = GENERATED
+    context: tuple[str, ...] = ()  # the exchange before the message, for the selector
+    mentioned: str = ""  # the conversation's text: names a canon line may use
+    heard: set[int] = field(default_factory=set)  # canon rows heard lately
+    canon_row: int | None = None  # the canon line that won, to remember
+
+
+HYBRID_VARIANT = "hybrid"
+
+
+def selector_context(history: Sequence[Turn]) -> tuple[str, ...]:
+    """The exchange before the new message (user turn, House's reply), as the selector was
+    trained to read it; nothing when the conversation starts."""
+    if len(history) >= 2 and history[-1].role == "assistant" and history[-2].role == "user":
+        return (history[-2].content, history[-1].content)
+    return ()
 
 
 def request_seed(request: Request, controls: Controls) -> int:
@@ -92,6 +113,7 @@ class Worker:
         options: WorkerOptions | None = None,
         metrics: WorkerMetrics | None = None,
         scorer: Callable[[Sequence[str]], Sequence[float]] | None = None,
+        canon: CanonPool | None = None,
     ):
         self.redis = redis
         self.keys = keys
@@ -100,6 +122,7 @@ class Worker:
         self.options = options or WorkerOptions()
         self.metrics = metrics or WorkerMetrics()
         self.scorer = scorer
+        self.canon = canon
         self.history = HistoryStore(redis, keys, self.options.history_max_turns,
                                     self.options.history_ttl_s)
         self.defaults = persona.controls.merged(self.options.overrides)
@@ -350,22 +373,45 @@ class Worker:
             return
         task.text, task.speaker = text, speaker
         task.controls = self.defaults.merged(request.settings)
+        task.mode = self.reply_mode(request)
         if request.kind == "compare":
-            wanted = request.variants or [BASE_VARIANT, *self.generator.adapters]
+            wanted = request.variants or [BASE_VARIANT, *self.generator.adapters, HYBRID_VARIANT]
+            hybrid = HYBRID_VARIANT in wanted and self.canon is not None
             task.variants = [v for v in wanted if v == BASE_VARIANT or v in
                              self.generator.adapters] or [BASE_VARIANT]
+            if hybrid:
+                if self.options.default_adapter in self.generator.adapters and \
+                        self.options.default_adapter not in task.variants:
+                    task.variants.append(self.options.default_adapter)
+                task.variants.append(HYBRID_VARIANT)
         else:
             adapter = str(request.settings.get("adapter", self.options.default_adapter))
             task.variants = [adapter if adapter in self.generator.adapters else BASE_VARIANT]
         history = [] if request.kind == "compare" else await self.history.load(
             request.conversation)
+        if self.canon is not None:
+            task.context = selector_context(history)
+            task.mentioned = " ".join(t.content for t in history if t.role == "user")
+            task.heard = await self.history.recent_canon(request.conversation)
+        if task.mode == CANON and request.kind != "compare":
+            return  # House's real lines only: nothing to generate
         prompt = render_prompt(self.generator.tokenizer, persona, history, text, speaker,
                                self.options.history_token_budget)
         seed = request_seed(request, task.controls)
         for variant in task.variants:
+            if variant == HYBRID_VARIANT:
+                continue
             for k in range(task.controls.candidates):
                 task.rows.append(len(jobs))
                 jobs.append(GenerationJob(prompt, variant, task.controls, seed + k, text))
+
+    def reply_mode(self, request: Request) -> str:
+        """The request's ``mode`` setting, else REPLY_MODE; generated when there is no canon
+        pool (no selector or data set) to draw House's lines from."""
+        mode = str(request.settings.get("mode", self.options.reply_mode))
+        if mode not in MODES:
+            mode = self.options.reply_mode
+        return GENERATED if self.canon is None else mode
 
     async def _generate(self, jobs: list[GenerationJob]) -> list[Generated]:
         started = time.perf_counter()
@@ -395,32 +441,58 @@ class Worker:
         def build() -> list[Reply]:
             return [self.make_reply(task, jobs, outputs) for task in tasks]
 
-        return await asyncio.to_thread(build) if self.scorer is not None else build()
+        threaded = self.scorer is not None or self.canon is not None
+        return await asyncio.to_thread(build) if threaded else build()
+
+    def generated_candidates(self, task: Task, variant: int, outputs: list[Generated]
+                             ) -> list[Candidate]:
+        controls = task.controls or self.defaults
+        n = controls.candidates
+        candidates = []
+        for r in task.rows[variant * n : (variant + 1) * n]:
+            text = clean_reply(outputs[r].text, self.persona.other_speakers,
+                               controls.sentence_cap, finished=outputs[r].finished)
+            # A candidate that prints the system prompt (prompt injection) is dropped.
+            if leaks_prompt(text, self.persona.system_prompt):
+                text = ""
+            candidates.append(Candidate(text, GENERATED, source=r))
+        return candidates
+
+    def pick(self, task: Task, generated: list[Candidate], mode: str) -> Candidate | None:
+        return pick(mode, task.text, generated, self.canon, self.scorer,
+                    self.options.canon_candidates, task.context, task.heard, task.mentioned)
 
     def make_reply(self, task: Task, jobs: list[GenerationJob],
                    outputs: list[Generated]) -> Reply:
         request = task.request
-        if not outputs:
+        if not outputs and (task.rows or task.mode != CANON):
             return self.reply(request, error=self.persona.line("timeout"))
-        controls = task.controls or self.defaults
         variants = []
-        n = controls.candidates
+        won = GENERATED
         for v, name in enumerate(task.variants):
-            rows = task.rows[v * n : (v + 1) * n]
-            candidates = [clean_reply(outputs[r].text, self.persona.other_speakers,
-                                      controls.sentence_cap, finished=outputs[r].finished)
-                          for r in rows]
-            # A candidate that prints the system prompt (prompt injection) is dropped.
-            candidates = ["" if leaks_prompt(c, self.persona.system_prompt) else c
-                          for c in candidates]
-            best = choose_reply(candidates, task.text, self.scorer)
-            text = candidates[best] or self.persona.line("fallback")
-            out = outputs[rows[best]]
-            variants.append(Variant(name=name, text=text, tokens=out.tokens, ms=round(out.ms, 1)))
+            if name == HYBRID_VARIANT:
+                default = task.variants.index(self.options.default_adapter)
+                winner = self.pick(task, self.generated_candidates(task, default, outputs),
+                                   HYBRID_VARIANT)
+            elif request.kind == "compare" or task.mode != CANON:
+                mode = GENERATED if request.kind == "compare" else task.mode
+                winner = self.pick(task, self.generated_candidates(task, v, outputs), mode)
+            else:
+                winner = self.pick(task, [], CANON)
+            text = winner.text if winner is not None else self.persona.line("fallback")
+            out = outputs[winner.source] if winner is not None and winner.kind == GENERATED \
+                else None
+            if name != HYBRID_VARIANT and request.kind != "compare" and winner is not None:
+                won = winner.kind
+                task.canon_row = winner.row
+            variants.append(Variant(name=name, text=text, tokens=out.tokens if out else 0,
+                                    ms=round(out.ms, 1) if out else 0.0,
+                                    won=winner.kind if winner is not None else None))
         if request.kind == "compare":
             return self.reply(request, variants=variants)
+        self.metrics.winners.labels(won).inc()
         return self.reply(request, text=variants[0].text, tokens=variants[0].tokens,
-                          generation_ms=variants[0].ms)
+                          generation_ms=variants[0].ms, won=won)
 
     def reply(self, request: Request, **fields) -> Reply:  # type: ignore[no-untyped-def]
         return Reply(id=request.id, conversation=request.conversation, worker=self.options.name,
@@ -443,6 +515,10 @@ class Worker:
                              ex=self.options.history_ttl_s)
                     self.history.remember_key_commands(
                         pipe, request.user, self.keys.last_request(request.conversation))
+                    if reply.won == CANON and task.canon_row is not None:
+                        self.history.canon_commands(pipe, request.conversation, request.user,
+                                                    task.canon_row,
+                                                    self.options.canon_repeat_window)
                 pipe.xadd(self.keys.replies(request.frontend), reply.dumps(),
                           maxlen=self.options.stream_maxlen, approximate=True)
                 self._remove_commands(pipe, task.entry_id, request.conversation)

@@ -6,10 +6,19 @@ House in the adapter's replies than in the base model's, where the classifier he
 
     drhouse blind lines --n 200 --out runs/blind/lines      # lines.txt: text only, no speaker
     drhouse blind pairs --run reports/eval --systems base,house --n 60 --out runs/blind/pairs
+    drhouse blind many --run reports/eval --systems base,house,retrieval,default --n 60 \
+        --out runs/blind/many
     # the reader writes labels.txt next to it: one answer per item, in order
     #   lines: 0 (not House) … 1 (House), e.g. 0, 0.25, 0.5, 0.75, 1
     #   pairs: A or B (which reply sounds more like House), = for no difference
+    #   many: one line per message: FIT/VOICE for each shown reply in order (each 0..1: does it
+    #         answer this message? is it House?), then the number of the best reply
     drhouse blind score runs/blind/lines [more dirs of the same kind: pooled] [--out FILE]
+
+In ``many`` the systems' replies to each message are shuffled and numbered; systems that gave
+the same text share one number (and its scores). ``score`` reports, per system, mean fit and
+voice, how often it gave the best reply, and head to head against each other system (the reply
+with the higher fit + voice wins, ties and equal texts count half).
 
 ``key.json`` (who said what, which system is A) sits beside the texts; a reader must not open
 it. ``score`` prints the reader's and the classifier's figures on the same items with
@@ -32,7 +41,7 @@ if TYPE_CHECKING:  # numpy is not in the slim frontend image, which imports ever
 
 DEFAULT_DATA_DIR = ROOT / "data" / "prepared"
 KEY_FILE, LABELS_FILE, RESULT_FILE = "key.json", "labels.txt", "result.json"
-LINES_FILE, PAIRS_FILE = "lines.txt", "pairs.txt"
+LINES_FILE, PAIRS_FILE, MANY_FILE = "lines.txt", "pairs.txt", "many.txt"
 PAIR_ANSWERS = {"a": 1.0, "b": 0.0, "=": 0.5}
 BOOTSTRAP_ROUNDS = 2000
 
@@ -73,6 +82,105 @@ def sample_pairs(first: Sequence[dict[str, Any]], second: Sequence[dict[str, Any
         items.append({"index": i, "message": first[i]["message"], "a": a, "b": b,
                       "a_text": a_row["reply"], "b_text": b_row["reply"]})
     return items
+
+
+def sample_many(rows: dict[str, Sequence[dict[str, Any]]], n: int, seed: int
+                ) -> list[dict[str, Any]]:
+    """``n`` messages every system answered; per message the distinct replies, shuffled, each
+    with the systems that gave it."""
+    names = list(rows)
+    messages = [r["message"] for r in rows[names[0]]]
+    for name in names[1:]:
+        if [r["message"] for r in rows[name]] != messages:
+            raise BlindError(f"{name} answered other messages than {names[0]}")
+    rng = random.Random(seed)
+    items = []
+    for i in rng.sample(range(len(messages)), min(n, len(messages))):
+        options: dict[str, list[str]] = {}
+        for name in names:
+            options.setdefault(" ".join(rows[name][i]["reply"].split()), []).append(name)
+        shown = list(options.items())
+        rng.shuffle(shown)
+        items.append({"index": i, "message": messages[i],
+                      "options": [{"text": t, "systems": s} for t, s in shown]})
+    return items
+
+
+def read_many_answers(path: Path, items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per message: ``fit`` and ``voice`` per shown option and the ``best`` option index."""
+    try:
+        lines = [ln.split("#", 1)[0].strip() for ln in path.read_text(encoding="utf-8")
+                 .splitlines()]
+    except OSError as exc:
+        raise BlindError(f"no answers: {exc}") from exc
+    lines = [ln for ln in lines if ln]
+    if len(lines) != len(items):
+        raise BlindError(f"{path} has {len(lines)} answer lines for {len(items)} messages")
+    answers = []
+    for number, (line, item) in enumerate(zip(lines, items, strict=True)):
+        tokens = line.split()
+        width = len(item["options"])
+        if len(tokens) != width + 1:
+            raise BlindError(f"{path}, message {number}: expected {width} FIT/VOICE answers "
+                             f"and the best reply's number, got {line!r}")
+        fit, voice = [], []
+        for token in tokens[:width]:
+            try:
+                f, v = (float(x) for x in token.split("/"))
+            except ValueError as exc:
+                raise BlindError(f"{path}, message {number}: cannot read {token!r} as "
+                                 "FIT/VOICE") from exc
+            if not (0 <= f <= 1 and 0 <= v <= 1):
+                raise BlindError(f"{path}, message {number}: {token!r} is outside 0..1")
+            fit.append(f)
+            voice.append(v)
+        try:
+            best = int(tokens[-1]) - 1
+        except ValueError as exc:
+            raise BlindError(f"{path}, message {number}: the best reply's number, not "
+                             f"{tokens[-1]!r}") from exc
+        if not 0 <= best < width:
+            raise BlindError(f"{path}, message {number}: no reply number {best + 1}")
+        answers.append({"fit": fit, "voice": voice, "best": best})
+    return answers
+
+
+def score_many(items: Sequence[dict[str, Any]], answers: Sequence[dict[str, Any]]
+               ) -> dict[str, Any]:
+    """Per system: mean fit and voice, share of messages where it gave the best reply, and
+    head-to-head shares against each other system."""
+    import numpy as np
+
+    names = sorted({s for it in items for opt in it["options"] for s in opt["systems"]})
+    n = len(items)
+    fit = {name: np.zeros(n) for name in names}
+    voice = {name: np.zeros(n) for name in names}
+    best = {name: np.zeros(n) for name in names}
+    for i, (item, answer) in enumerate(zip(items, answers, strict=True)):
+        for k, opt in enumerate(item["options"]):
+            for name in opt["systems"]:
+                fit[name][i], voice[name][i] = answer["fit"][k], answer["voice"][k]
+                best[name][i] = float(k == answer["best"])
+    result: dict[str, Any] = {"n": n, "systems": {}}
+    for name in names:
+        total = fit[name] + voice[name]
+        heads = {}
+        for other in names:
+            if other == name:
+                continue
+            theirs = fit[other] + voice[other]
+            wins = np.where(total > theirs, 1.0, np.where(total < theirs, 0.0, 0.5))
+            heads[other] = {"wins": round(float(wins.mean()), 3),
+                            "wins_ci": bootstrap(lambda i, w=wins: float(w[i].mean()), n)}
+        result["systems"][name] = {
+            "fit": round(float(fit[name].mean()), 3),
+            "voice": round(float(voice[name].mean()), 3),
+            "best": int(best[name].sum()),
+            "best_share": round(float(best[name].mean()), 3),
+            "best_share_ci": bootstrap(lambda i, b=best[name]: float(b[i].mean()), n),
+            "head_to_head": heads,
+        }
+    return result
 
 
 def read_answers(path: Path, kind: str, count: int) -> np.ndarray:
@@ -189,6 +297,11 @@ def write_task(out: Path, kind: str, items: list[dict[str, Any]], source: dict[s
     if kind == "lines":
         text = "".join(f"{i}\t{it['text']}\n" for i, it in enumerate(items))
         task = out / LINES_FILE
+    elif kind == "many":
+        text = "".join(f"[{i}] MESSAGE: {it['message']}\n" + "".join(
+            f"    {k + 1}. {opt['text']}\n" for k, opt in enumerate(it["options"])) + "\n"
+            for i, it in enumerate(items))
+        task = out / MANY_FILE
     else:
         text = "".join(f"{i}\tMESSAGE: {it['message']}\n{i}\tA: {it['a_text']}\n"
                        f"{i}\tB: {it['b_text']}\n\n" for i, it in enumerate(items))
@@ -206,8 +319,10 @@ def read_key(directory: Path) -> dict[str, Any]:
         raise BlindError(f"no readable {KEY_FILE} in {directory}: {exc}") from exc
 
 
-def load_task(directory: Path) -> tuple[str, list[dict[str, Any]], np.ndarray]:
+def load_task(directory: Path) -> tuple[str, list[dict[str, Any]], Any]:
     key = read_key(directory)
+    if key["kind"] == "many":
+        return "many", key["items"], read_many_answers(directory / LABELS_FILE, key["items"])
     answers = read_answers(directory / LABELS_FILE, key["kind"], len(key["items"]))
     return key["kind"], key["items"], answers
 
@@ -223,7 +338,14 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
     pairs.add_argument("--run", type=Path, required=True,
                        help="a drhouse eval output folder (its samples/ are read)")
     pairs.add_argument("--systems", default="base,house", help="two systems of that run")
-    for p in (lines, pairs):
+    many = sub.add_parser("many", help="several systems' replies to the same messages: fit "
+                                       "and voice per reply, the best one")
+    many.add_argument("--run", type=Path, nargs="+", required=True,
+                      help="drhouse eval output folders (their samples/ are read; the first "
+                           "that has a system wins)")
+    many.add_argument("--systems", default="base,house-classifier,retrieval,default",
+                      help="systems of those runs, comma-separated")
+    for p in (lines, pairs, many):
         p.add_argument("--n", type=int, default=200, help="how many items")
         p.add_argument("--seed", type=int, default=2026)
         p.add_argument("--out", type=Path, required=True, help="folder for the task and key")
@@ -266,6 +388,20 @@ def _run(args: argparse.Namespace) -> int:
         rows = [_read_records(args.run / "samples", s) for s in names]
         items = sample_pairs(rows[0], rows[1], (names[0], names[1]), args.n, args.seed)
         task = write_task(args.out, "pairs", items, {"run": str(args.run), "seed": args.seed})
+    elif args.blind_action == "many":
+        names = [s.strip() for s in args.systems.split(",") if s.strip()]
+        if len(names) < 2:
+            raise BlindError("--systems needs at least two systems")
+        rows = {}
+        for name in names:
+            folder = next((r for r in args.run if (r / "samples" / f"{name}.jsonl").is_file()),
+                          None)
+            if folder is None:
+                raise BlindError(f"no samples/{name}.jsonl in {', '.join(map(str, args.run))}")
+            rows[name] = _read_records(folder / "samples", name)
+        items = sample_many(rows, args.n, args.seed)
+        task = write_task(args.out, "many", items, {"runs": [str(r) for r in args.run],
+                                                    "seed": args.seed})
     else:
         return _score(args)
     print(f"{task}: {len(items)} items. Write one answer per item into "
@@ -282,9 +418,15 @@ def _score(args: argparse.Namespace) -> int:
     tasks = [load_task(d) for d in args.dirs]
     kinds = {kind for kind, _, _ in tasks}
     if len(kinds) != 1:
-        raise BlindError("pool folders of one kind only (lines or pairs)")
+        raise BlindError("pool folders of one kind only (lines, pairs or many)")
     kind = kinds.pop()
     items = [it for _, its, _ in tasks for it in its]
+    if kind == "many":
+        result = score_many(items, [a for _, _, answers in tasks for a in answers])
+        out = args.out or args.dirs[0] / RESULT_FILE
+        out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        print(json.dumps(result, indent=2))
+        return 0
     reader = np.concatenate([answers for _, _, answers in tasks])
     clf = PersonaClassifier.load(args.classifier or DEFAULT_DIR)
     machine = classifier_answers(kind, items, clf.score)

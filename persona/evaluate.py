@@ -39,6 +39,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HUMAN, RETRIEVAL, BASE = "human", "retrieval", "base"
+CANON, HYBRID, DEFAULT, CLASSIC = "canon", "hybrid", "default", "house-classifier"
+# Systems chosen from the default adapter's generations (and canon lines) by the bot's own
+# reply choice, so they need no generation of their own.
+DERIVED = (CANON, HYBRID, DEFAULT, CLASSIC)
 DEFAULT_DATA_DIR = ROOT / "data" / "prepared"
 DEFAULT_OUT = ROOT / "reports" / "eval"
 
@@ -60,8 +64,12 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--limit", type=int, default=300,
                         help="prompts to use, a seeded sample (default 300; 0 = all)")
     parser.add_argument("--systems",
-                        help="comma-separated: base, adapter names, retrieval, human "
-                             "(default: all; human needs prompts from a split)")
+                        help="comma-separated: default (what the bot answers with its shipped "
+                             "settings), house (the adapter alone: best of n by fit x voice), "
+                             "house-classifier (the adapter reranked by the persona classifier "
+                             "only, the bot before the selector), canon, hybrid, base, other "
+                             "adapter names, retrieval, human (default: all; human needs "
+                             "prompts from a split)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory")
     parser.add_argument("--seed", type=int, default=0, help="seed for sampling and prompts")
     parser.add_argument("--batch-size", type=int, default=16,
@@ -91,6 +99,8 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--rerank-reused", action="store_true",
                         help="choose the reused systems' replies again from their stored "
                              "candidates with this run's reranker (after a new classifier)")
+    parser.add_argument("--judge-dir", type=Path,
+                        help="the fit judge (default models/fit-judge); none there: no fit_score")
     parser.add_argument("--collect", nargs="+", type=Path, metavar="RUN_DIR",
                         help="only build tuning.md in --out from earlier runs' outputs")
 
@@ -152,7 +162,7 @@ def generate_replies(
 
     With ``deadline`` (a `time.monotonic` value), stops after the batch that passes it."""
     from engine.generation import GenerationJob
-    from persona.postprocess import choose_reply, clean_reply
+    from persona.postprocess import choose_reply, clean_reply, leaks_prompt
     from persona.prompt import render_prompt
     from persona.quality import Sample
 
@@ -181,6 +191,9 @@ def generate_replies(
             rerank_started = time.perf_counter()
             candidates = [clean_reply(o.text, persona.other_speakers, controls.sentence_cap,
                                       finished=o.finished) for o in rows]
+            # as the worker: a candidate that prints the system prompt is dropped
+            candidates = ["" if leaks_prompt(c, persona.system_prompt) else c
+                          for c in candidates]
             best = choose_reply(candidates, item.message, scorer)
             rerank_ms = (time.perf_counter() - rerank_started) * 1000
             chosen = rows[best]
@@ -233,7 +246,12 @@ def load_classifier(args: argparse.Namespace) -> Any:
 
 def pick_systems(spec: str | None, adapters: Sequence[str], has_reference: bool) -> list[str]:
     systems = ([s.strip() for s in spec.split(",") if s.strip()] if spec
-               else [BASE, *adapters, RETRIEVAL, HUMAN])
+               else [BASE, *adapters, CLASSIC, CANON, HYBRID, DEFAULT, RETRIEVAL, HUMAN])
+    known = {BASE, *adapters, *DERIVED, RETRIEVAL, HUMAN}
+    unknown = [s for s in systems if s.removesuffix("-norerank") not in known]
+    if unknown:
+        raise SystemExit(f"--systems: unknown {', '.join(unknown)} (known: "
+                         f"{', '.join(sorted(known))})")
     if HUMAN in systems and not has_reference:
         log.warning("no human replies for prompts from a file; 'human' skipped")
         systems.remove(HUMAN)
@@ -263,12 +281,18 @@ def run(args: argparse.Namespace) -> int:
     controls = persona.controls.merged(settings.generation_overrides()).merged(
         parse_sets(args.set))
     reranker = args.reranker or settings.reranker
+    check_data(args, settings)
     prompts = read_prompts(args, settings.max_message_chars)
     if not prompts:
         raise SystemExit("no prompts")
     has_reference = all(p.reference is not None for p in prompts)
     systems = pick_systems(args.systems, list(settings.adapter_paths), has_reference)
-    model_systems = [s for s in systems if s not in (HUMAN, RETRIEVAL)]
+    adapter_name = settings.default_adapter
+    derived = [s for s in systems if s in (*DERIVED, adapter_name)]
+    generation_systems = list(dict.fromkeys(
+        [s for s in systems if s not in (HUMAN, RETRIEVAL, *DERIVED)]
+        + ([adapter_name] if any(s != CANON for s in derived) else [])))
+    model_systems = generation_systems
     load_before = os.getloadavg()
 
     embedder = Embedder()
@@ -298,8 +322,8 @@ def run(args: argparse.Namespace) -> int:
     to_generate = [s for s in model_systems if s not in samples]
     adapters = {k: v for k, v in settings.adapter_paths.items() if k in to_generate}
     generator = load_generator(settings, persona, adapters) if to_generate else None
-    for system in systems:
-        if system in samples:
+    for system in list(dict.fromkeys([*systems, *generation_systems])):
+        if system in samples or system in DERIVED:
             continue
         info: dict[str, Any] = {"load_before": round(os.getloadavg()[0], 2)}
         if system == HUMAN:
@@ -323,6 +347,11 @@ def run(args: argparse.Namespace) -> int:
         timing[system] = {**info, **totals, "controls": controls.__dict__,
                           "reranker": reranker_name,
                           "load_after": round(os.getloadavg()[0], 2)}
+    if derived:
+        derive_systems(samples, timing, derived, adapter_name, prompts, persona, scorer,
+                       settings)
+    samples = {s: samples[s] for s in systems if s in samples} | {
+        s: v for s, v in samples.items() if s.endswith("-norerank")}
     if args.also_no_rerank:
         for system in [s for s in samples
                        if s not in (HUMAN, RETRIEVAL) and not s.endswith("-norerank")]:
@@ -343,6 +372,10 @@ def run(args: argparse.Namespace) -> int:
     metrics = eval_report.compute_metrics(samples, timing, classifier, embedder,
                                           persona.other_speakers, controls.sentence_cap,
                                           house_train, auc)
+    judge_meta = add_fit_scores(metrics, samples, args)
+    for system, info in timing.items():
+        if system in metrics and "pick_ms" in info:
+            metrics[system]["pick_ms"] = info["pick_ms"]
     run_info = {
         "label": args.label,
         "command": "drhouse eval " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "",
@@ -358,6 +391,8 @@ def run(args: argparse.Namespace) -> int:
         "base_model": settings.base_model,
         "adapters": {k: display_path(Path(v)) for k, v in adapters.items()},
         "classifier": classifier.meta,
+        "fit_judge": judge_meta,
+        "reply_mode": settings.reply_mode,
         "cpu_count": os.cpu_count(),
         "load_before": [round(x, 2) for x in load_before],
         "load_after": [round(x, 2) for x in os.getloadavg()],
@@ -366,6 +401,113 @@ def run(args: argparse.Namespace) -> int:
     print(eval_report.summary_table(metrics))
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
+
+
+def check_data(args: argparse.Namespace, settings: Settings) -> None:
+    """Before anything runs for minutes: the prepared splits must be there (the metrics,
+    retrieval and canon need train.jsonl). The default directory is prepared from
+    HOUSE_DATA when it is missing, as the worker does; another one is the user's to make."""
+    if (args.data_dir / "train.jsonl").is_file():
+        return
+    if args.data_dir.resolve() == settings.data_dir.resolve():
+        from engine.runtime import ensure_prepared
+
+        try:
+            ensure_prepared(settings)
+            return
+        except FileNotFoundError as exc:
+            raise SystemExit(f"drhouse eval: no prepared data in {args.data_dir} and none to "
+                             f"prepare ({exc}); run `drhouse data prepare --input CSV`") from exc
+    raise SystemExit(f"drhouse eval: {args.data_dir}/train.jsonl not found: run `drhouse data "
+                     f"prepare --out {args.data_dir}` or pass --data-dir")
+
+
+def derive_systems(samples: dict[str, list[Sample]], timing: dict[str, dict[str, Any]],
+                   systems: Sequence[str], adapter: str, prompts: Sequence[Prompt],
+                   persona: Persona, scorer: Callable[[Sequence[str]], Sequence[float]] | None,
+                   settings: Settings) -> None:
+    """The systems the bot's reply choice makes from the adapter's generations (kept with
+    their candidates) and the canon pool, through `persona.reply_choice.pick` as the worker
+    calls it (no history: every prompt opens a conversation)."""
+    from engine.runtime import build_canon
+    from persona.quality import Sample
+    from persona.reply_choice import GENERATED, Candidate, pick
+
+    generated = samples.get(adapter)
+    canon = build_canon(settings.model_copy(update={"reply_mode": "hybrid"}))
+    if canon is None:
+        log.warning("no selector or canon pool: canon and hybrid systems skipped")
+    modes = {CLASSIC: None, adapter: GENERATED, CANON: "canon", HYBRID: "hybrid",
+             DEFAULT: settings.reply_mode}
+    for system in systems:
+        mode = modes[system]
+        if mode is None:
+            if generated is not None:
+                samples[CLASSIC] = list(generated)
+                timing[CLASSIC] = {**timing.get(adapter, {}), "reranker": "persona only"}
+            continue
+        if canon is None and mode != GENERATED:
+            continue
+        if generated is None and mode != "canon":
+            log.warning("%s needs the %s adapter's generations; skipped", system, adapter)
+            continue
+        out = []
+        for i, prompt in enumerate(prompts):
+            source = generated[i] if generated is not None else None
+            candidates = [Candidate(c[0], GENERATED, source=k)
+                          for k, c in enumerate(source.candidates)] if source else []
+            started = time.perf_counter()
+            winner = pick(mode, prompt.message, candidates if mode != "canon" else [], canon,
+                          scorer, settings.canon_candidates)
+            pick_ms = (time.perf_counter() - started) * 1000
+            text = winner.text if winner is not None else persona.line("fallback")
+            chosen = (source.candidates[winner.source] if source and winner is not None
+                      and winner.kind == GENERATED else None)
+            out.append(Sample(
+                message=prompt.message, reply=text, reference=prompt.reference,
+                raw=chosen[1] if chosen else text,
+                hit_cap=not chosen[2] if chosen else False,
+                fallback=winner is None, tokens=source.tokens if source else 0,
+                ms=(source.ms or 0.0) + pick_ms if source and mode != "canon" else pick_ms,
+                candidates=source.candidates if source else (),
+                won=winner.kind if winner is not None else None))
+        samples[system] = out
+        picks = [s.ms for s in out] if mode == "canon" else [
+            (s.ms or 0) - (g.ms or 0) for s, g in zip(out, generated or [], strict=False)]
+        timing[system] = {**(timing.get(adapter, {}) if mode != "canon" else {}),
+                          "mode": mode, "pick_ms": round(sum(picks) / len(picks), 1)}
+
+
+def add_fit_scores(metrics: dict[str, Any], samples: dict[str, list[Sample]],
+                   args: argparse.Namespace) -> dict[str, Any] | None:
+    """``fit_score`` of every system: the percentile of its reply among 99 other House replies
+    of the split (the same 99 for every system) by the fit judge."""
+    from persona.judge import DEFAULT_DIR, FitJudge, JudgeError, other_replies, percentile
+
+    try:
+        judge = FitJudge.load(args.judge_dir or DEFAULT_DIR)
+    except JudgeError as exc:
+        log.warning("%s: no fit_score", exc)
+        return None
+    split = "test" if args.prompts else args.split
+    pool = [json.loads(line)["response"] for line in
+            (args.data_dir / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+    first = next(iter(samples.values()))
+    messages = [s.message for s in first]
+    own = [pool.index(s.reference) if s.reference in pool else None for s in first]
+    others = other_replies(len(messages), pool, own, args.seed)
+    log.info("fit judge: scoring %d messages x %d other replies", len(messages), len(others[0]))
+    other_scores = judge.score([(m, r) for m, group in zip(messages, others, strict=True)
+                                for r in group], progress=True)
+    width = len(others[0])
+    for system, items in samples.items():
+        scores = judge.score([(m, s.reply) for m, s in zip(messages, items, strict=True)])
+        pcts = [percentile(x, other_scores[i * width : (i + 1) * width])
+                for i, x in enumerate(scores)]
+        metrics[system]["fit_score"] = round(sum(pcts) / len(pcts), 4)
+    return {**judge.meta, "others": f"{width} other replies of the {split} split, seed "
+                                    f"{args.seed}"}
 
 
 def without_reranker(samples: Sequence[Sample], persona: Persona) -> list[Sample]:

@@ -53,6 +53,12 @@ DEFINITIONS: dict[str, str] = {
     "persona's fallback line was sent",
     "raw_scene_insert_rate": "scene-insert rate of the raw generation, before post-processing",
     "cap_hit_rate": "share of chosen generations that ran to max_new_tokens without ending",
+    "fit_score": "mean percentile of the reply among 99 other House replies of the split for the "
+    "same message, by the fit judge (a cross-encoder trained on the judge fold; 0.5 = a random "
+    "House line, 1.0 = preferred to all 99); evaluation only, never used to choose",
+    "canon_share": "share of replies that are House's real lines picked by the selector",
+    "pick_ms": "mean wall time of the reply choice (selector search, fit and voice scoring) per "
+    "reply, on top of generation",
     "median_ms": "median wall time of the batched generate() that produced a reply (+ rerank)",
     "tokens_per_s": "generated tokens (all candidates) / generation wall time",
 }
@@ -163,6 +169,7 @@ class Sample:
     # Every candidate of a model reply as (cleaned text, raw text, finished), for
     # counterfactual choices (e.g. without the reranker) from the same generations.
     candidates: tuple[tuple[str, str, bool], ...] = ()
+    won: str | None = None  # "generated" or "canon" (systems that choose among both)
 
 
 def rate(flags: Iterable[bool]) -> float:

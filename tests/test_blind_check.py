@@ -102,3 +102,55 @@ def test_command_round_trip_with_the_shipped_classifier(
     (task / "labels.txt").write_text("1 0")
     assert main(["blind", "score", str(task)]) == 2
     assert "2 answers for 8" in capsys.readouterr().out
+
+
+def test_many_shuffles_systems_merges_equal_replies_and_scores_fit_voice_best(
+        tmp_path: Path) -> None:
+    from persona.blind_check import read_many_answers, sample_many, score_many
+
+    rows = {name: [{"message": f"m{i}", "reply": f"{name} {i}"} for i in range(20)]
+            for name in ("base", "house", "retrieval")}
+    rows["default"] = [{"message": f"m{i}", "reply": f"retrieval {i}"} for i in range(20)]
+    items = sample_many(rows, 20, seed=3)
+    assert all(len(it["options"]) == 3 for it in items)  # default == retrieval: one option
+    shared = [opt for opt in items[0]["options"] if len(opt["systems"]) == 2]
+    assert shared and sorted(shared[0]["systems"]) == ["default", "retrieval"]
+    firsts = {it["options"][0]["systems"][0] for it in items}
+    assert len(firsts) > 1  # the order is shuffled per message
+    # the reader: retrieval/default fits (1/1) and is best; house 0.5/1; base 0/0
+    lines = []
+    for it in items:
+        scores = {"base": "0/0", "house": "0.5/1", "retrieval": "1/1"}
+        tokens = [scores[opt["systems"][0] if opt["systems"][0] != "default" else "retrieval"]
+                  for opt in it["options"]]
+        best = next(k for k, opt in enumerate(it["options"]) if "retrieval" in opt["systems"])
+        lines.append(" ".join(tokens) + f" {best + 1}")
+    labels = tmp_path / "labels.txt"
+    labels.write_text("# fit/voice per reply, then the best\n" + "\n".join(lines) + "\n")
+    result = score_many(items, read_many_answers(labels, items))
+    systems = result["systems"]
+    assert systems["default"]["best_share"] == 1.0 and systems["base"]["best"] == 0
+    assert systems["house"]["fit"] == 0.5 and systems["house"]["voice"] == 1.0
+    assert systems["default"]["head_to_head"]["retrieval"]["wins"] == 0.5  # same text: a tie
+    assert systems["default"]["head_to_head"]["house"]["wins"] == 1.0
+    labels.write_text("\n".join(lines[:-1]) + "\n")
+    with pytest.raises(BlindError, match="answer lines"):
+        read_many_answers(labels, items)
+    labels.write_text("\n".join([*lines[:-1], "1/1 2/0 0/0 1"]) + "\n")
+    with pytest.raises(BlindError, match="outside"):
+        read_many_answers(labels, items)
+
+
+def test_many_command_writes_a_task_without_system_names(tmp_path: Path) -> None:
+    run = tmp_path / "run" / "samples"
+    run.mkdir(parents=True)
+    for name in ("base", "default"):
+        (run / f"{name}.jsonl").write_text("".join(
+            json.dumps({"message": f"m{i}", "reply": f"{name} reply {i}"}) + "\n"
+            for i in range(5)))
+    out = tmp_path / "task"
+    assert main(["blind", "many", "--run", str(tmp_path / "run"), "--systems",
+                 "base,default", "--n", "5", "--out", str(out)]) == 0
+    shown = (out / "many.txt").read_text()
+    assert "MESSAGE: m" in shown and "base reply" in shown
+    assert "base\n" not in shown and "default\n" not in shown and "systems" not in shown

@@ -1,0 +1,130 @@
+"""House's real lines as replies: the canon pool and the selector's search over it.
+
+The pool is the train split's House lines minus the fit judge's fold (`persona.dialogue`),
+one entry per distinct line. Its selector embeddings are computed once and cached under
+``.cache/canon``, keyed by the selector and the lines. `CanonPool.search` returns the best
+lines for a message (with the exchange before it), leaving out lines the conversation heard
+recently and lines that name people nobody in the conversation mentioned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.config import ROOT
+from persona.dialogue import in_judge_fold, query_text, read_pairs
+
+log = logging.getLogger(__name__)
+
+CACHE_DIR = ROOT / ".cache" / "canon"
+# People of the series a canon line may name; a line naming one the conversation never
+# mentioned reads as a non sequitur to a user ("Tell Cameron I said no").
+CHARACTERS = frozenset({
+    "wilson", "cuddy", "foreman", "chase", "cameron", "thirteen", "taub", "kutner", "amber",
+    "stacy", "lisa", "james", "eric", "robert", "allison", "remy", "lawrence", "chris", "lucas",
+    "vogler", "tritter", "greg", "gregory",
+})
+_WORD = re.compile(r"[A-Za-z']+")
+
+
+def named_people(text: str) -> set[str]:
+    """Character names in ``text`` (any case)."""
+    return {w.lower().removesuffix("'s") for w in _WORD.findall(text)} & CHARACTERS
+
+
+@dataclass(frozen=True)
+class CanonLine:
+    row: int
+    text: str
+    anchor: str
+
+
+@dataclass(frozen=True)
+class CanonHit:
+    line: CanonLine
+    score: float
+
+
+class CanonPool:
+    def __init__(self, lines: Sequence[CanonLine], selector: Any, embeddings: Any):
+        if not lines:
+            raise ValueError("an empty canon pool")
+        self.lines = list(lines)
+        self.selector = selector
+        self.matrix = embeddings
+        self.by_row = {line.row: i for i, line in enumerate(self.lines)}
+        self.names = [named_people(line.text) for line in self.lines]
+
+    @classmethod
+    def from_data(cls, data_dir: Path, selector: Any, cache_dir: Path | None = CACHE_DIR,
+                  progress: bool = False) -> CanonPool:
+        """The pool of a prepared data set (train split, judge fold left out)."""
+        import numpy as np
+
+        seen: set[str] = set()
+        lines = []
+        for pair in read_pairs(data_dir, ("train",)):
+            key = pair.response.strip().lower()
+            if in_judge_fold(pair) or key in seen:
+                continue
+            seen.add(key)
+            lines.append(CanonLine(pair.row, pair.response, pair.anchor))
+        digest = hashlib.sha1("\x1e".join(line.text for line in lines).encode())
+        digest.update(str(selector.meta.get("trained_sha", selector.meta.get("train_minutes",
+                                                                              ""))).encode())
+        path = cache_dir / f"canon-{digest.hexdigest()[:16]}.npy" if cache_dir else None
+        if path is not None and path.is_file():
+            embeddings = np.load(path)
+        else:
+            log.info("embedding %d canon lines (once; cached)", len(lines))
+            embeddings = selector.encode([line.text for line in lines], progress=progress)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp.npy")
+                np.save(tmp, embeddings)
+                tmp.rename(path)
+        return cls(lines, selector, embeddings)
+
+    def search(self, message: str, context: Sequence[str] = (), k: int = 4,
+               exclude_rows: Collection[int] = (), mentioned: str = "") -> list[CanonHit]:
+        """The ``k`` best lines for ``message``. ``context`` is the exchange before it (older
+        turn first); ``mentioned`` is the text whose names a line may use (the message and the
+        conversation so far)."""
+        return self.search_many([(message, tuple(context), tuple(exclude_rows), mentioned)],
+                                k)[0]
+
+    def search_many(self, queries: Sequence[tuple[str, Sequence[str], Collection[int], str]],
+                    k: int = 4) -> list[list[CanonHit]]:
+        import numpy as np
+
+        if not queries:
+            return []
+        vectors = self.selector.encode([query_text(m, c) for m, c, _, _ in queries])
+        scores = vectors @ self.matrix.T
+        results = []
+        for (message, _, exclude, mentioned), row in zip(queries, scores, strict=True):
+            allowed = named_people(f"{message} {mentioned}")
+            hits: list[CanonHit] = []
+            for i in np.argsort(-row)[: 8 * k + 64]:
+                line = self.lines[int(i)]
+                if line.row in exclude or not self.names[int(i)] <= allowed:
+                    continue
+                hits.append(CanonHit(line, float(row[int(i)])))
+                if len(hits) == k:
+                    break
+            results.append(hits)
+        return results
+
+    def fit(self, message: str, context: Sequence[str], replies: Sequence[str]) -> list[float]:
+        """Selector cosine of each reply to the message."""
+        if not replies:
+            return []
+        q = self.selector.encode([query_text(message, context)])
+        r = self.selector.encode(list(replies))
+        return [float(x) for x in (r @ q[0])]

@@ -1,0 +1,103 @@
+"""Reply choice: which candidate answers the message, in House's voice.
+
+Candidates are the model's generations (after post-processing) and, in the ``canon`` and
+``hybrid`` modes, House's real lines the selector found for the message. Each acceptable
+candidate (not empty, not an echo of the message, not looping, not leaking the prompt) is
+scored **fit × voice**: fit is the response selector's cosine to the message with its
+context, voice the persona classifier's P(House). The worker and ``drhouse eval`` both
+choose through `choose`, so the evaluation measures what the bot answers.
+
+Modes (``REPLY_MODE``, or a request's ``mode`` setting):
+
+- ``generated``: the adapter's candidates only, best of ``n`` by fit x voice (without a
+  selector: by the persona classifier alone, as before the selector existed);
+- ``canon``: the selector's best canon lines only;
+- ``hybrid`` (default): both compete.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from persona.postprocess import is_echo, seq_rep_n
+
+if TYPE_CHECKING:
+    from persona.canon import CanonPool
+
+Mode = Literal["generated", "canon", "hybrid"]
+MODES: tuple[str, ...] = ("generated", "canon", "hybrid")
+GENERATED, CANON = "generated", "canon"
+
+Scorer = Callable[[Sequence[str]], Sequence[float]]
+FitScorer = Callable[[Sequence[str]], Sequence[float]]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    text: str
+    kind: str  # "generated" | "canon"
+    row: int | None = None  # the canon line's row in the data set
+    source: int = 0  # index among the generated rows (generated candidates)
+
+
+@dataclass(frozen=True)
+class Choice:
+    index: int  # into the candidates; -1 when none is acceptable
+    candidates: tuple[Candidate, ...]
+    scores: tuple[float, ...]
+
+    @property
+    def winner(self) -> Candidate | None:
+        return self.candidates[self.index] if self.index >= 0 else None
+
+
+def acceptable(text: str, message: str) -> bool:
+    return bool(text.strip()) and not is_echo(text, message) and seq_rep_n(text) <= 0.2
+
+
+def choose(candidates: Sequence[Candidate], message: str, voice: Scorer | None,
+           fit: FitScorer | None) -> Choice:
+    """The best candidate by fit × voice among the acceptable ones.
+
+    Without ``fit`` (no selector) the voice alone decides; without either, the first
+    acceptable candidate wins. When no candidate is acceptable the first non-empty one wins
+    (as `persona.postprocess.choose_reply` does), and -1 when every one is empty."""
+    candidates = tuple(candidates)
+    ok = [i for i, c in enumerate(candidates) if acceptable(c.text, message)]
+    if not ok:
+        ok = [i for i, c in enumerate(candidates) if c.text.strip()][:1]
+    if not ok:
+        return Choice(-1, candidates, tuple(0.0 for _ in candidates))
+    scores = [0.0] * len(candidates)
+    if len(ok) > 1 and (voice is not None or fit is not None):
+        texts = [candidates[i].text for i in ok]
+        voices = list(voice(texts)) if voice is not None else [1.0] * len(ok)
+        fits = list(fit(texts)) if fit is not None else [1.0] * len(ok)
+        for i, v, f in zip(ok, voices, fits, strict=True):
+            scores[i] = max(float(f), 0.0) * float(v)
+        best = max(ok, key=lambda i: scores[i])
+    else:
+        best = ok[0]
+    return Choice(best, candidates, tuple(scores))
+
+
+def pick(mode: str, message: str, generated: Sequence[Candidate], canon: CanonPool | None,
+         voice: Scorer | None, k: int = 4, context: Sequence[str] = (),
+         heard: Collection[int] = (), mentioned: str = "") -> Candidate | None:
+    """The reply for ``mode``: the generated candidates and/or the ``k`` best canon lines for
+    the message (none the conversation ``heard`` lately), chosen by fit x voice. Without a
+    canon pool (no selector) the generated candidates are ranked by voice alone."""
+    candidates = list(generated) if mode != CANON or canon is None else []
+    fit: FitScorer | None = None
+    if canon is not None:
+        if mode != GENERATED:
+            candidates += [Candidate(h.line.text, CANON, row=h.line.row)
+                           for h in canon.search(message, context, k, heard, mentioned)]
+
+        def fit(texts: Sequence[str]) -> Sequence[float]:
+            return canon.fit(message, context, texts)
+    if not candidates:
+        return None
+    return choose(candidates, message, voice, fit).winner

