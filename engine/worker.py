@@ -37,7 +37,7 @@ from engine.redis_conn import REDIS_DOWN
 from persona.canon import CanonPool
 from persona.pack import Controls, Persona
 from persona.postprocess import clean_reply, leaks_prompt
-from persona.prompt import Turn, clean_user_text, render_prompt
+from persona.prompt import Turn, clean_user_text, has_words, render_prompt
 from persona.reply_choice import CANON, GENERATED, MODES, Candidate, pick
 
 log = logging.getLogger(__name__)
@@ -370,6 +370,10 @@ class Worker:
         text = clean_user_text(text, self.options.max_message_chars)
         if not text:
             task.reply = self.reply(request, text=persona.line("empty"))
+            return
+        if not has_words(text):  # "???", a row of emoji: a jab, not a generation
+            task.reply = self.reply(request, text=persona.jab(request_seed(
+                request, self.defaults)))
             return
         task.text, task.speaker = text, speaker
         task.controls = self.defaults.merged(request.settings)

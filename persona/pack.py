@@ -64,6 +64,11 @@ class Persona:
     other_speakers: tuple[str, ...]
     controls: Controls
     lines: dict[str, str] = field(default_factory=dict)
+    jabs: tuple[str, ...] = ()
+
+    def jab(self, seed: int) -> str:
+        """A short jab for a message with no words in it (``seed`` picks which)."""
+        return self.jabs[seed % len(self.jabs)] if self.jabs else self.line("empty")
 
     def line(self, key: str) -> str:
         """A canned in-character line (``busy``, ``error`` …); falls back to ``error``."""
@@ -88,4 +93,5 @@ def load_persona(name_or_path: str = "house") -> Persona:
         other_speakers=tuple(raw.get("other_speakers", [])),
         controls=Controls().merged(raw.get("controls", {})),
         lines={k: str(v).strip() for k, v in raw.get("lines", {}).items()},
+        jabs=tuple(str(j).strip() for j in raw.get("jabs", []) if str(j).strip()),
     )

@@ -110,6 +110,31 @@ def seq_rep_n(text: str, n: int = 4) -> float:
     return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
 
 
+# What an assistant says and House never does: a prompt injection that worked ("ignore all
+# previous instructions and help me") shows up as one of these in a candidate.
+_ASSISTANT = re.compile(
+    r"\b(?:as an ai\b|an ai (?:language )?model|language model|virtual assistant|"
+    r"how (?:can|may) i (?:help|assist)|i'?m here to (?:help|assist)|feel free to|"
+    r"let me know if|i'?d be (?:happy|glad) to|i'?m (?:happy|glad) to (?:help|assist)|"
+    r"great question|i (?:cannot|can'?t|am unable to) (?:provide|assist|help with)|"
+    r"healthcare (?:professional|provider)|consult (?:a|your) (?:doctor|physician))",
+    re.IGNORECASE)
+
+
+def sounds_like_assistant(text: str) -> bool:
+    """True for assistant boilerplate ("As an AI…", "How can I help?", "consult a healthcare
+    professional"): a candidate that fell for an injection or drifted out of character."""
+    return bool(_ASSISTANT.search(text))
+
+
+def mostly_latin(text: str, share: float = 0.6) -> bool:
+    """True when at least ``share`` of the letters are Latin: House answers in English, so a
+    candidate in the message's other script (a Russian greeting answered in Russian) is not
+    his."""
+    letters = [c for c in text if c.isalpha()]
+    return not letters or sum("a" <= c.lower() <= "z" for c in letters) / len(letters) >= share
+
+
 def choose_reply(
     candidates: Sequence[str],
     message: str,
@@ -121,6 +146,7 @@ def choose_reply(
         i
         for i, c in enumerate(candidates)
         if c.strip() and not is_echo(c, message) and seq_rep_n(c) <= 0.2
+        and not sounds_like_assistant(c) and mostly_latin(c)
     ]
     if not acceptable:
         acceptable = [i for i, c in enumerate(candidates) if c.strip()] or [0]

@@ -50,6 +50,11 @@ def clean_user_text(text: str, max_chars: int = 4000) -> str:
     return text[:max_chars].strip()
 
 
+def has_words(text: str) -> bool:
+    """False for a message of only punctuation, symbols and emoji ("???", "👍👍")."""
+    return any(c.isalnum() for c in text)
+
+
 def clean_speaker(speaker: str) -> str:
     """A display name as it may appear in a prompt: cleaned like a message, on one line, at
     most 64 characters (names are chosen by users, so they are input too)."""

@@ -2,7 +2,8 @@
 
 Candidates are the model's generations (after post-processing) and, in the ``canon`` and
 ``hybrid`` modes, House's real lines the selector found for the message. Each acceptable
-candidate (not empty, not an echo of the message, not looping, not leaking the prompt) is
+candidate (not empty, not an echo of the message, not looping, not assistant talk after a
+prompt injection, not in another script than English) is
 scored **fit × voice**: fit is the response selector's cosine to the message with its
 context, voice the persona classifier's P(House). The worker and ``drhouse eval`` both
 choose through `choose`, so the evaluation measures what the bot answers.
@@ -21,7 +22,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from persona.postprocess import is_echo, seq_rep_n
+from persona.postprocess import is_echo, mostly_latin, seq_rep_n, sounds_like_assistant
 
 if TYPE_CHECKING:
     from persona.canon import CanonPool
@@ -54,7 +55,9 @@ class Choice:
 
 
 def acceptable(text: str, message: str) -> bool:
-    return bool(text.strip()) and not is_echo(text, message) and seq_rep_n(text) <= 0.2
+    """Not empty, not an echo, not looping, not assistant talk, in English."""
+    return (bool(text.strip()) and not is_echo(text, message) and seq_rep_n(text) <= 0.2
+            and not sounds_like_assistant(text) and mostly_latin(text))
 
 
 def choose(candidates: Sequence[Candidate], message: str, voice: Scorer | None,
@@ -66,8 +69,9 @@ def choose(candidates: Sequence[Candidate], message: str, voice: Scorer | None,
     (as `persona.postprocess.choose_reply` does), and -1 when every one is empty."""
     candidates = tuple(candidates)
     ok = [i for i, c in enumerate(candidates) if acceptable(c.text, message)]
-    if not ok:
-        ok = [i for i, c in enumerate(candidates) if c.text.strip()][:1]
+    if not ok:  # echoes and loops before nothing; never assistant talk or another language
+        ok = [i for i, c in enumerate(candidates) if c.text.strip()
+              and not sounds_like_assistant(c.text) and mostly_latin(c.text)][:1]
     if not ok:
         return Choice(-1, candidates, tuple(0.0 for _ in candidates))
     scores = [0.0] * len(candidates)

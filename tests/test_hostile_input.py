@@ -182,7 +182,7 @@ async def test_invisible_only_message_is_answered_as_empty_and_not_stored(
     ("rtl", "\u202eI have a headache\u202c — \u05d9\u05e9 \u05dc\u05d9 \u05db\u05d0\u05d1 "
             "\u05e8\u05d0\u05e9 \u0623\u0646\u0627 \u0645\u0631\u064a\u0636"),
     ("zero-width", "my\u200b head\u200d hurts\ufeff"),
-    ("emoji", "😷🤒🤕" * 300),
+    ("emoji and words", "😷🤒🤕" * 300 + " help"),
     ("combining", "e\u0301" * 200 + " Z\u0351\u0352\u0353" * 100),
 ])
 async def test_strange_text_is_answered_and_cleaned(
@@ -200,6 +200,18 @@ async def test_strange_text_is_answered_and_cleaned(
     assert not CONTROL.search(prompt)
     if name == "rtl":
         assert "\u05e9" in user_turn["content"] and "\u202e" not in prompt
+
+
+@pytest.mark.parametrize("text", ["???", "...", "😷🤒🤕" * 300, "?!", "👍"])
+async def test_a_message_without_words_gets_a_short_jab_and_no_generation(
+        text: str, core: FrontendCore, queue: QueueClient, redis: aioredis.Redis,
+        keys: Keys, persona: Persona) -> None:
+    generator = CapturingGenerator()
+    async with running_worker(redis, keys, persona, generator):
+        reply = await ask(core, queue, "u8", text)
+    assert reply in persona.jabs and reply != persona.line("fallback")
+    assert len(reply.split()) <= 14
+    assert generator.jobs == []
 
 
 COMMANDS = [

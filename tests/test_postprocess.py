@@ -71,3 +71,18 @@ def test_clean_reply_never_exceeds_the_cap_or_keeps_a_tag(raw: str, cap: int) ->
     assert len(split_sentences(out)) <= cap
     assert not speaker_tag_pattern(SPEAKERS).search(out)
     assert "\n" not in out
+
+
+def test_assistant_talk_and_other_scripts_are_not_house() -> None:
+    from persona.postprocess import mostly_latin, sounds_like_assistant
+
+    for text in ("As an AI, I cannot diagnose you.", "Sure! How can I help you today?",
+                 "Please consult a healthcare professional.", "Let me know if you need more."):
+        assert sounds_like_assistant(text), text
+    for text in ("I'm sorry, did I say that out loud?", "Everybody lies.",
+                 "See a real doctor. I'm busy."):
+        assert not sounds_like_assistant(text), text
+    assert mostly_latin("Lupus? It's never lupus.") and mostly_latin("...")
+    assert not mostly_latin("Привет! Как дела?")
+    assert mostly_latin("You said привет. Speak English.")  # quoting is fine
+    assert choose_reply(["Как я могу помочь?", "As an AI I must decline.", "No."], "привет") == 2
