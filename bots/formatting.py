@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from engine.keys import BASE_VARIANT
+from engine.keys import BASE_VARIANT, HYBRID_VARIANT
 from engine.protocol import Reply
 
 
 def variant_label(name: str) -> str:
-    return "Base model" if name == BASE_VARIANT else f"{name.capitalize()} (fine-tuned)"
+    if name == BASE_VARIANT:
+        return "Base model"
+    if name == HYBRID_VARIANT:
+        return "House (adapter + his real lines, what the bot answers)"
+    return f"{name.capitalize()} (fine-tuned)"
 
 
 def format_reply(reply: Reply) -> str:
@@ -15,7 +19,9 @@ def format_reply(reply: Reply) -> str:
     if reply.error:
         return reply.error
     if reply.variants:
-        blocks = [f"{variant_label(v.name)} — {v.tokens} tokens, {v.ms:.0f} ms:\n{v.text}"
+        blocks = [f"{variant_label(v.name)} — "
+                  + ("a line from the series" if v.won == "canon"
+                     else f"{v.tokens} tokens, {v.ms:.0f} ms") + f":\n{v.text}"
                   for v in reply.variants]
         return "\n\n".join(blocks)
     return reply.text or ""

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 WORKERS_GROUP = "workers"
 FRONTEND_GROUP = "frontend"
 BASE_VARIANT = "__base__"
+# The /compare variant that is the bot's own answer: the adapter's candidates and canon lines.
+HYBRID_VARIANT = "hybrid"
 
 
 @dataclass(frozen=True)

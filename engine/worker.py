@@ -29,7 +29,7 @@ from redis.exceptions import ResponseError
 
 from engine.generation import Generated, GenerationJob, Generator
 from engine.history import HistoryStore
-from engine.keys import BASE_VARIANT, WORKERS_GROUP, Keys
+from engine.keys import BASE_VARIANT, HYBRID_VARIANT, WORKERS_GROUP, Keys
 from engine.metrics import WorkerMetrics
 from engine.protocol import ProtocolError, Reply, Request, Variant
 from engine.queue_client import ensure_group, queue_depth
@@ -83,8 +83,6 @@ class Task:
     heard: set[int] = field(default_factory=set)  # canon rows heard lately
     canon_row: int | None = None  # the canon line that won, to remember
 
-
-HYBRID_VARIANT = "hybrid"
 
 
 def selector_context(history: Sequence[Turn]) -> tuple[str, ...]:

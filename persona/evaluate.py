@@ -430,6 +430,7 @@ def derive_systems(samples: dict[str, list[Sample]], timing: dict[str, dict[str,
     their candidates) and the canon pool, through `persona.reply_choice.pick` as the worker
     calls it (no history: every prompt opens a conversation)."""
     from engine.runtime import build_canon
+    from persona.prompt import has_words
     from persona.quality import Sample
     from persona.reply_choice import GENERATED, Candidate, pick
 
@@ -457,6 +458,10 @@ def derive_systems(samples: dict[str, list[Sample]], timing: dict[str, dict[str,
             candidates = [Candidate(c[0], GENERATED, source=k)
                           for k, c in enumerate(source.candidates)] if source else []
             started = time.perf_counter()
+            if not has_words(prompt.message):  # as the worker: a jab, nothing generated
+                out.append(Sample(message=prompt.message, reply=persona.jab(i),
+                                  reference=prompt.reference, ms=0.0))
+                continue
             winner = pick(mode, prompt.message, candidates if mode != "canon" else [], canon,
                           scorer, settings.canon_candidates)
             pick_ms = (time.perf_counter() - started) * 1000
@@ -472,7 +477,7 @@ def derive_systems(samples: dict[str, list[Sample]], timing: dict[str, dict[str,
                 candidates=source.candidates if source else (),
                 won=winner.kind if winner is not None else None))
         samples[system] = out
-        picks = [s.ms for s in out] if mode == "canon" else [
+        picks = [s.ms or 0.0 for s in out] if mode == "canon" else [
             (s.ms or 0) - (g.ms or 0) for s, g in zip(out, generated or [], strict=False)]
         timing[system] = {**(timing.get(adapter, {}) if mode != "canon" else {}),
                           "mode": mode, "pick_ms": round(sum(picks) / len(picks), 1)}

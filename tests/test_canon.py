@@ -18,9 +18,9 @@ import pytest
 
 from engine.config import ROOT
 from engine.generation import FakeGenerator
-from engine.keys import BASE_VARIANT
+from engine.keys import BASE_VARIANT, HYBRID_VARIANT
 from engine.protocol import Request
-from engine.worker import HYBRID_VARIANT, Worker, WorkerOptions, selector_context
+from engine.worker import Worker, WorkerOptions, selector_context
 from persona.canon import CanonLine, CanonPool, named_people
 from persona.dialogue import Pair, Scenes, in_judge_fold, query_text
 from persona.prompt import Turn
@@ -206,3 +206,16 @@ def test_the_shipped_selector_finds_house_lines_for_a_message(tmp_path: Path) ->
     canon = CanonPool([CanonLine(i, t, "") for i, t in enumerate(lines)], selector,
                       selector.encode(lines))
     assert canon.search("My head hurts so much", k=1)[0].line.text == lines[0]
+
+
+def test_compare_text_names_the_hybrid_answer_and_its_source() -> None:
+    from bots.formatting import format_reply
+    from engine.protocol import Reply, Variant
+
+    reply = Reply(id="r", conversation="c", variants=[
+        Variant(name=BASE_VARIANT, text="Hello.", tokens=2, ms=10, won=GENERATED),
+        Variant(name="house", text="No.", tokens=1, ms=10, won=GENERATED),
+        Variant(name=HYBRID_VARIANT, text="Everybody lies.", won=CANON)])
+    shown = format_reply(reply)
+    assert "Base model — 2 tokens" in shown and "House (fine-tuned) — 1 tokens" in shown
+    assert "what the bot answers) — a line from the series:\nEverybody lies." in shown

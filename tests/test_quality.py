@@ -265,3 +265,15 @@ def test_time_budget_stops_between_batches(persona, fake_generator) -> None:
                                seed=0, batch_size=1, scorer=None, token_budget=384,
                                deadline=time.monotonic() + 600)
     assert [s.message for s in done] == [p.message for p in prompts]
+
+
+def test_eval_says_what_to_run_before_generating_when_no_data_is_prepared(
+        tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from engine.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Do I need surgery?\n")
+    with pytest.raises(SystemExit, match="drhouse data prepare"):
+        main(["eval", "--prompts", str(prompts), "--data-dir", str(tmp_path / "none"),
+              "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
