@@ -104,6 +104,7 @@ class Settings(BaseSettings):
     data_dir: Path = ROOT / "data" / "prepared"
     canon_candidates: int = 4
     canon_repeat_window: int = 50
+    refine_examples: int = 0
 
     # History
     history_token_budget: int = 384

@@ -109,6 +109,7 @@ def worker_options(settings: Settings) -> WorkerOptions:
         reply_mode=settings.reply_mode,
         canon_candidates=settings.canon_candidates,
         canon_repeat_window=settings.canon_repeat_window,
+        refine_examples=settings.refine_examples,
         overrides=settings.generation_overrides(),
     )
     if settings.worker_name:

@@ -62,6 +62,7 @@ class WorkerOptions:
     reply_mode: str = "hybrid"
     canon_candidates: int = 4
     canon_repeat_window: int = 50
+    refine_examples: int = 0
     overrides: dict[str, float | int] = field(default_factory=dict)
 
 
@@ -399,13 +400,22 @@ class Worker:
             return  # House's real lines only: nothing to generate
         prompt = render_prompt(self.generator.tokenizer, persona, history, text, speaker,
                                self.options.history_token_budget)
+        refined = prompt
+        if self.canon is not None and self.options.refine_examples > 0:
+            # retrieve and refine: House's real exchanges for the message in the adapter's prompt
+            hits = await asyncio.to_thread(self.canon.search, text, task.context,
+                                           self.options.refine_examples, (), task.mentioned)
+            examples = [(h.line.anchor, h.line.text) for h in hits if h.line.anchor]
+            refined = render_prompt(self.generator.tokenizer, persona, history, text, speaker,
+                                    self.options.history_token_budget, examples=examples)
         seed = request_seed(request, task.controls)
         for variant in task.variants:
             if variant == HYBRID_VARIANT:
                 continue
             for k in range(task.controls.candidates):
                 task.rows.append(len(jobs))
-                jobs.append(GenerationJob(prompt, variant, task.controls, seed + k, text))
+                jobs.append(GenerationJob(prompt if variant == BASE_VARIANT else refined,
+                                          variant, task.controls, seed + k, text))
 
     def reply_mode(self, request: Request) -> str:
         """The request's ``mode`` setting, else REPLY_MODE; generated when there is no canon

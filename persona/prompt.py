@@ -67,10 +67,23 @@ def user_content(text: str, speaker: str = "") -> str:
     return f"{speaker} says: {text}" if speaker else text
 
 
+EXAMPLES_INTRO = "Things you really said in moments like this one:"
+
+
+def examples_message(examples: Sequence[tuple[str, str]]) -> dict[str, str]:
+    """A second system turn with a few of House's real exchanges for the message (retrieve and
+    refine): after the persona's own system turn, so its cached prefix stays the same."""
+    lines = [EXAMPLES_INTRO, *(f'- "{a}" You: "{r}"' for a, r in examples)]
+    return {"role": "system", "content": "\n".join(lines)}
+
+
 def build_messages(
-    persona: Persona, history: Sequence[Turn], text: str, speaker: str = ""
+    persona: Persona, history: Sequence[Turn], text: str, speaker: str = "",
+    examples: Sequence[tuple[str, str]] = (),
 ) -> list[dict[str, str]]:
     messages = [{"role": "system", "content": persona.system_prompt}]
+    if examples:
+        messages.append(examples_message(examples))
     for turn in history:
         content = user_content(turn.content, turn.speaker) if turn.role == "user" else turn.content
         messages.append({"role": turn.role, "content": content})
@@ -152,10 +165,12 @@ def render_prompt(
     speaker: str = "",
     token_budget: int = 384,
     message_token_budget: int = MESSAGE_TOKEN_BUDGET,
+    examples: Sequence[tuple[str, str]] = (),
 ) -> str:
     """The full prompt string (generation prompt appended) for one request: at most
-    ``message_token_budget`` tokens of the new message and ``token_budget`` of history."""
+    ``message_token_budget`` tokens of the new message and ``token_budget`` of history, and
+    House's real ``examples`` (anchor, reply) for the message when given."""
     text = fit_message(tokenizer, persona, text, speaker, message_token_budget)
     window = window_history(tokenizer, persona, history, text, speaker, token_budget)
-    messages = build_messages(persona, window, text, speaker)
+    messages = build_messages(persona, window, text, speaker, examples)
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -213,6 +213,12 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
             t.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
         else:
             t.add_argument(flag, type=type(value), default=value)
+    r = sub.add_parser("refine-data", help="the splits with House's real exchanges for each "
+                                           "message in its prompt (retrieve and refine)")
+    r.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    r.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
+    r.add_argument("--out", type=Path, default=ROOT / "data" / "refine")
+    r.add_argument("--examples", type=int, default=3)
     e = sub.add_parser("eval", help="ranking metrics of a selector on a split")
     e.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     e.add_argument("--model-dir", type=Path, help="default: frozen MiniLM")
@@ -230,6 +236,14 @@ def run(args: argparse.Namespace) -> int:
         config = SelectorConfig(**{f: getattr(args, f) for f in asdict(SelectorConfig())})
         report = train(args.data_dir, args.out, config, args.work_dir)
         print(json.dumps(report, indent=2))
+        return 0
+    if args.selector_action == "refine-data":
+        from persona.refine_data import write_refine_data
+        from persona.selector import Selector
+
+        counts = write_refine_data(args.data_dir, args.out, Selector.load(args.model_dir),
+                                   args.examples)
+        print(f"wrote {args.out}: {counts}")
         return 0
     pairs = read_pairs(args.data_dir)
     scenes = Scenes(pairs)

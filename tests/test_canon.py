@@ -219,3 +219,48 @@ def test_compare_text_names_the_hybrid_answer_and_its_source() -> None:
     shown = format_reply(reply)
     assert "Base model — 2 tokens" in shown and "House (fine-tuned) — 1 tokens" in shown
     assert "what the bot answers) — a line from the series:\nEverybody lies." in shown
+
+
+async def test_refine_puts_real_exchanges_in_the_adapters_prompt_only(
+        redis, keys, persona, queue) -> None:  # type: ignore[no-untyped-def]
+    generator = FakeGenerator()
+    lines = [CanonLine(1, "Beer and painkillers: your liver says hi.", "Can I mix beer?")]
+    selector = BagOfWords()
+    canon = CanonPool(lines, selector, selector.encode([lines[0].text]))
+    worker = Worker(redis, keys, generator, persona,
+                    WorkerOptions(name="w", block_ms=50, batch_wait_ms=0,
+                                  reply_mode="generated", refine_examples=2), canon=canon)
+    request = chat("beer and painkillers?", kind="compare")
+    await queue.submit(request)
+    await worker.run(burst=True)
+    await queue.wait_reply(request.id, 10)
+    by_adapter = {job.adapter: job.prompt for job in generator.jobs}
+    assert "your liver says hi" in by_adapter["house"] and "Can I mix beer?" in by_adapter["house"]
+    assert "your liver says hi" not in by_adapter[BASE_VARIANT]
+
+
+def test_refine_data_never_shows_a_pair_its_own_scene(tmp_path: Path) -> None:
+    import json
+
+    from persona.refine_data import write_refine_data
+
+    data = tmp_path / "prepared"
+    data.mkdir()
+    rows = {"train": [], "validation": [], "test": []}
+    for row in range(1, 61):
+        split = "validation" if row in (20, 45) else "test" if row == 50 else "train"
+        topic = "kidney" if row in (19, 20, 21, 40) else f"topic{row}"
+        rows[split].append({"id": f"qa-{row:05d}", "anchor": f"what about my {topic}?",
+                            "response": f"Your {topic} is fine, row {row}."})
+    for split, records in rows.items():
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    counts = write_refine_data(data, tmp_path / "refine", BagOfWords(), examples=2,
+                               cache_dir=None)
+    assert counts == {"train": 57, "validation": 2, "test": 1}
+    out = [json.loads(x) for x in (tmp_path / "refine" / "validation.jsonl").read_text()
+           .splitlines()]
+    kidney = next(r for r in out if r["id"] == "qa-00020")
+    shown = [reply for _, reply in kidney["examples"]]
+    assert len(shown) == 2 and not any("row 19" in s or "row 21" in s for s in shown)
+    assert kidney["prompt"][1]["role"] == "system" and "row" in kidney["prompt"][1]["content"]
+    assert kidney["prompt"][-1] == {"role": "user", "content": "what about my kidney?"}
