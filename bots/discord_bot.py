@@ -17,8 +17,8 @@ FRONTEND_ID = "discord"
 async def serve_discord(settings: Settings, redis: Any) -> None:
     """The Discord frontend until cancelled; cleans up on cancellation."""
     from bots.discord_frontend import DiscordFrontend
+    from engine.logging_setup import keys_for
     from engine.queue_client import QueueClient
-    from engine.runtime import keys_for
     from persona.pack import load_persona
 
     if settings.discord_token is None:

@@ -56,14 +56,14 @@ async def serve_replies(queue: QueueClient, deliver: Callable[[Reply], Awaitable
 
 def run_frontend(settings: Settings, serve: Serve, name: str) -> int:
     """Serve until SIGINT/SIGTERM, then let ``serve`` clean up; the exit code."""
-    from engine.runtime import setup_logging
+    from engine.logging_setup import setup_logging
 
     setup_logging(settings)
     return asyncio.run(_main(settings, serve, name))
 
 
 async def _main(settings: Settings, serve: Serve, name: str) -> int:
-    from engine.runtime import redis_for
+    from engine.logging_setup import redis_for
 
     redis = await redis_for(settings)
     task = asyncio.create_task(serve(settings, redis), name=name)

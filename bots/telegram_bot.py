@@ -17,8 +17,8 @@ FRONTEND_ID = "telegram"
 async def serve_telegram(settings: Settings, redis: Any) -> None:
     """The Telegram frontend until cancelled; cleans up on cancellation."""
     from bots.telegram_frontend import TelegramFrontend
+    from engine.logging_setup import keys_for
     from engine.queue_client import QueueClient
-    from engine.runtime import keys_for
     from persona.pack import load_persona
 
     keys = keys_for(settings)

@@ -64,7 +64,7 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from engine.config import Settings
-    from engine.runtime import setup_logging
+    from engine.logging_setup import setup_logging
 
     settings = Settings()
     if args.prefix_cache is not None:
@@ -132,9 +132,9 @@ async def bench_batching(settings: Any, conversations: int, max_new_tokens: int,
 
     from engine.generation import HFGenerator
     from engine.keys import Keys
+    from engine.logging_setup import redis_for
     from engine.model_loading import load_model
     from engine.protocol import Request
-    from engine.runtime import redis_for
     from persona.pack import load_persona
     from persona.prompt import system_block
 
@@ -220,9 +220,9 @@ async def bench_queue(settings: Any, n: int) -> dict[str, Any]:
 
     from engine.generation import FakeGenerator
     from engine.keys import Keys
+    from engine.logging_setup import redis_for
     from engine.protocol import Request
     from engine.queue_client import QueueClient
-    from engine.runtime import redis_for
     from engine.worker import Worker, WorkerOptions
     from persona.pack import load_persona
 

@@ -46,12 +46,12 @@ def run(args: argparse.Namespace) -> int:
     if action == "health":
         return asyncio.run(_health(settings, args.max_age))
     if action == "worker":
-        from engine.runtime import setup_logging
+        from engine.logging_setup import setup_logging
 
         setup_logging(settings)
         return asyncio.run(_worker(settings, args.fake, args.burst, args.fake_delay_ms))
     if action == "chat":
-        from engine.runtime import setup_logging
+        from engine.logging_setup import setup_logging
 
         setup_logging(settings, LOG_FILE)
         return asyncio.run(_chat_only(settings))
@@ -61,8 +61,8 @@ def run(args: argparse.Namespace) -> int:
 
 def up(settings: Settings, fake: bool = False, stdin: io.StringIO | None = None) -> int:
     """Redis (started when none answers), a worker and the frontends, in one process."""
+    from engine.logging_setup import setup_logging
     from engine.redis_conn import ensure_redis_server
-    from engine.runtime import setup_logging
 
     console = not (settings.telegram_token or settings.discord_token)
     setup_logging(settings, LOG_FILE if console else None)
@@ -139,8 +139,8 @@ async def _console(settings: Settings, redis: aioredis.Redis,
     import os
 
     from bots.console import ConsoleFrontend
+    from engine.logging_setup import keys_for
     from engine.queue_client import QueueClient
-    from engine.runtime import keys_for
     from persona.pack import load_persona
 
     keys = keys_for(settings)
@@ -154,7 +154,7 @@ async def _console(settings: Settings, redis: aioredis.Redis,
 
 
 async def _chat_only(settings: Settings) -> int:
-    from engine.runtime import redis_for
+    from engine.logging_setup import redis_for
 
     redis = await redis_for(settings)
     try:
@@ -179,7 +179,7 @@ async def _worker(settings: Settings, fake: bool, burst: bool, fake_delay_ms: in
 
 
 async def _health(settings: Settings, max_age_s: float) -> int:
-    from engine.runtime import keys_for, redis_for
+    from engine.logging_setup import keys_for, redis_for
     from engine.worker import check_health
 
     try:

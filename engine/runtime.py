@@ -1,22 +1,22 @@
-"""Building the long-running pieces from `Settings`: logging, Redis, the model, a worker."""
+"""Building the long-running pieces from `Settings`: the model, the reranker, the canon pool, a
+worker. Logging, keys and the Redis connection (what frontends need too, without torch) live
+in `engine.logging_setup`; they are re-exported here for the worker's callers."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
 
-from engine.config import Settings, mask_secret
+from engine.config import Settings
 from engine.generation import FakeGenerator, Generator, HFGenerator
-from engine.keys import Keys
+from engine.logging_setup import SecretMaskingFilter, keys_for, redis_for, setup_logging
 from engine.metrics import WorkerMetrics
 from engine.model_loading import load_model
-from engine.redis_conn import connect
 from engine.worker import Worker, WorkerOptions
 from persona.pack import Persona, load_persona
 from persona.prompt import system_block
@@ -26,56 +26,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-
-class SecretMaskingFilter(logging.Filter):
-    """Masks configured tokens in every log record (python-telegram-bot logs request URLs,
-    which contain the bot token)."""
-
-    def __init__(self, settings: Settings):
-        super().__init__()
-        self.settings = settings
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        masked = mask_secret(message, self.settings)
-        if masked != message:
-            record.msg, record.args = masked, None
-        # Tracebacks too: an HTTP error's message holds the request URL, and so the token.
-        if record.exc_info and not record.exc_text:
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
-        if record.exc_text:
-            record.exc_text = mask_secret(record.exc_text, self.settings)
-        if record.stack_info:
-            record.stack_info = mask_secret(record.stack_info, self.settings)
-        return True
-
-
-def setup_logging(settings: Settings, logfile: Path | None = None) -> None:
-    handler: logging.Handler
-    if logfile is not None:
-        logfile.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(logfile, encoding="utf-8")
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(SecretMaskingFilter(settings))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(settings.log_level.upper())
-    for noisy in ("httpx", "httpcore", "discord.gateway", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    # The client libraries log message contents at DEBUG; ours never log message text.
-    for library in ("telegram", "discord"):
-        logging.getLogger(library).setLevel(max(root.level, logging.INFO))
-
-
-def keys_for(settings: Settings) -> Keys:
-    return Keys(settings.key_prefix)
-
-
-async def redis_for(settings: Settings) -> aioredis.Redis:
-    return await connect(settings.redis_url, settings.redis_connect_retries,
-                         settings.redis_retry_delay_s)
+__all__ = ["SecretMaskingFilter", "build_canon", "build_generator", "build_scorer",
+           "build_worker", "ensure_prepared", "keys_for", "redis_for", "setup_logging",
+           "worker_options"]
 
 
 def build_generator(settings: Settings, persona: Persona, fake: bool = False,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from collections import OrderedDict
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,19 @@ class CanonPool:
         self.matrix = embeddings
         self.by_row = {line.row: i for i, line in enumerate(self.lines)}
         self.names = [named_people(line.text) for line in self.lines]
+        # search and fit of one reply encode the same query: keep the last few
+        self._queries: OrderedDict[str, Any] = OrderedDict()
+
+    def query_vectors(self, queries: Sequence[str]) -> Any:
+        import numpy as np
+
+        missing = [q for q in dict.fromkeys(queries) if q not in self._queries]
+        if missing:
+            for q, v in zip(missing, self.selector.encode(missing), strict=True):
+                self._queries[q] = v
+            while len(self._queries) > 256:
+                self._queries.popitem(last=False)
+        return np.stack([self._queries[q] for q in queries])
 
     @classmethod
     def from_data(cls, data_dir: Path, selector: Any, cache_dir: Path | None = CACHE_DIR,
@@ -105,7 +119,7 @@ class CanonPool:
 
         if not queries:
             return []
-        vectors = self.selector.encode([query_text(m, c) for m, c, _, _ in queries])
+        vectors = self.query_vectors([query_text(m, c) for m, c, _, _ in queries])
         scores = vectors @ self.matrix.T
         results = []
         for (message, _, exclude, mentioned), row in zip(queries, scores, strict=True):
@@ -125,6 +139,6 @@ class CanonPool:
         """Selector cosine of each reply to the message."""
         if not replies:
             return []
-        q = self.selector.encode([query_text(message, context)])
+        q = self.query_vectors([query_text(message, context)])
         r = self.selector.encode(list(replies))
         return [float(x) for x in (r @ q[0])]

@@ -259,7 +259,7 @@ def pick_systems(spec: str | None, adapters: Sequence[str], has_reference: bool)
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine.runtime import setup_logging
+    from engine.logging_setup import setup_logging
     from persona import eval_report
 
     settings = Settings()

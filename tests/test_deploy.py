@@ -367,3 +367,51 @@ def test_env_example_states_the_real_defaults() -> None:
     assert {"TELEGRAM_TOKEN", "DISCORD_TOKEN"} <= secrets
     for name, (active, _, _) in env_example_entries().items():
         assert not (name in secrets and active), f"{name} is a secret: keep it commented out"
+
+
+FRONTEND_RUN = """
+import importlib.abc, sys
+BLOCKED = set(sys.argv[1].split(","))
+
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r} (not in the frontend image)")
+        return None
+
+sys.meta_path.insert(0, Block())
+from engine.cli import main
+sys.exit(main(["telegram"]))
+"""
+
+
+async def test_drhouse_telegram_runs_and_answers_without_the_model_packages(
+        fake_worker, prefix: str) -> None:  # type: ignore[no-untyped-def]
+    """The frontend container's shape: `drhouse telegram` itself (not an import probe) with
+    torch, transformers, numpy & co. unimportable, against the fake Bot API server, answers a
+    private message through a worker (it died with "No module named 'torch'" before getMe)."""
+    import asyncio
+    import os
+
+    from conftest import REDIS_URL
+    from fake_telegram import FakeTelegram
+
+    async with FakeTelegram() as tg:
+        env = {**os.environ, "TELEGRAM_TOKEN": tg.token, "TELEGRAM_API_URL": tg.api_url,
+               "TELEGRAM_POLL_TIMEOUT_S": "1", "REDIS_URL": REDIS_URL, "KEY_PREFIX": prefix,
+               "FRONTEND_METRICS_PORT": "0", "PYTHONPATH": str(ROOT)}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", FRONTEND_RUN, ",".join(HEAVY_MODULES), cwd=ROOT, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        try:
+            await tg.wait_for(lambda: tg.calls["getMe"] > 0 or proc.returncode is not None,
+                              timeout=60)
+            tg.private_text(4242, "My knee hurts", first_name="Ann")
+            sent = await tg.wait_sent(1, chat_id=4242, timeout=60)
+            assert sent[0]["text"].startswith("Diagnosis ")
+        finally:
+            if proc.returncode is None:
+                proc.terminate()
+            output = (await asyncio.wait_for(proc.communicate(), 30))[0].decode()
+        assert "No module named" not in output, output[-3000:]
+        assert proc.returncode == 0, output[-3000:]

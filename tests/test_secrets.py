@@ -24,8 +24,8 @@ from private_redis import free_port
 from bots.core import FrontendCore
 from engine.config import ROOT, Settings
 from engine.keys import Keys
+from engine.logging_setup import setup_logging
 from engine.queue_client import QueueClient
-from engine.runtime import setup_logging
 from engine.worker import Worker
 from persona.pack import Persona
 
