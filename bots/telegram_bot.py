@@ -21,6 +21,9 @@ async def serve_telegram(settings: Settings, redis: Any) -> None:
     from engine.queue_client import QueueClient
     from persona.pack import load_persona
 
+    problem = settings.webhook_problem()
+    if problem:
+        raise ValueError(problem)
     keys = keys_for(settings)
     queue = QueueClient(redis, keys, FRONTEND_ID, settings.max_queue_depth,
                         settings.stream_maxlen)
@@ -40,5 +43,9 @@ def run(args: argparse.Namespace) -> int:
     settings = Settings()
     if settings.telegram_token is None:
         print("TELEGRAM_TOKEN is not set (see .env.example).")
+        return 2
+    problem = settings.webhook_problem()
+    if problem:
+        print(f"drhouse telegram: {problem}")
         return 2
     return run_frontend(settings, serve_telegram, FRONTEND_ID)

@@ -14,6 +14,7 @@ from pydantic import SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ROOT = Path(__file__).resolve().parent.parent
+WEBHOOK_SECRET_MIN = 32
 
 
 def parse_adapters(spec: str) -> dict[str, str]:
@@ -160,6 +161,18 @@ class Settings(BaseSettings):
     @cached_property
     def bot_name_list(self) -> list[str]:
         return [n.strip() for n in self.bot_names.split(",") if n.strip()]
+
+    def webhook_problem(self) -> str | None:
+        """Why webhook mode must not start, or None. Without a secret anyone who finds the
+        URL can post forged updates (act as any user: /forget them, pass the allow-list)."""
+        if not self.telegram_webhook_url:
+            return None
+        secret = self.telegram_webhook_secret
+        if secret is None or len(secret.get_secret_value()) < WEBHOOK_SECRET_MIN:
+            return (f"TELEGRAM_WEBHOOK_URL is set: webhook mode needs TELEGRAM_WEBHOOK_SECRET "
+                    f"of at least {WEBHOOK_SECRET_MIN} characters (e.g. the output of "
+                    "`openssl rand -hex 24`), or unset TELEGRAM_WEBHOOK_URL to poll")
+        return None
 
     def generation_overrides(self) -> dict[str, float | int]:
         """The GEN_* settings that are set, keyed like the persona's controls."""

@@ -412,3 +412,28 @@ async def test_private_message_through_the_embedded_model(
     assert sent["text"].strip()
     assert "Traceback" not in sent["text"]
     assert len(sent["text"]) <= TELEGRAM_LIMIT
+
+
+@pytest.mark.parametrize("secret", [None, "short-secret"])
+async def test_webhook_mode_refuses_to_start_without_a_long_secret(
+        settings: Settings, redis: aioredis.Redis, secret: str | None, capsys,
+        monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """Forged updates could /forget a victim or pass the allow-list: no secret, no webhook."""
+    from bots.telegram_bot import run, serve_telegram
+
+    fields = {**settings.model_dump(), "telegram_token": "1:x",
+              "telegram_webhook_url": "https://bot.example.org/telegram",
+              "telegram_webhook_secret": secret}
+    webhook = Settings(_env_file=None, **fields)  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="at least 32 characters"):
+        await serve_telegram(webhook, redis)
+    monkeypatch.setenv("TELEGRAM_TOKEN", "1:x")
+    monkeypatch.setenv("TELEGRAM_WEBHOOK_URL", "https://bot.example.org/t")
+    if secret:
+        monkeypatch.setenv("TELEGRAM_WEBHOOK_SECRET", secret)
+    else:
+        monkeypatch.delenv("TELEGRAM_WEBHOOK_SECRET", raising=False)
+    assert run(None) == 2  # type: ignore[arg-type]
+    assert "TELEGRAM_WEBHOOK_SECRET of at least 32 characters" in capsys.readouterr().out
+    ok = Settings(_env_file=None, **{**fields, "telegram_webhook_secret": "s" * 32})  # type: ignore[call-arg]
+    assert ok.webhook_problem() is None
