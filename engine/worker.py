@@ -277,7 +277,8 @@ class Worker:
             jobs: list[GenerationJob] = []
             for task in tasks:
                 await self.prepare(task, jobs)
-            outputs = await self._generate(jobs) if jobs else []
+            outputs = await self._generate_leased(jobs, [t.entry_id for t in tasks]) \
+                if jobs else []
             pending = [task for task in tasks if task.reply is None]
             if pending:
                 replies = await self._make_replies(pending, jobs, outputs)
@@ -424,6 +425,27 @@ class Worker:
         if mode not in MODES:
             mode = self.options.reply_mode
         return GENERATED if self.canon is None else mode
+
+    async def _generate_leased(self, jobs: list[GenerationJob],
+                               entry_ids: list[str]) -> list[Generated]:
+        """Generate while renewing the lease on the batch's requests (XCLAIM to ourselves
+        every third of CLAIM_IDLE_MS), so a generation longer than the claim time is not taken
+        over by another worker and answered twice."""
+        renewal = asyncio.create_task(self._renew_lease(entry_ids), name="lease")
+        try:
+            return await self._generate(jobs)
+        finally:
+            renewal.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewal
+
+    async def _renew_lease(self, entry_ids: list[str]) -> None:
+        every_s = max(self.options.claim_idle_ms / 3000, 0.05)
+        while True:
+            await asyncio.sleep(every_s)
+            with contextlib.suppress(*REDIS_DOWN):
+                await self.redis.xclaim(self.keys.requests, WORKERS_GROUP, self.options.name,
+                                        0, entry_ids, justid=True)
 
     async def _generate(self, jobs: list[GenerationJob]) -> list[Generated]:
         started = time.perf_counter()

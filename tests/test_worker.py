@@ -228,3 +228,27 @@ async def test_forget_also_removes_the_users_dead_letters(redis, keys, persona, 
     await HistoryStore(redis, keys).forget("ann")
     left = [f["data"] for _, f in await redis.xrange(keys.dead_letters)]
     assert len(left) == 1 and "bob secret" in left[0]
+
+
+async def test_a_generation_longer_than_the_claim_time_is_answered_once(
+        redis, keys, persona, queue) -> None:  # type: ignore[no-untyped-def]
+    """Two workers, a 3 s generation, a 1 s claim time: the worker generating renews its lease,
+    so the other never takes the batch over; each request is answered once, each turn stored
+    once (before, both answered and the history got the turn twice)."""
+    options = {"block_ms": 50, "batch_wait_ms": 0, "claim_idle_ms": 1000}
+    workers = [Worker(redis, keys, FakeGenerator(delay_s=3.0), persona,
+                      WorkerOptions(name=f"w{i}", **options)) for i in range(2)]
+    requests = [chat(f"slow question {i}", conversation=f"slow{i}") for i in range(2)]
+    for r in requests:
+        await queue.submit(r)
+    running = [asyncio.create_task(w.run()) for w in workers]
+    replies = await asyncio.gather(*(queue.wait_reply(r.id, 30) for r in requests))
+    await asyncio.sleep(4.5)  # long enough for a second answer to arrive, if any
+    for w in workers:
+        w.stop.set()
+    await asyncio.gather(*running)
+    assert all(rep.text.startswith("Diagnosis") for rep in replies)
+    assert await redis.hget(keys.stats, "replies") == "2"  # replies written, all workers
+    assert sum(w.replies for w in workers) == 2
+    for i in range(2):
+        assert await redis.llen(keys.history(f"slow{i}")) == 2
