@@ -15,6 +15,7 @@ queue benchmark.
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,6 +52,9 @@ class Generator(Protocol):
     adapters: list[str]
 
     def generate(self, jobs: Sequence[GenerationJob]) -> list[Generated]: ...
+
+    # Optional: ``cancel()`` makes a generate() in flight stop at its next step (the worker
+    # calls it when a batch timed out, so the model is free for the next one).
 
 
 class PerRowSampler:
@@ -92,17 +96,21 @@ class PerRowSampler:
 
 class RowStops:
     """Per-row stopping: each row's own token limit, an other-speaker tag, or a sentence past
-    the cap. Returns one bool per row (transformers' StoppingCriteria contract)."""
+    the cap; every row once ``cancelled`` is set (the worker gave up on the batch). Returns
+    one bool per row (transformers' StoppingCriteria contract)."""
 
     def __init__(self, tokenizer: Any, prompt_len: int, controls: Sequence[Controls],
-                 speakers: Sequence[str]):
+                 speakers: Sequence[str], cancelled: threading.Event | None = None):
         self.tokenizer = tokenizer
         self.prompt_len = prompt_len
         self.limits = torch.tensor([c.max_new_tokens for c in controls])
         self.caps = [c.sentence_cap for c in controls]
         self.tag = speaker_tag_pattern(speakers)
+        self.cancelled = cancelled
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        if self.cancelled is not None and self.cancelled.is_set():
+            return torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         generated = input_ids.shape[1] - self.prompt_len
         done = (self.limits <= generated).to(input_ids.device)
         texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len :],
@@ -171,9 +179,15 @@ class HFGenerator:
         self.adapters = list(loaded.adapters)
         self.speakers = list(speakers)
         self.prefix = PrefixCache(self.model, self.tokenizer, shared_prefix, self.adapters)
+        self.cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        """Stop the generate() in flight at its next decode step."""
+        self.cancelled.set()
 
     def generate(self, jobs: Sequence[GenerationJob]) -> list[Generated]:
         """Generate for all jobs; rows sharing penalty settings share one generate() call."""
+        self.cancelled.clear()
         results: list[Generated | None] = [None] * len(jobs)
         groups: dict[tuple[float, int], list[int]] = {}
         for i, job in enumerate(jobs):
@@ -215,7 +229,7 @@ class HFGenerator:
                 [PerRowSampler(controls, [j.seed for j in jobs])]
             ),
             stopping_criteria=StoppingCriteriaList(
-                [RowStops(tok, prompt_len, controls, self.speakers)]
+                [RowStops(tok, prompt_len, controls, self.speakers, self.cancelled)]
             ),
             eos_token_id=self.loaded.eos_token_ids or None,
             pad_token_id=tok.pad_token_id,
@@ -275,6 +289,12 @@ class FakeGenerator:
         self.delay_s = delay_s
         self.calls: list[int] = []  # batch sizes, one per generate() call
         self.jobs: list[GenerationJob] = []  # every job seen, for tests to inspect
+        self.cancelled = threading.Event()
+        self.running = 0  # generate() calls in flight right now
+        self.most_running = 0  # the most ever in flight at once
+
+    def cancel(self) -> None:
+        self.cancelled.set()
 
     @staticmethod
     def reply_for(message: str, adapter: str, seed: int = 0) -> str:
@@ -284,8 +304,14 @@ class FakeGenerator:
     def generate(self, jobs: Sequence[GenerationJob]) -> list[Generated]:
         self.calls.append(len(jobs))
         self.jobs.extend(jobs)
-        if self.delay_s:
-            time.sleep(self.delay_s)
+        self.cancelled.clear()
+        self.running += 1
+        self.most_running = max(self.most_running, self.running)
+        try:
+            if self.delay_s:
+                self.cancelled.wait(self.delay_s)
+        finally:
+            self.running -= 1
         out = []
         for job in jobs:
             text = self.reply_for(job.message, job.adapter, job.seed)

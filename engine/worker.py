@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -134,6 +135,7 @@ class Worker:
         # the next batch so they see the earlier reply in their history (per-chat order).
         self._carry: list[tuple[str, dict[str, str]]] = []
         self._dropped: set[str] = set()
+        self._model_lock = threading.Lock()
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -447,14 +449,26 @@ class Worker:
                 await self.redis.xclaim(self.keys.requests, WORKERS_GROUP, self.options.name,
                                         0, entry_ids, justid=True)
 
+    def _generate_alone(self, jobs: list[GenerationJob]) -> list[Generated]:
+        """One generate() at a time on this model: a batch that timed out still holds the
+        model until its cancelled generation has stopped."""
+        with self._model_lock:
+            return self.generator.generate(jobs)
+
     async def _generate(self, jobs: list[GenerationJob]) -> list[Generated]:
         started = time.perf_counter()
+        running = asyncio.ensure_future(asyncio.to_thread(self._generate_alone, jobs))
         try:
-            outputs = await asyncio.wait_for(asyncio.to_thread(self.generator.generate, jobs),
+            outputs = await asyncio.wait_for(asyncio.shield(running),
                                              self.options.generation_timeout_s)
         except TimeoutError:
-            log.error("generation of %d rows timed out", len(jobs))
+            log.error("generation of %d rows timed out; stopping it", len(jobs))
             self.metrics.errors.labels("timeout").inc(len(jobs))
+            cancel = getattr(self.generator, "cancel", None)
+            if cancel is not None:
+                cancel()
+                with contextlib.suppress(Exception):
+                    await running  # stops at its next step: the model is free again
             return []
         except Exception:
             log.exception("generation of %d rows failed", len(jobs))

@@ -252,3 +252,41 @@ async def test_a_generation_longer_than_the_claim_time_is_answered_once(
     assert sum(w.replies for w in workers) == 2
     for i in range(2):
         assert await redis.llen(keys.history(f"slow{i}")) == 2
+
+
+async def test_a_timed_out_generation_is_stopped_before_the_next_one_starts(
+        redis, keys, persona, queue) -> None:  # type: ignore[no-untyped-def]
+    """wait_for on a thread cannot stop it: before, the next batch ran a second generate on
+    the same model while the timed-out one went on. Now the generation is told to stop, and
+    one generate runs at a time."""
+    import time
+
+    generator = FakeGenerator(delay_s=30.0)
+    worker = Worker(redis, keys, generator, persona,
+                    WorkerOptions(name="w", block_ms=50, batch_wait_ms=0, batch_size=1,
+                                  generation_timeout_s=0.5))
+    slow, later = chat("slow one", conversation="a"), chat("next one", conversation="b")
+    for r in (slow, later):
+        await queue.submit(r)
+    started = time.monotonic()
+    await worker.run(burst=True)
+    elapsed = time.monotonic() - started
+    assert (await queue.wait_reply(slow.id, 5)).error == persona.line("timeout")
+    assert (await queue.wait_reply(later.id, 5)).error == persona.line("timeout")
+    assert generator.calls == [2, 2]  # two candidates per request, one batch each
+    assert generator.most_running == 1
+    assert elapsed < 10, elapsed  # each 30 s generation stopped at once, not run out
+
+
+def test_row_stops_stop_every_row_once_cancelled() -> None:
+    import threading
+
+    import torch
+
+    from engine.generation import RowStops
+    from persona.pack import Controls
+
+    cancelled = threading.Event()
+    stops = RowStops(None, 3, [Controls(max_new_tokens=50)] * 2, [], cancelled)
+    cancelled.set()
+    assert stops(torch.zeros((2, 5), dtype=torch.long), None).tolist() == [True, True]
