@@ -48,6 +48,14 @@ class WorkerMetrics:
         self.last_batch_ts = Gauge("house_last_loop_timestamp_seconds",
                                    "When the worker loop last ran (liveness)", registry=r)
         self.last_beat = time.time()
+        self.failures_in_a_row = 0
+        self.max_failures_in_a_row = 3
+
+    def generation_ok(self) -> None:
+        self.failures_in_a_row = 0
+
+    def generation_failed(self) -> None:
+        self.failures_in_a_row += 1
 
     def beat(self) -> None:
         """Called by the worker loop once per turn."""
@@ -56,8 +64,10 @@ class WorkerMetrics:
 
     def alive(self, max_age_s: float) -> bool:
         """True when the worker loop turned within ``max_age_s`` (choose it longer than the
-        slowest batch: the loop turns once per batch)."""
-        return time.time() - self.last_beat <= max_age_s
+        slowest batch: the loop turns once per batch) and the last generations did not all
+        fail (a broken model keeps the loop turning while every request fails)."""
+        return (time.time() - self.last_beat <= max_age_s
+                and self.failures_in_a_row < self.max_failures_in_a_row)
 
     def serve(self, port: int, max_age_s: float = 300.0) -> ThreadingHTTPServer | None:
         """``/metrics`` (Prometheus) and ``/healthz`` (200 alive, 503 stalled) on ``port``."""

@@ -95,6 +95,15 @@ def selector_context(history: Sequence[Turn]) -> tuple[str, ...]:
     return ()
 
 
+class GenerationFailed(RuntimeError):
+    """generate() raised (not a timeout)."""
+
+
+def alone_ok(outputs: Sequence[Generated | None], tasks: Sequence[Task]) -> bool:
+    """True when every remaining task's rows were generated."""
+    return all(outputs[r] is not None for t in tasks for r in t.rows)
+
+
 def request_seed(request: Request, controls: Controls) -> int:
     """A per-request seed: the request's own ``seed`` setting, else derived from its id, so a
     redelivered request gets the same reply."""
@@ -277,15 +286,25 @@ class Worker:
             self.metrics.batch_size.observe(len(tasks))
             self.metrics.queue_depth.set(await queue_depth(self.redis, self.keys))
             jobs: list[GenerationJob] = []
-            for task in tasks:
-                await self.prepare(task, jobs)
-            outputs = await self._generate_leased(jobs, [t.entry_id for t in tasks]) \
-                if jobs else []
+            for task in list(tasks):
+                mark = len(jobs)
+                try:
+                    await self.prepare(task, jobs)
+                except REDIS_DOWN:
+                    raise
+                except Exception:
+                    log.exception("preparing request %s failed", task.request.id)
+                    del jobs[mark:]
+                    await self._poisoned(task, "prepare failed", tasks)
+            outputs = await self._generate_isolated(tasks, jobs) if jobs else []
             pending = [task for task in tasks if task.reply is None]
             if pending:
                 replies = await self._make_replies(pending, jobs, outputs)
                 for task, reply in zip(pending, replies, strict=True):
-                    task.reply = reply
+                    if reply is None:
+                        await self._poisoned(task, "reply failed", tasks)
+                    else:
+                        task.reply = reply
             for task in tasks:
                 assert task.reply is not None
                 task.reply.batch_size = len(tasks)
@@ -428,6 +447,41 @@ class Worker:
             mode = self.options.reply_mode
         return GENERATED if self.canon is None else mode
 
+    async def _poisoned(self, task: Task, reason: str, tasks: list[Task]) -> None:
+        """Dead-letter one request that fails on its own (the log has the traceback); its
+        batch-mates go on."""
+        log.error("request %s: %s; dead-lettered alone", task.request.id, reason)
+        await self._dead_letter(task.entry_id, task.request.dumps(), task.request, reason)
+        self._dropped.add(task.entry_id)
+        tasks.remove(task)
+
+    async def _generate_isolated(self, tasks: list[Task], jobs: list[GenerationJob]
+                                 ) -> list[Generated]:
+        """The batch's generations; when the batched call fails, each request's rows once
+        more on their own, so only a request that fails alone is dead-lettered."""
+        try:
+            outputs = await self._generate_leased(jobs, [t.entry_id for t in tasks])
+            self.metrics.generation_ok()
+            return outputs
+        except GenerationFailed:
+            pass
+        outputs: list[Generated | None] = [None] * len(jobs)  # type: ignore[no-redef]
+        for task in [t for t in tasks if t.rows]:
+            try:
+                alone = await self._generate_leased([jobs[r] for r in task.rows],
+                                                    [task.entry_id])
+            except GenerationFailed:
+                self.metrics.generation_failed()
+                await self._poisoned(task, "generation failed", tasks)
+                continue
+            self.metrics.generation_ok()
+            if alone:  # [] = timed out: the batch's requests get the timeout line
+                for r, out in zip(task.rows, alone, strict=True):
+                    outputs[r] = out
+        if not alone_ok(outputs, tasks):
+            return []
+        return [o if o is not None else Generated("", 0, True, 0.0) for o in outputs]
+
     async def _generate_leased(self, jobs: list[GenerationJob],
                                entry_ids: list[str]) -> list[Generated]:
         """Generate while renewing the lease on the batch's requests (XCLAIM to ourselves
@@ -470,10 +524,10 @@ class Worker:
                 with contextlib.suppress(Exception):
                     await running  # stops at its next step: the model is free again
             return []
-        except Exception:
+        except Exception as exc:
             log.exception("generation of %d rows failed", len(jobs))
             self.metrics.errors.labels("generation").inc(len(jobs))
-            return []
+            raise GenerationFailed(str(exc)) from exc
         elapsed = time.perf_counter() - started
         self._last_generation_s = elapsed
         tokens = sum(o.tokens for o in outputs)
@@ -482,12 +536,21 @@ class Worker:
         self.metrics.tokens_per_s.set(tokens / elapsed if elapsed else 0.0)
         return outputs
 
+    def _safe_reply(self, task: Task, jobs: list[GenerationJob],
+                    outputs: list[Generated]) -> Reply | None:
+        """The task's reply, or None when building it failed (that task is dead-lettered)."""
+        try:
+            return self.make_reply(task, jobs, outputs)
+        except Exception:
+            log.exception("reply for request %s failed", task.request.id)
+            return None
+
     async def _make_replies(self, tasks: list[Task], jobs: list[GenerationJob],
-                            outputs: list[Generated]) -> list[Reply]:
+                            outputs: list[Generated]) -> list[Reply | None]:
         """Post-process every task's rows; with a reranker (an encoder pass over every
         candidate) this runs off the event loop, without one it is quick string work."""
-        def build() -> list[Reply]:
-            return [self.make_reply(task, jobs, outputs) for task in tasks]
+        def build() -> list[Reply | None]:
+            return [self._safe_reply(task, jobs, outputs) for task in tasks]
 
         threaded = self.scorer is not None or self.canon is not None
         return await asyncio.to_thread(build) if threaded else build()

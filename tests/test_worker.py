@@ -290,3 +290,64 @@ def test_row_stops_stop_every_row_once_cancelled() -> None:
     stops = RowStops(None, 3, [Controls(max_new_tokens=50)] * 2, [], cancelled)
     cancelled.set()
     assert stops(torch.zeros((2, 5), dtype=torch.long), None).tolist() == [True, True]
+
+
+class PoisonGenerator(FakeGenerator):
+    """Raises for any batch holding the word "poison" (a request that breaks the model)."""
+
+    def generate(self, jobs):  # type: ignore[no-untyped-def]
+        if any("poison" in job.message for job in jobs):
+            self.calls.append(len(jobs))
+            raise RuntimeError("CUDA error: device-side assert triggered")
+        return super().generate(jobs)
+
+
+async def test_a_poison_request_is_dead_lettered_alone_and_its_batch_mates_answered(
+        redis, keys, persona, queue) -> None:  # type: ignore[no-untyped-def]
+    worker = Worker(redis, keys, PoisonGenerator(), persona,
+                    WorkerOptions(name="w", block_ms=50, batch_wait_ms=0, batch_size=8))
+    innocent = [chat(f"fine question {i}", conversation=f"ok{i}") for i in range(3)]
+    poison = chat("poison pill", conversation="bad")
+    for r in [innocent[0], poison, *innocent[1:]]:
+        await queue.submit(r)
+    await worker.run(burst=True)
+    for r in innocent:
+        reply = await queue.wait_reply(r.id, 10)
+        assert reply.error is None and reply.text.startswith("Diagnosis"), reply
+    assert (await queue.wait_reply(poison.id, 10)).error == persona.line("dead_letter")
+    dead = await redis.xrange(keys.dead_letters)
+    assert [f["reason"] for _, f in dead] == ["generation failed"]
+    assert worker.metrics.alive(60)  # one poison request does not fail the health check
+
+
+async def test_a_request_that_breaks_reply_building_is_dead_lettered_alone(
+        redis, keys, persona, queue, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    worker = Worker(redis, keys, FakeGenerator(), persona,
+                    WorkerOptions(name="w", block_ms=50, batch_wait_ms=0))
+    original = worker.make_reply
+
+    def make_reply(task, jobs, outputs):  # type: ignore[no-untyped-def]
+        if "boom" in task.text:
+            raise ValueError("unexpected")
+        return original(task, jobs, outputs)
+
+    monkeypatch.setattr(worker, "make_reply", make_reply)
+    good, bad = chat("good", conversation="g"), chat("boom", conversation="b")
+    for r in (good, bad):
+        await queue.submit(r)
+    await worker.run(burst=True)  # returns: the worker survived
+    assert (await queue.wait_reply(good.id, 10)).text.startswith("Diagnosis")
+    assert (await queue.wait_reply(bad.id, 10)).error == persona.line("dead_letter")
+
+
+async def test_healthz_fails_after_consecutive_generation_failures(
+        redis, keys, persona, queue) -> None:  # type: ignore[no-untyped-def]
+    worker = Worker(redis, keys, PoisonGenerator(), persona,
+                    WorkerOptions(name="w", block_ms=50, batch_wait_ms=0, batch_size=1))
+    for i in range(3):
+        await queue.submit(chat(f"poison {i}", conversation=f"p{i}"))
+    await worker.run(burst=True)
+    assert not worker.metrics.alive(60)
+    await queue.submit(chat("fine", conversation="f"))
+    await worker.run(burst=True)
+    assert worker.metrics.alive(60)
