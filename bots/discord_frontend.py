@@ -38,7 +38,7 @@ from bots.conversations import conversation_id
 from bots.core import FrontendCore, Immediate, Incoming
 from bots.discord_bot import FRONTEND_ID
 from bots.formatting import format_reply
-from bots.outbox import ChatOutbox
+from bots.outbox import RETRY, UNDELIVERABLE, ChatOutbox, Outcome
 from bots.serving import serve_metrics, serve_replies
 from bots.splitting import DISCORD_LIMIT, split_message
 from bots.triggers import Triggers
@@ -88,6 +88,14 @@ class HouseClient(discord.Client):
         await self.frontend.on_error(event_method, *args)
 
 
+def classify_send_error(exc: BaseException) -> Outcome:
+    """Missing permissions and a deleted channel can never succeed; server errors and
+    connection failures can."""
+    if isinstance(exc, discord.Forbidden | discord.NotFound):
+        return UNDELIVERABLE
+    return RETRY
+
+
 class DiscordFrontend:
     def __init__(self, settings: Settings, persona: Persona, queue: QueueClient, keys: Keys,
                  reader_block_ms: int = 1000):
@@ -96,7 +104,7 @@ class DiscordFrontend:
         self.queue = queue
         self.core = FrontendCore(settings, persona, queue, keys)
         self.client = HouseClient(self)
-        self.outbox = ChatOutbox()
+        self.outbox = ChatOutbox(classify_send_error)
         self.typing: TypingIndicator[int] = TypingIndicator(
             self._send_typing, settings.typing_interval_s, settings.reply_timeout_s,
             on_expire=self._timed_out)
@@ -243,8 +251,9 @@ class DiscordFrontend:
             message.channel.id, text, None if guild is None else message.id,
             None if guild is None else guild.id))
 
-    async def deliver(self, reply: Reply) -> None:
-        """Called by the reply reader: queue the reply (never waits for a send)."""
+    async def deliver(self, reply: Reply) -> asyncio.Task[Outcome] | str:
+        """Called by the reply reader: queue the reply (never waits for a send); the send's
+        task tells the reader when to acknowledge it."""
         waited_s = self.typing.done(reply.id)
         if waited_s is not None:
             self.core.metrics.reply_seconds.labels(FRONTEND_ID).observe(waited_s)
@@ -254,12 +263,12 @@ class DiscordFrontend:
         pending = self._interactions.pop(reply.id, None)
         if channel is None:
             log.error("reply %s has no channel in its route; dropped", reply.id)
-            return
+            return UNDELIVERABLE
         if pending is not None:
-            self.outbox.submit(channel, lambda: self._followup(pending[0], text))
-            return
-        self.outbox.submit(channel, lambda: self.send_text(channel, text, route.get("message"),
-                                                           route.get("guild")))
+            return self.outbox.submit(channel, lambda: self._followup(pending[0], text))
+        return self.outbox.submit(channel, lambda: self.send_text(channel, text,
+                                                                  route.get("message"),
+                                                                  route.get("guild")))
 
     def channel(self, channel_id: int, guild_id: int | None = None) -> Channel:
         """A channel to send to, from the cache or (on another instance) by id alone."""
@@ -272,16 +281,12 @@ class DiscordFrontend:
                         guild_id: int | None = None) -> None:
         """Plain text in pieces of at most 2,000 characters, the first one as a reply."""
         channel = self.channel(channel_id, guild_id)
-        try:
-            for i, piece in enumerate(split_message(text, DISCORD_LIMIT)):
-                reference = (discord.MessageReference(message_id=reply_to, channel_id=channel_id,
-                                                      guild_id=guild_id,
-                                                      fail_if_not_exists=False)
-                             if reply_to is not None and i == 0 else None)
-                await channel.send(piece, reference=reference,  # type: ignore[arg-type]
-                                   allowed_mentions=SAFE_MENTIONS)
-        except discord.Forbidden:
-            log.warning("channel %s: missing permission to send", channel_id)
+        for i, piece in enumerate(split_message(text, DISCORD_LIMIT)):
+            reference = (discord.MessageReference(message_id=reply_to, channel_id=channel_id,
+                                                  guild_id=guild_id, fail_if_not_exists=False)
+                         if reply_to is not None and i == 0 else None)
+            await channel.send(piece, reference=reference,  # type: ignore[arg-type]
+                               allowed_mentions=SAFE_MENTIONS)
 
     def _timed_out(self, request_id: str, channel_id: int) -> None:
         text = self.persona.line("timeout")

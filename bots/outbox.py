@@ -4,6 +4,11 @@ The reply reader must not wait for a send: a group held back by its rate limit (
 minute on Telegram) would stall every other chat's replies. So each send runs as its own task,
 chained behind the previous send to the same chat, so a chat's messages (and the pieces of a
 long reply) keep their order. The state is one task reference per chat with a send in flight.
+
+Each send's task ends with its outcome, which the reply reader waits for before it
+acknowledges the reply (`engine.queue_client`): ``sent``; ``undeliverable`` (the platform says
+the message can never arrive: bot blocked, chat gone), dropped; ``retry`` (a network error, 429s
+past the retries, the frontend stopping), left pending and sent again later.
 """
 
 from __future__ import annotations
@@ -12,20 +17,33 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Hashable
+from typing import Literal
 
 log = logging.getLogger(__name__)
 
+Outcome = Literal["sent", "undeliverable", "retry"]
+SENT, UNDELIVERABLE, RETRY = "sent", "undeliverable", "retry"
+
+
+def retry_everything(exc: BaseException) -> Outcome:
+    return RETRY
+
 
 class ChatOutbox:
-    def __init__(self) -> None:
-        self._tails: dict[Hashable, asyncio.Task[None]] = {}  # last send queued per chat
-        self._tasks: set[asyncio.Task[None]] = set()
+    def __init__(self, classify: Callable[[BaseException], Outcome] = retry_everything):
+        """``classify`` tells a failed send's outcome from its exception (platform-specific:
+        Telegram's Forbidden is undeliverable, its NetworkError worth a retry)."""
+        self.classify = classify
+        self._tails: dict[Hashable, asyncio.Task[Outcome]] = {}  # last send queued per chat
+        self._tasks: set[asyncio.Task[Outcome]] = set()
 
     def __len__(self) -> int:
         return len(self._tails)
 
-    def submit(self, chat: Hashable, send: Callable[[], Awaitable[object]]) -> asyncio.Task[None]:
-        """Run ``send()`` after the sends already queued for ``chat``; failures are logged."""
+    def submit(self, chat: Hashable, send: Callable[[], Awaitable[object]]
+               ) -> asyncio.Task[Outcome]:
+        """Run ``send()`` after the sends already queued for ``chat``; the task's result is the
+        outcome (failures are logged, never raised)."""
         previous = self._tails.get(chat)
         task = asyncio.get_running_loop().create_task(self._run(previous, send))
         self._tails[chat] = task
@@ -33,22 +51,28 @@ class ChatOutbox:
         task.add_done_callback(lambda done: self._release(chat, done))
         return task
 
-    def _release(self, chat: Hashable, task: asyncio.Task[None]) -> None:
+    def _release(self, chat: Hashable, task: asyncio.Task[Outcome]) -> None:
         self._tasks.discard(task)
         if self._tails.get(chat) is task:
             del self._tails[chat]
 
-    @staticmethod
-    async def _run(previous: asyncio.Task[None] | None,
-                   send: Callable[[], Awaitable[object]]) -> None:
+    async def _run(self, previous: asyncio.Task[Outcome] | None,
+                   send: Callable[[], Awaitable[object]]) -> Outcome:
         if previous is not None:
             await asyncio.wait([previous])
         try:
             await send()
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("sending to a chat failed")
+        except Exception as exc:
+            outcome = self.classify(exc)
+            if outcome == UNDELIVERABLE:
+                log.warning("a message can never reach its chat (%s); dropped",
+                            type(exc).__name__)
+            else:
+                log.exception("sending to a chat failed; it is sent again later")
+            return outcome
+        return SENT
 
     async def drain(self, timeout_s: float = 10.0) -> None:
         """Wait for queued sends (at shutdown); cancel what is left after ``timeout_s``."""

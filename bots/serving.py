@@ -31,7 +31,7 @@ def serve_metrics(metrics: FrontendMetrics, port: int) -> None:
         log.warning("%s metrics not served on port %d: %s", metrics.frontend, port, exc)
 
 
-async def serve_replies(queue: QueueClient, deliver: Callable[[Reply], Awaitable[None]],
+async def serve_replies(queue: QueueClient, deliver: Callable[[Reply], Awaitable[Any]],
                         typing: TypingIndicator[Any], outbox: ChatOutbox,
                         block_ms: int = 1000) -> None:
     """Read replies and refresh "typing…" until cancelled (or the reader fails); then stop
@@ -52,6 +52,7 @@ async def serve_replies(queue: QueueClient, deliver: Callable[[Reply], Awaitable
         with contextlib.suppress(asyncio.CancelledError):
             await refresher
         await outbox.drain()
+        await queue.settle()  # acknowledge what was sent; the rest stays pending
 
 
 def run_frontend(settings: Settings, serve: Serve, name: str) -> int:

@@ -44,14 +44,14 @@ from telegram import (
     Update,
 )
 from telegram.constants import ChatAction, ChatType
-from telegram.error import Forbidden
+from telegram.error import BadRequest, Forbidden
 from telegram.ext import AIORateLimiter, Application, ContextTypes, MessageHandler, filters
 
 from bots.commands import COMMANDS, parse_command
 from bots.conversations import conversation_id
 from bots.core import FrontendCore, Immediate, Incoming
 from bots.formatting import format_reply
-from bots.outbox import ChatOutbox
+from bots.outbox import RETRY, UNDELIVERABLE, ChatOutbox, Outcome
 from bots.serving import serve_metrics, serve_replies
 from bots.splitting import TELEGRAM_LIMIT, split_message
 from bots.telegram_bot import FRONTEND_ID
@@ -119,6 +119,14 @@ def build_application(settings: Settings) -> Application:  # type: ignore[type-a
             .build())
 
 
+def classify_send_error(exc: BaseException) -> Outcome:
+    """Forbidden (blocked, removed from the group) and BadRequest (chat not found) can never
+    succeed; RetryAfter past the limiter's retries, timeouts and network errors can."""
+    if isinstance(exc, Forbidden | BadRequest):
+        return UNDELIVERABLE
+    return RETRY
+
+
 class TelegramFrontend:
     def __init__(self, settings: Settings, persona: Persona, queue: QueueClient, keys: Keys,
                  application: Application | None = None,  # type: ignore[type-arg]
@@ -128,7 +136,7 @@ class TelegramFrontend:
         self.queue = queue
         self.core = FrontendCore(settings, persona, queue, keys)
         self.app = application or build_application(settings)
-        self.outbox = ChatOutbox()
+        self.outbox = ChatOutbox(classify_send_error)
         self.typing: TypingIndicator[ChatTarget] = TypingIndicator(
             self._send_typing, settings.typing_interval_s, settings.reply_timeout_s,
             on_expire=self._timed_out)
@@ -268,8 +276,9 @@ class TelegramFrontend:
         self.outbox.submit(message.chat_id,
                            lambda: self.send_text(message.chat_id, text, reply_to, thread))
 
-    async def deliver(self, reply: Reply) -> None:
-        """Called by the reply reader: queue the reply for its chat (never waits for a send)."""
+    async def deliver(self, reply: Reply) -> asyncio.Task[Outcome] | str:
+        """Called by the reply reader: queue the reply for its chat (never waits for a send);
+        the send's task tells the reader when to acknowledge it."""
         waited_s = self.typing.done(reply.id)
         if waited_s is not None:
             self.core.metrics.reply_seconds.labels(FRONTEND_ID).observe(waited_s)
@@ -277,23 +286,21 @@ class TelegramFrontend:
         chat = route.get("chat")
         if chat is None:
             log.error("reply %s has no chat in its route; dropped", reply.id)
-            return
+            return UNDELIVERABLE
         text = format_reply(reply) or self.persona.line("fallback")
-        self.outbox.submit(chat, lambda: self.send_text(chat, text, route.get("reply_to"),
-                                                        route.get("thread")))
+        return self.outbox.submit(chat, lambda: self.send_text(chat, text, route.get("reply_to"),
+                                                               route.get("thread")))
 
     async def send_text(self, chat: int, text: str, reply_to: int | None = None,
                         thread: int | None = None) -> None:
-        """Send plain text in pieces of at most 4,096 characters, the first one as a reply."""
-        try:
-            for i, piece in enumerate(split_message(text, TELEGRAM_LIMIT)):
-                params = (ReplyParameters(message_id=reply_to, allow_sending_without_reply=True)
-                          if reply_to is not None and i == 0 else None)
-                await self.app.bot.send_message(chat, piece, message_thread_id=thread,
-                                                reply_parameters=params,
-                                                link_preview_options=NO_PREVIEW)
-        except Forbidden:
-            log.warning("chat %s: the bot may not write there (blocked or removed)", chat)
+        """Send plain text in pieces of at most 4,096 characters, the first one as a reply.
+        Errors are raised: the outbox tells a lost cause from one worth a retry."""
+        for i, piece in enumerate(split_message(text, TELEGRAM_LIMIT)):
+            params = (ReplyParameters(message_id=reply_to, allow_sending_without_reply=True)
+                      if reply_to is not None and i == 0 else None)
+            await self.app.bot.send_message(chat, piece, message_thread_id=thread,
+                                            reply_parameters=params,
+                                            link_preview_options=NO_PREVIEW)
 
     def _timed_out(self, request_id: str, target: ChatTarget) -> None:
         chat, thread = target

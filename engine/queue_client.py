@@ -1,8 +1,17 @@
 """The frontends' side of the queue: submit requests, read replies from their own stream.
 
 A frontend instance has an id; its replies arrive on ``<prefix>:replies:<id>``, read through
-a consumer group so a restarted frontend still gets the replies it had not delivered. A
-reply whose request id was already answered is dropped (workers deliver at least once).
+a consumer group so a restarted frontend still gets the replies it had not delivered.
+
+A reply is acknowledged only once the chat has it: ``deliver`` may hand back the send's task
+(`bots.outbox`), whose outcome decides. ``sent`` marks the request answered (a second reply to
+it, from a worker that answered twice, is dropped) and acknowledges; ``undeliverable`` (bot
+blocked, chat gone) is dropped with a log line and counted; ``retry`` leaves the reply pending,
+and the reader sends it again after ``retry_after_s`` (a restarted frontend reads its pending
+replies first), up to ``MAX_SEND_ATTEMPTS`` times. A reply that was sent while Redis failed
+before its acknowledgement is acknowledged later without a second send. So a reply reaches
+its chat at least once, and twice only when the frontend process dies between the send and
+the acknowledgement, or a send failed after the platform took part of a long reply.
 """
 
 from __future__ import annotations
@@ -10,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
@@ -22,6 +32,8 @@ log = logging.getLogger(__name__)
 
 ANSWERED_TTL_S = 24 * 3600
 ORDER_TTL_S = 24 * 3600
+MAX_SEND_ATTEMPTS = 8
+SENT, UNDELIVERABLE, RETRY = "sent", "undeliverable", "retry"
 
 # XADD the request and append its entry id to the conversation's order list, atomically.
 _SUBMIT = """
@@ -67,6 +79,12 @@ class QueueClient:
         self._waiters: dict[str, asyncio.Future[Reply]] = {}
         self._arrived: dict[str, Reply] = {}  # replies that came before anyone waited
         self._submit = redis.register_script(_SUBMIT)
+        self._inflight: set[str] = set()  # reply ids whose send has not ended
+        self._attempts: dict[str, int] = {}  # failed sends per reply id
+        self._unacked: dict[str, str] = {}  # sent (or dropped), acknowledgement not written
+        self._settling: set[asyncio.Task[None]] = set()
+        self.undeliverable = 0  # replies dropped because their chat can never get them
+        self.retry_after_s = 5.0
 
     async def setup(self) -> None:
         await ensure_group(self.redis, self.keys.requests, WORKERS_GROUP)
@@ -101,24 +119,24 @@ class QueueClient:
         finally:
             self._waiters.pop(request_id, None)
 
-    async def run_reader(self, deliver: Callable[[Reply], Awaitable[None]] | None = None,
+    async def run_reader(self, deliver: Callable[[Reply], Awaitable[Any]] | None = None,
                          block_ms: int = 1000, stop: asyncio.Event | None = None) -> None:
         """Read replies until ``stop`` is set; each new reply goes to its waiter, else to
-        ``deliver``. Survives Redis outages (retries with backoff)."""
+        ``deliver``. Pending replies (unsent, or from before a restart) are read again every
+        ``retry_after_s``. Survives Redis outages (retries with backoff)."""
         stop = stop or asyncio.Event()
         backoff = 0.1
-        pending_first = True  # first re-read what this consumer got but did not ack
+        next_scan = 0.0  # first re-read what this consumer got but did not ack
+        loop = asyncio.get_running_loop()
         while not stop.is_set():
             try:
+                if loop.time() >= next_scan:
+                    await self._scan_pending(deliver)
+                    next_scan = loop.time() + self.retry_after_s
                 streams = await self.redis.xreadgroup(
-                    FRONTEND_GROUP, self.frontend_id, {self.reply_stream: "0" if pending_first
-                                                       else ">"},
-                    count=100, block=None if pending_first else block_ms,
-                )
-                entries = streams[0][1] if streams else []
-                if pending_first and not entries:
-                    pending_first = False
-                for entry_id, fields in entries:
+                    FRONTEND_GROUP, self.frontend_id, {self.reply_stream: ">"}, count=100,
+                    block=min(block_ms, int(self.retry_after_s * 1000)))
+                for entry_id, fields in streams[0][1] if streams else []:
                     await self._handle(entry_id, fields, deliver)
                 backoff = 0.1
             except ResponseError as exc:
@@ -128,37 +146,109 @@ class QueueClient:
                 raise
             except REDIS_DOWN as exc:
                 # Also while handling a reply: what was read but not acknowledged is read
-                # again once Redis is back (the answered key keeps it from a second delivery).
+                # again once Redis is back.
                 log.warning("reply reader: Redis unavailable (%s); retrying in %.1fs",
                             type(exc).__name__, backoff)
-                pending_first = True
+                next_scan = 0.0
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
+    async def _scan_pending(self, deliver: Callable[[Reply], Awaitable[Any]] | None) -> None:
+        """Hand this consumer's pending replies (not being sent right now) over again."""
+        start = "0"
+        while True:
+            streams = await self.redis.xreadgroup(FRONTEND_GROUP, self.frontend_id,
+                                                  {self.reply_stream: start}, count=100)
+            entries = streams[0][1] if streams else []
+            if not entries:
+                return
+            for entry_id, fields in entries:
+                await self._handle(entry_id, fields, deliver)
+            start = entries[-1][0]
+
+    async def settle(self, timeout_s: float = 5.0) -> None:
+        """Wait for the acknowledgements of sends that ended (at shutdown, after the outbox
+        drained), so a reply sent just before a restart is not sent again."""
+        if self._settling:
+            await asyncio.wait(list(self._settling), timeout=timeout_s)
+
     async def _handle(self, entry_id: str, fields: dict[str, str],
-                      deliver: Callable[[Reply], Awaitable[None]] | None) -> None:
+                      deliver: Callable[[Reply], Awaitable[Any]] | None) -> None:
+        if not fields:  # deleted while pending
+            await self.redis.xack(self.reply_stream, FRONTEND_GROUP, entry_id)
+            return
         try:
             reply = Reply.loads(fields)
         except ProtocolError:
             log.error("dropping malformed reply %s", entry_id)
-            await self.redis.xack(self.reply_stream, FRONTEND_GROUP, entry_id)
+            await self._remove(entry_id)
             return
-        first = await self.redis.set(self.keys.answered(reply.id), "1", nx=True,
-                                     ex=ANSWERED_TTL_S)
-        if first:
-            waiter = self._waiters.get(reply.id)
-            try:
-                if waiter is not None and not waiter.done():
-                    waiter.set_result(reply)
-                elif deliver is not None:
-                    await deliver(reply)
-                else:
-                    self._arrived[reply.id] = reply
-                    while len(self._arrived) > 1000:
-                        self._arrived.pop(next(iter(self._arrived)))
-            except Exception:
-                log.exception("delivering reply %s failed", reply.id)
-        else:
+        if reply.id in self._inflight:
+            return  # its send is still running; left pending
+        if reply.id in self._unacked:  # sent, but Redis failed before the acknowledgement
+            await self._settle(entry_id, reply.id, self._unacked[reply.id])
+            return
+        if await self.redis.exists(self.keys.answered(reply.id)):
             log.info("duplicate reply %s dropped", reply.id)
+            await self._remove(entry_id)
+            return
+        waiter = self._waiters.get(reply.id)
+        if (waiter is not None and not waiter.done()) or deliver is None:
+            if waiter is not None and not waiter.done():
+                waiter.set_result(reply)
+            else:
+                self._arrived[reply.id] = reply
+                while len(self._arrived) > 1000:
+                    self._arrived.pop(next(iter(self._arrived)))
+            await self._settle(entry_id, reply.id, SENT)
+            return
+        try:
+            sending = await deliver(reply)
+        except Exception:
+            log.exception("delivering reply %s failed", reply.id)
+            sending = RETRY
+        if isinstance(sending, asyncio.Future):
+            self._inflight.add(reply.id)
+            sending.add_done_callback(
+                lambda done: self._spawn(self._finished(entry_id, reply.id, done)))
+        else:
+            await self._settle(entry_id, reply.id, sending if sending in (UNDELIVERABLE, RETRY)
+                               else SENT)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def _finished(self, entry_id: str, reply_id: str, done: asyncio.Future[Any]) -> None:
+        self._inflight.discard(reply_id)
+        outcome = RETRY if done.cancelled() or done.exception() else done.result()
+        try:
+            await self._settle(entry_id, reply_id, outcome)
+        except REDIS_DOWN as exc:
+            log.warning("reply %s: could not acknowledge (%s); it stays pending", reply_id,
+                        type(exc).__name__)
+
+    async def _settle(self, entry_id: str, reply_id: str, outcome: str) -> None:
+        if outcome == RETRY:
+            self._attempts[reply_id] = self._attempts.get(reply_id, 0) + 1
+            if self._attempts[reply_id] < MAX_SEND_ATTEMPTS:
+                return  # pending: sent again at the next scan
+            log.error("reply %s: %d sends failed; dropped", reply_id, MAX_SEND_ATTEMPTS)
+            outcome = UNDELIVERABLE
+        self._attempts.pop(reply_id, None)
+        if outcome == UNDELIVERABLE and reply_id not in self._unacked:
+            self.undeliverable += 1
+        self._unacked[reply_id] = outcome
+        while len(self._unacked) > 10_000:
+            self._unacked.pop(next(iter(self._unacked)))
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(self.keys.answered(reply_id), outcome, ex=ANSWERED_TTL_S)
+            pipe.xack(self.reply_stream, FRONTEND_GROUP, entry_id)
+            pipe.xdel(self.reply_stream, entry_id)
+            await pipe.execute()
+        self._unacked.pop(reply_id, None)
+
+    async def _remove(self, entry_id: str) -> None:
         await self.redis.xack(self.reply_stream, FRONTEND_GROUP, entry_id)
         await self.redis.xdel(self.reply_stream, entry_id)

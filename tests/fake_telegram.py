@@ -66,10 +66,12 @@ def entities_for(text: str) -> list[dict[str, Any]]:
 
 @dataclass
 class Failure:
-    """Answer the next ``times`` calls of a method with 429 Too Many Requests."""
+    """Answer the next ``times`` calls of a method with 429 Too Many Requests (or 403
+    Forbidden: the user blocked the bot)."""
 
     times: int
     retry_after: int
+    code: int = 429
 
 
 @dataclass
@@ -237,6 +239,10 @@ class FakeTelegram:
         """Answer the next ``times`` calls of ``method`` with 429 and ``retry_after``."""
         self._failures[method] = Failure(times, retry_after)
 
+    def forbid_next(self, method: str, times: int = 1) -> None:
+        """Answer the next ``times`` calls of ``method`` with 403 (bot blocked by the user)."""
+        self._failures[method] = Failure(times, 0, 403)
+
     # ---- reading what the bot did ----------------------------------------------------------
 
     def sent_to(self, chat_id: int) -> list[dict[str, Any]]:
@@ -308,6 +314,8 @@ class FakeTelegram:
             failure.times -= 1
             self.rejected[method] += 1
             await self._notify()
+            if failure.code == 403:
+                return _error(403, "Forbidden: bot was blocked by the user")
             return web.json_response(
                 {"ok": False, "error_code": 429,
                  "description": f"Too Many Requests: retry after {failure.retry_after}",

@@ -108,14 +108,24 @@ async def test_outbox_keeps_order_per_chat_and_survives_failures() -> None:
             log.append(name)
         return send
 
-    outbox = ChatOutbox()
-    outbox.submit("a", slow_first)
-    outbox.submit("a", failing)
-    outbox.submit("a", record("a2"))
+    class Blocked(Exception):
+        pass
+
+    async def blocked() -> None:
+        raise Blocked("bot was blocked")
+
+    outbox = ChatOutbox(lambda exc: "undeliverable" if isinstance(exc, Blocked) else "retry")
+    first = outbox.submit("a", slow_first)
+    failed = outbox.submit("a", failing)
+    gone = outbox.submit("a", blocked)
+    last = outbox.submit("a", record("a2"))
     other = outbox.submit("b", record("b1"))
-    await other
+    assert await other == "sent"
     assert log == ["b1"], "chat b must not wait for chat a"
     gate.set()
     await outbox.drain()
     assert log == ["b1", "a1", "a2"]
+    # a failed send is not a success: the reader leaves its reply pending, or drops it
+    assert [t.result() for t in (first, failed, gone, last)] == [
+        "sent", "retry", "undeliverable", "sent"]
     assert len(outbox) == 0

@@ -437,3 +437,70 @@ async def test_webhook_mode_refuses_to_start_without_a_long_secret(
     assert "TELEGRAM_WEBHOOK_SECRET of at least 32 characters" in capsys.readouterr().out
     ok = Settings(_env_file=None, **{**fields, "telegram_webhook_secret": "s" * 32})  # type: ignore[call-arg]
     assert ok.webhook_problem() is None
+
+
+async def test_a_reply_survives_four_429s_and_is_sent_exactly_once(
+        fake_generator: FakeGenerator, fake_worker: Worker, start_bot: Factory,
+        tg: FakeTelegram) -> None:
+    """Before, the reply was acknowledged when it was handed to the outbox: 429s past
+    TELEGRAM_MAX_RETRIES lost it for good. Now it stays pending and is sent again."""
+    bot = await start_bot(telegram_max_retries=1)
+    bot.queue.retry_after_s = 0.3
+    tg.fail_next("sendMessage", times=4, retry_after=1)
+    tg.private_text(31, "Is it contagious?")
+    sent = await first_bot_message(tg, 31, timeout=40)
+    await tg.settle(1.0)
+    assert tg.rejected["sendMessage"] == 4
+    assert len(tg.sent_to(31)) == 1
+    assert sent["text"] in await expected_replies(fake_generator, "Is it contagious?")
+
+
+async def test_a_reply_queued_when_the_frontend_stops_is_sent_after_the_restart_once(
+        fake_generator: FakeGenerator, fake_worker: Worker, settings: Settings,
+        redis: aioredis.Redis, keys: Keys, persona: Persona, tg: FakeTelegram) -> None:
+    async def start() -> tuple[TelegramFrontend, asyncio.Task[None]]:
+        fields = {**settings.model_dump(), "telegram_token": tg.token,
+                  "telegram_api_url": tg.api_url, "telegram_poll_timeout_s": 1,
+                  "telegram_max_retries": 0}
+        queue = QueueClient(redis, keys, FRONTEND_ID)
+        await queue.setup()
+        frontend = TelegramFrontend(Settings(_env_file=None, **fields),  # type: ignore[call-arg]
+                                    persona, queue, keys, reader_block_ms=100)
+        task = asyncio.create_task(frontend.serve())
+        await asyncio.wait_for(frontend.ready.wait(), 30)
+        return frontend, task
+
+    first, task = await start()
+    first.queue.retry_after_s = 60  # no second try before the restart
+    tg.fail_next("sendMessage", times=1, retry_after=1)
+    tg.private_text(32, "Do I need surgery?")
+    await tg.wait_for(lambda: tg.rejected["sendMessage"] == 1, timeout=20)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.wait_for(task, 30)
+    assert tg.sent_to(32) == []
+    pending = await redis.xpending(keys.replies(FRONTEND_ID), "frontend")
+    assert pending["pending"] == 1  # not acknowledged: the chat never got it
+    _, again = await start()
+    try:
+        await tg.wait_sent(1, chat_id=32, timeout=20)
+        await tg.settle(1.0)
+        assert len(tg.sent_to(32)) == 1
+        assert (await redis.xpending(keys.replies(FRONTEND_ID), "frontend"))["pending"] == 0
+    finally:
+        again.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(again, 30)
+
+
+async def test_a_reply_to_a_chat_that_blocked_the_bot_is_dropped_not_retried(
+        fake_worker: Worker, start_bot: Factory, tg: FakeTelegram, redis: aioredis.Redis,
+        keys: Keys) -> None:
+    bot = await start_bot()
+    bot.queue.retry_after_s = 0.2
+    tg.forbid_next("sendMessage")
+    tg.private_text(33, "hello?")
+    await tg.wait_for(lambda: bot.queue.undeliverable == 1, timeout=20)
+    await asyncio.sleep(1.0)
+    assert tg.calls["sendMessage"] == 1  # never sent again
+    assert (await redis.xpending(keys.replies(FRONTEND_ID), "frontend"))["pending"] == 0
