@@ -45,6 +45,7 @@ class Settings(BaseSettings):
 
     # Redis
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_password: SecretStr | None = None
     key_prefix: str = "house"
     redis_connect_retries: int = 5
     redis_retry_delay_s: float = 1.0
@@ -54,7 +55,7 @@ class Settings(BaseSettings):
     telegram_api_url: str = "https://api.telegram.org/bot"
     telegram_webhook_url: str | None = None
     telegram_webhook_port: int = 8443
-    telegram_webhook_listen: str = "0.0.0.0"
+    telegram_webhook_listen: str = "127.0.0.1"
     telegram_webhook_secret: SecretStr | None = None
     telegram_poll_timeout_s: int = 30
     telegram_overall_rate: float = 30.0  # messages per second, whole bot (Telegram's limit)
@@ -122,6 +123,7 @@ class Settings(BaseSettings):
     max_queue_depth: int = 200
     stream_maxlen: int = 10_000
     worker_metrics_port: int = 9100
+    worker_metrics_host: str = "127.0.0.1"
     frontend_metrics_port: int = 0
     log_level: str = "INFO"
 
@@ -191,7 +193,7 @@ class Settings(BaseSettings):
 def mask_secret(text: str, settings: Settings) -> str:
     """Replace any configured token inside ``text`` with ``***``."""
     for secret in (settings.telegram_token, settings.discord_token,
-                   settings.telegram_webhook_secret):
+                   settings.telegram_webhook_secret, settings.redis_password):
         if secret is not None and secret.get_secret_value():
             text = text.replace(secret.get_secret_value(), "***")
     return text

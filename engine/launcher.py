@@ -92,7 +92,8 @@ async def _up(settings: Settings, fake: bool, console: bool, stdin: io.StringIO 
     async def serve() -> None:
         worker = await build_worker(settings, redis, fake=fake)
         worker_box.append(worker)
-        worker.metrics.serve(settings.worker_metrics_port, settings.generation_timeout_s + 60)
+        worker.metrics.serve(settings.worker_metrics_port, settings.generation_timeout_s + 60,
+                         settings.worker_metrics_host)
         await worker.run()
 
     worker_task = asyncio.create_task(serve(), name="worker")
@@ -170,7 +171,8 @@ async def _worker(settings: Settings, fake: bool, burst: bool, fake_delay_ms: in
     redis = await redis_for(settings)
     worker = await build_worker(settings, redis, fake=fake, fake_delay_ms=fake_delay_ms)
     worker.install_signal_handlers()
-    worker.metrics.serve(settings.worker_metrics_port, settings.generation_timeout_s + 60)
+    worker.metrics.serve(settings.worker_metrics_port, settings.generation_timeout_s + 60,
+                         settings.worker_metrics_host)
     try:
         await worker.run(burst=burst)
     finally:

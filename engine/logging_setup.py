@@ -61,7 +61,8 @@ def keys_for(settings: Settings) -> Keys:
 
 
 async def redis_for(settings: Settings) -> aioredis.Redis:
+    password = settings.redis_password.get_secret_value() if settings.redis_password else None
     return await connect(settings.redis_url, settings.redis_connect_retries,
-                         settings.redis_retry_delay_s)
+                         settings.redis_retry_delay_s, password)
 
 

@@ -69,8 +69,10 @@ class WorkerMetrics:
         return (time.time() - self.last_beat <= max_age_s
                 and self.failures_in_a_row < self.max_failures_in_a_row)
 
-    def serve(self, port: int, max_age_s: float = 300.0) -> ThreadingHTTPServer | None:
-        """``/metrics`` (Prometheus) and ``/healthz`` (200 alive, 503 stalled) on ``port``."""
+    def serve(self, port: int, max_age_s: float = 300.0,
+              host: str = "127.0.0.1") -> ThreadingHTTPServer | None:
+        """``/metrics`` (Prometheus) and ``/healthz`` (200 alive, 503 stalled) on ``port`` of
+        ``host`` (loopback unless WORKER_METRICS_HOST says otherwise, e.g. in a container)."""
         if not port:
             return None
         metrics = self
@@ -93,12 +95,12 @@ class WorkerMetrics:
                 return
 
         try:
-            server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+            server = ThreadingHTTPServer((host, port), Handler)
         except OSError as exc:
             log.warning("metrics port %d unavailable (%s); metrics not served", port, exc)
             return None
         threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
-        log.info("worker metrics on :%d/metrics, liveness on /healthz", port)
+        log.info("worker metrics on %s:%d/metrics, liveness on /healthz", host, port)
         return server
 
 

@@ -21,10 +21,13 @@ log = logging.getLogger(__name__)
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 
 
-def make_client(url: str) -> aioredis.Redis:
-    """A client whose commands retry a few times with backoff when the connection drops."""
+def make_client(url: str, password: str | None = None) -> aioredis.Redis:
+    """A client whose commands retry a few times with backoff when the connection drops;
+    ``password`` (REDIS_PASSWORD) is used when the URL carries none."""
+    extra = {"password": password} if password else {}
     return aioredis.Redis.from_url(
         url,
+        **extra,
         decode_responses=True,
         retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=3),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
@@ -33,9 +36,10 @@ def make_client(url: str) -> aioredis.Redis:
     )
 
 
-async def connect(url: str, retries: int = 5, delay_s: float = 1.0) -> aioredis.Redis:
+async def connect(url: str, retries: int = 5, delay_s: float = 1.0,
+                  password: str | None = None) -> aioredis.Redis:
     """Connect and PING, warning "N retries remaining" before giving up."""
-    client = make_client(url)
+    client = make_client(url, password)
     for attempt in range(retries + 1):
         try:
             await client.ping()

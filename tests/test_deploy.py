@@ -62,6 +62,36 @@ def test_the_schema_check_rejects_a_broken_compose_file(tmp_path: Path) -> None:
     assert "stop_grace_priod" in result.stdout and "capabilities" in result.stdout
 
 
+def test_redis_is_loopback_protected_and_capped_and_compose_requires_a_password() -> None:
+    """Before: bind 0.0.0.0, protected mode off, no password, no maxmemory (so noeviction
+    never acted), and host installs were told to copy that."""
+    conf = {line.split()[0]: line.split(None, 1)[1] for line in
+            (DEPLOY / "redis.conf").read_text().splitlines()
+            if line.strip() and not line.startswith("#")}
+    assert conf["bind"] == "127.0.0.1 -::1" and conf["protected-mode"] == "yes"
+    assert conf["maxmemory"] == "1gb" and conf["maxmemory-policy"] == "noeviction"
+    redis = compose()["services"]["redis"]
+    command = redis["command"]
+    assert command[command.index("--requirepass") + 1].startswith("${REDIS_PASSWORD:?")
+    assert redis["environment"]["REDISCLI_AUTH"].startswith("${REDIS_PASSWORD:?")
+    defaults = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert defaults.worker_metrics_host == "127.0.0.1"
+    assert defaults.telegram_webhook_listen == "127.0.0.1"
+    for name in ("worker", "worker-cpu", "telegram", "discord"):
+        for port in compose()["services"][name].get("ports", []):
+            assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
+
+
+def test_redis_password_is_used_and_masked() -> None:
+    from engine.config import mask_secret
+    from engine.redis_conn import make_client
+
+    settings = Settings(_env_file=None, redis_password="s3cret-pass")  # type: ignore[call-arg]
+    client = make_client(settings.redis_url, "s3cret-pass")
+    assert client.connection_pool.connection_kwargs["password"] == "s3cret-pass"
+    assert mask_secret("auth s3cret-pass failed", settings) == "auth *** failed"
+
+
 def test_redis_service_persists_to_a_volume_with_the_aof_config() -> None:
     services = compose()["services"]
     redis = services["redis"]
