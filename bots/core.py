@@ -90,6 +90,10 @@ class FrontendCore:
         text = msg.text.strip()
         if not text:
             return Immediate(p.line("empty"))
+        # Every kind counts against the per-user limit: /reset floods and /help spam too (they
+        # would fill the queue or burn the platform's send budget for everyone).
+        if not await self.limit.allow(msg.user):
+            return Immediate(p.line("slow_down"))
         command = parse_command(text)
         kind, body = "chat", text
         if command is not None:
@@ -113,8 +117,6 @@ class FrontendCore:
                 return Immediate(p.line("unknown_command"))
         if len(body) > self.settings.max_message_chars:
             return Immediate(p.line("too_long"))
-        if kind in ("chat", "compare", "retry") and not await self.limit.allow(msg.user):
-            return Immediate(p.line("slow_down"))
         request = Request(frontend=self.queue.frontend_id, conversation=msg.conversation,
                           user=msg.user, speaker=msg.speaker, kind=kind, text=body,
                           route=msg.route, **({"id": msg.request_id} if msg.request_id else {}))

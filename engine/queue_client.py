@@ -35,9 +35,13 @@ ORDER_TTL_S = 24 * 3600
 MAX_SEND_ATTEMPTS = 8
 SENT, UNDELIVERABLE, RETRY = "sent", "undeliverable", "retry"
 
-# XADD the request and append its entry id to the conversation's order list, atomically.
+# XADD the request and append its entry id to the conversation's order list, atomically, unless
+# the stream already holds ARGV[1] unanswered requests. The request stream is never trimmed
+# (MAXLEN would drop pending requests without a reply or a dead letter): its size is the
+# queue depth, and past the limit requests are refused instead.
 _SUBMIT = """
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', ARGV[2], ARGV[3])
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
+local id = redis.call('XADD', KEYS[1], '*', ARGV[2], ARGV[3])
 redis.call('RPUSH', KEYS[2], id)
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 return id
@@ -91,17 +95,17 @@ class QueueClient:
         await ensure_group(self.redis, self.reply_stream, FRONTEND_GROUP)
 
     async def submit(self, request: Request) -> str:
-        """Add a request to the stream; raises QueueFull or QueueUnavailable."""
+        """Add a request to the stream; raises QueueFull (``max_queue_depth`` requests of any
+        kind wait: the per-user limit keeps one user from filling it) or QueueUnavailable."""
         try:
-            if request.kind in ("chat", "compare", "retry"):
-                depth = await queue_depth(self.redis, self.keys)
-                if depth >= self.max_queue_depth:
-                    raise QueueFull(f"{depth} requests waiting")
-            return await self._submit(
+            entry = await self._submit(
                 keys=[self.keys.requests, self.keys.order(request.conversation)],
-                args=[self.stream_maxlen, FIELD, request.dumps()[FIELD], ORDER_TTL_S])
+                args=[self.max_queue_depth, FIELD, request.dumps()[FIELD], ORDER_TTL_S])
         except REDIS_DOWN as exc:
             raise QueueUnavailable(str(exc)) from exc
+        if entry is None:
+            raise QueueFull(f"{self.max_queue_depth} requests waiting")
+        return str(entry)
 
     async def ask(self, request: Request, timeout_s: float = 120.0) -> Reply:
         """Submit and wait for the reply (needs `run_reader` running)."""

@@ -342,3 +342,24 @@ async def test_real_model_answers_injections_as_house(
         assert not leaks_prompt(reply, persona.system_prompt)
         turns = await stored_turns(redis, keys, f"t:u:m{i}")
         assert [t["role"] for t in turns] == ["user", "assistant"]
+
+
+async def test_a_reset_flood_from_one_user_does_not_refuse_or_delay_anyone_else(
+        settings: Settings, persona: Persona, queue: QueueClient, keys: Keys,
+        redis: aioredis.Redis) -> None:
+    """Before: /reset and /forget skipped the per-user limit and the depth check yet counted
+    in the stream, so ~200 of them made everyone else's messages "waiting room is full"."""
+    from bots.core import FrontendCore, Incoming
+
+    small = make_settings(settings.redis_url, settings.key_prefix, max_queue_depth=20)
+    core = FrontendCore(small, persona, QueueClient(redis, keys, queue.frontend_id, 20), keys)
+    answers = [await core.handle(Incoming(user="flooder", conversation="t:u:flooder",
+                                          text=text))
+               for text in ["/reset", "/forget", "/help", "/nonsense"] * 50]
+    immediate = [a.text for a in answers if hasattr(a, "text") and not hasattr(a, "kind")]
+    assert immediate.count(persona.line("slow_down")) >= 190
+    assert await redis.xlen(keys.requests) <= settings.user_rate_limit
+    generator = CapturingGenerator()
+    async with running_worker(redis, keys, persona, generator):
+        reply = await ask(core, queue, "victim", "My knee hurts")
+    assert reply.startswith("Diagnosis ")

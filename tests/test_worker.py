@@ -140,8 +140,27 @@ async def test_back_pressure_refuses_when_the_queue_is_full(redis, keys) -> None
         await client.submit(chat(f"m{i}"))
     with pytest.raises(QueueFull):
         await client.submit(chat("one too many"))
-    # Control requests are never refused: a user can always /reset or /forget.
-    await client.submit(chat("", kind="reset"))
+    # Control requests count too (before, a flood of /reset filled the stream past the depth
+    # and everyone else was refused); the per-user limit keeps one user from filling it.
+    with pytest.raises(QueueFull):
+        await client.submit(chat("", kind="reset"))
+    assert await redis.xlen(keys.requests) == 3
+
+
+async def test_the_request_stream_is_never_trimmed_under_pending_requests(
+        redis, keys, persona, queue) -> None:  # type: ignore[no-untyped-def]
+    """XADD MAXLEN ~ used to trim the oldest entries even when they were pending, and the
+    worker then dropped them silently. Now the stream is sized by the depth limit."""
+    client = QueueClient(redis, keys, "test-frontend", max_queue_depth=500, stream_maxlen=10)
+    requests = [chat(f"m{i}", conversation=f"k{i}") for i in range(300)]
+    for r in requests:
+        await client.submit(r)
+    assert await redis.xlen(keys.requests) == 300
+    worker = Worker(redis, keys, FakeGenerator(), persona,
+                    WorkerOptions(name="w", block_ms=50, batch_wait_ms=0, batch_size=64))
+    await worker.run(burst=True)
+    replies = await asyncio.gather(*(queue.wait_reply(r.id, 30) for r in requests))
+    assert all(rep.text.startswith("Diagnosis") for rep in replies)
 
 
 async def test_a_duplicate_reply_is_delivered_once(redis, keys) -> None:  # type: ignore[no-untyped-def]
