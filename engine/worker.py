@@ -95,6 +95,13 @@ def selector_context(history: Sequence[Turn]) -> tuple[str, ...]:
     return ()
 
 
+def _conversation_of(fields: dict[str, str]) -> str | None:
+    try:
+        return Request.loads(fields).conversation
+    except ProtocolError:
+        return None
+
+
 class GenerationFailed(RuntimeError):
     """generate() raised (not a timeout)."""
 
@@ -223,7 +230,7 @@ class Worker:
     async def read_batch(self, block: bool = True) -> list[tuple[str, dict[str, str]]]:
         """Claimed stale requests first, then new ones, up to ``batch_size``."""
         size = self.options.batch_size
-        entries, self._carry = self._carry[:size], self._carry[size:]
+        entries, self._carry = self._carry_heads(size)
         if entries:
             # Still ours: reset their idle time so no other worker claims them meanwhile.
             await self.redis.xclaim(self.keys.requests, WORKERS_GROUP, self.options.name, 0,
@@ -236,6 +243,15 @@ class Worker:
             entries += await self._read_new(size - len(entries),
                                             self.options.block_ms if block and not entries
                                             else None)
+        # A busy conversation's backlog takes one place in a batch: read past it (a few
+        # batches' worth at most) so other conversations fill the rest.
+        for _ in range(3):
+            if len({_conversation_of(f) for _, f in entries}) >= size or len(entries) < size:
+                break
+            more = await self._read_new(size, None)
+            if not more:
+                break
+            entries += more
         # Under load a short wait fills the batch; it costs little next to a generate().
         wait_ms = self.options.batch_wait_ms
         if (entries and len(entries) < size and wait_ms
@@ -243,6 +259,24 @@ class Worker:
             await asyncio.sleep(wait_ms / 1000)
             entries += await self._read_new(size - len(entries), None)
         return entries
+
+    def _carry_heads(self, size: int) -> tuple[list[tuple[str, dict[str, str]]],
+                                               list[tuple[str, dict[str, str]]]]:
+        """At most one carried request per conversation (only its oldest can be answered in
+        a batch), so one busy conversation's backlog never fills the batch and starves the
+        others: the rest of the batch is read from the stream."""
+        taken: list[tuple[str, dict[str, str]]] = []
+        kept: list[tuple[str, dict[str, str]]] = []
+        seen: set[str] = set()
+        for entry in self._carry:
+            conversation = _conversation_of(entry[1])
+            if len(taken) < size and (conversation is None or conversation not in seen):
+                taken.append(entry)
+                if conversation is not None:
+                    seen.add(conversation)
+            else:
+                kept.append(entry)
+        return taken, kept
 
     async def _read_new(self, count: int, block_ms: int | None) -> list[tuple[str, dict]]:
         streams = await self.redis.xreadgroup(WORKERS_GROUP, self.options.name,
@@ -347,7 +381,7 @@ class Worker:
         tasks: list[Task] = []
         conversations: set[str] = set()
         for (entry_id, request), head in zip(parsed, heads, strict=True):
-            if request.conversation in conversations or (
+            if len(tasks) >= self.options.batch_size or request.conversation in conversations or (
                     head not in (None, entry_id)
                     and not await self._is_next(entry_id, request.conversation)):
                 continue  # carried: answered after the older request of its conversation

@@ -370,3 +370,30 @@ async def test_healthz_fails_after_consecutive_generation_failures(
     await queue.submit(chat("fine", conversation="f"))
     await worker.run(burst=True)
     assert worker.metrics.alive(60)
+
+
+async def test_one_busy_conversation_does_not_starve_the_others(
+        redis, keys, persona, queue) -> None:  # type: ignore[no-untyped-def]
+    """Before: carried requests of one conversation filled every batch (only one of them can
+    be answered per batch), no new request was read, and everyone else waited."""
+    generator = FakeGenerator()
+    worker = Worker(redis, keys, generator, persona,
+                    WorkerOptions(name="w", block_ms=50, batch_wait_ms=0, batch_size=4))
+    busy = [chat(f"busy {i}", conversation="busy", settings={"candidates": 1})
+            for i in range(12)]
+    for r in busy:
+        await queue.submit(r)
+    # One batch reads four of the busy conversation's requests: one answered, three carried.
+    await worker.process_batch(await worker.read_batch(block=False))
+    others = [chat(f"other {i}", conversation=f"o{i}", settings={"candidates": 1})
+              for i in range(3)]
+    for r in others:
+        await queue.submit(r)
+    await worker.process_batch(await worker.read_batch(block=False))
+    second = {job.message for job in generator.jobs[1:]}
+    assert {r.text for r in others} <= second, second
+    await worker.run(burst=True)
+    answers = await asyncio.gather(*(queue.wait_reply(r.id, 10) for r in busy + others))
+    assert all(a.text.startswith("Diagnosis") for a in answers)
+    turns = await redis.lrange(keys.history("busy"), 0, -1)
+    assert [json.loads(t)["content"] for t in turns[::2]] == [r.text for r in busy]  # in order
