@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 # How long a frontend reuses its finding that a worker is (or is not) alive.
 WORKER_CHECK_S = 5.0
+SEEN_TTL_S = 24 * 3600
 
 
 @dataclass
@@ -63,6 +64,16 @@ class FrontendCore:
                                    settings.user_rate_window_s)
         self._alive = False
         self._alive_checked = float("-inf")
+
+    async def first_delivery(self, chat: str, message: str) -> bool:
+        """False when this (chat, message id) was handled before: Telegram delivers an
+        update again after a poll or webhook retry, which would give two answers."""
+        try:
+            return bool(await self.queue.redis.set(
+                self.keys.seen_message(self.queue.frontend_id, chat, message), "1", nx=True,
+                ex=SEEN_TTL_S))
+        except REDIS_DOWN:
+            return True  # cannot tell: answer (handle() says the outage)
 
     def allowed(self, user: str, chat: str = "") -> bool:
         users, chats = self.settings.allowed_user_ids, self.settings.allowed_chat_ids

@@ -30,11 +30,15 @@ def retry_everything(exc: BaseException) -> Outcome:
 
 
 class ChatOutbox:
-    def __init__(self, classify: Callable[[BaseException], Outcome] = retry_everything):
+    def __init__(self, classify: Callable[[BaseException], Outcome] = retry_everything,
+                 max_per_chat: int = 50):
         """``classify`` tells a failed send's outcome from its exception (platform-specific:
         Telegram's Forbidden is undeliverable, its NetworkError worth a retry)."""
         self.classify = classify
+        self.max_per_chat = max_per_chat
+        self.refused = 0  # sends refused because their chat's backlog was full
         self._tails: dict[Hashable, asyncio.Task[Outcome]] = {}  # last send queued per chat
+        self._queued: dict[Hashable, int] = {}  # sends queued per chat
         self._tasks: set[asyncio.Task[Outcome]] = set()
 
     def __len__(self) -> int:
@@ -43,9 +47,20 @@ class ChatOutbox:
     def submit(self, chat: Hashable, send: Callable[[], Awaitable[object]]
                ) -> asyncio.Task[Outcome]:
         """Run ``send()`` after the sends already queued for ``chat``; the task's result is the
-        outcome (failures are logged, never raised)."""
+        outcome (failures are logged, never raised). A chat with ``max_per_chat`` sends
+        queued (a group behind its 20-a-minute limit) gets no more: the task ends at once with
+        ``retry``, so a reply stays pending in Redis instead of growing this process."""
+        loop = asyncio.get_running_loop()
+        if self._queued.get(chat, 0) >= self.max_per_chat:
+            self.refused += 1
+            log.warning("chat backlog full (%d sends); the reply waits in Redis",
+                        self.max_per_chat)
+            refused: asyncio.Future[Outcome] = loop.create_future()
+            refused.set_result(RETRY)
+            return refused  # type: ignore[return-value]
+        self._queued[chat] = self._queued.get(chat, 0) + 1
         previous = self._tails.get(chat)
-        task = asyncio.get_running_loop().create_task(self._run(previous, send))
+        task = loop.create_task(self._run(previous, send))
         self._tails[chat] = task
         self._tasks.add(task)
         task.add_done_callback(lambda done: self._release(chat, done))
@@ -53,6 +68,11 @@ class ChatOutbox:
 
     def _release(self, chat: Hashable, task: asyncio.Task[Outcome]) -> None:
         self._tasks.discard(task)
+        left = self._queued.get(chat, 1) - 1
+        if left > 0:
+            self._queued[chat] = left
+        else:
+            self._queued.pop(chat, None)
         if self._tails.get(chat) is task:
             del self._tails[chat]
 

@@ -193,6 +193,9 @@ class TelegramFrontend:
         message = update.message
         if message is None or message.from_user is None or message.from_user.is_bot:
             return
+        if not await self.core.first_delivery(str(message.chat_id), str(message.message_id)):
+            log.info("update %s delivered again; ignored", update.update_id)
+            return
         private = message.chat.type == ChatType.PRIVATE
         text = message.text
         addressed = self.triggers.reason(

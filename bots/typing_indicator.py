@@ -21,6 +21,7 @@ from typing import Generic, TypeVar
 log = logging.getLogger(__name__)
 
 Target = TypeVar("Target", bound=Hashable)
+MAX_PENDING = 10_000
 
 
 class TypingIndicator(Generic[Target]):
@@ -42,9 +43,13 @@ class TypingIndicator(Generic[Target]):
         return len(self._pending)
 
     def start(self, request_id: str, target: Target) -> None:
-        """Show typing in ``target`` now and keep it up until `done(request_id)`."""
+        """Show typing in ``target`` now and keep it up until `done(request_id)`. At most
+        ``MAX_PENDING`` requests are tracked; past that the oldest one stops typing."""
         if request_id in self._pending or request_id in self._early:
             return
+        while len(self._pending) >= MAX_PENDING:
+            oldest = next(iter(self._pending))
+            self._forget(self._pending.pop(oldest)[0])
         self._pending[request_id] = (target, time.monotonic())
         self._waiting[target] = self._waiting.get(target, 0) + 1
         if self._waiting[target] == 1:

@@ -59,6 +59,11 @@ class Keys:
         """Set once a frontend delivered the reply to a request (drops duplicates)."""
         return f"{self.prefix}:answered:{request_id}"
 
+    def seen_message(self, frontend: str, chat: str, message: str) -> str:
+        """Set when a platform message was first handled: a poll or webhook retry that
+        delivers the same update again is ignored."""
+        return f"{self.prefix}:seen:{frontend}:{chat}:{message}"
+
     def rate(self, user: str) -> str:
         return f"{self.prefix}:rate:{user}"
 

@@ -129,3 +129,36 @@ async def test_outbox_keeps_order_per_chat_and_survives_failures() -> None:
     assert [t.result() for t in (first, failed, gone, last)] == [
         "sent", "retry", "undeliverable", "sent"]
     assert len(outbox) == 0
+
+
+async def test_outbox_bounds_a_chats_backlog_and_typing_bounds_its_requests(
+        monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import bots.typing_indicator as typing_module
+    from bots.typing_indicator import TypingIndicator
+
+    gate = asyncio.Event()
+
+    async def stuck() -> None:
+        await gate.wait()
+
+    outbox = ChatOutbox(max_per_chat=3)
+    queued = [outbox.submit("group", stuck) for _ in range(3)]
+    refused = outbox.submit("group", stuck)
+    assert await refused == "retry" and outbox.refused == 1  # the reply stays in Redis
+    assert await outbox.submit("other", lambda: asyncio.sleep(0)) == "sent"
+    gate.set()
+    assert [await t for t in queued] == ["sent"] * 3
+    assert await outbox.submit("group", lambda: asyncio.sleep(0)) == "sent"  # room again
+
+    monkeypatch.setattr(typing_module, "MAX_PENDING", 5)
+
+    async def send(target: str) -> None:
+        return None
+
+    typing = TypingIndicator(send, interval_s=60)
+    for i in range(8):
+        typing.start(f"r{i}", f"chat{i % 2}")
+    assert len(typing) == 5 and typing.done("r0") is None and typing.done("r7") is not None
+    for i in range(3, 7):
+        typing.done(f"r{i}")
+    assert len(typing) == 0 and typing.targets() == set()

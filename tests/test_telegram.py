@@ -504,3 +504,13 @@ async def test_a_reply_to_a_chat_that_blocked_the_bot_is_dropped_not_retried(
     await asyncio.sleep(1.0)
     assert tg.calls["sendMessage"] == 1  # never sent again
     assert (await redis.xpending(keys.replies(FRONTEND_ID), "frontend"))["pending"] == 0
+
+
+async def test_an_update_delivered_twice_is_answered_once(bot: TelegramFrontend,
+                                                          tg: FakeTelegram) -> None:
+    """A poll or webhook retry delivers the same message again (same chat and message id)."""
+    message = tg.private_text(34, "Is it lupus?")
+    tg.inject({"message": message})
+    await tg.wait_sent(1, chat_id=34, timeout=15)
+    await tg.settle(1.0)
+    assert len(tg.sent_to(34)) == 1
