@@ -43,6 +43,7 @@ class Incoming:
     # The id the request gets, when the frontend must know it before submitting (a Discord
     # interaction waiting for its reply); empty: a fresh one.
     request_id: str = ""
+    shared: bool = False  # a group's one shared conversation (GROUP_HISTORY=shared)
 
 
 @dataclass
@@ -128,9 +129,13 @@ class FrontendCore:
                 return Immediate(p.line("unknown_command"))
         if len(body) > self.settings.max_message_chars:
             return Immediate(p.line("too_long"))
+        settings = {}
+        if kind == "reset" and msg.shared and not self.is_admin(msg.user):
+            settings["scope"] = "own"  # only an admin clears everyone's shared history
         request = Request(frontend=self.queue.frontend_id, conversation=msg.conversation,
                           user=msg.user, speaker=msg.speaker, kind=kind, text=body,
-                          route=msg.route, **({"id": msg.request_id} if msg.request_id else {}))
+                          route=msg.route, settings=settings,
+                          **({"id": msg.request_id} if msg.request_id else {}))
         await self.queue.submit(request)
         log.info("request %s kind=%s chars=%d", request.id, kind, len(body))
         return request

@@ -197,7 +197,7 @@ class DiscordFrontend:
         return Incoming(user=str(author.id), conversation=conversation, text=text,
                         speaker=author.display_name if shared else "",
                         chat=self._chat_key(channel_id, guild_id), route=route,
-                        request_id=request_id)
+                        request_id=request_id, shared=shared)
 
     def _chat_key(self, channel_id: int, guild_id: int | None) -> str:
         """What the allow-list checks: ALLOWED_CHATS may name a guild (all its channels) or

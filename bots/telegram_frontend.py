@@ -234,7 +234,7 @@ class TelegramFrontend:
                                  "thread": thread}
         return Incoming(user=str(user.id), conversation=conversation, text=text,
                         speaker=user.first_name if shared else "", chat=str(message.chat_id),
-                        route=route)
+                        route=route, shared=shared)
 
     def _request_text(self, message: Message) -> str:
         """The text without mentions of the bot; ``/compare`` sent as a reply compares the

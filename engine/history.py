@@ -62,8 +62,11 @@ class HistoryStore:
         pipe.expire(key, self.ttl_s)
         self.remember_key_commands(pipe, user, key)
 
-    async def drop_last_exchange(self, conversation: str) -> tuple[str, str] | None:
-        """Remove the last user/assistant pair (for /retry); returns (user text, speaker)."""
+    async def drop_last_exchange(self, conversation: str, user: str | None = None
+                                 ) -> tuple[str, str] | None:
+        """Remove the last user/assistant pair (for /retry); returns (user text, speaker).
+        With ``user``, only when that user wrote it (in a shared group, /retry redoes your
+        own last exchange, never someone else's)."""
         key = self.keys.history(conversation)
         tail = await self.redis.lrange(key, -2, -1)
         if len(tail) != 2:
@@ -71,12 +74,19 @@ class HistoryStore:
         user_turn = json.loads(tail[0])
         if user_turn.get("role") != "user":
             return None
+        if user is not None and user_turn.get("user", user) != user:
+            return None
         await self.redis.ltrim(key, 0, -3)
         return user_turn["content"], user_turn.get("speaker", "")
 
     async def reset(self, conversation: str) -> None:
         await self.redis.delete(self.keys.history(conversation),
                                 self.keys.last_request(conversation))
+
+    async def remove_turns_of(self, conversation: str, user: str) -> None:
+        """A user's own turns (and House's answers to them) out of one conversation: /reset
+        by a member of a shared group who is no admin."""
+        await self._remove_user_turns(self.keys.history(conversation), user)
 
     async def forget(self, user: str) -> int:
         """Delete everything stored about ``user``; shared histories lose only their turns.

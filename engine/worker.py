@@ -408,6 +408,10 @@ class Worker:
         request = task.request
         persona = self.persona
         if request.kind == "reset":
+            if request.settings.get("scope") == "own":  # a shared group, not an admin
+                await self.history.remove_turns_of(request.conversation, request.user)
+                task.reply = self.reply(request, text=persona.line("reset_own"))
+                return
             await self.history.reset(request.conversation)
             task.reply = self.reply(request, text=persona.line("reset"))
             return
@@ -417,9 +421,9 @@ class Worker:
             return
         text, speaker = request.text, request.speaker
         if request.kind == "retry":
-            last = await self.history.drop_last_exchange(request.conversation)
+            last = await self.history.drop_last_exchange(request.conversation, request.user)
             if last is None:
-                task.reply = self.reply(request, text=persona.line("fallback"))
+                task.reply = self.reply(request, text=persona.line("retry_nothing"))
                 return
             text, speaker = last
         text = clean_user_text(text, self.options.max_message_chars)

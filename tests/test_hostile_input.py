@@ -221,7 +221,7 @@ COMMANDS = [
     ("/frobnicate now", "unknown_command"), ("/stats", "not_allowed"),
     ("/compare", "compare_what"), ("/compare@DrHouseBot   ", "compare_what"),
     ("/compare " + "y" * 5000, "too_long"), ("/START", "greeting"),
-    ("/help@SomeOtherBot", "help"), ("/reset now please", "reset"), ("/retry", "fallback"),
+    ("/help@SomeOtherBot", "help"), ("/reset now please", "reset"), ("/retry", "retry_nothing"),
     ("/forget", "forget"),
 ]
 

@@ -173,3 +173,44 @@ async def test_answered_requests_leave_the_request_stream(
     await ask(core, queue, "999003", "zebraword private words")
     await ask(core, queue, "999003", "/forget")
     assert not [f for _, f in await redis.xrange(keys.requests) if "zebraword" in f["data"]]
+
+
+async def test_shared_group_history_retry_reset_and_forget_act_on_your_own_turns(
+        redis, keys, persona, queue, settings) -> None:  # type: ignore[no-untyped-def]
+    """Before: in a shared channel B's /retry regenerated A's exchange and stored it as B's
+    (so A's /forget left A's words behind), and anyone could /reset the whole channel."""
+    import json
+
+    from harness import make_settings, running_worker
+
+    from bots.core import FrontendCore, Incoming
+    from engine.generation import FakeGenerator
+
+    core = FrontendCore(make_settings(settings.redis_url, settings.key_prefix,
+                                      admin_ids="admin"), persona, queue, keys)
+    channel = "t:c:500"
+
+    async def say(user: str, text: str) -> str:
+        outcome = await core.handle(Incoming(user=user, conversation=channel, text=text,
+                                             speaker=user.upper(), chat="500", shared=True))
+        if hasattr(outcome, "kind"):
+            return (await queue.wait_reply(outcome.id, 10)).text or ""
+        return outcome.text
+
+    async def contents() -> list[tuple[str, str]]:
+        return [(t.get("user", "house"), t["content"]) for t in
+                map(json.loads, await redis.lrange(keys.history(channel), 0, -1))]
+
+    async with running_worker(redis, keys, persona, FakeGenerator()):
+        await say("ann", "my knee hurts")
+        assert await say("bob", "/retry") == persona.line("retry_nothing")
+        assert [u for u, _ in await contents()] == ["ann", "house"]  # Ann's turn stays Ann's
+        await say("bob", "my elbow hurts")
+        assert await say("bob", "/retry") != persona.line("retry_nothing")  # his own: fine
+        assert await say("ann", "/reset") == persona.line("reset_own")
+        assert [c for u, c in await contents() if u != "house"] == ["my elbow hurts"]
+        await say("ann", "still my knee")
+        await say("ann", "/forget")
+        assert all("knee" not in c for _, c in await contents())
+        assert await say("admin", "/reset") == persona.line("reset")
+        assert await contents() == []
