@@ -283,6 +283,9 @@ async def test_core_survives_a_flood_of_hostile_messages(
     jobs = [ask(core, queue, f"flood{u}", text) for u in range(20) for text in texts[u % 3::3]]
     answers = await asyncio.gather(*jobs)
     assert len(answers) == len(jobs) and all(a.strip() for a in answers)
+    # an answer, not a failure line: `all(a.strip())` alone held when every answer was one
+    failures = {persona.line(k) for k in ("error", "timeout", "outage", "busy", "dead_letter")}
+    assert not failures & set(answers), failures & set(answers)
 
 
 # ---- the real model --------------------------------------------------------------------------
