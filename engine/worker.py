@@ -608,8 +608,10 @@ class Worker:
         return candidates
 
     def pick(self, task: Task, generated: list[Candidate], mode: str) -> Candidate | None:
+        controls = task.controls or self.defaults
         return pick(mode, task.text, generated, self.canon, self.scorer,
-                    self.options.canon_candidates, task.context, task.heard, task.mentioned)
+                    self.options.canon_candidates, task.context, task.heard, task.mentioned,
+                    controls.sentence_cap)
 
     def make_reply(self, task: Task, jobs: list[GenerationJob],
                    outputs: list[Generated]) -> Reply:

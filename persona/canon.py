@@ -20,6 +20,7 @@ from typing import Any
 
 from engine.config import ROOT
 from persona.dialogue import in_judge_fold, query_text, read_pairs
+from persona.postprocess import split_sentences
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ CHARACTERS = frozenset({
     "vogler", "tritter", "greg", "gregory",
 })
 _WORD = re.compile(r"[A-Za-z']+")
+MIN_WORDS = 2
 
 
 def named_people(text: str) -> set[str]:
@@ -61,6 +63,9 @@ class CanonPool:
         self.matrix = embeddings
         self.by_row = {line.row: i for i, line in enumerate(self.lines)}
         self.names = [named_people(line.text) for line in self.lines]
+        self.sentences = [len(split_sentences(line.text)) for line in self.lines]
+        # one-word lines ("Foreman.", "Mom.", "Cuddy") answer nothing out of their scene
+        self.short = [len(line.text.split()) < MIN_WORDS for line in self.lines]
         # search and fit of one reply encode the same query: keep the last few
         self._queries: OrderedDict[str, Any] = OrderedDict()
 
@@ -106,15 +111,17 @@ class CanonPool:
         return cls(lines, selector, embeddings)
 
     def search(self, message: str, context: Sequence[str] = (), k: int = 4,
-               exclude_rows: Collection[int] = (), mentioned: str = "") -> list[CanonHit]:
+               exclude_rows: Collection[int] = (), mentioned: str = "",
+               max_sentences: int = 3) -> list[CanonHit]:
         """The ``k`` best lines for ``message``. ``context`` is the exchange before it (older
         turn first); ``mentioned`` is the text whose names a line may use (the message and the
-        conversation so far)."""
+        conversation so far); lines longer than ``max_sentences`` (the persona's sentence cap)
+        are left out, since House's real lines are not cut."""
         return self.search_many([(message, tuple(context), tuple(exclude_rows), mentioned)],
-                                k)[0]
+                                k, max_sentences)[0]
 
     def search_many(self, queries: Sequence[tuple[str, Sequence[str], Collection[int], str]],
-                    k: int = 4) -> list[list[CanonHit]]:
+                    k: int = 4, max_sentences: int = 3) -> list[list[CanonHit]]:
         import numpy as np
 
         if not queries:
@@ -127,7 +134,8 @@ class CanonPool:
             hits: list[CanonHit] = []
             for i in np.argsort(-row)[: 8 * k + 64]:
                 line = self.lines[int(i)]
-                if line.row in exclude or not self.names[int(i)] <= allowed:
+                if (line.row in exclude or not self.names[int(i)] <= allowed
+                        or self.sentences[int(i)] > max_sentences or self.short[int(i)]):
                     continue
                 hits.append(CanonHit(line, float(row[int(i)])))
                 if len(hits) == k:

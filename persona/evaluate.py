@@ -308,9 +308,11 @@ def run(args: argparse.Namespace) -> int:
         scorer = ranker.score
     samples: dict[str, list[Sample]] = {}
     timing: dict[str, dict[str, Any]] = {}
+    reused: set[str] = set()
     for directory in args.reuse or []:
         more, more_timing = reuse_run(directory, prompts,
                                       skip=[*samples, *(systems if args.systems else [])])
+        reused |= set(more)
         if args.rerank_reused:
             for system, items in more.items():
                 if items and items[0].candidates and not system.endswith("-norerank"):
@@ -349,9 +351,10 @@ def run(args: argparse.Namespace) -> int:
                           "load_after": round(os.getloadavg()[0], 2)}
     if derived:
         derive_systems(samples, timing, derived, adapter_name, prompts, persona, scorer,
-                       settings)
-    samples = {s: samples[s] for s in systems if s in samples} | {
-        s: v for s, v in samples.items() if s.endswith("-norerank")}
+                       settings, controls.sentence_cap)
+    # what was asked for, and what earlier runs brought (--reuse)
+    samples = {s: v for s, v in samples.items()
+               if s in systems or s in reused or s.endswith("-norerank")}
     if args.also_no_rerank:
         for system in [s for s in samples
                        if s not in (HUMAN, RETRIEVAL) and not s.endswith("-norerank")]:
@@ -425,7 +428,7 @@ def check_data(args: argparse.Namespace, settings: Settings) -> None:
 def derive_systems(samples: dict[str, list[Sample]], timing: dict[str, dict[str, Any]],
                    systems: Sequence[str], adapter: str, prompts: Sequence[Prompt],
                    persona: Persona, scorer: Callable[[Sequence[str]], Sequence[float]] | None,
-                   settings: Settings) -> None:
+                   settings: Settings, sentence_cap: int = 3) -> None:
     """The systems the bot's reply choice makes from the adapter's generations (kept with
     their candidates) and the canon pool, through `persona.reply_choice.pick` as the worker
     calls it (no history: every prompt opens a conversation)."""
@@ -463,7 +466,7 @@ def derive_systems(samples: dict[str, list[Sample]], timing: dict[str, dict[str,
                                   reference=prompt.reference, ms=0.0))
                 continue
             winner = pick(mode, prompt.message, candidates if mode != "canon" else [], canon,
-                          scorer, settings.canon_candidates)
+                          scorer, settings.canon_candidates, sentence_cap=sentence_cap)
             pick_ms = (time.perf_counter() - started) * 1000
             text = winner.text if winner is not None else persona.line("fallback")
             chosen = (source.candidates[winner.source] if source and winner is not None

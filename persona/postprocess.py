@@ -103,6 +103,14 @@ def is_echo(reply: str, message: str, threshold: float = 0.8) -> bool:
     return len(r) >= 3 and rouge_l_precision(reply, message) >= threshold
 
 
+def parrots(reply: str, message: str, share: float = 0.55, max_words: int = 8) -> bool:
+    """True for a short reply made mostly of the message's own words ("About nothing." to
+    "It was about nothing.", "Good lord." to "Good Lord."): an echo the ROUGE-L guard lets
+    through because the reply is short."""
+    r, m = words(reply), set(words(message))
+    return bool(r) and len(r) <= max_words and sum(w in m for w in r) / len(r) >= share
+
+
 def seq_rep_n(text: str, n: int = 4) -> float:
     """Share of repeated n-grams in a text (0 = no repetition)."""
     w = words(text)

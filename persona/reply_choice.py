@@ -22,7 +22,13 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from persona.postprocess import is_echo, mostly_latin, seq_rep_n, sounds_like_assistant
+from persona.postprocess import (
+    is_echo,
+    mostly_latin,
+    parrots,
+    seq_rep_n,
+    sounds_like_assistant,
+)
 
 if TYPE_CHECKING:
     from persona.canon import CanonPool
@@ -55,9 +61,11 @@ class Choice:
 
 
 def acceptable(text: str, message: str) -> bool:
-    """Not empty, not an echo, not looping, not assistant talk, in English."""
-    return (bool(text.strip()) and not is_echo(text, message) and seq_rep_n(text) <= 0.2
-            and not sounds_like_assistant(text) and mostly_latin(text))
+    """Not empty, not an echo (nor a short parrot of the message's words), not looping, not
+    assistant talk, in English."""
+    return (bool(text.strip()) and not is_echo(text, message) and not parrots(text, message)
+            and seq_rep_n(text) <= 0.2 and not sounds_like_assistant(text)
+            and mostly_latin(text))
 
 
 def choose(candidates: Sequence[Candidate], message: str, voice: Scorer | None,
@@ -89,7 +97,8 @@ def choose(candidates: Sequence[Candidate], message: str, voice: Scorer | None,
 
 def pick(mode: str, message: str, generated: Sequence[Candidate], canon: CanonPool | None,
          voice: Scorer | None, k: int = 4, context: Sequence[str] = (),
-         heard: Collection[int] = (), mentioned: str = "") -> Candidate | None:
+         heard: Collection[int] = (), mentioned: str = "",
+         sentence_cap: int = 3) -> Candidate | None:
     """The reply for ``mode``: the generated candidates and/or the ``k`` best canon lines for
     the message (none the conversation ``heard`` lately), chosen by fit x voice. Without a
     canon pool (no selector) the generated candidates are ranked by voice alone."""
@@ -98,7 +107,8 @@ def pick(mode: str, message: str, generated: Sequence[Candidate], canon: CanonPo
     if canon is not None:
         if mode != GENERATED:
             candidates += [Candidate(h.line.text, CANON, row=h.line.row)
-                           for h in canon.search(message, context, k, heard, mentioned)]
+                           for h in canon.search(message, context, k, heard, mentioned,
+                                                 sentence_cap)]
 
         def fit(texts: Sequence[str]) -> Sequence[float]:
             return canon.fit(message, context, texts)

@@ -264,3 +264,10 @@ def test_refine_data_never_shows_a_pair_its_own_scene(tmp_path: Path) -> None:
     assert len(shown) == 2 and not any("row 19" in s or "row 21" in s for s in shown)
     assert kidney["prompt"][1]["role"] == "system" and "row" in kidney["prompt"][1]["content"]
     assert kidney["prompt"][-1] == {"role": "user", "content": "what about my kidney?"}
+
+
+def test_canon_lines_past_the_sentence_cap_are_left_out() -> None:
+    long_line = "Headache. Headache again. Still a headache. And a fourth headache."
+    canon = pool([long_line, "A headache is boring."])
+    assert [h.line.text for h in canon.search("headache", k=2)] == ["A headache is boring."]
+    assert len(canon.search("headache", k=2, max_sentences=4)) == 2

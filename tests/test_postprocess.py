@@ -86,3 +86,13 @@ def test_assistant_talk_and_other_scripts_are_not_house() -> None:
     assert not mostly_latin("Привет! Как дела?")
     assert mostly_latin("You said привет. Speak English.")  # quoting is fine
     assert choose_reply(["Как я могу помочь?", "As an AI I must decline.", "No."], "привет") == 2
+
+
+def test_a_short_parrot_of_the_message_is_not_an_answer() -> None:
+    from persona.postprocess import parrots
+
+    assert parrots("About nothing.", "It was about nothing.")
+    assert parrots("Good lord.", "Good Lord.")
+    assert parrots("Again, sorry. But we need to talk.", "We need to talk.")
+    assert not parrots("Oh god. Are you pregnant?", "We need to talk.")
+    assert not parrots("It's not a cold. It's pneumonia.", "She never gets colds.")
