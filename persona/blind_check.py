@@ -84,10 +84,11 @@ def sample_pairs(first: Sequence[dict[str, Any]], second: Sequence[dict[str, Any
     return items
 
 
-def sample_many(rows: dict[str, Sequence[dict[str, Any]]], n: int, seed: int
-                ) -> list[dict[str, Any]]:
-    """``n`` messages every system answered; per message the distinct replies, shuffled, each
-    with the systems that gave it."""
+def sample_many(rows: dict[str, Sequence[dict[str, Any]]], n: int, seed: int,
+                exclude: frozenset[int] = frozenset()) -> list[dict[str, Any]]:
+    """``n`` messages every system answered (none whose index is in ``exclude``: an earlier
+    reading's); per message the distinct replies, shuffled, each with the systems that gave
+    it."""
     names = list(rows)
     messages = [r["message"] for r in rows[names[0]]]
     for name in names[1:]:
@@ -95,7 +96,8 @@ def sample_many(rows: dict[str, Sequence[dict[str, Any]]], n: int, seed: int
             raise BlindError(f"{name} answered other messages than {names[0]}")
     rng = random.Random(seed)
     items = []
-    for i in rng.sample(range(len(messages)), min(n, len(messages))):
+    free = [i for i in range(len(messages)) if i not in exclude]
+    for i in rng.sample(free, min(n, len(free))):
         options: dict[str, list[str]] = {}
         for name in names:
             options.setdefault(" ".join(rows[name][i]["reply"].split()), []).append(name)
@@ -345,6 +347,8 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
                            "that has a system wins)")
     many.add_argument("--systems", default="base,house-classifier,retrieval,default",
                       help="systems of those runs, comma-separated")
+    many.add_argument("--exclude", type=Path, nargs="*", default=[],
+                      help="earlier task folders whose messages are not sampled again")
     for p in (lines, pairs, many):
         p.add_argument("--n", type=int, default=200, help="how many items")
         p.add_argument("--seed", type=int, default=2026)
@@ -399,7 +403,8 @@ def _run(args: argparse.Namespace) -> int:
             if folder is None:
                 raise BlindError(f"no samples/{name}.jsonl in {', '.join(map(str, args.run))}")
             rows[name] = _read_records(folder / "samples", name)
-        items = sample_many(rows, args.n, args.seed)
+        seen = frozenset(it["index"] for d in args.exclude for it in read_key(d)["items"])
+        items = sample_many(rows, args.n, args.seed, seen)
         task = write_task(args.out, "many", items, {"runs": [str(r) for r in args.run],
                                                     "seed": args.seed})
     else:

@@ -143,6 +143,26 @@ def mostly_latin(text: str, share: float = 0.6) -> bool:
     return not letters or sum("a" <= c.lower() <= "z" for c in letters) / len(letters) >= share
 
 
+# Common English words: a reply of four words or more with none of them is in another language
+# written in Latin letters (a Spanish canon line for a Spanish message).
+_ENGLISH = frozenset({
+    "the", "a", "an", "i", "you", "he", "she", "it", "we", "they", "is", "are", "was", "were",
+    "be", "been", "to", "of", "and", "or", "in", "on", "at", "for", "with", "not", "no", "yes",
+    "what", "why", "how", "who", "that", "this", "do", "does", "did", "have", "has", "had",
+    "my", "your", "me", "him", "her", "them", "can", "will", "would", "so", "but", "if",
+    "just", "there", "here", "it's", "i'm", "don't", "you're", "from", "by", "as", "all",
+    "out", "up", "get", "go", "one", "like", "know", "think", "want", "about", "now", "then",
+    "than", "more", "some", "any",
+})
+
+
+def in_english(text: str) -> bool:
+    """Latin script (`mostly_latin`) and, from four words on, at least one common English
+    word: House answers in English whatever the message's language."""
+    w = words(text)
+    return mostly_latin(text) and (len(w) < 4 or any(x in _ENGLISH for x in w))
+
+
 def choose_reply(
     candidates: Sequence[str],
     message: str,
@@ -154,7 +174,7 @@ def choose_reply(
         i
         for i, c in enumerate(candidates)
         if c.strip() and not is_echo(c, message) and seq_rep_n(c) <= 0.2
-        and not sounds_like_assistant(c) and mostly_latin(c)
+        and not sounds_like_assistant(c) and in_english(c)
     ]
     if not acceptable:
         acceptable = [i for i, c in enumerate(candidates) if c.strip()] or [0]

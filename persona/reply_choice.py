@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from persona.postprocess import (
+    in_english,
     is_echo,
-    mostly_latin,
     parrots,
     seq_rep_n,
     sounds_like_assistant,
@@ -65,7 +65,7 @@ def acceptable(text: str, message: str) -> bool:
     assistant talk, in English."""
     return (bool(text.strip()) and not is_echo(text, message) and not parrots(text, message)
             and seq_rep_n(text) <= 0.2 and not sounds_like_assistant(text)
-            and mostly_latin(text))
+            and in_english(text))
 
 
 def choose(candidates: Sequence[Candidate], message: str, voice: Scorer | None,
@@ -79,7 +79,7 @@ def choose(candidates: Sequence[Candidate], message: str, voice: Scorer | None,
     ok = [i for i, c in enumerate(candidates) if acceptable(c.text, message)]
     if not ok:  # echoes and loops before nothing; never assistant talk or another language
         ok = [i for i, c in enumerate(candidates) if c.text.strip()
-              and not sounds_like_assistant(c.text) and mostly_latin(c.text)][:1]
+              and not sounds_like_assistant(c.text) and in_english(c.text)][:1]
     if not ok:
         return Choice(-1, candidates, tuple(0.0 for _ in candidates))
     scores = [0.0] * len(candidates)

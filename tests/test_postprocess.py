@@ -96,3 +96,13 @@ def test_a_short_parrot_of_the_message_is_not_an_answer() -> None:
     assert parrots("Again, sorry. But we need to talk.", "We need to talk.")
     assert not parrots("Oh god. Are you pregnant?", "We need to talk.")
     assert not parrots("It's not a cold. It's pneumonia.", "She never gets colds.")
+
+
+def test_house_answers_in_english_whatever_the_script() -> None:
+    from persona.postprocess import in_english
+
+    assert not in_english("Quien tiene una enorme consideracion por los pacientes.")
+    assert not in_english("Как я могу помочь?")
+    assert in_english("Russian Voydi moya malishka Come in my baby.")
+    assert in_english("Lupus.") and in_english("Hola.")
+    assert in_english("It's never lupus.")
