@@ -309,6 +309,9 @@ def write_task(out: Path, kind: str, items: list[dict[str, Any]], source: dict[s
                        f"{i}\tB: {it['b_text']}\n\n" for i, it in enumerate(items))
         task = out / PAIRS_FILE
     task.write_text(text, encoding="utf-8")
+    if kind == "many":  # the key names systems only: the texts (the data set's) stay in the task
+        items = [{"index": it["index"], "options": [{"systems": o["systems"]}
+                                                    for o in it["options"]]} for it in items]
     (out / KEY_FILE).write_text(json.dumps({"kind": kind, **source, "items": items},
                                            indent=1) + "\n", encoding="utf-8")
     return task
