@@ -6,6 +6,7 @@ passes it down explicitly.
 
 from __future__ import annotations
 
+import os
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -131,7 +132,7 @@ class Settings(BaseSettings):
     @classmethod
     def _from_root(cls, value: Path) -> Path:
         """Relative paths start at the project root, whatever the working directory."""
-        return value if value.is_absolute() else (ROOT / value).resolve()
+        return value if value.is_absolute() else Path(os.path.normpath(ROOT / value))
 
     @field_validator("adapters")
     @classmethod

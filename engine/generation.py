@@ -316,6 +316,7 @@ class FakeGenerator:
         for job in jobs:
             text = self.reply_for(job.message, job.adapter, job.seed)
             if "#long" in job.message:
-                text = " ".join(("Long " + "very " * 350 + "long.") for _ in range(3))
+                text = " ".join(("It is a long and " + "very " * 350 + "long story.")
+                                for _ in range(3))
             out.append(Generated(text, len(text.split()), True, self.delay_s * 1000))
         return out

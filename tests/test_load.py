@@ -43,7 +43,8 @@ class TaggingGenerator(CapturingGenerator):
 
     def generate(self, jobs: Sequence[GenerationJob]) -> list[Generated]:
         super().generate(jobs)
-        return [Generated(f"Seen {job.message}.", 3, True, 0.0) for job in jobs]
+        return [Generated(f"I have seen {job.message} and I answer it.", 3, True, 0.0)
+                for job in jobs]
 
 
 def message_text(chat: int, k: int) -> str:
@@ -92,7 +93,7 @@ async def test_500_conversations_of_4_messages(settings: Settings, prefix: str,
     disorder = []
     for chat in range(FIRST_CHAT, FIRST_CHAT + CHATS):
         got = [m["text"] for m in tg.sent_to(chat)]
-        want = [f"Seen {message_text(chat, k)}." for k in range(MESSAGES)]
+        want = [f"I have seen {message_text(chat, k)} and I answer it." for k in range(MESSAGES)]
         assert sorted(got) == sorted(want), f"chat {chat}: {got}"
         if got != want:
             disorder.append(chat)

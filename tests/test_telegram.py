@@ -237,7 +237,7 @@ async def test_long_reply_is_split_in_order(bot: TelegramFrontend, tg: FakeTeleg
     assert all(len(p["text"]) <= TELEGRAM_LIMIT for p in pieces)
     assert sum(len(p["text"]) for p in pieces) > TELEGRAM_LIMIT
     assert pieces[0]["reply_to"] == asked["message_id"] and pieces[1]["reply_to"] is None
-    assert pieces[0]["text"].endswith(".") and pieces[1]["text"].startswith("Long")
+    assert pieces[0]["text"].endswith(".") and pieces[1]["text"].startswith("It is a long")
 
 
 async def test_stickers_get_a_line_only_when_addressed(bot: TelegramFrontend, tg: FakeTelegram,
