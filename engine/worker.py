@@ -455,6 +455,8 @@ class Worker:
         if self.canon is not None:
             task.context = selector_context(history)
             task.mentioned = " ".join(t.content for t in history if t.role == "user")
+        if self.canon is not None and (task.mode != GENERATED or request.kind == "compare"):
+            # the repeat window matters only where canon lines compete (one Redis read)
             task.heard = await self.history.recent_canon(request.conversation)
         if task.mode == CANON and request.kind != "compare":
             return  # House's real lines only: nothing to generate
