@@ -104,7 +104,10 @@ class DiscordFrontend:
         self.queue = queue
         self.core = FrontendCore(settings, persona, queue, keys)
         self.client = HouseClient(self)
-        self.outbox = ChatOutbox(classify_send_error)
+        backlog = persona.line("backlog")
+        self.outbox = ChatOutbox(
+            classify_send_error, on_full=self.core.metrics.held_back,
+            notice=lambda channel: lambda: self.send_text(channel, backlog))
         self.typing: TypingIndicator[int] = TypingIndicator(
             self._send_typing, settings.typing_interval_s, settings.reply_timeout_s,
             on_expire=self._timed_out)

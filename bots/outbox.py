@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Literal
 
@@ -29,14 +30,24 @@ def retry_everything(exc: BaseException) -> Outcome:
     return RETRY
 
 
+Notice = Callable[[Hashable], Callable[[], Awaitable[object]]]
+
+
 class ChatOutbox:
     def __init__(self, classify: Callable[[BaseException], Outcome] = retry_everything,
-                 max_per_chat: int = 50):
+                 max_per_chat: int = 50, notice: Notice | None = None,
+                 on_full: Callable[[], object] | None = None, notice_every_s: float = 600.0):
         """``classify`` tells a failed send's outcome from its exception (platform-specific:
-        Telegram's Forbidden is undeliverable, its NetworkError worth a retry)."""
+        Telegram's Forbidden is undeliverable, its NetworkError worth a retry). When a chat's
+        backlog fills, ``notice(chat)`` is sent to it (at most once in ``notice_every_s``), so
+        its people know why answers are slow, and ``on_full()`` counts each refused send."""
         self.classify = classify
         self.max_per_chat = max_per_chat
+        self.notice = notice
+        self.on_full = on_full
         self.refused = 0  # sends refused because their chat's backlog was full
+        self.notice_every_s = notice_every_s
+        self._told: dict[Hashable, float] = {}  # chat → when it was told its backlog was full
         self._tails: dict[Hashable, asyncio.Task[Outcome]] = {}  # last send queued per chat
         self._queued: dict[Hashable, int] = {}  # sends queued per chat
         self._tasks: set[asyncio.Task[Outcome]] = set()
@@ -53,11 +64,29 @@ class ChatOutbox:
         loop = asyncio.get_running_loop()
         if self._queued.get(chat, 0) >= self.max_per_chat:
             self.refused += 1
+            if self.on_full is not None:
+                self.on_full()
             log.warning("chat backlog full (%d sends); the reply waits in Redis",
                         self.max_per_chat)
+            if self.notice is not None and self._may_tell(chat):
+                self._queue(chat, self.notice(chat))
             refused: asyncio.Future[Outcome] = loop.create_future()
             refused.set_result(RETRY)
             return refused  # type: ignore[return-value]
+        return self._queue(chat, send)
+
+    def _may_tell(self, chat: Hashable) -> bool:
+        now = time.monotonic()
+        for told in [c for c, at in self._told.items() if now - at > self.notice_every_s]:
+            del self._told[told]
+        if chat in self._told:
+            return False
+        self._told[chat] = now
+        return True
+
+    def _queue(self, chat: Hashable, send: Callable[[], Awaitable[object]]
+               ) -> asyncio.Task[Outcome]:
+        loop = asyncio.get_running_loop()
         self._queued[chat] = self._queued.get(chat, 0) + 1
         previous = self._tails.get(chat)
         task = loop.create_task(self._run(previous, send))

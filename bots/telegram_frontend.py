@@ -136,7 +136,10 @@ class TelegramFrontend:
         self.queue = queue
         self.core = FrontendCore(settings, persona, queue, keys)
         self.app = application or build_application(settings)
-        self.outbox = ChatOutbox(classify_send_error)
+        backlog = persona.line("backlog")
+        self.outbox = ChatOutbox(
+            classify_send_error, on_full=self.core.metrics.held_back,
+            notice=lambda chat: lambda: self.send_text(chat, backlog))
         self.typing: TypingIndicator[ChatTarget] = TypingIndicator(
             self._send_typing, settings.typing_interval_s, settings.reply_timeout_s,
             on_expire=self._timed_out)

@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ROOT = Path(__file__).resolve().parent.parent
 WEBHOOK_SECRET_MIN = 32
+MIN_CLAIM_IDLE_MS = 1000
 
 
 def parse_adapters(spec: str) -> dict[str, str]:
@@ -175,6 +176,21 @@ class Settings(BaseSettings):
             return (f"TELEGRAM_WEBHOOK_URL is set: webhook mode needs TELEGRAM_WEBHOOK_SECRET "
                     f"of at least {WEBHOOK_SECRET_MIN} characters (e.g. the output of "
                     "`openssl rand -hex 24`), or unset TELEGRAM_WEBHOOK_URL to poll")
+        return None
+
+    def lease_problem(self) -> str | None:
+        """Why a worker must not start with these timings, or None. A worker renews its lease
+        on the batch it holds every third of CLAIM_IDLE_MS, so a generation may outlast the
+        claim time; but below a second a slow Redis round trip lets another worker take a batch
+        still being answered (answered twice), and a generation allowed to run past the
+        frontends' REPLY_TIMEOUT_S answers users who were already told it took too long."""
+        if self.claim_idle_ms < MIN_CLAIM_IDLE_MS:
+            return (f"CLAIM_IDLE_MS={self.claim_idle_ms} is too short: a worker renews its "
+                    f"lease every third of it; use at least {MIN_CLAIM_IDLE_MS}")
+        if not 0 < self.generation_timeout_s <= self.reply_timeout_s:
+            return (f"GENERATION_TIMEOUT_S={self.generation_timeout_s:g} must be above 0 and "
+                    f"at most REPLY_TIMEOUT_S={self.reply_timeout_s:g} (after that the "
+                    "frontend has told the user it took too long)")
         return None
 
     def generation_overrides(self) -> dict[str, float | int]:

@@ -29,6 +29,13 @@ class Keys:
         """Requests delivered too many times, kept for inspection."""
         return f"{self.prefix}:dead"
 
+    @property
+    def envelopes(self) -> str:
+        """A hash of each unanswered request's address (the request without its text), by
+        stream entry id: a request that vanished from the stream (deleted by hand) still gets
+        an apology."""
+        return f"{self.prefix}:envelopes"
+
     def replies(self, frontend: str) -> str:
         """The reply stream of one frontend instance."""
         return f"{self.prefix}:replies:{frontend}"

@@ -45,6 +45,10 @@ def run(args: argparse.Namespace) -> int:
     action = args.action
     if action == "health":
         return asyncio.run(_health(settings, args.max_age))
+    problem = settings.lease_problem() if action in ("worker", "up", "compare") else None
+    if problem:
+        print(f"drhouse {action}: {problem}", file=sys.stderr)
+        return 2
     if action == "worker":
         from engine.logging_setup import setup_logging
 

@@ -43,6 +43,8 @@ class WorkerMetrics:
                                "(generated or canon)", ["kind"], registry=r)
         self.dead_letters = Counter("house_dead_letters", "Requests moved to dead letters",
                                     registry=r)
+        self.lost = Counter("house_lost_requests", "Requests that vanished from the stream "
+                            "before an answer (the user got an apology)", registry=r)
         self.claimed = Counter("house_claimed", "Requests taken over from another worker",
                                registry=r)
         self.last_batch_ts = Gauge("house_last_loop_timestamp_seconds",
@@ -113,10 +115,16 @@ class FrontendMetrics:
         self.reply_seconds = Histogram("house_frontend_reply_seconds",
                                        "From message to delivered reply", ["frontend"],
                                        registry=r, buckets=(.05, .1, .5, 1, 2, 5, 10, 30, 60, 120))
+        self.backlog_full = Counter("house_frontend_backlog_full",
+                                    "Replies held back in Redis because their chat already had "
+                                    "a full backlog of sends", ["frontend"], registry=r)
         self.frontend = frontend
 
     def count(self, outcome: str) -> None:
         self.messages.labels(self.frontend, outcome).inc()
+
+    def held_back(self) -> None:
+        self.backlog_full.labels(self.frontend).inc()
 
     def serve(self, port: int) -> None:
         if port:

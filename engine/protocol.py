@@ -39,6 +39,11 @@ class Request(BaseModel):
     def dumps(self) -> dict[str, str]:
         return {FIELD: self.model_dump_json()}
 
+    def envelope(self) -> str:
+        """The request without what the user wrote: enough to answer it when it is lost."""
+        return self.model_copy(update={"text": "", "variants": [], "settings": {}}
+                               ).model_dump_json()
+
     @classmethod
     def loads(cls, fields: dict[Any, Any]) -> Request:
         return _load(cls, fields)

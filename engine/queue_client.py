@@ -38,12 +38,14 @@ SENT, UNDELIVERABLE, RETRY = "sent", "undeliverable", "retry"
 # XADD the request and append its entry id to the conversation's order list, atomically, unless
 # the stream already holds ARGV[1] unanswered requests. The request stream is never trimmed
 # (MAXLEN would drop pending requests without a reply or a dead letter): its size is the
-# queue depth, and past the limit requests are refused instead.
+# queue depth, and past the limit requests are refused instead. The request's envelope (its
+# address without the text) is kept beside it until a worker answers it.
 _SUBMIT = """
 if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
 local id = redis.call('XADD', KEYS[1], '*', ARGV[2], ARGV[3])
 redis.call('RPUSH', KEYS[2], id)
 redis.call('EXPIRE', KEYS[2], ARGV[4])
+redis.call('HSET', KEYS[3], id, ARGV[5])
 return id
 """
 
@@ -99,8 +101,10 @@ class QueueClient:
         kind wait: the per-user limit keeps one user from filling it) or QueueUnavailable."""
         try:
             entry = await self._submit(
-                keys=[self.keys.requests, self.keys.order(request.conversation)],
-                args=[self.max_queue_depth, FIELD, request.dumps()[FIELD], ORDER_TTL_S])
+                keys=[self.keys.requests, self.keys.order(request.conversation),
+                      self.keys.envelopes],
+                args=[self.max_queue_depth, FIELD, request.dumps()[FIELD], ORDER_TTL_S,
+                      request.envelope()])
         except REDIS_DOWN as exc:
             raise QueueUnavailable(str(exc)) from exc
         if entry is None:

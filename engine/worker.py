@@ -7,7 +7,9 @@ Outcomes per request:
 - dead letter: delivered more than ``max_deliveries`` times → copied to the dead-letter
   stream, the user gets an apology, ACK;
 - deferred: Redis failed while writing → no ACK; the request stays pending and is claimed
-  again (XAUTOCLAIM) after ``claim_idle_ms``.
+  again (XAUTOCLAIM) after ``claim_idle_ms``;
+- lost: the entry vanished from the stream (deleted by hand) → the user gets an apology,
+  built from the request's envelope (`Keys.envelopes`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
@@ -42,6 +44,25 @@ from persona.prompt import Turn, clean_user_text, has_words, render_prompt
 from persona.reply_choice import CANON, GENERATED, MODES, Candidate, pick
 
 log = logging.getLogger(__name__)
+
+# Of the entry ids in ARGV, those whose entry is gone from the stream: envelopes removed and
+# returned (id, envelope, ...). Atomic, so two workers never apologise for the same request,
+# and an entry still in the stream is never taken for lost.
+_TAKE_LOST = """
+local lost = {}
+for i = 1, #ARGV do
+  local id = ARGV[i]
+  if #redis.call('XRANGE', KEYS[1], id, id) == 0 then
+    local envelope = redis.call('HGET', KEYS[2], id)
+    if envelope then
+      redis.call('HDEL', KEYS[2], id)
+      table.insert(lost, id)
+      table.insert(lost, envelope)
+    end
+  end
+end
+return lost
+"""
 
 
 @dataclass
@@ -152,6 +173,8 @@ class Worker:
         self._carry: list[tuple[str, dict[str, str]]] = []
         self._dropped: set[str] = set()
         self._model_lock = threading.Lock()
+        self._take_lost = redis.register_script(_TAKE_LOST)
+        self._next_sweep = 0.0
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -239,6 +262,9 @@ class Worker:
             return entries
         if len(entries) < size:
             entries += await self.claim_stale(size - len(entries))
+        if time.monotonic() >= self._next_sweep:
+            self._next_sweep = time.monotonic() + max(self.options.claim_idle_ms / 1000, 1.0)
+            await self.answer_lost()
         if len(entries) < size:
             entries += await self._read_new(size - len(entries),
                                             self.options.block_ms if block and not entries
@@ -295,6 +321,39 @@ class Worker:
             log.warning("claimed %d stale requests", len(claimed))
         return claimed
 
+    async def answer_lost(self) -> int:
+        """Apologise for requests whose entry vanished from the stream (an operator's XDEL or
+        XTRIM) at least ``claim_idle_ms`` ago; returns how many."""
+        seconds, micros = await self.redis.time()
+        before_ms = int(seconds * 1000 + micros // 1000) - self.options.claim_idle_ms
+        old = [eid async for eid, _ in self.redis.hscan_iter(self.keys.envelopes)
+               if int(eid.split("-", 1)[0]) < before_ms]
+        found = 0
+        for start in range(0, len(old), 100):
+            taken = await self._take_lost(keys=[self.keys.requests, self.keys.envelopes],
+                                          args=old[start:start + 100])
+            for entry_id, envelope in zip(taken[::2], taken[1::2], strict=True):
+                found += 1
+                await self._apologise(entry_id, envelope)
+        return found
+
+    async def _apologise(self, entry_id: str, envelope: str) -> None:
+        try:
+            request = Request.model_validate_json(envelope)
+        except ValueError:
+            log.error("lost request %s had a malformed envelope", entry_id)
+            return
+        log.error("request %s (entry %s) vanished from the stream; apologising",
+                  request.id, entry_id)
+        self.metrics.lost.inc()
+        reply = self.reply(request, error=self.persona.line("lost"))
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(self.keys.replies(request.frontend), reply.dumps(),
+                      maxlen=self.options.stream_maxlen, approximate=True)
+            self._remove_commands(pipe, entry_id, request.conversation)
+            pipe.hincrby(self.keys.stats, "lost", 1)
+            await pipe.execute()
+
     async def delivery_counts(self, entry_ids: list[str]) -> list[int]:
         """How many times each entry was delivered (XPENDING), in one round trip."""
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -313,37 +372,8 @@ class Worker:
         started = time.perf_counter()
         finished: set[str] = set()
         try:
-            tasks = await self._admit(entries)
-            if not tasks:
-                return 0
-            self.batches += 1
-            self.metrics.batch_size.observe(len(tasks))
-            self.metrics.queue_depth.set(await queue_depth(self.redis, self.keys))
-            jobs: list[GenerationJob] = []
-            for task in list(tasks):
-                mark = len(jobs)
-                try:
-                    await self.prepare(task, jobs)
-                except REDIS_DOWN:
-                    raise
-                except Exception:
-                    log.exception("preparing request %s failed", task.request.id)
-                    del jobs[mark:]
-                    await self._poisoned(task, "prepare failed", tasks)
-            outputs = await self._generate_isolated(tasks, jobs) if jobs else []
-            pending = [task for task in tasks if task.reply is None]
-            if pending:
-                replies = await self._make_replies(pending, jobs, outputs)
-                for task, reply in zip(pending, replies, strict=True):
-                    if reply is None:
-                        await self._poisoned(task, "reply failed", tasks)
-                    else:
-                        task.reply = reply
-            for task in tasks:
-                assert task.reply is not None
-                task.reply.batch_size = len(tasks)
-                if await asyncio.shield(self.finish(task)):
-                    finished.add(task.entry_id)
+            async with self._leased([eid for eid, _ in entries]):
+                await self._answer(entries, finished)
         except REDIS_DOWN as exc:
             log.warning("Redis unavailable mid-batch (%s); the batch is retried",
                         type(exc).__name__)
@@ -355,6 +385,41 @@ class Worker:
         log.info("batch of %d requests answered %d in %.0f ms", len(entries), len(finished),
                  (time.perf_counter() - started) * 1000)
         return len(finished)
+
+    async def _answer(self, entries: list[tuple[str, dict[str, str]]], finished: set[str]
+                      ) -> None:
+        """Admit, prepare, generate, reply; the entry ids answered are added to ``finished``."""
+        tasks = await self._admit(entries)
+        if not tasks:
+            return
+        self.batches += 1
+        self.metrics.batch_size.observe(len(tasks))
+        self.metrics.queue_depth.set(await queue_depth(self.redis, self.keys))
+        jobs: list[GenerationJob] = []
+        for task in list(tasks):
+            mark = len(jobs)
+            try:
+                await self.prepare(task, jobs)
+            except REDIS_DOWN:
+                raise
+            except Exception:
+                log.exception("preparing request %s failed", task.request.id)
+                del jobs[mark:]
+                await self._poisoned(task, "prepare failed", tasks)
+        outputs = await self._generate_isolated(tasks, jobs) if jobs else []
+        pending = [task for task in tasks if task.reply is None]
+        if pending:
+            replies = await self._make_replies(pending, jobs, outputs)
+            for task, reply in zip(pending, replies, strict=True):
+                if reply is None:
+                    await self._poisoned(task, "reply failed", tasks)
+                else:
+                    task.reply = reply
+        for task in tasks:
+            assert task.reply is not None
+            task.reply.batch_size = len(tasks)
+            if await asyncio.shield(self.finish(task)):
+                finished.add(task.entry_id)
 
     async def _admit(self, entries: list[tuple[str, dict[str, str]]]) -> list[Task]:
         """Parse the entries, dead-letter the bad ones, and keep one request per conversation,
@@ -500,7 +565,7 @@ class Worker:
         """The batch's generations; when the batched call fails, each request's rows once
         more on their own, so only a request that fails alone is dead-lettered."""
         try:
-            outputs = await self._generate_leased(jobs, [t.entry_id for t in tasks])
+            outputs = await self._generate(jobs)
             self.metrics.generation_ok()
             return outputs
         except GenerationFailed:
@@ -508,8 +573,7 @@ class Worker:
         outputs: list[Generated | None] = [None] * len(jobs)  # type: ignore[no-redef]
         for task in [t for t in tasks if t.rows]:
             try:
-                alone = await self._generate_leased([jobs[r] for r in task.rows],
-                                                    [task.entry_id])
+                alone = await self._generate([jobs[r] for r in task.rows])
             except GenerationFailed:
                 self.metrics.generation_failed()
                 await self._poisoned(task, "generation failed", tasks)
@@ -522,20 +586,20 @@ class Worker:
             return []
         return [o if o is not None else Generated("", 0, True, 0.0) for o in outputs]
 
-    async def _generate_leased(self, jobs: list[GenerationJob],
-                               entry_ids: list[str]) -> list[Generated]:
-        """Generate while renewing the lease on the batch's requests (XCLAIM to ourselves
-        every third of CLAIM_IDLE_MS), so a generation longer than the claim time is not taken
-        over by another worker and answered twice."""
+    @contextlib.asynccontextmanager
+    async def _leased(self, entry_ids: list[str]) -> AsyncIterator[None]:
         renewal = asyncio.create_task(self._renew_lease(entry_ids), name="lease")
         try:
-            return await self._generate(jobs)
+            yield
         finally:
             renewal.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewal
 
     async def _renew_lease(self, entry_ids: list[str]) -> None:
+        """Renew the lease on a batch's requests (XCLAIM to ourselves every third of
+        CLAIM_IDLE_MS) from reading to answering, so a generation (or a canon choice) longer
+        than the claim time is not taken over by another worker and answered twice."""
         every_s = max(self.options.claim_idle_ms / 3000, 0.05)
         while True:
             await asyncio.sleep(every_s)
@@ -695,6 +759,7 @@ class Worker:
         its conversation's order list."""
         pipe.xack(self.keys.requests, WORKERS_GROUP, entry_id)
         pipe.xdel(self.keys.requests, entry_id)
+        pipe.hdel(self.keys.envelopes, entry_id)
         if conversation is not None:
             pipe.lrem(self.keys.order(conversation), 1, entry_id)
 

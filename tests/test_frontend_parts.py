@@ -141,13 +141,24 @@ async def test_outbox_bounds_a_chats_backlog_and_typing_bounds_its_requests(
     async def stuck() -> None:
         await gate.wait()
 
-    outbox = ChatOutbox(max_per_chat=3)
+    told: list[str] = []
+    held_back: list[int] = []
+
+    def notice(chat: str):  # type: ignore[no-untyped-def]
+        async def send() -> None:
+            told.append(chat)
+        return send
+
+    outbox = ChatOutbox(max_per_chat=3, notice=notice, on_full=lambda: held_back.append(1))
     queued = [outbox.submit("group", stuck) for _ in range(3)]
     refused = outbox.submit("group", stuck)
     assert await refused == "retry" and outbox.refused == 1  # the reply stays in Redis
+    assert await outbox.submit("group", stuck) == "retry" and len(held_back) == 2
     assert await outbox.submit("other", lambda: asyncio.sleep(0)) == "sent"
     gate.set()
     assert [await t for t in queued] == ["sent"] * 3
+    await asyncio.sleep(0)
+    assert told == ["group"]  # told once, after what was already queued for it
     assert await outbox.submit("group", lambda: asyncio.sleep(0)) == "sent"  # room again
 
     monkeypatch.setattr(typing_module, "MAX_PENDING", 5)

@@ -514,3 +514,26 @@ async def test_an_update_delivered_twice_is_answered_once(bot: TelegramFrontend,
     await tg.wait_sent(1, chat_id=34, timeout=15)
     await tg.settle(1.0)
     assert len(tg.sent_to(34)) == 1
+
+
+async def test_a_chat_with_a_full_backlog_is_told_once_and_loses_nothing(
+        start_bot: Factory, tg: FakeTelegram, redis: aioredis.Redis, keys: Keys,
+        persona: Persona) -> None:
+    """A group behind its send limit used to grow the frontend's memory without a word. Now
+    a chat holds at most ``max_per_chat`` sends; the rest wait in Redis, the chat is told once
+    why, the metric counts each held-back reply, and every reply still arrives once."""
+    bot = await start_bot(telegram_max_retries=3)
+    bot.outbox.max_per_chat = 2
+    bot.queue.retry_after_s = 0.3
+    tg.fail_next("sendMessage", times=1, retry_after=2)  # the chat's first send stalls 2 s
+    texts = [f"Answer number {i}." for i in range(5)]
+    for i, text in enumerate(texts):
+        reply = Reply(id=f"backlog-{i}", conversation="c", text=text, route={"chat": 35})
+        await redis.xadd(keys.replies(FRONTEND_ID), reply.dumps())
+    await tg.wait_sent(len(texts) + 1, chat_id=35, timeout=40)
+    await tg.settle(1.0)
+    sent = [m["text"] for m in tg.sent_to(35)]
+    assert sent.count(persona.line("backlog")) == 1
+    assert sorted(t for t in sent if t != persona.line("backlog")) == texts
+    assert bot.core.metrics.backlog_full.labels(FRONTEND_ID)._value.get() >= 3
+    assert (await redis.xpending(keys.replies(FRONTEND_ID), "frontend"))["pending"] == 0

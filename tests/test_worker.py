@@ -163,6 +163,34 @@ async def test_the_request_stream_is_never_trimmed_under_pending_requests(
     assert all(rep.text.startswith("Diagnosis") for rep in replies)
 
 
+async def test_a_request_deleted_from_the_stream_still_gets_an_apology(
+        redis, keys, persona, queue) -> None:  # type: ignore[no-untyped-def]
+    """An operator's XDEL (or XTRIM) used to lose a request without a word: the worker skipped
+    the vanished entry. Now its envelope (the request without its text) gets the user an
+    apology, once, whether a worker had read it or not; answered requests leave no envelope."""
+    unread, read = chat("never read", conversation="k1"), chat("read, then gone", conversation="k2")
+    unread_entry = await queue.submit(unread)
+    read_entry = await queue.submit(read)
+    await redis.xreadgroup(WORKERS_GROUP, "dead-worker", {keys.requests: ">"}, count=2)
+    await redis.xdel(keys.requests, unread_entry, read_entry)
+    answered = chat("an ordinary question", conversation="k3")
+    await queue.submit(answered)
+    await asyncio.sleep(0.3)
+    workers = [Worker(redis, keys, FakeGenerator(), persona,
+                      WorkerOptions(name=f"w{i}", block_ms=50, batch_wait_ms=0,
+                                    claim_idle_ms=200)) for i in range(2)]
+    await asyncio.gather(*(w.run(burst=True) for w in workers))
+    assert (await queue.wait_reply(answered.id, 10)).text
+    for request in (unread, read):
+        reply = await queue.wait_reply(request.id, 10)
+        assert reply.error == persona.line("lost") and reply.conversation == request.conversation
+    assert sum(w.metrics.lost._value.get() for w in workers) == 2  # one apology each
+    assert await redis.hlen(keys.envelopes) == 0
+    assert await redis.xpending(keys.requests, WORKERS_GROUP) == {
+        "pending": 0, "min": None, "max": None, "consumers": []}
+    assert not await redis.exists(keys.order("k1"), keys.order("k2"))
+
+
 async def test_a_duplicate_reply_is_delivered_once(redis, keys) -> None:  # type: ignore[no-untyped-def]
     client = QueueClient(redis, keys, "dup-frontend")
     await client.setup()
@@ -249,14 +277,25 @@ async def test_forget_also_removes_the_users_dead_letters(redis, keys, persona, 
     assert len(left) == 1 and "bob secret" in left[0]
 
 
-async def test_a_generation_longer_than_the_claim_time_is_answered_once(
-        redis, keys, persona, queue) -> None:  # type: ignore[no-untyped-def]
-    """Two workers, a 3 s generation, a 1 s claim time: the worker generating renews its lease,
-    so the other never takes the batch over; each request is answered once, each turn stored
-    once (before, both answered and the history got the turn twice)."""
+def slow_scorer(texts):  # type: ignore[no-untyped-def]
+    import time
+
+    time.sleep(3.0)
+    return [0.5] * len(texts)
+
+
+@pytest.mark.parametrize("slow", ["generation", "reply choice"])
+async def test_a_batch_longer_than_the_claim_time_is_answered_once(
+        redis, keys, persona, queue, slow) -> None:  # type: ignore[no-untyped-def]
+    """Two workers, a 3 s generation (or reply choice), a 1 s claim time: the worker holding
+    the batch renews its lease from reading to answering, so the other never takes it over;
+    each request is answered once, each turn stored once (before, both answered and the
+    history got the turn twice)."""
     options = {"block_ms": 50, "batch_wait_ms": 0, "claim_idle_ms": 1000}
-    workers = [Worker(redis, keys, FakeGenerator(delay_s=3.0), persona,
-                      WorkerOptions(name=f"w{i}", **options)) for i in range(2)]
+    workers = [Worker(redis, keys, FakeGenerator(delay_s=3.0 if slow == "generation" else 0),
+                      persona, WorkerOptions(name=f"w{i}", **options),
+                      scorer=slow_scorer if slow == "reply choice" else None)
+               for i in range(2)]
     requests = [chat(f"slow question {i}", conversation=f"slow{i}") for i in range(2)]
     for r in requests:
         await queue.submit(r)
@@ -397,3 +436,25 @@ async def test_one_busy_conversation_does_not_starve_the_others(
     assert all(a.text.startswith("Diagnosis") for a in answers)
     turns = await redis.lrange(keys.history("busy"), 0, -1)
     assert [json.loads(t)["content"] for t in turns[::2]] == [r.text for r in busy]  # in order
+
+
+def test_a_worker_refuses_timings_that_would_answer_twice(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Before, any CLAIM_IDLE_MS and GENERATION_TIMEOUT_S were taken; a claim time shorter
+    than a lease renewal's round trip hands a live batch to a second worker."""
+    import os
+    import subprocess
+    import sys
+
+    from engine.config import Settings
+
+    assert Settings(_env_file=None).lease_problem() is None  # type: ignore[call-arg]
+    assert "CLAIM_IDLE_MS" in (Settings(_env_file=None, claim_idle_ms=200)  # type: ignore[call-arg]
+                               .lease_problem() or "")
+    too_long = Settings(_env_file=None, generation_timeout_s=300, reply_timeout_s=120)  # type: ignore[call-arg]
+    assert "GENERATION_TIMEOUT_S" in (too_long.lease_problem() or "")
+    run = subprocess.run([sys.executable, "-m", "engine.cli", "worker", "--fake", "--burst"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                         env={**os.environ, "CLAIM_IDLE_MS": "200",
+                              "REDIS_URL": "redis://127.0.0.1:1/0"})
+    assert run.returncode == 2
+    assert "CLAIM_IDLE_MS=200 is too short" in run.stderr and "Traceback" not in run.stderr
