@@ -45,6 +45,10 @@ class ConsoleFrontend:
         self.interactive = self.stdin.isatty() if interactive is None else interactive
         self.user = os.environ.get("USER", "console")
         self.conversation = conversation_id("console", self.user)
+        self._waiting: str | None = None  # the request whose reply is on its way
+        self._streamed = False  # its text so far is on the current line
+        if self.interactive and settings.stream_replies:
+            queue.on_partial = self.partial
 
     async def run(self) -> None:
         """Read messages until EOF or /quit."""
@@ -77,12 +81,31 @@ class ConsoleFrontend:
             return
         if self.interactive:
             self.out.print("[dim]House is typing…[/dim]")
+        self._waiting, self._streamed = outcome.id, False
         try:
             reply = await self.queue.wait_reply(outcome.id, self.settings.reply_timeout_s)
         except TimeoutError:
+            self._clear_line()
             self.say(self.persona.line("timeout"))
             return
+        finally:
+            self._waiting = None
+        self._clear_line()
         self.show(reply)
+
+    async def partial(self, reply: Reply) -> None:
+        """The reply's text so far, rewritten in place on the line as it grows."""
+        if reply.id != self._waiting or not reply.text:
+            return
+        self._clear_line()
+        self.out.print(Text.assemble(("House:", "bold"), " ", reply.text), end="")
+        self.out.file.flush()
+        self._streamed = True
+
+    def _clear_line(self) -> None:
+        if self._streamed:
+            self.out.file.write("\r\x1b[K")
+            self._streamed = False
 
     def say(self, text: str) -> None:
         if self.interactive:

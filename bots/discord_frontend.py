@@ -41,6 +41,7 @@ from bots.formatting import format_reply
 from bots.outbox import RETRY, UNDELIVERABLE, ChatOutbox, Outcome
 from bots.serving import serve_metrics, serve_replies
 from bots.splitting import DISCORD_LIMIT, split_message
+from bots.streaming import Stream, StreamedReplies
 from bots.triggers import Triggers
 from bots.typing_indicator import TypingIndicator
 from engine.config import Settings
@@ -108,6 +109,10 @@ class DiscordFrontend:
         self.outbox = ChatOutbox(
             classify_send_error, on_full=self.core.metrics.held_back,
             notice=lambda channel: lambda: self.send_text(channel, backlog))
+        # Discord allows about 5 edits in 5 s per channel: one a second leaves room.
+        self.streams = StreamedReplies(self.outbox, lambda channel: 1.0, DISCORD_LIMIT)
+        if settings.stream_replies:
+            queue.on_partial = self.partial
         self.typing: TypingIndicator[int] = TypingIndicator(
             self._send_typing, settings.typing_interval_s, settings.reply_timeout_s,
             on_expire=self._timed_out)
@@ -269,9 +274,38 @@ class DiscordFrontend:
             return UNDELIVERABLE
         if pending is not None:
             return self.outbox.submit(channel, lambda: self._followup(pending[0], text))
+        stream = self.streams.take(reply.id)
+        if stream is not None:
+            return self.outbox.submit(channel, lambda: self._finish_stream(stream, text, route))
         return self.outbox.submit(channel, lambda: self.send_text(channel, text,
                                                                   route.get("message"),
                                                                   route.get("guild")))
+
+    async def partial(self, reply: Reply) -> None:
+        """The reply's text so far: sent at once, then edited as it grows (`bots.streaming`).
+        Slash commands answer through their interaction and are not streamed."""
+        route = reply.route
+        channel = route.get("channel")
+        if channel is None or not reply.text or reply.id in self._interactions:
+            return
+
+        async def send_first(channel: int, text: str) -> discord.Message:
+            return await self._send_piece(channel, text, route.get("message"),
+                                          route.get("guild"))
+
+        self.streams.partial(reply.id, channel, reply.text, send_first, self._edit)
+
+    async def _finish_stream(self, stream: Stream, text: str, route: dict[str, Any]) -> None:
+        async def send_more(channel: int, piece: str) -> None:
+            await self._send_piece(channel, piece, None, route.get("guild"))
+
+        if not await self.streams.finish(stream, split_message(text, DISCORD_LIMIT),
+                                         self._edit, send_more):
+            await self.send_text(route["channel"], text, route.get("message"), route.get("guild"))
+
+    @staticmethod
+    async def _edit(channel: int, message: discord.Message, text: str) -> None:
+        await message.edit(content=text, allowed_mentions=SAFE_MENTIONS)
 
     def channel(self, channel_id: int, guild_id: int | None = None) -> Channel:
         """A channel to send to, from the cache or (on another instance) by id alone."""
@@ -283,13 +317,17 @@ class DiscordFrontend:
     async def send_text(self, channel_id: int, text: str, reply_to: int | None = None,
                         guild_id: int | None = None) -> None:
         """Plain text in pieces of at most 2,000 characters, the first one as a reply."""
-        channel = self.channel(channel_id, guild_id)
         for i, piece in enumerate(split_message(text, DISCORD_LIMIT)):
-            reference = (discord.MessageReference(message_id=reply_to, channel_id=channel_id,
-                                                  guild_id=guild_id, fail_if_not_exists=False)
-                         if reply_to is not None and i == 0 else None)
-            await channel.send(piece, reference=reference,  # type: ignore[arg-type]
-                               allowed_mentions=SAFE_MENTIONS)
+            await self._send_piece(channel_id, piece, reply_to if i == 0 else None, guild_id)
+
+    async def _send_piece(self, channel_id: int, piece: str, reply_to: int | None,
+                          guild_id: int | None) -> discord.Message:
+        reference = (discord.MessageReference(message_id=reply_to, channel_id=channel_id,
+                                              guild_id=guild_id, fail_if_not_exists=False)
+                     if reply_to is not None else None)
+        return await self.channel(channel_id, guild_id).send(
+            piece, reference=reference,  # type: ignore[arg-type]
+            allowed_mentions=SAFE_MENTIONS)
 
     def _timed_out(self, request_id: str, channel_id: int) -> None:
         text = self.persona.line("timeout")

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Hashable
 from typing import Any
 
 from aiolimiter import AsyncLimiter
@@ -54,6 +55,7 @@ from bots.formatting import format_reply
 from bots.outbox import RETRY, UNDELIVERABLE, ChatOutbox, Outcome
 from bots.serving import serve_metrics, serve_replies
 from bots.splitting import TELEGRAM_LIMIT, split_message
+from bots.streaming import Stream, StreamedReplies
 from bots.telegram_bot import FRONTEND_ID
 from bots.triggers import Triggers
 from bots.typing_indicator import TypingIndicator
@@ -119,6 +121,12 @@ def build_application(settings: Settings) -> Application:  # type: ignore[type-a
             .build())
 
 
+def edit_interval_s(chat: Hashable) -> float:
+    """Least time between two edits of a streamed reply: about one a second in a private
+    chat; groups (negative ids) share 20 messages a minute, so one every three seconds."""
+    return 3.0 if isinstance(chat, int) and chat < 0 else 1.0
+
+
 def classify_send_error(exc: BaseException) -> Outcome:
     """Forbidden (blocked, removed from the group) and BadRequest (chat not found) can never
     succeed; RetryAfter past the limiter's retries, timeouts and network errors can."""
@@ -140,6 +148,9 @@ class TelegramFrontend:
         self.outbox = ChatOutbox(
             classify_send_error, on_full=self.core.metrics.held_back,
             notice=lambda chat: lambda: self.send_text(chat, backlog))
+        self.streams = StreamedReplies(self.outbox, edit_interval_s, TELEGRAM_LIMIT)
+        if settings.stream_replies:
+            queue.on_partial = self.partial
         self.typing: TypingIndicator[ChatTarget] = TypingIndicator(
             self._send_typing, settings.typing_interval_s, settings.reply_timeout_s,
             on_expire=self._timed_out)
@@ -294,19 +305,53 @@ class TelegramFrontend:
             log.error("reply %s has no chat in its route; dropped", reply.id)
             return UNDELIVERABLE
         text = format_reply(reply) or self.persona.line("fallback")
+        stream = self.streams.take(reply.id)
+        if stream is not None:
+            return self.outbox.submit(chat, lambda: self._finish_stream(stream, text, route))
         return self.outbox.submit(chat, lambda: self.send_text(chat, text, route.get("reply_to"),
                                                                route.get("thread")))
+
+    async def partial(self, reply: Reply) -> None:
+        """The reply's text so far: sent at once, then edited as it grows (`bots.streaming`)."""
+        route = reply.route
+        chat = route.get("chat")
+        if chat is None or not reply.text:
+            return
+
+        async def send_first(chat: int, text: str) -> int:
+            return await self._send_piece(chat, text, route.get("reply_to"), route.get("thread"))
+
+        self.streams.partial(reply.id, chat, reply.text, send_first, self._edit)
+
+    async def _finish_stream(self, stream: Stream, text: str, route: dict[str, Any]) -> None:
+        chat, thread = route["chat"], route.get("thread")
+
+        async def send_more(chat: int, piece: str) -> None:
+            await self._send_piece(chat, piece, None, thread)
+
+        if not await self.streams.finish(stream, split_message(text, TELEGRAM_LIMIT),
+                                         self._edit, send_more):
+            await self.send_text(chat, text, route.get("reply_to"), thread)
+
+    async def _edit(self, chat: int, message_id: int, text: str) -> None:
+        await self.app.bot.edit_message_text(text, chat_id=chat, message_id=message_id,
+                                             link_preview_options=NO_PREVIEW)
 
     async def send_text(self, chat: int, text: str, reply_to: int | None = None,
                         thread: int | None = None) -> None:
         """Send plain text in pieces of at most 4,096 characters, the first one as a reply.
         Errors are raised: the outbox tells a lost cause from one worth a retry."""
         for i, piece in enumerate(split_message(text, TELEGRAM_LIMIT)):
-            params = (ReplyParameters(message_id=reply_to, allow_sending_without_reply=True)
-                      if reply_to is not None and i == 0 else None)
-            await self.app.bot.send_message(chat, piece, message_thread_id=thread,
-                                            reply_parameters=params,
-                                            link_preview_options=NO_PREVIEW)
+            await self._send_piece(chat, piece, reply_to if i == 0 else None, thread)
+
+    async def _send_piece(self, chat: int, piece: str, reply_to: int | None,
+                          thread: int | None) -> int:
+        params = (ReplyParameters(message_id=reply_to, allow_sending_without_reply=True)
+                  if reply_to is not None else None)
+        message = await self.app.bot.send_message(chat, piece, message_thread_id=thread,
+                                                  reply_parameters=params,
+                                                  link_preview_options=NO_PREVIEW)
+        return message.message_id
 
     def _timed_out(self, request_id: str, target: ChatTarget) -> None:
         chat, thread = target

@@ -109,6 +109,9 @@ class Settings(BaseSettings):
     canon_candidates: int = 4
     canon_repeat_window: int = 50
     refine_examples: int = 0
+    # Streamed replies: the worker publishes the text so far while it generates, and the
+    # Telegram and Discord frontends send it at once and edit it to the final reply.
+    stream_replies: bool = True
 
     # History
     history_token_budget: int = 384

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -45,13 +45,20 @@ class Generated:
     ms: float
 
 
+# Called from the generating thread with (job index, the row's text so far) at decode steps.
+OnText = Callable[[int, str], None]
+
+
 class Generator(Protocol):
     """What the worker needs from a model."""
 
     tokenizer: Any
     adapters: list[str]
 
-    def generate(self, jobs: Sequence[GenerationJob]) -> list[Generated]: ...
+    def generate(self, jobs: Sequence[GenerationJob], on_text: OnText | None = None,
+                 stream_rows: Collection[int] = ()) -> list[Generated]:
+        """Generate every job; ``on_text`` hears the text so far of the ``stream_rows``."""
+        ...
 
     # Optional: ``cancel()`` makes a generate() in flight stop at its next step (the worker
     # calls it when a batch timed out, so the model is free for the next one).
@@ -100,13 +107,17 @@ class RowStops:
     one bool per row (transformers' StoppingCriteria contract)."""
 
     def __init__(self, tokenizer: Any, prompt_len: int, controls: Sequence[Controls],
-                 speakers: Sequence[str], cancelled: threading.Event | None = None):
+                 speakers: Sequence[str], cancelled: threading.Event | None = None,
+                 on_text: Callable[[int, str], None] | None = None,
+                 stream_rows: Collection[int] = ()):
         self.tokenizer = tokenizer
         self.prompt_len = prompt_len
         self.limits = torch.tensor([c.max_new_tokens for c in controls])
         self.caps = [c.sentence_cap for c in controls]
         self.tag = speaker_tag_pattern(speakers)
         self.cancelled = cancelled
+        self.on_text = on_text
+        self.stream_rows = set(stream_rows) if on_text is not None else set()
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
         if self.cancelled is not None and self.cancelled.is_set():
@@ -120,6 +131,8 @@ class RowStops:
                 continue
             if self.tag.search(text) or len(split_sentences(text + " x")) > self.caps[row] + 1:
                 done[row] = True
+            elif row in self.stream_rows and self.on_text is not None:
+                self.on_text(row, text)  # the texts are decoded anyway, for the stops
         return done
 
 
@@ -185,8 +198,11 @@ class HFGenerator:
         """Stop the generate() in flight at its next decode step."""
         self.cancelled.set()
 
-    def generate(self, jobs: Sequence[GenerationJob]) -> list[Generated]:
-        """Generate for all jobs; rows sharing penalty settings share one generate() call."""
+    def generate(self, jobs: Sequence[GenerationJob], on_text: OnText | None = None,
+                 stream_rows: Collection[int] = ()) -> list[Generated]:
+        """Generate for all jobs; rows sharing penalty settings share one generate() call.
+        ``on_text(job index, text so far)`` is called at each decode step for the
+        ``stream_rows``, from this thread."""
         self.cancelled.clear()
         results: list[Generated | None] = [None] * len(jobs)
         groups: dict[tuple[float, int], list[int]] = {}
@@ -194,13 +210,17 @@ class HFGenerator:
             key = (job.controls.repetition_penalty, job.controls.no_repeat_ngram_size)
             groups.setdefault(key, []).append(i)
         for indices in groups.values():
-            for i, gen in zip(indices, self._generate_group([jobs[i] for i in indices]),
-                              strict=True):
+            local = [k for k, i in enumerate(indices) if i in set(stream_rows)]
+            heard = (None if on_text is None or not local else
+                     lambda row, text, indices=indices: on_text(indices[row], text))
+            for i, gen in zip(indices, self._generate_group([jobs[i] for i in indices],
+                                                            heard, local), strict=True):
                 results[i] = gen
         return [r for r in results if r is not None]
 
     @torch.inference_mode()
-    def _generate_group(self, jobs: Sequence[GenerationJob]) -> list[Generated]:
+    def _generate_group(self, jobs: Sequence[GenerationJob], on_text: OnText | None = None,
+                        stream_rows: Collection[int] = ()) -> list[Generated]:
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
         started = time.perf_counter()
@@ -229,7 +249,8 @@ class HFGenerator:
                 [PerRowSampler(controls, [j.seed for j in jobs])]
             ),
             stopping_criteria=StoppingCriteriaList(
-                [RowStops(tok, prompt_len, controls, self.speakers, self.cancelled)]
+                [RowStops(tok, prompt_len, controls, self.speakers, self.cancelled,
+                          on_text, stream_rows)]
             ),
             eos_token_id=self.loaded.eos_token_ids or None,
             pad_token_id=tok.pad_token_id,
@@ -301,22 +322,34 @@ class FakeGenerator:
         digest = hashlib.sha1(f"{message}|{seed}".encode()).hexdigest()[:8]
         return f"Diagnosis {digest} from {adapter}."
 
-    def generate(self, jobs: Sequence[GenerationJob]) -> list[Generated]:
+    def generate(self, jobs: Sequence[GenerationJob], on_text: OnText | None = None,
+                 stream_rows: Collection[int] = ()) -> list[Generated]:
+        """With a delay and ``on_text``, the streamed rows' words arrive one at a time over
+        the delay, as a model's would."""
         self.calls.append(len(jobs))
         self.jobs.extend(jobs)
         self.cancelled.clear()
         self.running += 1
         self.most_running = max(self.most_running, self.running)
+        texts = [self.text_for(job) for job in jobs]
         try:
+            streamed = [r for r in stream_rows if on_text is not None and r < len(jobs)]
+            steps = max((len(texts[r].split()) for r in streamed), default=0)
+            for step in range(1, steps + 1):
+                if self.delay_s and self.cancelled.wait(self.delay_s / (steps + 1)):
+                    break
+                for r in streamed:
+                    words = texts[r].split()
+                    if step < len(words):
+                        on_text(r, " ".join(words[:step]))  # type: ignore[misc]
             if self.delay_s:
-                self.cancelled.wait(self.delay_s)
+                self.cancelled.wait(self.delay_s / (steps + 1))
         finally:
             self.running -= 1
-        out = []
-        for job in jobs:
-            text = self.reply_for(job.message, job.adapter, job.seed)
-            if "#long" in job.message:
-                text = " ".join(("It is a long and " + "very " * 350 + "long story.")
-                                for _ in range(3))
-            out.append(Generated(text, len(text.split()), True, self.delay_s * 1000))
-        return out
+        return [Generated(text, len(text.split()), True, self.delay_s * 1000) for text in texts]
+
+    def text_for(self, job: GenerationJob) -> str:
+        if "#long" in job.message:
+            return " ".join(("It is a long and " + "very " * 350 + "long story.")
+                            for _ in range(3))
+        return self.reply_for(job.message, job.adapter, job.seed)

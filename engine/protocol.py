@@ -70,6 +70,9 @@ class Reply(BaseModel):
     batch_size: int = 0
     kind: str = "chat"
     won: str | None = None  # "generated" or "canon": the kind of reply that won
+    # Set on a partial event (the text generated so far, numbered from 1) that a final reply
+    # with the same id supersedes; None on the final reply.
+    partial: int | None = None
     route: dict[str, Any] = Field(default_factory=dict)
     created_at: float = Field(default_factory=time.time)
 

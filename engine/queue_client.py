@@ -91,6 +91,9 @@ class QueueClient:
         self._settling: set[asyncio.Task[None]] = set()
         self.undeliverable = 0  # replies dropped because their chat can never get them
         self.retry_after_s = 5.0
+        # Partial events (streamed text so far) go here; None ignores them. They are
+        # acknowledged at once: the final reply that follows is the one kept until sent.
+        self.on_partial: Callable[[Reply], Awaitable[Any]] | None = None
 
     async def setup(self) -> None:
         await ensure_group(self.redis, self.keys.requests, WORKERS_GROUP)
@@ -189,6 +192,14 @@ class QueueClient:
             reply = Reply.loads(fields)
         except ProtocolError:
             log.error("dropping malformed reply %s", entry_id)
+            await self._remove(entry_id)
+            return
+        if reply.partial is not None:  # the text so far: shown if the frontend can, not kept
+            if self.on_partial is not None:
+                try:
+                    await self.on_partial(reply)
+                except Exception:
+                    log.exception("showing partial reply %s failed", reply.id)
             await self._remove(entry_id)
             return
         if reply.id in self._inflight:

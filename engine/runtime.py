@@ -63,6 +63,7 @@ def worker_options(settings: Settings) -> WorkerOptions:
         canon_candidates=settings.canon_candidates,
         canon_repeat_window=settings.canon_repeat_window,
         refine_examples=settings.refine_examples,
+        stream_replies=settings.stream_replies,
         overrides=settings.generation_overrides(),
     )
     if settings.worker_name:

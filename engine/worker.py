@@ -24,13 +24,14 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from engine.generation import Generated, GenerationJob, Generator
+from engine.generation import Generated, GenerationJob, Generator, OnText
 from engine.history import HistoryStore
 from engine.keys import BASE_VARIANT, HYBRID_VARIANT, WORKERS_GROUP, Keys
 from engine.metrics import WorkerMetrics
@@ -39,11 +40,14 @@ from engine.queue_client import ensure_group, queue_depth
 from engine.redis_conn import REDIS_DOWN
 from persona.canon import CanonPool
 from persona.pack import Controls, Persona
-from persona.postprocess import clean_reply, leaks_prompt
+from persona.postprocess import reply_candidate
 from persona.prompt import Turn, clean_user_text, has_words, render_prompt
 from persona.reply_choice import CANON, GENERATED, MODES, Candidate, pick
 
 log = logging.getLogger(__name__)
+
+CONTROL_LANE_BLOCK_MS = 50
+PARTIAL_EVERY_S = 0.3  # at most one partial event per streamed reply in this time
 
 # Of the entry ids in ARGV, those whose entry is gone from the stream: envelopes removed and
 # returned (id, envelope, ...). Atomic, so two workers never apologise for the same request,
@@ -85,6 +89,7 @@ class WorkerOptions:
     canon_candidates: int = 4
     canon_repeat_window: int = 50
     refine_examples: int = 0
+    stream_replies: bool = True
     overrides: dict[str, float | int] = field(default_factory=dict)
 
 
@@ -105,6 +110,9 @@ class Task:
     mentioned: str = ""  # the conversation's text: names a canon line may use
     heard: set[int] = field(default_factory=set)  # canon rows heard lately
     canon_row: int | None = None  # the canon line that won, to remember
+    partials: int = 0  # partial events published (their sequence number)
+    partial_text: str = ""
+    partial_at: float = 0.0  # time.monotonic() of the last one
 
 
 
@@ -125,6 +133,17 @@ def _conversation_of(fields: dict[str, str]) -> str | None:
 
 class GenerationFailed(RuntimeError):
     """generate() raised (not a timeout)."""
+
+
+def needs_no_model(fields: dict[str, str]) -> bool:
+    """A request answered without the model: /reset, /forget, a message without words."""
+    try:
+        request = Request.loads(fields)
+    except ProtocolError:
+        return True  # dead-lettered at once
+    # A message whose raw text has no words has none after cleaning either: prepare() jabs it.
+    return request.kind in ("reset", "forget") or (request.kind == "chat"
+                                                   and not has_words(request.text))
 
 
 def alone_ok(outputs: Sequence[Generated | None], tasks: Sequence[Task]) -> bool:
@@ -175,6 +194,7 @@ class Worker:
         self._model_lock = threading.Lock()
         self._take_lost = redis.register_script(_TAKE_LOST)
         self._next_sweep = 0.0
+        self._partial_writes: set[asyncio.Task[None]] = set()
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -371,9 +391,10 @@ class Worker:
         written (Redis down) are carried to the next batch."""
         started = time.perf_counter()
         finished: set[str] = set()
+        held = [eid for eid, _ in entries]  # the lease's ids; the control lane adds to it
         try:
-            async with self._leased([eid for eid, _ in entries]):
-                await self._answer(entries, finished)
+            async with self._leased(held):
+                await self._answer(entries, finished, held)
         except REDIS_DOWN as exc:
             log.warning("Redis unavailable mid-batch (%s); the batch is retried",
                         type(exc).__name__)
@@ -386,8 +407,8 @@ class Worker:
                  (time.perf_counter() - started) * 1000)
         return len(finished)
 
-    async def _answer(self, entries: list[tuple[str, dict[str, str]]], finished: set[str]
-                      ) -> None:
+    async def _answer(self, entries: list[tuple[str, dict[str, str]]], finished: set[str],
+                      held: list[str]) -> None:
         """Admit, prepare, generate, reply; the entry ids answered are added to ``finished``."""
         tasks = await self._admit(entries)
         if not tasks:
@@ -406,7 +427,10 @@ class Worker:
                 log.exception("preparing request %s failed", task.request.id)
                 del jobs[mark:]
                 await self._poisoned(task, "prepare failed", tasks)
-        outputs = await self._generate_isolated(tasks, jobs) if jobs else []
+        streams = self._streamed_rows(tasks)
+        outputs = await self._with_control_lane(
+            self._generate_isolated(tasks, jobs, streams), held) if jobs else []
+        await self._partials_written()
         pending = [task for task in tasks if task.reply is None]
         if pending:
             replies = await self._make_replies(pending, jobs, outputs)
@@ -420,6 +444,45 @@ class Worker:
             task.reply.batch_size = len(tasks)
             if await asyncio.shield(self.finish(task)):
                 finished.add(task.entry_id)
+
+    async def _with_control_lane(self, generation: Awaitable[list[Generated]],
+                                 held: list[str]) -> list[Generated]:
+        """Run the batch's generation while the control lane answers what needs no model."""
+        running = asyncio.ensure_future(generation)
+        lane = asyncio.create_task(self._control_lane(running, held), name="control-lane")
+        try:
+            return await running
+        finally:
+            await lane  # ends within one read (50 ms) of the generation
+
+    async def _control_lane(self, running: asyncio.Future[Any], held: list[str]) -> None:
+        """While a batch generates, read new requests and answer at once those that need no
+        model (`/reset`, `/forget`, a message without words) and are their conversation's
+        oldest unanswered request; the others (and a control request behind an unanswered one
+        of its conversation) wait, leased, for the next batch. So a control request is
+        answered in milliseconds, never behind someone else's generation."""
+        while not running.done() and not self.stop.is_set():
+            if len(self._carry) >= self.options.batch_size:  # enough read ahead
+                await asyncio.wait([running], timeout=CONTROL_LANE_BLOCK_MS / 1000)
+                continue
+            try:
+                entries = await self._read_new(self.options.batch_size, CONTROL_LANE_BLOCK_MS)
+            except REDIS_DOWN:
+                await asyncio.wait([running], timeout=0.5)
+                continue
+            if not entries:
+                continue
+            held.extend(eid for eid, _ in entries)
+            quick = [(eid, f) for eid, f in entries if needs_no_model(f)]
+            answered: set[str] = set()
+            if quick:
+                try:
+                    await self._answer(quick, answered, held)
+                except REDIS_DOWN as exc:
+                    log.warning("Redis unavailable in the control lane (%s)",
+                                type(exc).__name__)
+            self._carry += [(eid, f) for eid, f in entries
+                            if eid not in answered and eid not in self._dropped]
 
     async def _admit(self, entries: list[tuple[str, dict[str, str]]]) -> list[Task]:
         """Parse the entries, dead-letter the bad ones, and keep one request per conversation,
@@ -560,12 +623,12 @@ class Worker:
         self._dropped.add(task.entry_id)
         tasks.remove(task)
 
-    async def _generate_isolated(self, tasks: list[Task], jobs: list[GenerationJob]
-                                 ) -> list[Generated]:
+    async def _generate_isolated(self, tasks: list[Task], jobs: list[GenerationJob],
+                                 streams: dict[int, Task] | None = None) -> list[Generated]:
         """The batch's generations; when the batched call fails, each request's rows once
         more on their own, so only a request that fails alone is dead-lettered."""
         try:
-            outputs = await self._generate(jobs)
+            outputs = await self._generate(jobs, streams)
             self.metrics.generation_ok()
             return outputs
         except GenerationFailed:
@@ -607,15 +670,63 @@ class Worker:
                 await self.redis.xclaim(self.keys.requests, WORKERS_GROUP, self.options.name,
                                         0, entry_ids, justid=True)
 
-    def _generate_alone(self, jobs: list[GenerationJob]) -> list[Generated]:
+    def _generate_alone(self, jobs: list[GenerationJob], on_text: OnText | None = None,
+                        stream_rows: Sequence[int] = ()) -> list[Generated]:
         """One generate() at a time on this model: a batch that timed out still holds the
         model until its cancelled generation has stopped."""
         with self._model_lock:
-            return self.generator.generate(jobs)
+            if on_text is None:
+                return self.generator.generate(jobs)
+            return self.generator.generate(jobs, on_text, stream_rows)
 
-    async def _generate(self, jobs: list[GenerationJob]) -> list[Generated]:
+    def _streamed_rows(self, tasks: list[Task]) -> dict[int, Task]:
+        """The row each streamed reply shows while it generates: its first candidate."""
+        if not self.options.stream_replies:
+            return {}
+        return {task.rows[0]: task for task in tasks
+                if task.rows and task.reply is None and task.request.kind in ("chat", "retry")}
+
+    def _heard(self, streams: dict[int, Task], row: int, text: str) -> None:
+        """A streamed row's text so far (on the event loop): published as a partial event at
+        most every ``PARTIAL_EVERY_S``, cleaned as a candidate is, from two words on."""
+        task = streams[row]
+        now = time.monotonic()
+        if now - task.partial_at < PARTIAL_EVERY_S:
+            return
+        controls = task.controls or self.defaults
+        shown = reply_candidate(text, True, self.persona.other_speakers, controls.sentence_cap,
+                                self.persona.system_prompt)
+        if len(shown.split()) < 2 or shown == task.partial_text:
+            return
+        task.partials += 1
+        task.partial_text, task.partial_at = shown, now
+        event = self.reply(task.request, text=shown, partial=task.partials)
+        write = asyncio.create_task(self._publish(task.request.frontend, event))
+        self._partial_writes.add(write)
+        write.add_done_callback(self._partial_writes.discard)
+
+    async def _publish(self, frontend: str, event: Reply) -> None:
+        with contextlib.suppress(*REDIS_DOWN):
+            await self.redis.xadd(self.keys.replies(frontend), event.dumps(),
+                                  maxlen=self.options.stream_maxlen, approximate=True)
+
+    async def _partials_written(self) -> None:
+        """Partial events go out before the final reply that supersedes them."""
+        if self._partial_writes:
+            await asyncio.gather(*self._partial_writes, return_exceptions=True)
+
+    async def _generate(self, jobs: list[GenerationJob],
+                        streams: dict[int, Task] | None = None) -> list[Generated]:
         started = time.perf_counter()
-        running = asyncio.ensure_future(asyncio.to_thread(self._generate_alone, jobs))
+        on_text = None
+        if streams:
+            loop = asyncio.get_running_loop()
+
+            def on_text(row: int, text: str) -> None:  # the generating thread
+                loop.call_soon_threadsafe(self._heard, streams, row, text)
+
+        running = asyncio.ensure_future(asyncio.to_thread(
+            self._generate_alone, jobs, on_text, list(streams or ())))
         try:
             outputs = await asyncio.wait_for(asyncio.shield(running),
                                              self.options.generation_timeout_s)
@@ -665,11 +776,9 @@ class Worker:
         n = controls.candidates
         candidates = []
         for r in task.rows[variant * n : (variant + 1) * n]:
-            text = clean_reply(outputs[r].text, self.persona.other_speakers,
-                               controls.sentence_cap, finished=outputs[r].finished)
-            # A candidate that prints the system prompt (prompt injection) is dropped.
-            if leaks_prompt(text, self.persona.system_prompt):
-                text = ""
+            text = reply_candidate(outputs[r].text, outputs[r].finished,
+                                   self.persona.other_speakers, controls.sentence_cap,
+                                   self.persona.system_prompt)
             candidates.append(Candidate(text, GENERATED, source=r))
         return candidates
 

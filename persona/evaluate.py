@@ -162,7 +162,7 @@ def generate_replies(
 
     With ``deadline`` (a `time.monotonic` value), stops after the batch that passes it."""
     from engine.generation import GenerationJob
-    from persona.postprocess import choose_reply, clean_reply, leaks_prompt
+    from persona.postprocess import choose_reply, reply_candidate
     from persona.prompt import render_prompt
     from persona.quality import Sample
 
@@ -189,11 +189,9 @@ def generate_replies(
         for offset, item in enumerate(batch):
             rows = outputs[offset * n : (offset + 1) * n]
             rerank_started = time.perf_counter()
-            candidates = [clean_reply(o.text, persona.other_speakers, controls.sentence_cap,
-                                      finished=o.finished) for o in rows]
-            # as the worker: a candidate that prints the system prompt is dropped
-            candidates = ["" if leaks_prompt(c, persona.system_prompt) else c
-                          for c in candidates]
+            candidates = [reply_candidate(o.text, o.finished, persona.other_speakers,
+                                          controls.sentence_cap, persona.system_prompt)
+                          for o in rows]
             best = choose_reply(candidates, item.message, scorer)
             rerank_ms = (time.perf_counter() - rerank_started) * 1000
             chosen = rows[best]

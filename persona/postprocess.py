@@ -194,3 +194,11 @@ def leaks_prompt(reply: str, prompt: str, span: int = 8) -> bool:
         return False
     grams = {tuple(p[i : i + span]) for i in range(len(p) - span + 1)}
     return any(tuple(r[i : i + span]) in grams for i in range(len(r) - span + 1))
+
+
+def reply_candidate(raw: str, finished: bool, speakers: Iterable[str], sentence_cap: int,
+                    system_prompt: str) -> str:
+    """One generation as a reply candidate, as the worker and the evaluation both take it:
+    cleaned (`clean_reply`), and empty when it prints the system prompt (prompt injection)."""
+    text = clean_reply(raw, speakers, sentence_cap, finished=finished)
+    return "" if leaks_prompt(text, system_prompt) else text

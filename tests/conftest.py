@@ -35,9 +35,12 @@ def keys(prefix: str) -> Keys:
 
 @pytest.fixture
 def settings(prefix: str) -> Settings:
-    """Settings for tests: this test's key prefix, no .env file, no tokens."""
+    """Settings for tests: this test's key prefix, no .env file, no tokens. Frontends do not
+    stream (tests that read a reply's text would race its edits); the streaming tests turn
+    it on."""
     return Settings(_env_file=None, redis_url=REDIS_URL, key_prefix=prefix,  # type: ignore[call-arg]
-                    telegram_token=None, discord_token=None, worker_metrics_port=0)
+                    telegram_token=None, discord_token=None, worker_metrics_port=0,
+                    stream_replies=False)
 
 
 @pytest.fixture

@@ -246,7 +246,12 @@ class FakeTelegram:
     # ---- reading what the bot did ----------------------------------------------------------
 
     def sent_to(self, chat_id: int) -> list[dict[str, Any]]:
+        """The bot's sendMessage calls to a chat (the text as sent, before any edit)."""
         return list(self._sent_by_chat.get(chat_id, []))
+
+    def shown(self, chat_id: int, message_id: int) -> str:
+        """A message's text as the chat shows it now (after edits)."""
+        return str(self._messages[(chat_id, message_id)]["text"])
 
     @property
     def pending_updates(self) -> int:
@@ -389,7 +394,8 @@ class FakeTelegram:
         message = self._messages[key]
         message["text"] = str(params["text"])
         message["edit_date"] = int(time.time())
-        self.edits.append(params)
+        self.edits.append({**params, "chat_id": key[0], "message_id": key[1],
+                           "at": time.monotonic()})
         return message
 
 

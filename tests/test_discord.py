@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -355,3 +356,36 @@ async def test_allow_list_by_guild(fake_worker: Worker, start_bot: tuple[Factory
     bot.core.settings = bot.settings
     await dpytest.message(f"<@{bot.client.user.id}> hello again", channel, ann)
     assert (await sent.next()).content.startswith("Diagnosis")
+
+
+async def test_a_streamed_reply_is_sent_once_and_edited_to_the_final_text(
+        start_bot: tuple[Factory, Sent], redis: aioredis.Redis, keys: Keys,
+        persona: Persona) -> None:
+    """As on Telegram: the text so far is sent, edited at most once a second, and the final
+    reply supersedes it in the same message."""
+    from harness import running_worker
+
+    factory, sent = start_bot
+    generator = FakeGenerator(delay_s=3.0)
+    edits: list[tuple[str, float]] = []
+
+    async def edited(channel: Any, message: Any, fields: Any) -> None:
+        edits.append((fields["params"].payload["content"], time.monotonic()))
+
+    callbacks.set_callback(edited, "edit_message")
+    async with running_worker(redis, keys, persona, generator):
+        bot = await factory(stream_replies=True)
+        channel, ann, _ = channel_and_members()
+        await dpytest.message(f"<@{bot.client.user.id}> why is my knee swollen?", channel, ann)
+        first = await sent.next(timeout=20)
+        first_text = first.content
+        for _ in range(400):
+            if generator.jobs and not bot.streams and len(bot.outbox) == 0:
+                break
+            await asyncio.sleep(0.05)
+    shown = edits[-1][0] if edits else first_text  # what the channel shows now
+    assert shown in await expected_replies(generator, "why is my knee swollen?")
+    assert first_text != shown and edits
+    assert len(sent.payloads) == 1  # one message, edited
+    times = [at for _, at in edits[:-1]]
+    assert all(b - a >= 0.9 for a, b in itertools.pairwise(times))

@@ -173,3 +173,35 @@ async def test_outbox_bounds_a_chats_backlog_and_typing_bounds_its_requests(
     for i in range(3, 7):
         typing.done(f"r{i}")
     assert len(typing) == 0 and typing.targets() == set()
+
+
+async def test_the_console_rewrites_a_streamed_reply_in_place(
+        redis, keys, persona, settings) -> None:  # type: ignore[no-untyped-def]
+    """On a terminal the text so far is printed and rewritten on its line as it grows; the
+    final reply replaces it. Piped (not a terminal) only the final reply is printed."""
+    import io
+
+    from harness import running_worker
+
+    from bots.console import ConsoleFrontend
+    from engine.generation import FakeGenerator
+    from engine.queue_client import QueueClient
+
+    generator = FakeGenerator(delay_s=2.0)
+    outputs = {}
+    async with running_worker(redis, keys, persona, generator):
+        for interactive in (True, False):
+            out = io.StringIO()
+            queue = QueueClient(redis, keys, f"console-{interactive}")
+            await queue.setup()
+            console = ConsoleFrontend(settings.model_copy(update={"stream_replies": True}),
+                                      persona, queue, keys, stdin=io.StringIO("Why me?\n"),
+                                      stdout=out, interactive=interactive)
+            console.out.width = 10_000
+            await console.run()
+            outputs[interactive] = out.getvalue()
+    streamed = outputs[True]
+    assert "\r\x1b[K" in streamed
+    before, after = streamed.rsplit("\r\x1b[K", 1)
+    assert "House: Diagnosis" in before and after.startswith("House: Diagnosis")
+    assert "\r" not in outputs[False] and outputs[False].count("Diagnosis") == 1

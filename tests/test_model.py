@@ -45,6 +45,23 @@ def test_a_row_in_a_batch_gets_the_text_it_gets_alone(embedded_model, persona) -
     assert again == batched, "same seeds must give the same text"
 
 
+def test_streaming_a_row_changes_no_text_and_hears_it_grow(embedded_model, persona) -> None:  # type: ignore[no-untyped-def]
+    """``on_text`` hears the streamed rows' text so far at each decode step (from the stop
+    check, which decodes it anyway); the generated texts are the same as without it."""
+    generator = HFGenerator(embedded_model, persona.other_speakers)
+    controls = persona.controls.merged({"max_new_tokens": 12, "sentence_cap": 10})
+    jobs = [GenerationJob(render_prompt(generator.tokenizer, persona, [], q), "__base__",
+                          controls, seed, q) for seed, q in enumerate(QUESTIONS[:3])]
+    plain = [g.text for g in generator.generate(jobs)]
+    heard: list[tuple[int, str]] = []
+    streamed = generator.generate(jobs, lambda row, text: heard.append((row, text)), [1])
+    assert [g.text for g in streamed] == plain
+    assert heard and {row for row, _ in heard} == {1}
+    texts = [text for _, text in heard]
+    assert all(plain[1].startswith(t.rstrip()) for t in texts)
+    assert len(texts[-1]) >= len(texts[0])
+
+
 def test_the_prefix_cache_changes_no_text(embedded_model, persona) -> None:  # type: ignore[no-untyped-def]
     """The system block's cached keys/values (per adapter) give the same text as running the
     whole prompt, in a batch mixing adapters and alone; a history turn makes rows' lengths

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from fake_telegram import FakeTelegram
-from harness import expected_replies
+from harness import expected_replies, running_worker
 
 from bots.commands import COMMANDS
 from bots.conversations import conversation_id
@@ -537,3 +538,31 @@ async def test_a_chat_with_a_full_backlog_is_told_once_and_loses_nothing(
     assert sorted(t for t in sent if t != persona.line("backlog")) == texts
     assert bot.core.metrics.backlog_full.labels(FRONTEND_ID)._value.get() >= 3
     assert (await redis.xpending(keys.replies(FRONTEND_ID), "frontend"))["pending"] == 0
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+async def test_a_streamed_reply_is_sent_once_and_edited_to_the_final_text(
+        streaming: bool, redis: aioredis.Redis, keys: Keys, persona: Persona,
+        start_bot: Factory, tg: FakeTelegram) -> None:
+    """While the reply generates, its text so far is sent and then edited (at most once a
+    second in a private chat); the final reply supersedes it in the same message. With
+    STREAM_REPLIES off nothing changes: one message, no edits."""
+    generator = FakeGenerator(delay_s=3.0)
+    async with running_worker(redis, keys, persona, generator):
+        bot = await start_bot(stream_replies=streaming)
+        tg.private_text(36, "Why does my knee hurt?")
+        await tg.wait_sent(1, chat_id=36, timeout=20)
+        await tg.wait_for(lambda: len(generator.jobs) > 0 and not bot.streams, timeout=20)
+        await bot.queue.settle()
+        await tg.settle(1.5)
+    sent = tg.sent_to(36)
+    assert len(sent) == 1 and tg.calls["sendMessage"] == 1
+    shown = tg.shown(36, sent[0]["message_id"])
+    assert shown in await expected_replies(generator, "Why does my knee hurt?")
+    edits = [e for e in tg.edits if e["chat_id"] == 36]
+    if streaming:
+        assert sent[0]["text"] != shown and edits  # the text so far, then edited
+        partial_edits = [e["at"] for e in edits[:-1]]
+        assert all(b - a >= 0.9 for a, b in itertools.pairwise(partial_edits))
+    else:
+        assert sent[0]["text"] == shown and edits == []

@@ -4,6 +4,7 @@ micro-batching, dead letters, back-pressure and duplicate suppression."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 
 import pytest
@@ -458,3 +459,63 @@ def test_a_worker_refuses_timings_that_would_answer_twice(tmp_path) -> None:  # 
                               "REDIS_URL": "redis://127.0.0.1:1/0"})
     assert run.returncode == 2
     assert "CLAIM_IDLE_MS=200 is too short" in run.stderr and "Traceback" not in run.stderr
+
+
+async def test_control_requests_are_answered_while_a_batch_generates(
+        redis, keys, persona, queue) -> None:  # type: ignore[no-untyped-def]
+    """Before, a /reset waited for the whole generation in front of it (16 s in a scripted
+    Telegram session). Now requests that need no model are answered while a batch runs,
+    and still after the earlier requests of their own conversation."""
+    generator = FakeGenerator(delay_s=3.0)
+    worker = Worker(redis, keys, generator, persona,
+                    WorkerOptions(name="w", block_ms=50, batch_wait_ms=0))
+    running = asyncio.create_task(worker.run())
+    slow = chat("a long question", conversation="a")
+    await queue.submit(slow)
+    for _ in range(200):  # until its generation runs
+        if generator.jobs:
+            break
+        await asyncio.sleep(0.01)
+    arrived: list[str] = []
+
+    async def answer(request: Request) -> Reply:
+        await queue.submit(request)
+        reply = await queue.wait_reply(request.id, 20)
+        arrived.append(request.conversation + ":" + request.kind)
+        return reply
+
+    others = [chat("", conversation="b", kind="reset"), chat("???", conversation="c"),
+              chat("", conversation="a", kind="reset"), chat("next question", conversation="d")]
+    replies = await asyncio.gather(answer(slow), *(answer(r) for r in others))
+    worker.stop.set()
+    await running
+    assert replies[1].text == persona.line("reset") and replies[2].text in persona.jabs
+    assert set(arrived[:2]) == {"b:reset", "c:chat"}  # before the running generation ended
+    assert arrived.index("a:chat") < arrived.index("a:reset")  # its conversation's order
+    assert replies[3].text == persona.line("reset") and replies[4].text.startswith("Diagnosis")
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+async def test_partial_events_come_in_order_before_the_final_reply(
+        redis, keys, persona, streaming) -> None:  # type: ignore[no-untyped-def]
+    """The worker publishes the streamed row's text so far (numbered, at most every 0.3 s,
+    cleaned as a candidate is) and then the final reply; STREAM_REPLIES off publishes none."""
+    client = QueueClient(redis, keys, "quiet-frontend")  # nobody reads its replies
+    await client.setup()
+    request = Request(frontend="quiet-frontend", conversation="s", user="u", text="Why me?")
+    await client.submit(request)
+    worker = Worker(redis, keys, FakeGenerator(delay_s=2.0), persona,
+                    WorkerOptions(name="w", block_ms=50, batch_wait_ms=0,
+                                  stream_replies=streaming))
+    await worker.run(burst=True)
+    events = [Reply.loads(f) for _, f in await redis.xrange(keys.replies("quiet-frontend"))]
+    assert all(e.id == request.id for e in events)
+    final = events[-1]
+    assert final.partial is None and final.text
+    partials = events[:-1]
+    if not streaming:
+        assert partials == []
+        return
+    assert [p.partial for p in partials] == list(range(1, len(partials) + 1))
+    assert partials and all(len(p.text.split()) >= 2 for p in partials)
+    assert all(a.text != b.text for a, b in itertools.pairwise(partials))
