@@ -7,7 +7,13 @@
   reported), with or without the system-prompt prefix cache, on the base model or an adapter.
 - ``bench queue``: frontend → Redis → worker → frontend round trips with a generator that
   returns at once: p50/p99 overhead in ms (one request in flight) and requests/s (many).
-- ``bench all``: both. ``--json PATH`` writes ``{"batching": {...}, "queue": {...}}``.
+- ``bench serve``: the House adapter behind a worker, per ``--engines`` entry (continuous,
+  batched): one reply alone, then ``--levels`` concurrent conversations (each sends
+  ``--messages`` messages, the next once the reply is in) while a prober sends ``/reset`` in
+  another conversation every 0.3 s: aggregate tokens/s, reply latency p50/p95, time to the
+  first streamed text p50/p95, ``/reset`` latency p50/p95. ``--json`` writes
+  ``{"serve": {"engine": …, "alone_p50_ms": …, "c1": {…}, "c16": {…}, "by_engine": {…}}}``.
+- ``bench all``: batching and queue. ``--json PATH`` writes ``{"batching": {...}, "queue": {...}}``.
 """
 
 from __future__ import annotations
@@ -43,7 +49,8 @@ BENCH_PROMPTS = [
 
 
 def configure(parser: argparse.ArgumentParser, name: str) -> None:
-    parser.add_argument("which", choices=["batching", "queue", "all"], nargs="?", default="all")
+    parser.add_argument("which", choices=["batching", "queue", "serve", "all"], nargs="?",
+                        default="all")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     parser.add_argument("--conversations", type=int, default=16,
                         help="concurrent conversations for 'batching' (default 16)")
@@ -60,6 +67,14 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
                              "to it (default: the base model alone)")
     parser.add_argument("--requests", type=int, default=1000,
                         help="round trips for 'queue' (default 1000)")
+    parser.add_argument("--engines", default="continuous,batched",
+                        help="engines for 'serve', the first is reported at the top level")
+    parser.add_argument("--levels", default="1,4,16",
+                        help="concurrent conversations for 'serve' (default 1,4,16)")
+    parser.add_argument("--messages", type=int, default=2,
+                        help="messages per conversation for 'serve' (default 2)")
+    parser.add_argument("--candidates", type=int, default=1,
+                        help="candidates per reply for 'serve' (default 1)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,6 +92,11 @@ def run(args: argparse.Namespace) -> int:
             [d.strip() for d in args.dtypes.split(",") if d.strip()], args.adapter, args.rounds))
     if args.which in ("queue", "all"):
         results["queue"] = asyncio.run(bench_queue(settings, args.requests))
+    if args.which == "serve":
+        results["serve"] = asyncio.run(bench_serve(
+            settings, [e.strip() for e in args.engines.split(",") if e.strip()],
+            [int(c) for c in args.levels.split(",") if c.strip()], args.messages,
+            args.max_new_tokens, args.candidates, args.adapter or settings.default_adapter))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))
@@ -275,3 +295,146 @@ async def bench_queue(settings: Any, n: int) -> dict[str, Any]:
                   f"{figures['mean_ms']:.2f}", f"{rps:.0f}")
     Console().print(table)
     return figures
+
+
+async def bench_serve(settings: Any, engines: list[str], levels: list[int], messages: int,
+                      max_new_tokens: int, candidates: int, adapter: str) -> dict[str, Any]:
+    """The engines behind a real worker and queue, replies streamed (see the module doc)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from engine.continuous import ContinuousGenerator
+    from engine.generation import HFGenerator
+    from engine.logging_setup import redis_for
+    from engine.model_loading import load_model
+    from persona.pack import load_persona
+    from persona.prompt import system_block
+
+    persona = load_persona(settings.persona)
+    loaded = await asyncio.to_thread(load_model, settings.base_model,
+                                     {adapter: settings.adapter_paths[adapter]}, "cpu",
+                                     settings.dtype, settings.model_cache_dir)
+    prefix = system_block(loaded.tokenizer, persona) if settings.prefix_cache else ""
+    controls = {"max_new_tokens": max_new_tokens, "candidates": candidates}
+    redis = await redis_for(settings)
+    by_engine: dict[str, Any] = {}
+    table = Table(title=f"serving: adapter {adapter}, {max_new_tokens} new tokens at most, "
+                        f"{candidates} candidate(s), replies streamed, generated mode")
+    for column in ("engine", "conversations", "replies", "tokens/s", "p50 ms", "p95 ms",
+                   "first text p50 ms", "p95 ms", "/reset p50 ms", "p95 ms"):
+        table.add_column(column, justify="right")
+    try:
+        for engine in engines:
+            generator: Any = (ContinuousGenerator(loaded, persona.other_speakers,
+                                                  shared_prefix=prefix)
+                              if engine == "continuous" else
+                              HFGenerator(loaded, persona.other_speakers, shared_prefix=prefix))
+            figures = await _bench_engine(redis, generator, persona, settings, engine,
+                                          controls, levels, messages)
+            close = getattr(generator, "close", None)
+            if close is not None:
+                await asyncio.to_thread(close)
+            for level in levels:
+                f = figures[f"c{level}"]
+                table.add_row(engine, str(level), str(f["replies"]), f"{f['tokens_per_s']:.1f}",
+                              f"{f['p50_ms']:.0f}", f"{f['p95_ms']:.0f}",
+                              f"{f['ttft_p50_ms']:.0f}", f"{f['ttft_p95_ms']:.0f}",
+                              f"{f['control_p50_ms']:.0f}", f"{f['control_p95_ms']:.0f}")
+            by_engine[engine] = figures
+    finally:
+        await redis.aclose()
+    Console().print(table)
+    for engine, figures in by_engine.items():
+        print(f"{engine}: one reply alone p50 {figures['alone_p50_ms']:.0f} ms")
+    chosen = engines[0]
+    return {"engine": chosen, **by_engine[chosen], "by_engine": by_engine,
+            "max_new_tokens": max_new_tokens, "candidates": candidates, "adapter": adapter}
+
+
+async def _bench_engine(redis: Any, generator: Any, persona: Any, settings: Any, engine: str,
+                        controls: dict[str, int], levels: list[int], messages: int
+                        ) -> dict[str, Any]:
+    from engine.keys import Keys
+    from engine.protocol import Reply, Request
+    from engine.queue_client import QueueClient
+    from engine.worker import Worker, WorkerOptions
+
+    keys = Keys(f"bench-{uuid.uuid4().hex[:8]}")
+    queue = QueueClient(redis, keys, "bench", max_queue_depth=10**6)
+    await queue.setup()
+    first_text: dict[str, float] = {}
+
+    async def heard(reply: Reply) -> None:
+        first_text.setdefault(reply.id, time.perf_counter())
+
+    queue.on_partial = heard
+    worker = Worker(redis, keys, generator, persona, WorkerOptions(
+        name=f"bench-{engine}", batch_size=settings.batch_size, block_ms=20,
+        batch_wait_ms=settings.batch_wait_ms, reply_mode="generated"))
+    stop = asyncio.Event()
+    reader = asyncio.create_task(queue.run_reader(stop=stop, block_ms=20))
+    serving = asyncio.create_task(worker.run())
+    counter = iter(range(10**9))
+
+    async def ask(conversation: str, text: str, kind: str = "chat"
+                  ) -> tuple[float, float | None, int]:
+        request = Request(frontend="bench", conversation=conversation, user=conversation,
+                          kind=kind, text=text, settings={**controls, "seed": next(counter)})
+        sent = time.perf_counter()
+        reply = await queue.ask(request, timeout_s=3600)
+        done = time.perf_counter()
+        heard_at = first_text.pop(request.id, None)
+        return ((done - sent) * 1000, None if heard_at is None else (heard_at - sent) * 1000,
+                reply.tokens)
+
+    try:
+        await ask("warm", BENCH_PROMPTS[0])
+        alone = [(await ask(f"alone{i}", BENCH_PROMPTS[i]))[0] for i in range(3)]
+        figures: dict[str, Any] = {"alone_p50_ms": percentile(alone, 50)}
+        for level in levels:
+            figures[f"c{level}"] = await _serve_level(ask, level, messages)
+        return figures
+    finally:
+        worker.stop.set()
+        stop.set()
+        with contextlib.suppress(Exception):
+            await asyncio.gather(serving, reader)
+        async for key in redis.scan_iter(match=keys.all_pattern):
+            await redis.delete(key)
+
+
+async def _serve_level(ask: Any, level: int, messages: int) -> dict[str, float]:
+    """``level`` conversations of ``messages`` messages each, and a /reset prober."""
+    latencies: list[float] = []
+    ttfts: list[float] = []
+    controls: list[float] = []
+    tokens = 0
+    done = asyncio.Event()
+
+    async def conversation(i: int) -> None:
+        nonlocal tokens
+        for k in range(messages):
+            ms, ttft, n = await ask(f"c{level}:{i}",
+                                    BENCH_PROMPTS[(i + k * 7) % len(BENCH_PROMPTS)])
+            latencies.append(ms)
+            tokens += n
+            if ttft is not None:
+                ttfts.append(ttft)
+
+    async def prober() -> None:
+        while not done.is_set():
+            ms, _, _ = await ask(f"probe{level}", "", kind="reset")
+            controls.append(ms)
+            await asyncio.sleep(0.3)
+
+    probing = asyncio.create_task(prober())
+    started = time.perf_counter()
+    await asyncio.gather(*(conversation(i) for i in range(level)))
+    wall = time.perf_counter() - started
+    done.set()
+    await probing
+    return {"replies": len(latencies), "tokens": tokens, "wall_s": wall,
+            "tokens_per_s": tokens / wall, "p50_ms": percentile(latencies, 50),
+            "p95_ms": percentile(latencies, 95),
+            "ttft_p50_ms": percentile(ttfts, 50), "ttft_p95_ms": percentile(ttfts, 95),
+            "control_p50_ms": percentile(controls, 50), "control_p95_ms": percentile(controls, 95)}

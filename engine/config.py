@@ -88,6 +88,10 @@ class Settings(BaseSettings):
     persona: str = "house"
     torch_threads: int = 0
     prefix_cache: bool = True
+    # "continuous": one running batch that requests join and leave at each decode step
+    # (engine/continuous.py); "batched": one generate() per micro-batch (engine/generation.py).
+    local_engine: Literal["continuous", "batched"] = "continuous"
+    max_running_rows: int = 32
 
     # Generation overrides (empty = the persona pack's default)
     gen_max_new_tokens: int | None = None

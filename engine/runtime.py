@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import redis.asyncio as aioredis
 
 from engine.config import Settings
+from engine.continuous import ContinuousGenerator
 from engine.generation import FakeGenerator, Generator, HFGenerator
 from engine.logging_setup import SecretMaskingFilter, keys_for, redis_for, setup_logging
 from engine.metrics import WorkerMetrics
@@ -43,6 +44,9 @@ def build_generator(settings: Settings, persona: Persona, fake: bool = False,
     loaded = load_model(settings.base_model, settings.adapter_paths, settings.device,
                         settings.dtype, settings.model_cache_dir, settings.load_in_4bit)
     prefix = system_block(loaded.tokenizer, persona) if settings.prefix_cache else ""
+    if settings.local_engine == "continuous":
+        return ContinuousGenerator(loaded, persona.other_speakers, shared_prefix=prefix,
+                                   max_rows=settings.max_running_rows)
     return HFGenerator(loaded, persona.other_speakers, shared_prefix=prefix)
 
 

@@ -135,6 +135,11 @@ class GenerationFailed(RuntimeError):
     """generate() raised (not a timeout)."""
 
 
+def _stream_order(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
 def needs_no_model(fields: dict[str, str]) -> bool:
     """A request answered without the model: /reset, /forget, a message without words."""
     try:
@@ -190,8 +195,10 @@ class Worker:
         # Requests whose conversation already had a request in the same batch: they wait for
         # the next batch so they see the earlier reply in their history (per-chat order).
         self._carry: list[tuple[str, dict[str, str]]] = []
-        self._dropped: set[str] = set()
+        self._dropped: dict[str, None] = {}  # entries dead-lettered lately: never carried
         self._model_lock = threading.Lock()
+        self._busy: dict[str, int] = {}  # conversations with a request in a running batch
+        self._in_flight = 0  # requests in running batches
         self._take_lost = redis.register_script(_TAKE_LOST)
         self._next_sweep = 0.0
         self._partial_writes: set[asyncio.Task[None]] = set()
@@ -228,7 +235,20 @@ class Worker:
         log.info("worker %s stopped after %d batches, %d replies", self.options.name,
                  self.batches, self.replies)
 
+    def _drop(self, entry_id: str) -> None:
+        self._dropped[entry_id] = None
+        while len(self._dropped) > 10_000:
+            del self._dropped[next(iter(self._dropped))]
+
+    @property
+    def joins(self) -> bool:
+        """The generator lets concurrent calls join one running batch (continuous batching)."""
+        return bool(getattr(self.generator, "joins", False))
+
     async def _serve(self, burst: bool) -> None:
+        if self.joins:
+            await self._serve_continuously(burst)
+            return
         backoff = 0.1
         while not self.stop.is_set() or self._carry:
             self.metrics.beat()
@@ -253,6 +273,63 @@ class Worker:
             if await self.process_batch(entries) == 0 and self._carry:
                 await asyncio.sleep(0.02)  # only waiting requests: let their turn come
 
+    async def _serve_continuously(self, burst: bool) -> None:
+        """With a generator that joins calls (`engine.continuous`): read while batches run,
+        and start each batch read at once, so its rows join the running batch at the next
+        decode step; up to ``batch_size`` requests in flight. Requests that need no model
+        are answered in their own batch in milliseconds."""
+        running: set[asyncio.Task[int]] = set()
+        backoff = 0.1
+        while not self.stop.is_set() or self._carry or running:
+            self.metrics.beat()
+            room = self.options.batch_size - self._in_flight
+            if running and (room <= 0 or self.stop.is_set()):
+                await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                continue
+            try:
+                entries = await self.read_batch(
+                    block=not burst, size=room,
+                    block_ms=CONTROL_LANE_BLOCK_MS if running else None)
+                backoff = 0.1
+            except REDIS_DOWN as exc:
+                log.warning("Redis unavailable (%s); retrying in %.1fs", type(exc).__name__,
+                            backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            except ResponseError as exc:
+                if "NOGROUP" in str(exc):
+                    await ensure_group(self.redis, self.keys.requests, WORKERS_GROUP)
+                    continue
+                raise
+            if not entries:
+                if running:
+                    if burst:
+                        await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                if burst and not self._carry:
+                    return
+                if self._carry:
+                    await asyncio.sleep(0.02)  # only waiting requests: let their turn come
+                continue
+            batch = asyncio.create_task(self._run_batch(entries))
+            running.add(batch)
+            batch.add_done_callback(running.discard)
+
+    async def _run_batch(self, entries: list[tuple[str, dict[str, str]]]) -> int:
+        conversations = [c for c in (_conversation_of(f) for _, f in entries) if c]
+        self._in_flight += len(entries)
+        for c in conversations:
+            self._busy[c] = self._busy.get(c, 0) + 1
+        try:
+            return await self.process_batch(entries)
+        finally:
+            self._in_flight -= len(entries)
+            for c in conversations:
+                self._busy[c] -= 1
+                if not self._busy[c]:
+                    del self._busy[c]
+
     async def _heartbeat(self, every_s: float = 5.0) -> None:
         """Refresh the health key while the process lives, generation in flight included (the
         frontends read it to tell users whether a worker is there)."""
@@ -270,25 +347,29 @@ class Worker:
 
     # ---- reading ---------------------------------------------------------------------------
 
-    async def read_batch(self, block: bool = True) -> list[tuple[str, dict[str, str]]]:
-        """Claimed stale requests first, then new ones, up to ``batch_size``."""
-        size = self.options.batch_size
+    async def read_batch(self, block: bool = True, size: int | None = None,
+                         block_ms: int | None = None) -> list[tuple[str, dict[str, str]]]:
+        """Claimed stale requests first, then new ones, up to ``size`` (``batch_size``);
+        ``block_ms`` overrides how long to wait for new ones."""
+        size = self.options.batch_size if size is None else size
         entries, self._carry = self._carry_heads(size)
-        if entries:
+        if entries or self._carry:
             # Still ours: reset their idle time so no other worker claims them meanwhile.
             await self.redis.xclaim(self.keys.requests, WORKERS_GROUP, self.options.name, 0,
-                                    [eid for eid, _ in entries], justid=True)
+                                    [eid for eid, _ in entries + self._carry], justid=True)
         if self.stop.is_set():  # stopping: finish what was already read, take nothing new
             return entries
-        if len(entries) < size:
-            entries += await self.claim_stale(size - len(entries))
+        # Always look for stale requests, even when carried ones fill the batch: a request
+        # this worker was handed but never received (Redis died mid-reply) may be what they
+        # wait for. What does not fit is carried.
+        entries += await self.claim_stale(max(size - len(entries), 1))
         if time.monotonic() >= self._next_sweep:
             self._next_sweep = time.monotonic() + max(self.options.claim_idle_ms / 1000, 1.0)
             await self.answer_lost()
         if len(entries) < size:
+            wait = self.options.block_ms if block_ms is None else block_ms
             entries += await self._read_new(size - len(entries),
-                                            self.options.block_ms if block and not entries
-                                            else None)
+                                            wait if block and not entries else None)
         # A busy conversation's backlog takes one place in a batch: read past it (a few
         # batches' worth at most) so other conversations fill the rest.
         for _ in range(3):
@@ -314,9 +395,12 @@ class Worker:
         taken: list[tuple[str, dict[str, str]]] = []
         kept: list[tuple[str, dict[str, str]]] = []
         seen: set[str] = set()
-        for entry in self._carry:
+        # Oldest first: carried entries come from several batches (and the control lane), and
+        # only a conversation's oldest can be its next.
+        for entry in sorted(self._carry, key=lambda e: _stream_order(e[0])):
             conversation = _conversation_of(entry[1])
-            if len(taken) < size and (conversation is None or conversation not in seen):
+            if len(taken) < size and (conversation is None or (conversation not in seen
+                                      and conversation not in self._busy)):
                 taken.append(entry)
                 if conversation is not None:
                     seen.add(conversation)
@@ -391,7 +475,8 @@ class Worker:
         written (Redis down) are carried to the next batch."""
         started = time.perf_counter()
         finished: set[str] = set()
-        held = [eid for eid, _ in entries]  # the lease's ids; the control lane adds to it
+        # The lease covers the batch and what is carried (the control lane adds what it reads).
+        held = [eid for eid, _ in entries + self._carry]
         try:
             async with self._leased(held):
                 await self._answer(entries, finished, held)
@@ -402,7 +487,6 @@ class Worker:
         self._carry += [(eid, f) for eid, f in entries
                         if eid not in finished and eid not in carried
                         and eid not in self._dropped]
-        self._dropped.clear()
         log.info("batch of %d requests answered %d in %.0f ms", len(entries), len(finished),
                  (time.perf_counter() - started) * 1000)
         return len(finished)
@@ -428,8 +512,12 @@ class Worker:
                 del jobs[mark:]
                 await self._poisoned(task, "prepare failed", tasks)
         streams = self._streamed_rows(tasks)
-        outputs = await self._with_control_lane(
-            self._generate_isolated(tasks, jobs, streams), held) if jobs else []
+        outputs: list[Generated] = []
+        if jobs and self.joins:  # the serving loop reads on meanwhile
+            outputs = await self._generate_isolated(tasks, jobs, streams)
+        elif jobs:
+            outputs = await self._with_control_lane(
+                self._generate_isolated(tasks, jobs, streams), held)
         await self._partials_written()
         pending = [task for task in tasks if task.reply is None]
         if pending:
@@ -495,11 +583,11 @@ class Worker:
             except ProtocolError as exc:
                 log.error("malformed request %s: %s", entry_id, exc)
                 await self._dead_letter(entry_id, fields, None, "malformed")
-                self._dropped.add(entry_id)
+                self._drop(entry_id)
                 continue
             if delivered > self.options.max_deliveries:
                 await self._dead_letter(entry_id, fields, request, "too many deliveries")
-                self._dropped.add(entry_id)
+                self._drop(entry_id)
                 continue
             parsed.append((entry_id, request))
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -620,7 +708,7 @@ class Worker:
         batch-mates go on."""
         log.error("request %s: %s; dead-lettered alone", task.request.id, reason)
         await self._dead_letter(task.entry_id, task.request.dumps(), task.request, reason)
-        self._dropped.add(task.entry_id)
+        self._drop(task.entry_id)
         tasks.remove(task)
 
     async def _generate_isolated(self, tasks: list[Task], jobs: list[GenerationJob],
@@ -671,9 +759,14 @@ class Worker:
                                         0, entry_ids, justid=True)
 
     def _generate_alone(self, jobs: list[GenerationJob], on_text: OnText | None = None,
-                        stream_rows: Sequence[int] = ()) -> list[Generated]:
+                        stream_rows: Sequence[int] = (), stop: threading.Event | None = None
+                        ) -> list[Generated]:
         """One generate() at a time on this model: a batch that timed out still holds the
-        model until its cancelled generation has stopped."""
+        model until its cancelled generation has stopped. A generator that joins calls
+        (continuous batching) takes them all at once and stops only the timed-out one."""
+        if self.joins:
+            return self.generator.generate(jobs, on_text, stream_rows,  # type: ignore[call-arg]
+                                           stop=stop)
         with self._model_lock:
             if on_text is None:
                 return self.generator.generate(jobs)
@@ -725,15 +818,16 @@ class Worker:
             def on_text(row: int, text: str) -> None:  # the generating thread
                 loop.call_soon_threadsafe(self._heard, streams, row, text)
 
+        stop = threading.Event()
         running = asyncio.ensure_future(asyncio.to_thread(
-            self._generate_alone, jobs, on_text, list(streams or ())))
+            self._generate_alone, jobs, on_text, list(streams or ()), stop))
         try:
             outputs = await asyncio.wait_for(asyncio.shield(running),
                                              self.options.generation_timeout_s)
         except TimeoutError:
             log.error("generation of %d rows timed out; stopping it", len(jobs))
             self.metrics.errors.labels("timeout").inc(len(jobs))
-            cancel = getattr(self.generator, "cancel", None)
+            cancel = stop.set if self.joins else getattr(self.generator, "cancel", None)
             if cancel is not None:
                 cancel()
                 with contextlib.suppress(Exception):

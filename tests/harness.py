@@ -23,10 +23,11 @@ from persona.pack import Persona
 
 
 def make_settings(redis_url: str, prefix: str, **overrides: Any) -> Settings:
-    """Settings without .env and tokens (a fresh object: cached properties are not copied)."""
+    """Settings without .env and tokens (a fresh object: cached properties are not copied);
+    frontends do not stream unless asked (as in conftest's ``settings``)."""
     values: dict[str, Any] = {"redis_url": redis_url, "key_prefix": prefix,
                               "telegram_token": None, "discord_token": None,
-                              "worker_metrics_port": 0, **overrides}
+                              "worker_metrics_port": 0, "stream_replies": False, **overrides}
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 
 
@@ -63,8 +64,8 @@ class ObedientGenerator(CapturingGenerator):
         super().__init__(**kwargs)
         self.script = script
 
-    def generate(self, jobs: Sequence[GenerationJob]) -> list[Generated]:
-        normal = super().generate(jobs)
+    def generate(self, jobs: Sequence[GenerationJob], *stream: Any) -> list[Generated]:
+        normal = super().generate(jobs, *stream)
         out = []
         for job, default in zip(jobs, normal, strict=True):
             raw = next((v for k, v in self.script.items() if k in job.message), None)

@@ -16,6 +16,7 @@ import contextlib
 import resource
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -41,8 +42,8 @@ pytestmark = pytest.mark.timeout(600)
 class TaggingGenerator(CapturingGenerator):
     """Instant replies that name the message they answer, so order can be checked."""
 
-    def generate(self, jobs: Sequence[GenerationJob]) -> list[Generated]:
-        super().generate(jobs)
+    def generate(self, jobs: Sequence[GenerationJob], *stream: Any) -> list[Generated]:
+        super().generate(jobs)  # not streamed: its replies are not the fake's
         return [Generated(f"I have seen {job.message} and I answer it.", 3, True, 0.0)
                 for job in jobs]
 

@@ -258,9 +258,9 @@ async def test_worker_survives_redis_dying_mid_batch(where: str, server: Private
             elif where == "generate":
                 generate = generator.generate
 
-                def generate_then_die(jobs):  # type: ignore[no-untyped-def]
+                def generate_then_die(jobs, *stream):  # type: ignore[no-untyped-def]
                     stop_once()
-                    return generate(jobs)
+                    return generate(jobs, *stream)
 
                 generator.generate = generate_then_die  # type: ignore[method-assign]
             else:

@@ -40,9 +40,9 @@ async def test_history_reaches_the_prompt_of_its_own_conversation_only(
     prompts: list[str] = []
     original = fake_generator.generate
 
-    def capture(jobs):  # type: ignore[no-untyped-def]
+    def capture(jobs, *stream):  # type: ignore[no-untyped-def]
         prompts.extend(j.prompt for j in jobs)
-        return original(jobs)
+        return original(jobs, *stream)
 
     fake_generator.generate = capture
     await queue.ask(chat("my secret is pineapple", conversation="a"), timeout_s=10)
@@ -247,9 +247,9 @@ async def test_messages_of_one_conversation_in_one_batch_are_answered_in_order(
     prompts: list[str] = []
     original = generator.generate
 
-    def capture(jobs):  # type: ignore[no-untyped-def]
+    def capture(jobs, *stream):  # type: ignore[no-untyped-def]
         prompts.extend(j.prompt for j in jobs)
-        return original(jobs)
+        return original(jobs, *stream)
 
     generator.generate = capture  # type: ignore[method-assign]
     worker = Worker(redis, keys, generator, persona,
@@ -354,11 +354,11 @@ def test_row_stops_stop_every_row_once_cancelled() -> None:
 class PoisonGenerator(FakeGenerator):
     """Raises for any batch holding the word "poison" (a request that breaks the model)."""
 
-    def generate(self, jobs):  # type: ignore[no-untyped-def]
+    def generate(self, jobs, *stream):  # type: ignore[no-untyped-def]
         if any("poison" in job.message for job in jobs):
             self.calls.append(len(jobs))
             raise RuntimeError("CUDA error: device-side assert triggered")
-        return super().generate(jobs)
+        return super().generate(jobs, *stream)
 
 
 async def test_a_poison_request_is_dead_lettered_alone_and_its_batch_mates_answered(
@@ -519,3 +519,22 @@ async def test_partial_events_come_in_order_before_the_final_reply(
     assert [p.partial for p in partials] == list(range(1, len(partials) + 1))
     assert partials and all(len(p.text.split()) >= 2 for p in partials)
     assert all(a.text != b.text for a, b in itertools.pairwise(partials))
+
+
+async def test_a_request_read_but_never_received_does_not_stall_its_conversation(
+        redis, keys, persona, queue) -> None:  # type: ignore[no-untyped-def]
+    """When Redis dies while answering an XREADGROUP, the entries it handed out sit in this
+    worker's pending list though the worker never got them; their conversation's later
+    requests, carried, filled every batch, so the stale claim never ran and the conversation
+    stalled for good (seen in the outage test once the worker read during generations)."""
+    first, second = chat("older", conversation="k"), chat("newer", conversation="k")
+    for r in (first, second):
+        await queue.submit(r)
+    worker = Worker(redis, keys, FakeGenerator(), persona,
+                    WorkerOptions(name="w", block_ms=50, batch_wait_ms=0, batch_size=1,
+                                  claim_idle_ms=200))
+    entries = await worker._read_new(2, None)  # both pending for "w" ...
+    worker._carry = entries[1:]  # ... but only the newer one reached the worker
+    await asyncio.wait_for(worker.run(burst=True), 10)
+    for request in (first, second):
+        assert (await queue.wait_reply(request.id, 5)).text.startswith("Diagnosis")

@@ -1,0 +1,353 @@
+"""Continuous batching: one running batch that rows join and leave at every decode step.
+
+`HFGenerator` runs one ``generate()`` per micro-batch: a request that arrives meanwhile waits
+for the whole batch, and every row rides along until the longest ends. `ContinuousGenerator`
+keeps one batch running in its own thread instead. ``generate(jobs)`` may be called from
+several threads at once (the worker calls it once per micro-batch, and reads the next
+micro-batch while one generates): each call's rows are prefilled alone (on top of the
+persona's cached system block) and join the running batch at the next step; a row leaves the
+moment it stops, and a call returns when its last row has.
+
+transformers' own continuous batching (``generate_batch`` / ``ContinuousBatchingManager``,
+4.57) does not fit: it takes one generation config for all requests (no per-row temperature,
+top-p or seed), passes no ``adapter_names`` (no per-row LoRA) and has no per-row stops.
+
+A row gets the same text here as it does alone (same seed: `PerRowSampler`, per-row
+repetition penalty and no-repeat n-grams over its own tokens): the batch is left-padded and
+the padding masked, positions are per row. The key/value cache is laid out again only when a
+row joins or leaves (one copy), not at every step; rows are admitted up to ``max_rows``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from engine.generation import Generated, GenerationJob, OnText, PerRowSampler, PrefixCache
+from engine.keys import BASE_VARIANT
+from persona.postprocess import speaker_tag_pattern, split_sentences
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Call:
+    """One ``generate()`` call: its rows finish independently; it returns when all have."""
+
+    jobs: Sequence[GenerationJob]
+    on_text: OnText | None
+    stream_rows: frozenset[int]
+    stop: threading.Event
+    results: list[Generated | None]
+    left: int
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(eq=False)
+class _Row:
+    call: _Call
+    index: int  # the job's index in its call
+    prompt: list[int]  # the whole prompt's ids (for the penalties)
+    adapter: str
+    sampler: PerRowSampler
+    tokens: list[int] = field(default_factory=list)  # generated so far
+    length: int = 0  # real (unpadded) positions in the cache
+    finished: bool = False  # ended by EOS or a stop, not cut off at max_new_tokens
+    logits: Any = None  # the scores its next token is picked from
+
+
+class ContinuousGenerator:
+    """The in-process engine with iteration-level scheduling (see the module docstring)."""
+
+    joins = True  # concurrent generate() calls share one running batch
+
+    def __init__(self, loaded: Any, speakers: Sequence[str] = (), shared_prefix: str = "",
+                 max_rows: int = 32):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.adapters = list(loaded.adapters)
+        self.tag = speaker_tag_pattern(speakers)
+        self.prefix = PrefixCache(self.model, self.tokenizer, shared_prefix, self.adapters)
+        self.eos = set(loaded.eos_token_ids)
+        self.max_rows = max_rows
+        self.steps = 0  # decode steps run (for tests and benchmarks)
+        self.most_rows = 0  # the largest batch a step ran
+        self._incoming: queue.Queue[_Call | None] = queue.Queue()
+        self._calls: list[_Call] = []
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._names: list[str] = []  # each forward's adapter per row (see _adapter_hooks)
+
+    # ---- the caller's side -----------------------------------------------------------------
+
+    def generate(self, jobs: Sequence[GenerationJob], on_text: OnText | None = None,
+                 stream_rows: Collection[int] = (), stop: threading.Event | None = None
+                 ) -> list[Generated]:
+        """Generate every job (blocking); ``stop`` ends this call's rows at their next step
+        (their text so far is returned, not finished)."""
+        if not jobs:
+            return []
+        call = _Call(jobs, on_text, frozenset(stream_rows), stop or threading.Event(),
+                     [None] * len(jobs), len(jobs))
+        with self._lock:
+            self._calls.append(call)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+                self._thread.start()
+        self._incoming.put(call)
+        call.done.wait()
+        with self._lock:
+            self._calls.remove(call)
+        if call.error is not None:
+            raise call.error
+        return [r for r in call.results if r is not None]
+
+    def cancel(self) -> None:
+        """Stop every call in flight at its next step (the worker gave up on them)."""
+        with self._lock:
+            for call in self._calls:
+                call.stop.set()
+
+    # ---- the engine thread -----------------------------------------------------------------
+
+    def close(self) -> None:
+        """End the engine thread (calls in flight finish first)."""
+        if self._thread is not None and self._thread.is_alive():
+            self._incoming.put(None)
+            self._thread.join(30)
+
+    def _run(self) -> None:
+        with torch.inference_mode(), self._adapter_hooks():
+            self._serve()
+
+    @contextlib.contextmanager
+    def _adapter_hooks(self) -> Iterator[None]:
+        """peft's per-row adapter hooks, installed once for the engine's life with a list
+        each forward refills (``self._names``). Installing them per forward, as a plain
+        ``model(adapter_names=…)`` call does, walks every module: ~15 ms a step here."""
+        if not self.adapters:
+            yield
+            return
+        for adapter in [*self.adapters, BASE_VARIANT]:
+            if self.prefix.ids:
+                self.prefix.batch_cache([adapter])  # computed before the hooks take over
+        with self.model._enable_peft_forward_hooks(adapter_names=self._names):
+            yield
+
+    def _forward(self, adapters: Sequence[str], **inputs: Any) -> Any:
+        self._names[:] = adapters
+        return self.model(use_cache=True, **inputs)
+
+    def _serve(self) -> None:
+        rows: list[_Row] = []
+        cache: Any = None
+        mask = torch.zeros((0, 0), dtype=torch.long)
+        backlog: list[_Call] = []  # calls waiting for room (max_rows)
+        closing = False
+        while True:
+            if not rows and not backlog:
+                backlog.append(self._incoming.get())  # type: ignore[arg-type]
+            while True:
+                try:
+                    backlog.append(self._incoming.get_nowait())  # type: ignore[arg-type]
+                except queue.Empty:
+                    break
+            if None in backlog:
+                closing = True
+                backlog = [c for c in backlog if c is not None]
+                for call in self._calls:
+                    call.stop.set()
+            admitted = []
+            while backlog and ((not rows and not admitted)
+                               or len(rows) + sum(len(c.jobs) for c in admitted)
+                               + len(backlog[0].jobs) <= self.max_rows):
+                admitted.append(backlog.pop(0))
+            for call in admitted:
+                try:
+                    joining, group_cache, group_mask = self._prefill(call)
+                    alive = [i for i, row in enumerate(joining) if self._step_row(row)]
+                    if alive:
+                        if len(alive) < len(joining):
+                            group_cache, group_mask = self._select(group_cache, group_mask,
+                                                                   alive)
+                        cache, mask = self._join(cache, mask, group_cache, group_mask)
+                        rows += [joining[i] for i in alive]
+                except Exception as exc:  # this call fails alone; the batch goes on
+                    log.exception("prefill failed")
+                    cache, mask = self._fail(call, exc, cache, mask, rows)
+            if not rows:
+                if closing and not backlog:
+                    return
+                continue
+            try:
+                cache, mask = self._decode(rows, cache, mask)
+            except Exception as exc:
+                log.exception("decode step failed")
+                for call in {id(r.call): r.call for r in rows}.values():
+                    cache, mask = self._fail(call, exc, cache, mask, rows)
+                rows, cache, mask = [], None, torch.zeros((0, 0), dtype=torch.long)
+
+    def _prefill(self, call: _Call) -> tuple[list[_Row], Any, torch.Tensor]:
+        """Run a call's prompts in one forward (after the cached prefix, laid out as
+        ``[prefix][padding][rest]``, or left-padded whole) and take each row's scores."""
+        jobs = call.jobs
+        adapters = [j.adapter if j.adapter in self.adapters else BASE_VARIANT for j in jobs]
+        prompts = self.tokenizer([j.prompt for j in jobs], add_special_tokens=False)["input_ids"]
+        start, past = 0, None
+        if self.prefix.covers(prompts):
+            start = len(self.prefix.ids)
+            past = self.prefix.batch_cache(adapters)
+        width = max(len(p) - start for p in prompts)
+        pad = self.tokenizer.pad_token_id or 0
+        ids, positions, rest_mask = [], [], []
+        for prompt in prompts:
+            rest = prompt[start:]
+            gap = width - len(rest)
+            ids.append([pad] * gap + rest)
+            positions.append([0] * gap + list(range(start, len(prompt))))
+            rest_mask.append([0] * gap + [1] * len(rest))
+        mask = torch.cat([torch.ones((len(jobs), start), dtype=torch.long),
+                          torch.tensor(rest_mask)], dim=1)
+        device = self.loaded.device
+        out = self._forward(adapters, input_ids=torch.tensor(ids, device=device),
+                            attention_mask=mask.to(device),
+                            position_ids=torch.tensor(positions, device=device),
+                            past_key_values=past, logits_to_keep=1)
+        rows = []
+        for index, (job, prompt, adapter) in enumerate(zip(jobs, prompts, adapters,
+                                                           strict=True)):
+            row = _Row(call, index, list(prompt), adapter,
+                       PerRowSampler([job.controls], [job.seed]), length=len(prompt))
+            row.logits = out.logits[index : index + 1, -1, :]
+            rows.append(row)
+        return rows, out.past_key_values, mask
+
+    def _step_row(self, row: _Row) -> bool:
+        """Pick the row's next token from its logits; False when it ended (and left)."""
+        from transformers import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+
+        controls = row.call.jobs[row.index].controls
+        scores = row.logits.float()
+        seen = torch.tensor([row.prompt + row.tokens])
+        if controls.repetition_penalty != 1.0:
+            scores = RepetitionPenaltyLogitsProcessor(controls.repetition_penalty)(seen, scores)
+        if controls.no_repeat_ngram_size > 0:
+            scores = NoRepeatNGramLogitsProcessor(controls.no_repeat_ngram_size)(seen, scores)
+        token = int(torch.argmax(row.sampler(seen, scores), dim=-1))
+        if token in self.eos or row.call.stop.is_set():
+            row.finished = token in self.eos
+            self._leave(row)
+            return False
+        row.tokens.append(token)
+        text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+        if self.tag.search(text) or len(split_sentences(text + " x")) > controls.sentence_cap + 1:
+            row.finished = True  # stopped early, as RowStops does: the reply is complete
+            self._leave(row)
+            return False
+        if len(row.tokens) >= controls.max_new_tokens:
+            self._leave(row)  # cut off: its last sentence may be a fragment
+            return False
+        if row.call.on_text is not None and row.index in row.call.stream_rows:
+            row.call.on_text(row.index, text)
+        return True
+
+    def _leave(self, row: _Row) -> None:
+        call = row.call
+        text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+        call.results[row.index] = Generated(text, len(row.tokens), row.finished,
+                                            (time.perf_counter() - call.started) * 1000)
+        call.left -= 1
+        if call.left == 0:
+            call.done.set()
+
+    def _decode(self, rows: list[_Row], cache: Any, mask: torch.Tensor
+                ) -> tuple[Any, torch.Tensor]:
+        """One step for every running row; rows that ended leave the batch."""
+        device = self.loaded.device
+        ids = torch.tensor([[r.tokens[-1]] for r in rows], device=device)
+        positions = torch.tensor([[r.length] for r in rows], device=device)
+        mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype)], dim=1)
+        out = self._forward([r.adapter for r in rows], input_ids=ids,
+                            attention_mask=mask.to(device), position_ids=positions,
+                            past_key_values=cache)
+        self.steps += 1
+        self.most_rows = max(self.most_rows, len(rows))
+        keep = []
+        for i, row in enumerate(list(rows)):
+            row.length += 1
+            row.logits = out.logits[i : i + 1, -1, :]
+            if self._step_row(row):
+                keep.append(i)
+        cache = out.past_key_values
+        if len(keep) < len(rows):
+            rows[:] = [rows[i] for i in keep]
+            cache, mask = self._select(cache, mask, keep)
+        return cache, mask
+
+    def _join(self, cache: Any, mask: torch.Tensor, group: Any, group_mask: torch.Tensor
+              ) -> tuple[Any, torch.Tensor]:
+        """Add prefilled rows to the batch: whichever side is shorter is padded on the left."""
+        from transformers import DynamicCache
+
+        if cache is None or mask.shape[0] == 0:
+            return group, group_mask
+        width, length = mask.shape[1], group_mask.shape[1]
+        total = max(width, length)
+        joined = DynamicCache()
+        for layer_index, (old, new) in enumerate(zip(cache.layers, group.layers, strict=True)):
+            keys = torch.cat([_pad_left(old.keys, total), _pad_left(new.keys, total)])
+            values = torch.cat([_pad_left(old.values, total), _pad_left(new.values, total)])
+            joined.update(keys, values, layer_index)
+        mask = torch.cat([torch.nn.functional.pad(mask, (total - width, 0)),
+                          torch.nn.functional.pad(group_mask, (total - length, 0))])
+        return joined, mask
+
+    def _select(self, cache: Any, mask: torch.Tensor, keep: list[int]
+                ) -> tuple[Any, torch.Tensor]:
+        """Keep only these rows, and drop the left columns that are padding for all."""
+        from transformers import DynamicCache
+
+        if not keep:
+            return None, torch.zeros((0, 0), dtype=torch.long)
+        index = torch.tensor(keep)
+        mask = mask[index]
+        used = mask.any(dim=0).nonzero()
+        first = int(used[0]) if len(used) else 0
+        mask = mask[:, first:]
+        selected = DynamicCache()
+        device_index = index.to(self.loaded.device)
+        for layer_index, layer in enumerate(cache.layers):
+            selected.update(layer.keys[device_index, :, first:],
+                            layer.values[device_index, :, first:], layer_index)
+        return selected, mask
+
+    def _fail(self, call: _Call, exc: BaseException, cache: Any, mask: torch.Tensor,
+              rows: list[_Row]) -> tuple[Any, torch.Tensor]:
+        """End a call with an error; its rows leave the batch."""
+        keep = [i for i, r in enumerate(rows) if r.call is not call]
+        if len(keep) < len(rows) and cache is not None:
+            rows[:] = [rows[i] for i in keep]
+            cache, mask = self._select(cache, mask, keep)
+        if not call.done.is_set():
+            call.error = exc
+            call.done.set()
+        return cache, mask
+
+
+def _pad_left(tensor: torch.Tensor, total: int) -> torch.Tensor:
+    """Zeros before the sequence axis (-2) up to ``total`` positions."""
+    missing = total - tensor.shape[-2]
+    if missing <= 0:
+        return tensor
+    return torch.nn.functional.pad(tensor, (0, 0, missing, 0))

@@ -1,0 +1,111 @@
+"""The continuous-batching engine on the real embedded model: rows that join and leave a
+running batch get the text they get alone, a short request is answered before a long one
+that started first, one timed-out call stops alone, and the worker serves through it."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from engine.continuous import ContinuousGenerator
+from engine.generation import GenerationJob, HFGenerator
+from engine.protocol import Request
+from engine.worker import Worker, WorkerOptions
+from persona.prompt import render_prompt, system_block
+
+pytestmark = [pytest.mark.model, pytest.mark.timeout(900)]
+
+QUESTIONS = ["Do I need surgery?", "Is it lupus?", "Why are you so rude?",
+             "My head hurts every morning and my left hand goes numb when I type."]
+
+
+@pytest.fixture(scope="module")
+def engine(embedded_model, persona):  # type: ignore[no-untyped-def]
+    generator = ContinuousGenerator(embedded_model, persona.other_speakers,
+                                    shared_prefix=system_block(embedded_model.tokenizer,
+                                                               persona))
+    yield generator
+    generator.close()
+
+
+def jobs_for(engine, persona, tokens: int, adapters, start: int = 0):  # type: ignore[no-untyped-def]
+    controls = persona.controls.merged({"max_new_tokens": tokens, "sentence_cap": 10})
+    return [GenerationJob(render_prompt(engine.tokenizer, persona, [], q), adapter, controls,
+                          start + i, q)
+            for i, (q, adapter) in enumerate(zip(QUESTIONS, adapters, strict=False))]
+
+
+def test_rows_joining_a_running_batch_get_their_text_alone(engine, persona,  # type: ignore[no-untyped-def]
+                                                           embedded_model) -> None:
+    variants = [*embedded_model.adapters, "__base__"]
+    long_jobs = jobs_for(engine, persona, 40, [variants[0], variants[-1]])
+    late_jobs = jobs_for(engine, persona, 8, [variants[-1], variants[0]], start=10)
+    alone = [engine.generate([j])[0] for j in long_jobs + late_jobs]
+    # The old micro-batch engine gives the same text for a row alone.
+    plain = HFGenerator(embedded_model, persona.other_speakers)
+    assert [plain.generate([j])[0].text for j in long_jobs[:1]] == [alone[0].text]
+
+    results: dict[str, list] = {}  # type: ignore[type-arg]
+    finished_at: dict[str, float] = {}
+
+    def run(name: str, jobs) -> None:  # type: ignore[no-untyped-def]
+        results[name] = engine.generate(jobs)
+        finished_at[name] = time.monotonic()
+
+    steps_before = engine.steps
+    first = threading.Thread(target=run, args=("long", long_jobs))
+    first.start()
+    while engine.steps < steps_before + 3:  # the long rows are decoding
+        time.sleep(0.01)
+    run("late", late_jobs)
+    first.join(120)
+    assert [g.text for g in results["long"] + results["late"]] == [g.text for g in alone]
+    assert engine.most_rows >= 3  # they ran in one batch
+    assert finished_at["late"] < finished_at["long"]  # the short ones left first
+
+
+def test_a_stopped_call_ends_alone(engine, persona) -> None:  # type: ignore[no-untyped-def]
+    stop = threading.Event()
+    stopped_jobs = jobs_for(engine, persona, 60, ["__base__"])
+    other_jobs = jobs_for(engine, persona, 12, ["__base__"], start=5)
+    expected = engine.generate(other_jobs)[0].text
+    out: dict[str, list] = {}  # type: ignore[type-arg]
+    thread = threading.Thread(target=lambda: out.setdefault(
+        "stopped", engine.generate(stopped_jobs, stop=stop)))
+    thread.start()
+    time.sleep(0.5)
+    stop.set()
+    assert engine.generate(other_jobs)[0].text == expected
+    thread.join(60)
+    assert out["stopped"][0].finished is False and out["stopped"][0].tokens < 60
+
+
+async def test_the_worker_answers_a_short_request_before_a_long_one_that_started_first(
+        engine, persona, redis, keys, queue) -> None:  # type: ignore[no-untyped-def]
+    worker = Worker(redis, keys, engine, persona,
+                    WorkerOptions(name="cb", block_ms=50, batch_wait_ms=0, reply_mode="generated"))
+    running = asyncio.create_task(worker.run())
+    long = Request(frontend="test-frontend", conversation="long", user="a",
+                   text=QUESTIONS[3], settings={"max_new_tokens": 48, "sentence_cap": 10,
+                                                "candidates": 1, "seed": 1})
+    short = Request(frontend="test-frontend", conversation="short", user="b",
+                    text=QUESTIONS[1], settings={"max_new_tokens": 4, "candidates": 1,
+                                                 "seed": 2})
+    await queue.submit(long)
+    steps = engine.steps
+    while engine.steps < steps + 2:
+        await asyncio.sleep(0.01)
+    await queue.submit(short)
+    order: list[str] = []
+
+    async def wait(request: Request) -> None:
+        await queue.wait_reply(request.id, 120)
+        order.append(request.conversation)
+
+    await asyncio.gather(wait(long), wait(short))
+    worker.stop.set()
+    await running
+    assert order == ["short", "long"]
