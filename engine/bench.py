@@ -326,7 +326,8 @@ async def bench_serve(settings: Any, engines: list[str], levels: list[int], mess
     try:
         for engine in engines:
             generator: Any = (ContinuousGenerator(loaded, persona.other_speakers,
-                                                  shared_prefix=prefix)
+                                                  shared_prefix=prefix,
+                                                  merge_adapters=settings.merge_adapters)
                               if engine == "continuous" else
                               HFGenerator(loaded, persona.other_speakers, shared_prefix=prefix))
             figures = await _bench_engine(redis, generator, persona, settings, engine,

@@ -92,6 +92,9 @@ class Settings(BaseSettings):
     # (engine/continuous.py); "batched": one generate() per micro-batch (engine/generation.py).
     local_engine: Literal["continuous", "batched"] = "continuous"
     max_running_rows: int = 32
+    # The continuous engine on a CPU float model: one merged copy of the model per adapter
+    # (its rows run without peft's per-row LoRA path; same text; +1 model copy per adapter).
+    merge_adapters: bool = True
 
     # Generation overrides (empty = the persona pack's default)
     gen_max_new_tokens: int | None = None

@@ -16,6 +16,12 @@ A row gets the same text here as it does alone (same seed: `PerRowSampler`, per-
 repetition penalty and no-repeat n-grams over its own tokens): the batch is left-padded and
 the padding masked, positions are per row. The key/value cache is laid out again only when a
 row joins or leaves (one copy), not at every step; rows are admitted up to ``max_rows``.
+
+With ``merge_adapters`` (a float model on the CPU) each adapter gets its own copy of the
+model with the LoRA weights merged in, and the rows of each adapter run as their own lane: a
+step costs a plain forward instead of peft's per-row LoRA path (which computes every
+adapter's low-rank product for the whole batch and masks it). A row always runs on its
+adapter's lane, so its text does not depend on who else is in the batch.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import queue
 import threading
 import time
 from collections.abc import Collection, Iterator, Sequence
+from copy import deepcopy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +58,23 @@ class _Call:
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
     started: float = field(default_factory=time.perf_counter)
+    prefilled: bool = False
+
+
+@dataclass(eq=False)
+class _Lane:
+    """Rows that run on one model: their cache and attention mask (``[rows, positions]``)."""
+
+    model: Any
+    prefix: PrefixCache
+    per_row_adapters: bool  # the peft model: each row names its adapter
+    rows: list[_Row] = field(default_factory=list)
+    cache: Any = None
+    mask: torch.Tensor = field(default_factory=lambda: torch.zeros((0, 0), dtype=torch.long))
+
+    def clear(self) -> None:
+        self.rows, self.cache = [], None
+        self.mask = torch.zeros((0, 0), dtype=torch.long)
 
 
 @dataclass(eq=False)
@@ -72,22 +96,41 @@ class ContinuousGenerator:
     joins = True  # concurrent generate() calls share one running batch
 
     def __init__(self, loaded: Any, speakers: Sequence[str] = (), shared_prefix: str = "",
-                 max_rows: int = 32):
+                 max_rows: int = 32, merge_adapters: bool = False):
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.adapters = list(loaded.adapters)
         self.tag = speaker_tag_pattern(speakers)
-        self.prefix = PrefixCache(self.model, self.tokenizer, shared_prefix, self.adapters)
         self.eos = set(loaded.eos_token_ids)
         self.max_rows = max_rows
-        self.steps = 0  # decode steps run (for tests and benchmarks)
-        self.most_rows = 0  # the largest batch a step ran
+        self.steps = 0  # decode steps run, all lanes (for tests and benchmarks)
+        self.most_rows = 0  # the most rows running at once
+        self.merged = bool(merge_adapters and self.adapters)
+        self._lanes = self._make_lanes(shared_prefix)
         self._incoming: queue.Queue[_Call | None] = queue.Queue()
         self._calls: list[_Call] = []
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._names: list[str] = []  # each forward's adapter per row (see _adapter_hooks)
+
+    def _make_lanes(self, shared_prefix: str) -> dict[str, _Lane]:
+        """One lane with per-row adapters, or (merged) one plain model per adapter."""
+        if not self.merged:
+            return {"": _Lane(self.model, PrefixCache(self.model, self.tokenizer, shared_prefix,
+                                                      self.adapters), bool(self.adapters))}
+        lanes = {}
+        for name in [*self.adapters, BASE_VARIANT]:
+            copy = deepcopy(self.model)
+            plain = (copy.base_model.unload() if name == BASE_VARIANT else
+                     copy.base_model.merge_and_unload(adapter_names=[name]))
+            plain.eval()
+            lanes[name] = _Lane(plain, PrefixCache(plain, self.tokenizer, shared_prefix, []),
+                                False)
+        return lanes
+
+    def _lane(self, adapter: str) -> _Lane:
+        return self._lanes[adapter] if self.merged else self._lanes[""]
 
     # ---- the caller's side -----------------------------------------------------------------
 
@@ -119,13 +162,13 @@ class ContinuousGenerator:
             for call in self._calls:
                 call.stop.set()
 
-    # ---- the engine thread -----------------------------------------------------------------
-
     def close(self) -> None:
         """End the engine thread (calls in flight finish first)."""
         if self._thread is not None and self._thread.is_alive():
             self._incoming.put(None)
             self._thread.join(30)
+
+    # ---- the engine thread -----------------------------------------------------------------
 
     def _run(self) -> None:
         with torch.inference_mode(), self._adapter_hooks():
@@ -136,27 +179,24 @@ class ContinuousGenerator:
         """peft's per-row adapter hooks, installed once for the engine's life with a list
         each forward refills (``self._names``). Installing them per forward, as a plain
         ``model(adapter_names=…)`` call does, walks every module: ~15 ms a step here."""
-        if not self.adapters:
+        lane = self._lanes.get("")
+        if lane is None or not lane.per_row_adapters:
             yield
             return
-        for adapter in [*self.adapters, BASE_VARIANT]:
-            if self.prefix.ids:
-                self.prefix.batch_cache([adapter])  # computed before the hooks take over
+        if lane.prefix.ids:
+            for adapter in [*self.adapters, BASE_VARIANT]:
+                lane.prefix.batch_cache([adapter])  # computed before the hooks take over
         with self.model._enable_peft_forward_hooks(adapter_names=self._names):
             yield
 
-    def _forward(self, adapters: Sequence[str], **inputs: Any) -> Any:
-        self._names[:] = adapters
-        return self.model(use_cache=True, **inputs)
+    def _running(self) -> int:
+        return sum(len(lane.rows) for lane in self._lanes.values())
 
     def _serve(self) -> None:
-        rows: list[_Row] = []
-        cache: Any = None
-        mask = torch.zeros((0, 0), dtype=torch.long)
         backlog: list[_Call] = []  # calls waiting for room (max_rows)
         closing = False
         while True:
-            if not rows and not backlog:
+            if not self._running() and not backlog:
                 backlog.append(self._incoming.get())  # type: ignore[arg-type]
             while True:
                 try:
@@ -168,46 +208,77 @@ class ContinuousGenerator:
                 backlog = [c for c in backlog if c is not None]
                 for call in self._calls:
                     call.stop.set()
-            admitted = []
-            while backlog and ((not rows and not admitted)
-                               or len(rows) + sum(len(c.jobs) for c in admitted)
+            admitted: list[_Call] = []
+            running = self._running()
+            while backlog and ((not running and not admitted)
+                               or running + sum(len(c.jobs) for c in admitted)
                                + len(backlog[0].jobs) <= self.max_rows):
                 admitted.append(backlog.pop(0))
-            for call in admitted:
-                try:
-                    joining, group_cache, group_mask = self._prefill(call)
-                    alive = [i for i, row in enumerate(joining) if self._step_row(row)]
-                    if alive:
-                        if len(alive) < len(joining):
-                            group_cache, group_mask = self._select(group_cache, group_mask,
-                                                                   alive)
-                        cache, mask = self._join(cache, mask, group_cache, group_mask)
-                        rows += [joining[i] for i in alive]
-                except Exception as exc:  # this call fails alone; the batch goes on
-                    log.exception("prefill failed")
-                    cache, mask = self._fail(call, exc, cache, mask, rows)
-            if not rows:
+            self._admit(admitted)
+            if not self._running():
                 if closing and not backlog:
                     return
                 continue
-            try:
-                cache, mask = self._decode(rows, cache, mask)
-            except Exception as exc:
-                log.exception("decode step failed")
-                for call in {id(r.call): r.call for r in rows}.values():
-                    cache, mask = self._fail(call, exc, cache, mask, rows)
-                rows, cache, mask = [], None, torch.zeros((0, 0), dtype=torch.long)
+            for lane in self._lanes.values():
+                if not lane.rows:
+                    continue
+                try:
+                    self._decode(lane)
+                except Exception as exc:
+                    log.exception("decode step failed")
+                    for call in {id(r.call): r.call for r in lane.rows}.values():
+                        self._fail(call, exc)
+                    lane.clear()
+            self.most_rows = max(self.most_rows, self._running())
 
-    def _prefill(self, call: _Call) -> tuple[list[_Row], Any, torch.Tensor]:
-        """Run a call's prompts in one forward (after the cached prefix, laid out as
+    def _admit(self, calls: list[_Call]) -> None:
+        """Prefill the calls that arrived together, one forward per lane; if that fails, each
+        call once more alone, so only a call that fails by itself gets the error."""
+        for group in ([calls] if len(calls) > 1 else []) + [[c] for c in calls]:
+            group = [c for c in group if not c.prefilled and not c.done.is_set()]
+            if not group:
+                continue
+            owners = [(call, index) for call in group for index in range(len(call.jobs))]
+            by_lane: dict[int, list[tuple[_Call, int]]] = {}
+            for call, index in owners:
+                by_lane.setdefault(id(self._lane(call.jobs[index].adapter)), []).append(
+                    (call, index))
+            try:
+                prefilled = [(lane, self._prefill(lane, items))
+                             for lane in self._lanes.values()
+                             if (items := by_lane.get(id(lane)))]
+            except Exception as exc:
+                log.exception("prefill of %d calls failed", len(group))
+                if len(group) == 1:
+                    self._fail(group[0], exc)
+                continue
+            for call in group:
+                call.prefilled = True
+            for lane, (joining, cache, mask) in prefilled:
+                alive = [i for i, row in enumerate(joining) if self._step_row(row)]
+                if alive:
+                    if len(alive) < len(joining):
+                        cache, mask = self._select(cache, mask, alive)
+                    self._join(lane, cache, mask)
+                    lane.rows += [joining[i] for i in alive]
+
+    def _forward(self, lane: _Lane, adapters: Sequence[str], **inputs: Any) -> Any:
+        if lane.per_row_adapters:
+            self._names[:] = adapters
+        return lane.model(use_cache=True, **inputs)
+
+    def _prefill(self, lane: _Lane, owners: Sequence[tuple[_Call, int]]
+                 ) -> tuple[list[_Row], Any, torch.Tensor]:
+        """Run the rows' prompts in one forward (after the cached prefix, laid out as
         ``[prefix][padding][rest]``, or left-padded whole) and take each row's scores."""
-        jobs = call.jobs
+        jobs = [call.jobs[index] for call, index in owners]
         adapters = [j.adapter if j.adapter in self.adapters else BASE_VARIANT for j in jobs]
         prompts = self.tokenizer([j.prompt for j in jobs], add_special_tokens=False)["input_ids"]
         start, past = 0, None
-        if self.prefix.covers(prompts):
-            start = len(self.prefix.ids)
-            past = self.prefix.batch_cache(adapters)
+        if lane.prefix.covers(prompts):
+            start = len(lane.prefix.ids)
+            past = lane.prefix.batch_cache(adapters if lane.per_row_adapters
+                                           else [BASE_VARIANT] * len(jobs))
         width = max(len(p) - start for p in prompts)
         pad = self.tokenizer.pad_token_id or 0
         ids, positions, rest_mask = [], [], []
@@ -220,16 +291,16 @@ class ContinuousGenerator:
         mask = torch.cat([torch.ones((len(jobs), start), dtype=torch.long),
                           torch.tensor(rest_mask)], dim=1)
         device = self.loaded.device
-        out = self._forward(adapters, input_ids=torch.tensor(ids, device=device),
+        out = self._forward(lane, adapters, input_ids=torch.tensor(ids, device=device),
                             attention_mask=mask.to(device),
                             position_ids=torch.tensor(positions, device=device),
                             past_key_values=past, logits_to_keep=1)
         rows = []
-        for index, (job, prompt, adapter) in enumerate(zip(jobs, prompts, adapters,
-                                                           strict=True)):
+        for i, ((call, index), job, prompt, adapter) in enumerate(zip(owners, jobs, prompts,
+                                                                       adapters, strict=True)):
             row = _Row(call, index, list(prompt), adapter,
                        PerRowSampler([job.controls], [job.seed]), length=len(prompt))
-            row.logits = out.logits[index : index + 1, -1, :]
+            row.logits = out.logits[i : i + 1, -1, :]
             rows.append(row)
         return rows, out.past_key_values, mask
 
@@ -271,47 +342,47 @@ class ContinuousGenerator:
         if call.left == 0:
             call.done.set()
 
-    def _decode(self, rows: list[_Row], cache: Any, mask: torch.Tensor
-                ) -> tuple[Any, torch.Tensor]:
-        """One step for every running row; rows that ended leave the batch."""
+    def _decode(self, lane: _Lane) -> None:
+        """One step for every row of the lane; rows that ended leave it."""
+        rows = lane.rows
         device = self.loaded.device
         ids = torch.tensor([[r.tokens[-1]] for r in rows], device=device)
         positions = torch.tensor([[r.length] for r in rows], device=device)
-        mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype)], dim=1)
-        out = self._forward([r.adapter for r in rows], input_ids=ids,
-                            attention_mask=mask.to(device), position_ids=positions,
-                            past_key_values=cache)
+        lane.mask = torch.cat([lane.mask, torch.ones((len(rows), 1), dtype=lane.mask.dtype)],
+                              dim=1)
+        out = self._forward(lane, [r.adapter for r in rows], input_ids=ids,
+                            attention_mask=lane.mask.to(device), position_ids=positions,
+                            past_key_values=lane.cache)
         self.steps += 1
-        self.most_rows = max(self.most_rows, len(rows))
         keep = []
-        for i, row in enumerate(list(rows)):
+        for i, row in enumerate(rows):
             row.length += 1
             row.logits = out.logits[i : i + 1, -1, :]
             if self._step_row(row):
                 keep.append(i)
-        cache = out.past_key_values
+        lane.cache = out.past_key_values
         if len(keep) < len(rows):
-            rows[:] = [rows[i] for i in keep]
-            cache, mask = self._select(cache, mask, keep)
-        return cache, mask
+            lane.rows = [rows[i] for i in keep]
+            lane.cache, lane.mask = self._select(lane.cache, lane.mask, keep)
 
-    def _join(self, cache: Any, mask: torch.Tensor, group: Any, group_mask: torch.Tensor
-              ) -> tuple[Any, torch.Tensor]:
-        """Add prefilled rows to the batch: whichever side is shorter is padded on the left."""
+    def _join(self, lane: _Lane, cache: Any, mask: torch.Tensor) -> None:
+        """Add prefilled rows to a lane: whichever side is shorter is padded on the left."""
         from transformers import DynamicCache
 
-        if cache is None or mask.shape[0] == 0:
-            return group, group_mask
-        width, length = mask.shape[1], group_mask.shape[1]
+        if lane.cache is None or lane.mask.shape[0] == 0:
+            lane.cache, lane.mask = cache, mask
+            return
+        width, length = lane.mask.shape[1], mask.shape[1]
         total = max(width, length)
         joined = DynamicCache()
-        for layer_index, (old, new) in enumerate(zip(cache.layers, group.layers, strict=True)):
+        for layer_index, (old, new) in enumerate(zip(lane.cache.layers, cache.layers,
+                                                     strict=True)):
             keys = torch.cat([_pad_left(old.keys, total), _pad_left(new.keys, total)])
             values = torch.cat([_pad_left(old.values, total), _pad_left(new.values, total)])
             joined.update(keys, values, layer_index)
-        mask = torch.cat([torch.nn.functional.pad(mask, (total - width, 0)),
-                          torch.nn.functional.pad(group_mask, (total - length, 0))])
-        return joined, mask
+        lane.cache = joined
+        lane.mask = torch.cat([torch.nn.functional.pad(lane.mask, (total - width, 0)),
+                               torch.nn.functional.pad(mask, (total - length, 0))])
 
     def _select(self, cache: Any, mask: torch.Tensor, keep: list[int]
                 ) -> tuple[Any, torch.Tensor]:
@@ -332,17 +403,16 @@ class ContinuousGenerator:
                             layer.values[device_index, :, first:], layer_index)
         return selected, mask
 
-    def _fail(self, call: _Call, exc: BaseException, cache: Any, mask: torch.Tensor,
-              rows: list[_Row]) -> tuple[Any, torch.Tensor]:
-        """End a call with an error; its rows leave the batch."""
-        keep = [i for i, r in enumerate(rows) if r.call is not call]
-        if len(keep) < len(rows) and cache is not None:
-            rows[:] = [rows[i] for i in keep]
-            cache, mask = self._select(cache, mask, keep)
+    def _fail(self, call: _Call, exc: BaseException) -> None:
+        """End a call with an error; its rows leave their lanes."""
+        for lane in self._lanes.values():
+            keep = [i for i, r in enumerate(lane.rows) if r.call is not call]
+            if len(keep) < len(lane.rows) and lane.cache is not None:
+                lane.rows = [lane.rows[i] for i in keep]
+                lane.cache, lane.mask = self._select(lane.cache, lane.mask, keep)
         if not call.done.is_set():
             call.error = exc
             call.done.set()
-        return cache, mask
 
 
 def _pad_left(tensor: torch.Tensor, total: int) -> torch.Tensor:

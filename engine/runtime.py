@@ -45,8 +45,10 @@ def build_generator(settings: Settings, persona: Persona, fake: bool = False,
                         settings.dtype, settings.model_cache_dir, settings.load_in_4bit)
     prefix = system_block(loaded.tokenizer, persona) if settings.prefix_cache else ""
     if settings.local_engine == "continuous":
+        merge = (settings.merge_adapters and loaded.device.type == "cpu"
+                 and not settings.load_in_4bit)
         return ContinuousGenerator(loaded, persona.other_speakers, shared_prefix=prefix,
-                                   max_rows=settings.max_running_rows)
+                                   max_rows=settings.max_running_rows, merge_adapters=merge)
     return HFGenerator(loaded, persona.other_speakers, shared_prefix=prefix)
 
 

@@ -140,6 +140,14 @@ def _stream_order(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
+def split_quick(entries: list[tuple[str, dict[str, str]]]
+                ) -> list[list[tuple[str, dict[str, str]]]]:
+    """The entries that need no model, then the others (each list only when not empty)."""
+    quick = [e for e in entries if needs_no_model(e[1])]
+    rest = [e for e in entries if not needs_no_model(e[1])]
+    return [part for part in (quick, rest) if part]
+
+
 def needs_no_model(fields: dict[str, str]) -> bool:
     """A request answered without the model: /reset, /forget, a message without words."""
     try:
@@ -270,26 +278,43 @@ class Worker:
                 if burst and not self._carry:
                     return
                 continue
-            if await self.process_batch(entries) == 0 and self._carry:
+            answered = 0
+            for part in split_quick(entries):  # a /reset never waits for a chat's reply
+                answered += await self.process_batch(part)
+            if answered == 0 and self._carry:
                 await asyncio.sleep(0.02)  # only waiting requests: let their turn come
 
     async def _serve_continuously(self, burst: bool) -> None:
         """With a generator that joins calls (`engine.continuous`): read while batches run,
         and start each batch read at once, so its rows join the running batch at the next
-        decode step; up to ``batch_size`` requests in flight. Requests that need no model
-        are answered in their own batch in milliseconds."""
+        decode step; up to ``batch_size`` requests in flight. Past that, requests that need
+        no model are still read and answered in their own batch in milliseconds; the others
+        wait, carried (at most ``batch_size``)."""
         running: set[asyncio.Task[int]] = set()
         backoff = 0.1
+        size = self.options.batch_size
+        renew_at = 0.0
         while not self.stop.is_set() or self._carry or running:
             self.metrics.beat()
-            room = self.options.batch_size - self._in_flight
-            if running and (room <= 0 or self.stop.is_set()):
+            room = size - self._in_flight
+            if running and (self.stop.is_set() or (room <= 0 and len(self._carry) >= size)):
                 await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 continue
             try:
-                entries = await self.read_batch(
-                    block=not burst, size=room,
-                    block_ms=CONTROL_LANE_BLOCK_MS if running else None)
+                if room > 0:
+                    entries = await self.read_batch(
+                        block=not burst, size=room,
+                        block_ms=CONTROL_LANE_BLOCK_MS if running else None)
+                else:  # full: read on for what needs no model; the rest waits, carried
+                    entries = await self._read_new(size - len(self._carry),
+                                                   None if burst else CONTROL_LANE_BLOCK_MS)
+                    self._carry += [e for e in entries if not needs_no_model(e[1])]
+                    entries = [e for e in entries if needs_no_model(e[1])]
+                    if self._carry and time.monotonic() >= renew_at:  # leased while waiting
+                        renew_at = time.monotonic() + self.options.claim_idle_ms / 3000
+                        await self.redis.xclaim(self.keys.requests, WORKERS_GROUP,
+                                                self.options.name, 0,
+                                                [eid for eid, _ in self._carry], justid=True)
                 backoff = 0.1
             except REDIS_DOWN as exc:
                 log.warning("Redis unavailable (%s); retrying in %.1fs", type(exc).__name__,
@@ -312,9 +337,10 @@ class Worker:
                 if self._carry:
                     await asyncio.sleep(0.02)  # only waiting requests: let their turn come
                 continue
-            batch = asyncio.create_task(self._run_batch(entries))
-            running.add(batch)
-            batch.add_done_callback(running.discard)
+            for part in split_quick(entries):  # a /reset never waits for a chat's reply
+                batch = asyncio.create_task(self._run_batch(part))
+                running.add(batch)
+                batch.add_done_callback(running.discard)
 
     async def _run_batch(self, entries: list[tuple[str, dict[str, str]]]) -> int:
         conversations = [c for c in (_conversation_of(f) for _, f in entries) if c]
@@ -380,7 +406,8 @@ class Worker:
                 break
             entries += more
         # Under load a short wait fills the batch; it costs little next to a generate().
-        wait_ms = self.options.batch_wait_ms
+        # (Not with continuous batching: what arrives later joins the running batch anyway.)
+        wait_ms = 0 if self.joins else self.options.batch_wait_ms
         if (entries and len(entries) < size and wait_ms
                 and self._last_generation_s * 1000 > 10 * wait_ms):
             await asyncio.sleep(wait_ms / 1000)

@@ -22,11 +22,12 @@ QUESTIONS = ["Do I need surgery?", "Is it lupus?", "Why are you so rude?",
              "My head hurts every morning and my left hand goes numb when I type."]
 
 
-@pytest.fixture(scope="module")
-def engine(embedded_model, persona):  # type: ignore[no-untyped-def]
+@pytest.fixture(scope="module", params=[False, True], ids=["per-row-lora", "merged"])
+def engine(embedded_model, persona, request):  # type: ignore[no-untyped-def]
     generator = ContinuousGenerator(embedded_model, persona.other_speakers,
                                     shared_prefix=system_block(embedded_model.tokenizer,
-                                                               persona))
+                                                               persona),
+                                    merge_adapters=request.param)
     yield generator
     generator.close()
 
