@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint bench clean redis
+.PHONY: install run test lint bench bench-peer clean redis
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -31,6 +31,20 @@ test: install redis
 
 bench: install redis
 	$(VENV)/bin/drhouse bench all --json runs/bench.json
+
+# llama.cpp (llama-cpp-python) in its own environment, built from source for this CPU
+# (GGML_NATIVE: AVX-512 where the CPU has it, AVX2 elsewhere; about 10 minutes on 2 cores),
+# then our serving benchmark and llama.cpp on the same prompts and GGUF file, in one run.
+PEER_VENV ?= .cache/peer-venv
+$(PEER_VENV)/.installed:
+	python3 -m venv $(PEER_VENV)
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(PEER_VENV)/bin/pip install -q --no-binary llama-cpp-python \
+		llama-cpp-python==0.3.36
+	touch $@
+
+bench-peer: install redis $(PEER_VENV)/.installed
+	$(VENV)/bin/drhouse bench peer --peer-python $(PEER_VENV)/bin/python \
+		--json reports/bench/peer.json
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache

@@ -13,6 +13,11 @@
   another conversation every 0.3 s: aggregate tokens/s, reply latency p50/p95, time to the
   first streamed text p50/p95, ``/reset`` latency p50/p95. ``--json`` writes
   ``{"serve": {"engine": …, "alone_p50_ms": …, "c1": {…}, "c16": {…}, "by_engine": {…}}}``.
+- ``bench peer``: ``serve`` for the continuous engine and, in the same run, llama.cpp
+  (`engine/peer_llama.py`, run with ``--peer-python``, the environment ``make bench-peer``
+  builds) on the very GGUF file the embedded model comes from, the same rendered prompts and
+  token limit, one request at a time: our aggregate tokens/s ÷ its single-stream tokens/s.
+  ``--json`` adds ``peer`` and ``ratio_vs_peer`` beside ``serve``.
 - ``bench all``: batching and queue. ``--json PATH`` writes ``{"batching": {...}, "queue": {...}}``.
 """
 
@@ -23,6 +28,9 @@ import asyncio
 import contextlib
 import json
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -49,8 +57,10 @@ BENCH_PROMPTS = [
 
 
 def configure(parser: argparse.ArgumentParser, name: str) -> None:
-    parser.add_argument("which", choices=["batching", "queue", "serve", "all"], nargs="?",
-                        default="all")
+    parser.add_argument("which", choices=["batching", "queue", "serve", "peer", "all"],
+                        nargs="?", default="all")
+    parser.add_argument("--peer-python", type=Path, default=None,
+                        help="for 'peer': the Python that has llama_cpp (make bench-peer)")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     parser.add_argument("--conversations", type=int, default=16,
                         help="concurrent conversations for 'batching' (default 16)")
@@ -92,6 +102,12 @@ def run(args: argparse.Namespace) -> int:
             [d.strip() for d in args.dtypes.split(",") if d.strip()], args.adapter, args.rounds))
     if args.which in ("queue", "all"):
         results["queue"] = asyncio.run(bench_queue(settings, args.requests))
+    if args.which == "peer":
+        if args.peer_python is None or not args.peer_python.exists():
+            print("drhouse bench peer: --peer-python must name the Python of an environment "
+                  "with llama-cpp-python (`make bench-peer` builds one)", file=sys.stderr)
+            return 2
+        results.update(asyncio.run(bench_peer(settings, args)))
     if args.which == "serve":
         results["serve"] = asyncio.run(bench_serve(
             settings, [e.strip() for e in args.engines.split(",") if e.strip()],
@@ -439,3 +455,55 @@ async def _serve_level(ask: Any, level: int, messages: int) -> dict[str, float]:
             "p95_ms": percentile(latencies, 95),
             "ttft_p50_ms": percentile(ttfts, 50), "ttft_p95_ms": percentile(ttfts, 95),
             "control_p50_ms": percentile(controls, 50), "control_p95_ms": percentile(controls, 95)}
+
+
+async def bench_peer(settings: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """``serve`` (continuous engine) and llama.cpp on the same prompts, in one run."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from engine.model_loading import find_embedded_gguf, load_model
+    from persona.pack import load_persona
+    from persona.prompt import render_prompt
+
+    levels = sorted({1, 16, *[int(c) for c in args.levels.split(",") if c.strip()]})
+    serve = await bench_serve(settings, ["continuous"], levels, args.messages,
+                              args.max_new_tokens, args.candidates,
+                              args.adapter or settings.default_adapter)
+    persona = load_persona(settings.persona)
+    tokenizer = load_model(settings.base_model, {}, "cpu", "float32",
+                           settings.model_cache_dir).tokenizer
+    controls = persona.controls
+    spec = {"gguf": str(find_embedded_gguf(settings.base_model)), "threads": 2,
+            "max_tokens": args.max_new_tokens, "temperature": controls.temperature,
+            "top_p": controls.top_p, "repeat_penalty": controls.repetition_penalty,
+            "prompts": [render_prompt(tokenizer, persona, [], p) for p in BENCH_PROMPTS]}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(spec, f)
+    script = Path(__file__).with_name("peer_llama.py")
+    done = await asyncio.to_thread(subprocess.run, [str(args.peer_python), str(script), f.name],
+                                   capture_output=True, text=True, timeout=1800)
+    Path(f.name).unlink(missing_ok=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"llama.cpp run failed: {done.stderr[-2000:]}")
+    peer = json.loads(done.stdout.strip().splitlines()[-1])
+    latencies = [r["ms"] for r in peer["replies"]]
+    peer_figures = {"tokens_per_s": peer["tokens_per_s"], "tokens": peer["tokens"],
+                    "p50_ms": percentile(latencies, 50),
+                    "ttft_p50_ms": percentile([r["ttft_ms"] for r in peer["replies"]], 50),
+                    "threads": peer["threads"], "gguf": Path(spec["gguf"]).name,
+                    "samples": [r["text"] for r in peer["replies"][:3]]}
+    ratio = serve["c16"]["tokens_per_s"] / peer["tokens_per_s"]
+    table = Table(title="ours (continuous engine, House adapter) vs llama.cpp (base GGUF, "
+                        "one request at a time, 2 threads)")
+    for column in ("engine", "tokens/s", "reply p50 ms", "first text p50 ms"):
+        table.add_column(column, justify="right")
+    table.add_row("ours, 1 conversation", f"{serve['c1']['tokens_per_s']:.1f}",
+                  f"{serve['c1']['p50_ms']:.0f}", f"{serve['c1']['ttft_p50_ms']:.0f}")
+    table.add_row("ours, 16 conversations", f"{serve['c16']['tokens_per_s']:.1f}",
+                  f"{serve['c16']['p50_ms']:.0f}", f"{serve['c16']['ttft_p50_ms']:.0f}")
+    table.add_row("llama.cpp, one stream", f"{peer['tokens_per_s']:.1f}",
+                  f"{peer_figures['p50_ms']:.0f}", f"{peer_figures['ttft_p50_ms']:.0f}")
+    Console().print(table)
+    print(f"ours at 16 conversations / llama.cpp single stream = {ratio:.2f}x")
+    return {"serve": serve, "peer": peer_figures, "ratio_vs_peer": ratio}
