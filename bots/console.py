@@ -30,6 +30,8 @@ from persona.pack import Persona
 
 log = logging.getLogger(__name__)
 
+STARTUP_WAITS = 5  # reply timeouts waited in a row while no worker has started yet
+
 
 class ConsoleFrontend:
     def __init__(self, settings: Settings, persona: Persona, queue: QueueClient, keys: Keys,
@@ -83,7 +85,7 @@ class ConsoleFrontend:
             self.out.print("[dim]House is typing…[/dim]")
         self._waiting, self._streamed = outcome.id, False
         try:
-            reply = await self.queue.wait_reply(outcome.id, self.settings.reply_timeout_s)
+            reply = await self._wait(outcome.id)
         except TimeoutError:
             self._clear_line()
             self.say(self.persona.line("timeout"))
@@ -92,6 +94,20 @@ class ConsoleFrontend:
             self._waiting = None
         self._clear_line()
         self.show(reply)
+
+    async def _wait(self, request_id: str) -> Reply:
+        """The reply; while no worker is up yet (``drhouse up`` still loading the model and
+        House's lines) the wait goes on, so a first question typed at once is not lost to
+        the timeout line."""
+        for _ in range(STARTUP_WAITS):
+            try:
+                return await self.queue.wait_reply(request_id, self.settings.reply_timeout_s)
+            except TimeoutError:
+                if await self.core.workers_alive(fresh=True):
+                    raise
+                if self.interactive:
+                    self.out.print("[dim]House is still getting ready…[/dim]")
+        raise TimeoutError(request_id)
 
     async def partial(self, reply: Reply) -> None:
         """The reply's text so far, rewritten in place on the line as it grows."""

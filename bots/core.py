@@ -159,11 +159,11 @@ class FrontendCore:
             return None
         return None if alive else self.persona.line("queued")
 
-    async def workers_alive(self) -> bool:
+    async def workers_alive(self, fresh: bool = False) -> bool:
         """Whether any worker's health key exists (workers refresh it every loop; it expires
-        30 s after the last). Checked at most every WORKER_CHECK_S."""
+        30 s after the last). Checked at most every WORKER_CHECK_S, unless ``fresh``."""
         now = time.monotonic()
-        if now - self._alive_checked >= WORKER_CHECK_S:
+        if fresh or now - self._alive_checked >= WORKER_CHECK_S:
             found = False
             async for _ in self.queue.redis.scan_iter(match=self.keys.health_pattern,
                                                       count=1000):

@@ -85,6 +85,9 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
                         help="messages per conversation for 'serve' (default 2)")
     parser.add_argument("--candidates", type=int, default=1,
                         help="candidates per reply for 'serve' (default 1)")
+    parser.add_argument("--mode", choices=["generated", "hybrid", "canon"], default=None,
+                        help="reply mode for 'serve' and 'peer' (default: REPLY_MODE); hybrid "
+                             "and canon need the selector and the data set")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -112,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
         results["serve"] = asyncio.run(bench_serve(
             settings, [e.strip() for e in args.engines.split(",") if e.strip()],
             [int(c) for c in args.levels.split(",") if c.strip()], args.messages,
-            args.max_new_tokens, args.candidates, args.adapter or settings.default_adapter))
+            args.max_new_tokens, args.candidates, args.adapter or settings.default_adapter,
+            args.mode or settings.reply_mode))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))
@@ -314,7 +318,8 @@ async def bench_queue(settings: Any, n: int) -> dict[str, Any]:
 
 
 async def bench_serve(settings: Any, engines: list[str], levels: list[int], messages: int,
-                      max_new_tokens: int, candidates: int, adapter: str) -> dict[str, Any]:
+                      max_new_tokens: int, candidates: int, adapter: str,
+                      mode: str = "generated") -> dict[str, Any]:
     """The engines behind a real worker and queue, replies streamed (see the module doc)."""
     from rich.console import Console
     from rich.table import Table
@@ -323,6 +328,7 @@ async def bench_serve(settings: Any, engines: list[str], levels: list[int], mess
     from engine.generation import HFGenerator
     from engine.logging_setup import redis_for
     from engine.model_loading import load_model
+    from engine.runtime import build_canon, build_scorer
     from persona.pack import load_persona
     from persona.prompt import system_block
 
@@ -330,12 +336,17 @@ async def bench_serve(settings: Any, engines: list[str], levels: list[int], mess
     loaded = await asyncio.to_thread(load_model, settings.base_model,
                                      {adapter: settings.adapter_paths[adapter]}, "cpu",
                                      settings.dtype, settings.model_cache_dir)
+    chosen_settings = settings.model_copy(update={"reply_mode": mode})
+    scorer = await asyncio.to_thread(build_scorer, chosen_settings)
+    canon = await asyncio.to_thread(build_canon, chosen_settings)
+    if mode != "generated" and canon is None:
+        mode = "generated"  # build_canon logged why
     prefix = system_block(loaded.tokenizer, persona) if settings.prefix_cache else ""
     controls = {"max_new_tokens": max_new_tokens, "candidates": candidates}
     redis = await redis_for(settings)
     by_engine: dict[str, Any] = {}
     table = Table(title=f"serving: adapter {adapter}, {max_new_tokens} new tokens at most, "
-                        f"{candidates} candidate(s), replies streamed, generated mode")
+                        f"{candidates} candidate(s), replies streamed, {mode} mode")
     for column in ("engine", "conversations", "replies", "tokens/s", "p50 ms", "p95 ms",
                    "first text p50 ms", "p95 ms", "/reset p50 ms", "p95 ms"):
         table.add_column(column, justify="right")
@@ -347,7 +358,7 @@ async def bench_serve(settings: Any, engines: list[str], levels: list[int], mess
                               if engine == "continuous" else
                               HFGenerator(loaded, persona.other_speakers, shared_prefix=prefix))
             figures = await _bench_engine(redis, generator, persona, settings, engine,
-                                          controls, levels, messages)
+                                          controls, levels, messages, mode, scorer, canon)
             close = getattr(generator, "close", None)
             if close is not None:
                 await asyncio.to_thread(close)
@@ -364,13 +375,13 @@ async def bench_serve(settings: Any, engines: list[str], levels: list[int], mess
     for engine, figures in by_engine.items():
         print(f"{engine}: one reply alone p50 {figures['alone_p50_ms']:.0f} ms")
     chosen = engines[0]
-    return {"engine": chosen, **by_engine[chosen], "by_engine": by_engine,
+    return {"engine": chosen, **by_engine[chosen], "by_engine": by_engine, "mode": mode,
             "max_new_tokens": max_new_tokens, "candidates": candidates, "adapter": adapter}
 
 
 async def _bench_engine(redis: Any, generator: Any, persona: Any, settings: Any, engine: str,
-                        controls: dict[str, int], levels: list[int], messages: int
-                        ) -> dict[str, Any]:
+                        controls: dict[str, int], levels: list[int], messages: int,
+                        mode: str, scorer: Any, canon: Any) -> dict[str, Any]:
     from engine.keys import Keys
     from engine.protocol import Reply, Request
     from engine.queue_client import QueueClient
@@ -387,7 +398,7 @@ async def _bench_engine(redis: Any, generator: Any, persona: Any, settings: Any,
     queue.on_partial = heard
     worker = Worker(redis, keys, generator, persona, WorkerOptions(
         name=f"bench-{engine}", batch_size=settings.batch_size, block_ms=20,
-        batch_wait_ms=settings.batch_wait_ms, reply_mode="generated"))
+        batch_wait_ms=settings.batch_wait_ms, reply_mode=mode), scorer=scorer, canon=canon)
     stop = asyncio.Event()
     reader = asyncio.create_task(queue.run_reader(stop=stop, block_ms=20))
     serving = asyncio.create_task(worker.run())
@@ -409,7 +420,8 @@ async def _bench_engine(redis: Any, generator: Any, persona: Any, settings: Any,
         alone = [(await ask(f"alone{i}", BENCH_PROMPTS[i]))[0] for i in range(3)]
         figures: dict[str, Any] = {"alone_p50_ms": percentile(alone, 50)}
         for level in levels:
-            figures[f"c{level}"] = await _serve_level(ask, level, messages)
+            figures[f"c{level}"] = await _serve_level(
+                ask, level, messages, lambda: worker.metrics.tokens._value.get())
         return figures
     finally:
         worker.stop.set()
@@ -420,21 +432,21 @@ async def _bench_engine(redis: Any, generator: Any, persona: Any, settings: Any,
             await redis.delete(key)
 
 
-async def _serve_level(ask: Any, level: int, messages: int) -> dict[str, float]:
-    """``level`` conversations of ``messages`` messages each, and a /reset prober."""
+async def _serve_level(ask: Any, level: int, messages: int, generated: Any
+                       ) -> dict[str, float]:
+    """``level`` conversations of ``messages`` messages each, and a /reset prober; tokens/s
+    counts every token generated (all candidates; a reply that is a line from the series
+    carries none of its own)."""
     latencies: list[float] = []
     ttfts: list[float] = []
     controls: list[float] = []
-    tokens = 0
     done = asyncio.Event()
 
     async def conversation(i: int) -> None:
-        nonlocal tokens
         for k in range(messages):
-            ms, ttft, n = await ask(f"c{level}:{i}",
+            ms, ttft, _ = await ask(f"c{level}:{i}",
                                     BENCH_PROMPTS[(i + k * 7) % len(BENCH_PROMPTS)])
             latencies.append(ms)
-            tokens += n
             if ttft is not None:
                 ttfts.append(ttft)
 
@@ -445,11 +457,13 @@ async def _serve_level(ask: Any, level: int, messages: int) -> dict[str, float]:
             await asyncio.sleep(0.3)
 
     probing = asyncio.create_task(prober())
+    tokens_before = generated()
     started = time.perf_counter()
     await asyncio.gather(*(conversation(i) for i in range(level)))
     wall = time.perf_counter() - started
     done.set()
     await probing
+    tokens = int(generated() - tokens_before)
     return {"replies": len(latencies), "tokens": tokens, "wall_s": wall,
             "tokens_per_s": tokens / wall, "p50_ms": percentile(latencies, 50),
             "p95_ms": percentile(latencies, 95),
@@ -469,7 +483,8 @@ async def bench_peer(settings: Any, args: argparse.Namespace) -> dict[str, Any]:
     levels = sorted({1, 16, *[int(c) for c in args.levels.split(",") if c.strip()]})
     serve = await bench_serve(settings, ["continuous"], levels, args.messages,
                               args.max_new_tokens, args.candidates,
-                              args.adapter or settings.default_adapter)
+                              args.adapter or settings.default_adapter,
+                              args.mode or settings.reply_mode)
     persona = load_persona(settings.persona)
     tokenizer = load_model(settings.base_model, {}, "cpu", "float32",
                            settings.model_cache_dir).tokenizer

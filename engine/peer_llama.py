@@ -29,10 +29,12 @@ def main(spec_path: str) -> int:
         for chunk in llm(prompt, max_tokens=spec["max_tokens"], stream=True, seed=i,
                          temperature=spec["temperature"], top_p=spec["top_p"],
                          repeat_penalty=spec["repeat_penalty"]):
+            choice = chunk["choices"][0]
             if first is None:
                 first = time.perf_counter()
-            tokens += 1
-            text += chunk["choices"][0]["text"]
+            if choice.get("finish_reason") is None:  # the last chunk only says why it ended
+                tokens += 1
+            text += choice["text"]
         done = time.perf_counter()
         replies.append({"ms": (done - sent) * 1000,
                         "ttft_ms": ((first or done) - sent) * 1000, "tokens": tokens,
