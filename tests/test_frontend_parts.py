@@ -205,3 +205,30 @@ async def test_the_console_rewrites_a_streamed_reply_in_place(
     before, after = streamed.rsplit("\r\x1b[K", 1)
     assert "House: Diagnosis" in before and after.startswith("House: Diagnosis")
     assert "\r" not in outputs[False] and outputs[False].count("Diagnosis") == 1
+
+
+async def test_the_console_waits_for_a_worker_that_is_still_starting(
+        redis, keys, persona, settings) -> None:  # type: ignore[no-untyped-def]
+    """`make run` on a fresh machine: the first question is typed while the worker is still
+    loading the model and House's lines (over REPLY_TIMEOUT_S the first time). It used to get
+    the timeout line; it now waits for the worker to start."""
+    import io
+
+    from harness import running_worker
+
+    from bots.console import ConsoleFrontend
+    from engine.generation import FakeGenerator
+    from engine.queue_client import QueueClient
+
+    queue = QueueClient(redis, keys, "console-start")
+    await queue.setup()
+    out = io.StringIO()
+    console = ConsoleFrontend(settings.model_copy(update={"reply_timeout_s": 0.5}), persona,
+                              queue, keys, stdin=io.StringIO("Is it lupus?\n"), stdout=out,
+                              interactive=False)
+    chatting = asyncio.create_task(console.run())
+    await asyncio.sleep(1.2)  # two reply timeouts with no worker
+    async with running_worker(redis, keys, persona, FakeGenerator()):
+        await asyncio.wait_for(chatting, 10)
+    assert out.getvalue().startswith("Diagnosis")
+    assert persona.line("timeout") not in out.getvalue()
