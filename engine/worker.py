@@ -1,5 +1,7 @@
-"""The inference worker: read micro-batches from the request stream, generate once per batch,
-write each reply and its ACK in one MULTI.
+"""The inference worker: intake (read the request stream, per-conversation order, leases,
+stale claims, dead letters, lost requests) and the serving loop around the engine
+(`engine.continuous` or `engine.generation`); the output side, replies and partial events, is
+`engine.output`. Each reply is written with its ACK in one MULTI.
 
 Outcomes per request:
 - answered: reply + history + ACK in one transaction;
@@ -35,19 +37,19 @@ from engine.generation import Generated, GenerationJob, Generator, OnText
 from engine.history import HistoryStore
 from engine.keys import BASE_VARIANT, HYBRID_VARIANT, WORKERS_GROUP, Keys
 from engine.metrics import WorkerMetrics
-from engine.protocol import ProtocolError, Reply, Request, Variant
+from engine.output import PartialEvents, ReplyBuilder
+from engine.protocol import ProtocolError, Reply, Request
 from engine.queue_client import ensure_group, queue_depth
 from engine.redis_conn import REDIS_DOWN
+from engine.task import Task
 from persona.canon import CanonPool
 from persona.pack import Controls, Persona
-from persona.postprocess import reply_candidate
 from persona.prompt import Turn, clean_user_text, has_words, render_prompt
-from persona.reply_choice import CANON, GENERATED, MODES, Candidate, pick
+from persona.reply_choice import CANON, GENERATED, MODES
 
 log = logging.getLogger(__name__)
 
 CONTROL_LANE_BLOCK_MS = 50
-PARTIAL_EVERY_S = 0.3  # at most one partial event per streamed reply in this time
 
 # Of the entry ids in ARGV, those whose entry is gone from the stream: envelopes removed and
 # returned (id, envelope, ...). Atomic, so two workers never apologise for the same request,
@@ -91,29 +93,6 @@ class WorkerOptions:
     refine_examples: int = 0
     stream_replies: bool = True
     overrides: dict[str, float | int] = field(default_factory=dict)
-
-
-@dataclass
-class Task:
-    """One request of a batch and the generation rows it needs."""
-
-    entry_id: str
-    request: Request
-    text: str = ""
-    speaker: str = ""
-    variants: list[str] = field(default_factory=list)
-    controls: Controls | None = None
-    rows: list[int] = field(default_factory=list)
-    reply: Reply | None = None
-    mode: str = GENERATED
-    context: tuple[str, ...] = ()  # the exchange before the message, for the selector
-    mentioned: str = ""  # the conversation's text: names a canon line may use
-    heard: set[int] = field(default_factory=set)  # canon rows heard lately
-    canon_row: int | None = None  # the canon line that won, to remember
-    partials: int = 0  # partial events published (their sequence number)
-    partial_text: str = ""
-    partial_at: float = 0.0  # time.monotonic() of the last one
-
 
 
 def selector_context(history: Sequence[Turn]) -> tuple[str, ...]:
@@ -195,6 +174,12 @@ class Worker:
         self.history = HistoryStore(redis, keys, self.options.history_max_turns,
                                     self.options.history_ttl_s)
         self.defaults = persona.controls.merged(self.options.overrides)
+        self.output = ReplyBuilder(persona, self.defaults, self.options.name,
+                                        self.options.default_adapter,
+                                        self.options.canon_candidates, self.metrics, scorer,
+                                        canon)
+        self.partials = PartialEvents(redis, keys, self.output, self.options.stream_replies,
+                                      self.options.stream_maxlen)
         self.stop = asyncio.Event()
         self.batches = 0
         self.replies = 0
@@ -209,7 +194,6 @@ class Worker:
         self._in_flight = 0  # requests in running batches
         self._take_lost = redis.register_script(_TAKE_LOST)
         self._next_sweep = 0.0
-        self._partial_writes: set[asyncio.Task[None]] = set()
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -538,14 +522,14 @@ class Worker:
                 log.exception("preparing request %s failed", task.request.id)
                 del jobs[mark:]
                 await self._poisoned(task, "prepare failed", tasks)
-        streams = self._streamed_rows(tasks)
+        streams = self.partials.streamed_rows(tasks)
         outputs: list[Generated] = []
         if jobs and self.joins:  # the serving loop reads on meanwhile
             outputs = await self._generate_isolated(tasks, jobs, streams)
         elif jobs:
             outputs = await self._with_control_lane(
                 self._generate_isolated(tasks, jobs, streams), held)
-        await self._partials_written()
+        await self.partials.written()
         pending = [task for task in tasks if task.reply is None]
         if pending:
             replies = await self._make_replies(pending, jobs, outputs)
@@ -799,42 +783,6 @@ class Worker:
                 return self.generator.generate(jobs)
             return self.generator.generate(jobs, on_text, stream_rows)
 
-    def _streamed_rows(self, tasks: list[Task]) -> dict[int, Task]:
-        """The row each streamed reply shows while it generates: its first candidate."""
-        if not self.options.stream_replies:
-            return {}
-        return {task.rows[0]: task for task in tasks
-                if task.rows and task.reply is None and task.request.kind in ("chat", "retry")}
-
-    def _heard(self, streams: dict[int, Task], row: int, text: str) -> None:
-        """A streamed row's text so far (on the event loop): published as a partial event at
-        most every ``PARTIAL_EVERY_S``, cleaned as a candidate is, from two words on."""
-        task = streams[row]
-        now = time.monotonic()
-        if now - task.partial_at < PARTIAL_EVERY_S:
-            return
-        controls = task.controls or self.defaults
-        shown = reply_candidate(text, True, self.persona.other_speakers, controls.sentence_cap,
-                                self.persona.system_prompt)
-        if len(shown.split()) < 2 or shown == task.partial_text:
-            return
-        task.partials += 1
-        task.partial_text, task.partial_at = shown, now
-        event = self.reply(task.request, text=shown, partial=task.partials)
-        write = asyncio.create_task(self._publish(task.request.frontend, event))
-        self._partial_writes.add(write)
-        write.add_done_callback(self._partial_writes.discard)
-
-    async def _publish(self, frontend: str, event: Reply) -> None:
-        with contextlib.suppress(*REDIS_DOWN):
-            await self.redis.xadd(self.keys.replies(frontend), event.dumps(),
-                                  maxlen=self.options.stream_maxlen, approximate=True)
-
-    async def _partials_written(self) -> None:
-        """Partial events go out before the final reply that supersedes them."""
-        if self._partial_writes:
-            await asyncio.gather(*self._partial_writes, return_exceptions=True)
-
     async def _generate(self, jobs: list[GenerationJob],
                         streams: dict[int, Task] | None = None) -> list[Generated]:
         started = time.perf_counter()
@@ -843,7 +791,7 @@ class Worker:
             loop = asyncio.get_running_loop()
 
             def on_text(row: int, text: str) -> None:  # the generating thread
-                loop.call_soon_threadsafe(self._heard, streams, row, text)
+                loop.call_soon_threadsafe(self.partials.heard, streams, row, text)
 
         stop = threading.Event()
         running = asyncio.ensure_future(asyncio.to_thread(
@@ -891,61 +839,12 @@ class Worker:
         threaded = self.scorer is not None or self.canon is not None
         return await asyncio.to_thread(build) if threaded else build()
 
-    def generated_candidates(self, task: Task, variant: int, outputs: list[Generated]
-                             ) -> list[Candidate]:
-        controls = task.controls or self.defaults
-        n = controls.candidates
-        candidates = []
-        for r in task.rows[variant * n : (variant + 1) * n]:
-            text = reply_candidate(outputs[r].text, outputs[r].finished,
-                                   self.persona.other_speakers, controls.sentence_cap,
-                                   self.persona.system_prompt)
-            candidates.append(Candidate(text, GENERATED, source=r))
-        return candidates
-
-    def pick(self, task: Task, generated: list[Candidate], mode: str) -> Candidate | None:
-        controls = task.controls or self.defaults
-        return pick(mode, task.text, generated, self.canon, self.scorer,
-                    self.options.canon_candidates, task.context, task.heard, task.mentioned,
-                    controls.sentence_cap)
-
     def make_reply(self, task: Task, jobs: list[GenerationJob],
                    outputs: list[Generated]) -> Reply:
-        request = task.request
-        if not outputs and (task.rows or task.mode != CANON):
-            return self.reply(request, error=self.persona.line("timeout"))
-        variants = []
-        won = GENERATED
-        for v, name in enumerate(task.variants):
-            if name == HYBRID_VARIANT:
-                default = task.variants.index(self.options.default_adapter)
-                winner = self.pick(task, self.generated_candidates(task, default, outputs),
-                                   HYBRID_VARIANT)
-            elif request.kind == "compare" or task.mode != CANON:
-                mode = GENERATED if request.kind == "compare" else task.mode
-                winner = self.pick(task, self.generated_candidates(task, v, outputs), mode)
-            else:
-                winner = self.pick(task, [], CANON)
-            text = winner.text if winner is not None else self.persona.line("fallback")
-            out = outputs[winner.source] if winner is not None and winner.kind == GENERATED \
-                else None
-            if name != HYBRID_VARIANT and request.kind != "compare" and winner is not None:
-                won = winner.kind
-                task.canon_row = winner.row
-            variants.append(Variant(name=name, text=text, tokens=out.tokens if out else 0,
-                                    ms=round(out.ms, 1) if out else 0.0,
-                                    won=winner.kind if winner is not None else None))
-        if request.kind == "compare":
-            return self.reply(request, variants=variants)
-        self.metrics.winners.labels(won).inc()
-        return self.reply(request, text=variants[0].text, tokens=variants[0].tokens,
-                          generation_ms=variants[0].ms, won=won)
+        return self.output.make_reply(task, jobs, outputs)
 
     def reply(self, request: Request, **fields) -> Reply:  # type: ignore[no-untyped-def]
-        return Reply(id=request.id, conversation=request.conversation, worker=self.options.name,
-                     kind=request.kind, route=request.route,
-                     queued_ms=round(max(0.0, time.time() - request.created_at) * 1000, 1),
-                     **fields)
+        return self.output.reply(request, **fields)
 
     async def finish(self, task: Task) -> bool:
         """Reply, history, ACK and removal of the request in one MULTI. False when Redis

@@ -1,0 +1,149 @@
+"""The worker's output side: a batch's generations made into replies (candidates cleaned,
+the reply choice, /compare variants) and, while rows generate, the partial events that stream
+a reply's text so far to its frontend."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+
+import redis.asyncio as aioredis
+
+from engine.generation import Generated, GenerationJob
+from engine.keys import HYBRID_VARIANT, Keys
+from engine.metrics import WorkerMetrics
+from engine.protocol import Reply, Request, Variant
+from engine.redis_conn import REDIS_DOWN
+from engine.task import Task
+from persona.canon import CanonPool
+from persona.pack import Controls, Persona
+from persona.postprocess import reply_candidate
+from persona.reply_choice import CANON, GENERATED, Candidate, pick
+
+PARTIAL_EVERY_S = 0.3  # at most one partial event per streamed reply in this time
+
+
+class ReplyBuilder:
+    """Replies from a batch's outputs, as the worker and the evaluation choose them."""
+
+    def __init__(self, persona: Persona, defaults: Controls, worker: str, default_adapter: str,
+                 canon_candidates: int, metrics: WorkerMetrics,
+                 scorer: Callable[[Sequence[str]], Sequence[float]] | None = None,
+                 canon: CanonPool | None = None):
+        self.persona = persona
+        self.defaults = defaults
+        self.worker = worker
+        self.default_adapter = default_adapter
+        self.canon_candidates = canon_candidates
+        self.metrics = metrics
+        self.scorer = scorer
+        self.canon = canon
+
+    def generated_candidates(self, task: Task, variant: int, outputs: list[Generated]
+                             ) -> list[Candidate]:
+        controls = task.controls or self.defaults
+        n = controls.candidates
+        candidates = []
+        for r in task.rows[variant * n : (variant + 1) * n]:
+            text = reply_candidate(outputs[r].text, outputs[r].finished,
+                                   self.persona.other_speakers, controls.sentence_cap,
+                                   self.persona.system_prompt)
+            candidates.append(Candidate(text, GENERATED, source=r))
+        return candidates
+
+    def pick(self, task: Task, generated: list[Candidate], mode: str) -> Candidate | None:
+        controls = task.controls or self.defaults
+        return pick(mode, task.text, generated, self.canon, self.scorer,
+                    self.canon_candidates, task.context, task.heard, task.mentioned,
+                    controls.sentence_cap)
+
+    def make_reply(self, task: Task, jobs: list[GenerationJob],
+                   outputs: list[Generated]) -> Reply:
+        request = task.request
+        if not outputs and (task.rows or task.mode != CANON):
+            return self.reply(request, error=self.persona.line("timeout"))
+        variants = []
+        won = GENERATED
+        for v, name in enumerate(task.variants):
+            if name == HYBRID_VARIANT:
+                default = task.variants.index(self.default_adapter)
+                winner = self.pick(task, self.generated_candidates(task, default, outputs),
+                                   HYBRID_VARIANT)
+            elif request.kind == "compare" or task.mode != CANON:
+                mode = GENERATED if request.kind == "compare" else task.mode
+                winner = self.pick(task, self.generated_candidates(task, v, outputs), mode)
+            else:
+                winner = self.pick(task, [], CANON)
+            text = winner.text if winner is not None else self.persona.line("fallback")
+            out = outputs[winner.source] if winner is not None and winner.kind == GENERATED \
+                else None
+            if name != HYBRID_VARIANT and request.kind != "compare" and winner is not None:
+                won = winner.kind
+                task.canon_row = winner.row
+            variants.append(Variant(name=name, text=text, tokens=out.tokens if out else 0,
+                                    ms=round(out.ms, 1) if out else 0.0,
+                                    won=winner.kind if winner is not None else None))
+        if request.kind == "compare":
+            return self.reply(request, variants=variants)
+        self.metrics.winners.labels(won).inc()
+        return self.reply(request, text=variants[0].text, tokens=variants[0].tokens,
+                          generation_ms=variants[0].ms, won=won)
+
+    def reply(self, request: Request, **fields) -> Reply:  # type: ignore[no-untyped-def]
+        return Reply(id=request.id, conversation=request.conversation, worker=self.worker,
+                     kind=request.kind, route=request.route,
+                     queued_ms=round(max(0.0, time.time() - request.created_at) * 1000, 1),
+                     **fields)
+
+
+class PartialEvents:
+    """The text so far of streamed rows, published as numbered partial events on the
+    frontend's reply stream (the final reply, written after them, supersedes them)."""
+
+    def __init__(self, redis: aioredis.Redis, keys: Keys, replies: ReplyBuilder, enabled: bool,
+                 stream_maxlen: int):
+        self.redis = redis
+        self.keys = keys
+        self.replies = replies
+        self.enabled = enabled
+        self.stream_maxlen = stream_maxlen
+        self._writes: set[asyncio.Task[None]] = set()
+
+    def streamed_rows(self, tasks: list[Task]) -> dict[int, Task]:
+        """The row each streamed reply shows while it generates: its first candidate."""
+        if not self.enabled:
+            return {}
+        return {task.rows[0]: task for task in tasks
+                if task.rows and task.reply is None and task.request.kind in ("chat", "retry")}
+
+    def heard(self, streams: dict[int, Task], row: int, text: str) -> None:
+        """A streamed row's text so far (on the event loop): published as a partial event at
+        most every ``PARTIAL_EVERY_S``, cleaned as a candidate is, from two words on."""
+        task = streams[row]
+        now = time.monotonic()
+        if now - task.partial_at < PARTIAL_EVERY_S:
+            return
+        controls = task.controls or self.replies.defaults
+        persona = self.replies.persona
+        shown = reply_candidate(text, True, persona.other_speakers, controls.sentence_cap,
+                                persona.system_prompt)
+        if len(shown.split()) < 2 or shown == task.partial_text:
+            return
+        task.partials += 1
+        task.partial_text, task.partial_at = shown, now
+        event = self.replies.reply(task.request, text=shown, partial=task.partials)
+        write = asyncio.create_task(self._publish(task.request.frontend, event))
+        self._writes.add(write)
+        write.add_done_callback(self._writes.discard)
+
+    async def _publish(self, frontend: str, event: Reply) -> None:
+        with contextlib.suppress(*REDIS_DOWN):
+            await self.redis.xadd(self.keys.replies(frontend), event.dumps(),
+                                  maxlen=self.stream_maxlen, approximate=True)
+
+    async def written(self) -> None:
+        """Partial events go out before the final reply that supersedes them."""
+        if self._writes:
+            await asyncio.gather(*self._writes, return_exceptions=True)

@@ -1,0 +1,32 @@
+"""One request of a batch on its way through the worker: what intake admitted, the rows the
+engine generates for it, and what output makes of them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.protocol import Reply, Request
+from persona.pack import Controls
+from persona.reply_choice import GENERATED
+
+
+@dataclass
+class Task:
+    """One request of a batch and the generation rows it needs."""
+
+    entry_id: str
+    request: Request
+    text: str = ""
+    speaker: str = ""
+    variants: list[str] = field(default_factory=list)
+    controls: Controls | None = None
+    rows: list[int] = field(default_factory=list)
+    reply: Reply | None = None
+    mode: str = GENERATED
+    context: tuple[str, ...] = ()  # the exchange before the message, for the selector
+    mentioned: str = ""  # the conversation's text: names a canon line may use
+    heard: set[int] = field(default_factory=set)  # canon rows heard lately
+    canon_row: int | None = None  # the canon line that won, to remember
+    partials: int = 0  # partial events published (their sequence number)
+    partial_text: str = ""
+    partial_at: float = 0.0  # time.monotonic() of the last one
