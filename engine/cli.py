@@ -24,7 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "judge": ("persona.judge", "train the fit judge (evaluation only)"),
     "eval": ("persona.evaluate", "evaluate persona quality of base, adapters and baselines"),
     "blind": ("persona.blind_check", "a reader does the persona classifier's job blind"),
-    "bench": ("engine.bench", "benchmarks: micro-batching and queue overhead"),
+    "bench": ("engine.bench", "benchmarks: serving, llama.cpp peer, micro-batching, queue"),
 }
 
 

@@ -149,7 +149,10 @@ class ContinuousGenerator:
                 self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
                 self._thread.start()
         self._incoming.put(call)
-        call.done.wait()
+        while not call.done.wait(1.0):
+            if self._thread is None or not self._thread.is_alive():  # it failed: say so
+                call.error = call.error or RuntimeError("the engine thread stopped")
+                break
         with self._lock:
             self._calls.remove(call)
         if call.error is not None:
@@ -171,8 +174,23 @@ class ContinuousGenerator:
     # ---- the engine thread -----------------------------------------------------------------
 
     def _run(self) -> None:
-        with torch.inference_mode(), self._adapter_hooks():
-            self._serve()
+        try:
+            with torch.inference_mode(), self._adapter_hooks():
+                self._serve()
+        except Exception as exc:  # a bug, not a bad request: fail what waits; the next
+            log.exception("the engine stopped")  # generate() starts a fresh thread
+            for lane in self._lanes.values():
+                lane.clear()
+            with self._lock:
+                for call in self._calls:
+                    if not call.done.is_set():
+                        call.error = exc
+                        call.done.set()
+            while True:
+                try:
+                    self._incoming.get_nowait()
+                except queue.Empty:
+                    break
 
     @contextlib.contextmanager
     def _adapter_hooks(self) -> Iterator[None]:

@@ -110,3 +110,23 @@ async def test_the_worker_answers_a_short_request_before_a_long_one_that_started
     worker.stop.set()
     await running
     assert order == ["short", "long"]
+
+
+def test_a_failing_engine_thread_fails_its_calls_and_the_next_call_starts_afresh(
+        embedded_model, persona, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A bug in the engine loop used to leave every caller waiting forever (and the worker's
+    timeout path waited for the stopped generation). Now the calls in flight get the error
+    and the next call starts a new engine thread."""
+    engine = ContinuousGenerator(embedded_model, persona.other_speakers)
+    jobs = jobs_for(engine, persona, 4, ["__base__"])
+    original = engine._admit
+
+    def broken(calls):  # type: ignore[no-untyped-def]
+        raise RuntimeError("a bug in the scheduler")
+
+    monkeypatch.setattr(engine, "_admit", broken)
+    with pytest.raises(RuntimeError, match="a bug in the scheduler"):
+        engine.generate(jobs)
+    monkeypatch.setattr(engine, "_admit", original)
+    assert engine.generate(jobs)[0].tokens > 0
+    engine.close()
