@@ -271,3 +271,28 @@ def test_canon_lines_past_the_sentence_cap_are_left_out() -> None:
     canon = pool([long_line, "A headache is boring."])
     assert [h.line.text for h in canon.search("headache", k=2)] == ["A headache is boring."]
     assert len(canon.search("headache", k=2, max_sentences=4)) == 2
+
+
+def test_a_stage_direction_is_taken_off_a_canon_line(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The transcripts open some of House's lines with what he does ("Rolls his eyes."); the
+    bot used to say that aloud ("Washes the pill down with some beer."). Speech that starts
+    the same way ("Turns out …", "Looks like …", "I …") stays."""
+    import json
+
+    from persona.canon import without_narration
+
+    assert without_narration("Rolls his eyes. There's no such thing.") == "There's no such thing."
+    assert without_narration("Thinks, then shakes his head. I don't know.") == "I don't know."
+    assert without_narration("Takes off his jacket.") == ""
+    for speech in ("Turns out they don't have to be.", "Looks like lupus.", "It's not lupus.",
+                   "Gets worse before it gets better. Like you."):
+        assert without_narration(speech) == speech
+    lines = ["Rolls his eyes. There's no such thing.", "Takes off his jacket.",
+             "It's never lupus."]
+    rows = []
+    for i, text in enumerate(lines * 8):  # some rows fall in the judge fold
+        rows.append({"id": f"row-{i}", "anchor": f"question {i}", "response": text})
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    built = CanonPool.from_data(tmp_path, BagOfWords(), cache_dir=None)
+    assert sorted(line.text for line in built.lines) == ["It's never lupus.",
+                                                       "There's no such thing."]
