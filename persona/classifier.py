@@ -218,7 +218,7 @@ class PersonaClassifier:
         return 1.0 / (1.0 + np.exp(-logits))
 
     def score(self, texts: Sequence[str]) -> list[float]:
-        """The reranker interface of `persona.postprocess.choose_reply`."""
+        """The reranker interface of `persona.reply_choice` (the voice score)."""
         return [float(p) for p in self.predict_proba(list(texts))]
 
     def save(self, directory: Path) -> None:

@@ -10,8 +10,8 @@ Runs the same user messages through several systems and writes ``report.md``,
 
 Model systems generate exactly as the worker serves: `render_prompt` with the persona, one
 batched `HFGenerator.generate` per batch of requests (``candidates`` rows each, fixed seeds),
-`clean_reply`, `choose_reply` with the configured reranker, the fallback line when nothing
-survives.
+`reply_candidate` and `best_generated` (the worker's generated-mode choice) with the
+configured reranker, the fallback line when nothing may be said.
 """
 
 from __future__ import annotations
@@ -162,9 +162,10 @@ def generate_replies(
 
     With ``deadline`` (a `time.monotonic` value), stops after the batch that passes it."""
     from engine.generation import GenerationJob
-    from persona.postprocess import choose_reply, reply_candidate
+    from persona.postprocess import reply_candidate
     from persona.prompt import render_prompt
     from persona.quality import Sample
+    from persona.reply_choice import best_generated
 
     samples: list[Sample] = []
     tokens, generate_s = 0, 0.0
@@ -192,16 +193,17 @@ def generate_replies(
             candidates = [reply_candidate(o.text, o.finished, persona.other_speakers,
                                           controls.sentence_cap, persona.system_prompt)
                           for o in rows]
-            best = choose_reply(candidates, item.message, scorer)
+            best = best_generated(candidates, item.message, scorer)
             rerank_ms = (time.perf_counter() - rerank_started) * 1000
-            chosen = rows[best]
+            chosen = rows[max(best, 0)]
+            said = candidates[best] if best >= 0 else ""
             samples.append(Sample(
                 message=item.message,
-                reply=candidates[best] or persona.line("fallback"),
+                reply=said or persona.line("fallback"),
                 reference=item.reference,
                 raw=chosen.text,
                 hit_cap=not chosen.finished,
-                fallback=not candidates[best],
+                fallback=not said,
                 tokens=chosen.tokens,
                 ms=batch_ms + rerank_ms,
                 candidates=tuple((c, o.text, o.finished) for c, o in zip(candidates, rows,
@@ -525,15 +527,16 @@ def rechoose(samples: Sequence[Sample], persona: Persona,
              scorer: Callable[[Sequence[str]], Sequence[float]] | None) -> list[Sample]:
     """The replies the same generations give with ``scorer`` as the reranker: generation does
     not depend on the reranker, so a new classifier needs no new generations."""
-    from persona.postprocess import choose_reply
+    from persona.reply_choice import best_generated
 
     out = []
     for s in samples:
         texts = [c[0] for c in s.candidates]
-        best = choose_reply(texts, s.message, scorer)
-        _, raw, finished = s.candidates[best]
-        out.append(dataclasses.replace(s, reply=texts[best] or persona.line("fallback"),
-                                       raw=raw, hit_cap=not finished, fallback=not texts[best]))
+        best = best_generated(texts, s.message, scorer)
+        _, raw, finished = s.candidates[max(best, 0)]
+        said = texts[best] if best >= 0 else ""
+        out.append(dataclasses.replace(s, reply=said or persona.line("fallback"),
+                                       raw=raw, hit_cap=not finished, fallback=not said))
     return out
 
 

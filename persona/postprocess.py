@@ -3,13 +3,13 @@ no echoes.
 
 `clean_reply` cuts a raw generation at the first other-speaker tag or new turn, removes stage
 directions, and keeps at most ``sentence_cap`` complete sentences. `is_echo` tells whether a
-reply merely repeats the user's message; `choose_reply` picks the best of several candidates.
+reply merely repeats the user's message (the choice among candidates is `persona.reply_choice`).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 _STAGE = re.compile(r"\[[^\]]*\]?|\([^)]*\)?|\*[^*\n]*\*?")
 _SENTENCE_END = re.compile(r"(?<=[.!?…])[\"')\]]*\s+")
@@ -161,27 +161,6 @@ def in_english(text: str) -> bool:
     word: House answers in English whatever the message's language."""
     w = words(text)
     return mostly_latin(text) and (len(w) < 4 or any(x in _ENGLISH for x in w))
-
-
-def choose_reply(
-    candidates: Sequence[str],
-    message: str,
-    scorer: Callable[[Sequence[str]], Sequence[float]] | None = None,
-) -> int:
-    """Index of the best candidate: non-empty, not an echo, not looping; then the highest
-    ``scorer`` score (e.g. the persona classifier), else the first acceptable one."""
-    acceptable = [
-        i
-        for i, c in enumerate(candidates)
-        if c.strip() and not is_echo(c, message) and seq_rep_n(c) <= 0.2
-        and not sounds_like_assistant(c) and in_english(c)
-    ]
-    if not acceptable:
-        acceptable = [i for i, c in enumerate(candidates) if c.strip()] or [0]
-    if scorer is None or len(acceptable) == 1:
-        return acceptable[0]
-    scores = scorer([candidates[i] for i in acceptable])
-    return acceptable[max(range(len(acceptable)), key=lambda k: scores[k])]
 
 
 def leaks_prompt(reply: str, prompt: str, span: int = 8) -> bool:

@@ -73,8 +73,8 @@ def choose(candidates: Sequence[Candidate], message: str, voice: Scorer | None,
     """The best candidate by fit × voice among the acceptable ones.
 
     Without ``fit`` (no selector) the voice alone decides; without either, the first
-    acceptable candidate wins. When no candidate is acceptable the first non-empty one wins
-    (as `persona.postprocess.choose_reply` does), and -1 when every one is empty."""
+    acceptable candidate wins. When no candidate is acceptable the first non-empty one that is
+    neither assistant talk nor another language wins, and -1 when there is none."""
     candidates = tuple(candidates)
     ok = [i for i, c in enumerate(candidates) if acceptable(c.text, message)]
     if not ok:  # echoes and loops before nothing; never assistant talk or another language
@@ -93,6 +93,13 @@ def choose(candidates: Sequence[Candidate], message: str, voice: Scorer | None,
     else:
         best = ok[0]
     return Choice(best, candidates, tuple(scores))
+
+
+def best_generated(texts: Sequence[str], message: str, voice: Scorer | None = None) -> int:
+    """Index of the generated candidate the worker's generated mode answers with when no
+    selector is loaded (voice alone), or -1 when none may be said (the fallback line)."""
+    return choose([Candidate(t, GENERATED, source=i) for i, t in enumerate(texts)], message,
+                  voice, None).index
 
 
 def pick(mode: str, message: str, generated: Sequence[Candidate], canon: CanonPool | None,

@@ -20,7 +20,7 @@ from persona.classifier import (
     read_split,
     train_classifier,
 )
-from persona.postprocess import choose_reply
+from persona.reply_choice import best_generated
 from persona.retrieval import RetrievalBaseline
 
 HOUSE = [
@@ -77,7 +77,7 @@ def test_score_is_a_reranker(classifier: PersonaClassifier) -> None:
                   "Everybody lies, and you're bad at it."]
     scores = classifier.score(candidates)
     assert all(isinstance(s, float) for s in scores)
-    assert choose_reply(candidates, "Did you read my file?", classifier.score) == 1
+    assert best_generated(candidates, "Did you read my file?", classifier.score) == 1
     assert classifier.score([]) == []
 
 

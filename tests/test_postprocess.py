@@ -7,13 +7,13 @@ from hypothesis import strategies as st
 
 from persona.pack import load_persona
 from persona.postprocess import (
-    choose_reply,
     clean_reply,
     is_echo,
     seq_rep_n,
     speaker_tag_pattern,
     split_sentences,
 )
+from persona.reply_choice import best_generated
 
 PERSONA = load_persona("house")
 SPEAKERS = PERSONA.other_speakers
@@ -55,12 +55,13 @@ def test_echo_guard() -> None:
     assert not is_echo("", "anything")
 
 
-def test_choose_reply_skips_echoes_and_loops() -> None:
+def test_the_generated_choice_skips_echoes_and_loops() -> None:
     message = "My leg hurts when I walk"
     candidates = ["My leg hurts when I walk", "the the the the the the the the the the",
                   "Then stop walking."]
-    assert choose_reply(candidates, message) == 2
-    assert choose_reply(["a", "b", "c"], "x", scorer=lambda texts: [0.1, 0.9, 0.5]) == 1
+    assert best_generated(candidates, message) == 2
+    assert best_generated(["Take a pill.", "Take two.", "Take three."], "x",
+                          lambda texts: [0.1, 0.9, 0.5]) == 1
     assert seq_rep_n("one two three four one two three four one two three four") > 0.2
 
 
@@ -85,7 +86,9 @@ def test_assistant_talk_and_other_scripts_are_not_house() -> None:
     assert mostly_latin("Lupus? It's never lupus.") and mostly_latin("...")
     assert not mostly_latin("Привет! Как дела?")
     assert mostly_latin("You said привет. Speak English.")  # quoting is fine
-    assert choose_reply(["Как я могу помочь?", "As an AI I must decline.", "No."], "привет") == 2
+    assert best_generated(["Как я могу помочь?", "As an AI I must decline.", "No."],
+                          "привет") == 2
+    assert best_generated(["As an AI I must decline.", ""], "hi") == -1  # the fallback line
 
 
 def test_a_short_parrot_of_the_message_is_not_an_answer() -> None:

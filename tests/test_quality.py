@@ -172,7 +172,8 @@ def test_systems_and_seeds() -> None:
 
 
 def test_generation_goes_through_the_serving_path(persona, fake_generator) -> None:
-    """Candidates per prompt, seeds per candidate, clean_reply + choose_reply with the scorer."""
+    """Candidates per prompt, seeds per candidate, reply_candidate + best_generated (the
+    worker's rule) with the scorer."""
     prompts = [Prompt("my knee hurts", "Take two aspirin."), Prompt("#long story", None)]
     controls = persona.controls.merged({"candidates": 3})
     scored: list[list[str]] = []
