@@ -399,39 +399,55 @@ def test_env_example_states_the_real_defaults() -> None:
         assert not (name in secrets and active), f"{name} is a secret: keep it commented out"
 
 
-FRONTEND_RUN = """
-import importlib.abc, sys
-BLOCKED = set(sys.argv[1].split(","))
+@pytest.fixture(scope="session")
+def frontend_venv() -> Path:
+    """The frontend image's environment: a virtual environment with only
+    deploy/requirements-frontend.txt, and the project installed without its dependencies
+    (built once per requirements file under .cache/, about 20 s; the project each run)."""
+    import hashlib
+    import shutil
+    import subprocess
 
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ModuleNotFoundError(f"No module named {name!r} (not in the frontend image)")
-        return None
-
-sys.meta_path.insert(0, Block())
-from engine.cli import main
-sys.exit(main(["telegram"]))
-"""
+    requirements = ROOT / "deploy" / "requirements-frontend.txt"
+    digest = hashlib.sha1(requirements.read_bytes()).hexdigest()[:12]
+    venv = ROOT / ".cache" / f"frontend-venv-{digest}"
+    python = venv / "bin" / "python"
+    if not (venv / ".installed").is_file():
+        shutil.rmtree(venv, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "-r", str(requirements)],
+                       check=True, timeout=900)
+        (venv / ".installed").touch()
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall",
+                    str(ROOT)], check=True, timeout=900, capture_output=True)
+    return venv
 
 
 async def test_drhouse_telegram_runs_and_answers_without_the_model_packages(
-        fake_worker, prefix: str) -> None:  # type: ignore[no-untyped-def]
-    """The frontend container's shape: `drhouse telegram` itself (not an import probe) with
-    torch, transformers, numpy & co. unimportable, against the fake Bot API server, answers a
-    private message through a worker (it died with "No module named 'torch'" before getMe)."""
+        fake_worker, prefix: str, frontend_venv: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The frontend container's shape: `drhouse telegram` itself (not an import probe) in an
+    environment built from deploy/requirements-frontend.txt plus the project without its
+    dependencies (no torch, transformers, numpy …), against the fake Bot API server, answers a
+    private message through a worker in the full environment (it died with "No module named
+    'torch'" before getMe)."""
     import asyncio
     import os
+    import subprocess
 
     from conftest import REDIS_URL
     from fake_telegram import FakeTelegram
 
+    python = frontend_venv / "bin" / "python"
+    for heavy in ("torch", "transformers", "numpy"):
+        probe = subprocess.run([str(python), "-c", f"import {heavy}"], capture_output=True)
+        assert probe.returncode != 0, f"{heavy} is in the frontend environment"
     async with FakeTelegram() as tg:
-        env = {**os.environ, "TELEGRAM_TOKEN": tg.token, "TELEGRAM_API_URL": tg.api_url,
-               "TELEGRAM_POLL_TIMEOUT_S": "1", "REDIS_URL": REDIS_URL, "KEY_PREFIX": prefix,
-               "FRONTEND_METRICS_PORT": "0", "PYTHONPATH": str(ROOT)}
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+        env.update({"TELEGRAM_TOKEN": tg.token, "TELEGRAM_API_URL": tg.api_url,
+                    "TELEGRAM_POLL_TIMEOUT_S": "1", "REDIS_URL": REDIS_URL,
+                    "KEY_PREFIX": prefix, "FRONTEND_METRICS_PORT": "0"})
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", FRONTEND_RUN, ",".join(HEAVY_MODULES), cwd=ROOT, env=env,
+            str(frontend_venv / "bin" / "drhouse"), "telegram", cwd=tmp_path, env=env,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
         try:
             await tg.wait_for(lambda: tg.calls["getMe"] > 0 or proc.returncode is not None,
