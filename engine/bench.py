@@ -298,12 +298,7 @@ async def bench_queue(settings: Any, n: int) -> dict[str, Any]:
                                    for i in range(start, min(n, start + in_flight))))
         rps = n / (time.perf_counter() - started)
     finally:
-        worker.stop.set()
-        stop.set()
-        with contextlib.suppress(Exception):
-            await asyncio.gather(serving, reader)
-        async for key in redis.scan_iter(match=keys.all_pattern):
-            await redis.delete(key)
+        await _stop_serving(worker, stop, serving, reader, redis, keys)
         await redis.aclose()
     figures = {"requests": n, "p50_ms": percentile(latencies, 50),
                "p99_ms": percentile(latencies, 99), "mean_ms": statistics.fmean(latencies),
@@ -319,8 +314,9 @@ async def bench_queue(settings: Any, n: int) -> dict[str, Any]:
 
 async def bench_serve(settings: Any, engines: list[str], levels: list[int], messages: int,
                       max_new_tokens: int, candidates: int, adapter: str,
-                      mode: str = "generated") -> dict[str, Any]:
-    """The engines behind a real worker and queue, replies streamed (see the module doc)."""
+                      mode: str = "generated", loaded: Any = None) -> dict[str, Any]:
+    """The engines behind a real worker and queue, replies streamed (see the module doc);
+    ``loaded``: the model with ``adapter``, when the caller has it already."""
     from rich.console import Console
     from rich.table import Table
 
@@ -333,9 +329,10 @@ async def bench_serve(settings: Any, engines: list[str], levels: list[int], mess
     from persona.prompt import system_block
 
     persona = load_persona(settings.persona)
-    loaded = await asyncio.to_thread(load_model, settings.base_model,
-                                     {adapter: settings.adapter_paths[adapter]}, "cpu",
-                                     settings.dtype, settings.model_cache_dir)
+    if loaded is None:
+        loaded = await asyncio.to_thread(load_model, settings.base_model,
+                                         {adapter: settings.adapter_paths[adapter]}, "cpu",
+                                         settings.dtype, settings.model_cache_dir)
     chosen_settings = settings.model_copy(update={"reply_mode": mode})
     scorer = await asyncio.to_thread(build_scorer, chosen_settings)
     canon = await asyncio.to_thread(build_canon, chosen_settings)
@@ -424,12 +421,18 @@ async def _bench_engine(redis: Any, generator: Any, persona: Any, settings: Any,
                 ask, level, messages, lambda: worker.metrics.tokens._value.get())
         return figures
     finally:
-        worker.stop.set()
-        stop.set()
-        with contextlib.suppress(Exception):
-            await asyncio.gather(serving, reader)
-        async for key in redis.scan_iter(match=keys.all_pattern):
-            await redis.delete(key)
+        await _stop_serving(worker, stop, serving, reader, redis, keys)
+
+
+async def _stop_serving(worker: Any, stop: asyncio.Event, serving: asyncio.Task[Any],
+                        reader: asyncio.Task[Any], redis: Any, keys: Any) -> None:
+    """Stop a benchmark's worker and reply reader, and delete its keys."""
+    worker.stop.set()
+    stop.set()
+    with contextlib.suppress(Exception):
+        await asyncio.gather(serving, reader)
+    async for key in redis.scan_iter(match=keys.all_pattern):
+        await redis.delete(key)
 
 
 async def _serve_level(ask: Any, level: int, messages: int, generated: Any
@@ -481,13 +484,15 @@ async def bench_peer(settings: Any, args: argparse.Namespace) -> dict[str, Any]:
     from persona.prompt import render_prompt
 
     levels = sorted({1, 16, *[int(c) for c in args.levels.split(",") if c.strip()]})
+    adapter = args.adapter or settings.default_adapter
+    loaded = await asyncio.to_thread(load_model, settings.base_model,
+                                     {adapter: settings.adapter_paths[adapter]}, "cpu",
+                                     settings.dtype, settings.model_cache_dir)
     serve = await bench_serve(settings, ["continuous"], levels, args.messages,
-                              args.max_new_tokens, args.candidates,
-                              args.adapter or settings.default_adapter,
-                              args.mode or settings.reply_mode)
+                              args.max_new_tokens, args.candidates, adapter,
+                              args.mode or settings.reply_mode, loaded)
     persona = load_persona(settings.persona)
-    tokenizer = load_model(settings.base_model, {}, "cpu", "float32",
-                           settings.model_cache_dir).tokenizer
+    tokenizer = loaded.tokenizer
     controls = persona.controls
     spec = {"gguf": str(find_embedded_gguf(settings.base_model)), "threads": 2,
             "max_tokens": args.max_new_tokens, "temperature": controls.temperature,

@@ -120,11 +120,13 @@ def _stream_order(entry_id: str) -> tuple[int, int]:
 
 
 def split_quick(entries: list[tuple[str, dict[str, str]]]
-                ) -> list[list[tuple[str, dict[str, str]]]]:
-    """The entries that need no model, then the others (each list only when not empty)."""
-    quick = [e for e in entries if needs_no_model(e[1])]
-    rest = [e for e in entries if not needs_no_model(e[1])]
-    return [part for part in (quick, rest) if part]
+                ) -> tuple[list[tuple[str, dict[str, str]]], list[tuple[str, dict[str, str]]]]:
+    """The entries that need no model, and the others."""
+    quick: list[tuple[str, dict[str, str]]] = []
+    rest: list[tuple[str, dict[str, str]]] = []
+    for entry in entries:
+        (quick if needs_no_model(entry[1]) else rest).append(entry)
+    return quick, rest
 
 
 def needs_no_model(fields: dict[str, str]) -> bool:
@@ -192,6 +194,7 @@ class Worker:
         self._model_lock = threading.Lock()
         self._busy: dict[str, int] = {}  # conversations with a request in a running batch
         self._in_flight = 0  # requests in running batches
+        self._backoff = 0.1  # seconds before the next read after a Redis failure
         self._take_lost = redis.register_script(_TAKE_LOST)
         self._next_sweep = 0.0
 
@@ -241,30 +244,19 @@ class Worker:
         if self.joins:
             await self._serve_continuously(burst)
             return
-        backoff = 0.1
         while not self.stop.is_set() or self._carry:
             self.metrics.beat()
-            try:
-                entries = await self.read_batch(block=not burst)
-                backoff = 0.1
-            except REDIS_DOWN as exc:
-                log.warning("Redis unavailable (%s); retrying in %.1fs", type(exc).__name__,
-                            backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+            entries = await self._guarded(self.read_batch(block=not burst))
+            if entries is None:
                 continue
-            except ResponseError as exc:
-                if "NOGROUP" in str(exc):
-                    await ensure_group(self.redis, self.keys.requests, WORKERS_GROUP)
-                    continue
-                raise
             if not entries:
                 if burst and not self._carry:
                     return
                 continue
             answered = 0
             for part in split_quick(entries):  # a /reset never waits for a chat's reply
-                answered += await self.process_batch(part)
+                if part:
+                    answered += await self.process_batch(part)
             if answered == 0 and self._carry:
                 await asyncio.sleep(0.02)  # only waiting requests: let their turn come
 
@@ -275,7 +267,6 @@ class Worker:
         no model are still read and answered in their own batch in milliseconds; the others
         wait, carried (at most ``batch_size``)."""
         running: set[asyncio.Task[int]] = set()
-        backoff = 0.1
         size = self.options.batch_size
         renew_at = 0.0
         while not self.stop.is_set() or self._carry or running:
@@ -284,33 +275,24 @@ class Worker:
             if running and (self.stop.is_set() or (room <= 0 and len(self._carry) >= size)):
                 await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 continue
-            try:
-                if room > 0:
-                    entries = await self.read_batch(
-                        block=not burst, size=room,
-                        block_ms=CONTROL_LANE_BLOCK_MS if running else None)
-                else:  # full: read on for what needs no model; the rest waits, carried
-                    entries = await self._read_new(size - len(self._carry),
-                                                   None if burst else CONTROL_LANE_BLOCK_MS)
-                    self._carry += [e for e in entries if not needs_no_model(e[1])]
-                    entries = [e for e in entries if needs_no_model(e[1])]
-                    if self._carry and time.monotonic() >= renew_at:  # leased while waiting
-                        renew_at = time.monotonic() + self.options.claim_idle_ms / 3000
-                        await self.redis.xclaim(self.keys.requests, WORKERS_GROUP,
-                                                self.options.name, 0,
-                                                [eid for eid, _ in self._carry], justid=True)
-                backoff = 0.1
-            except REDIS_DOWN as exc:
-                log.warning("Redis unavailable (%s); retrying in %.1fs", type(exc).__name__,
-                            backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+            if room > 0:
+                entries = await self._guarded(self.read_batch(
+                    block=not burst, size=room,
+                    block_ms=CONTROL_LANE_BLOCK_MS if running else None))
+            else:  # full: read on for what needs no model; the rest waits, carried
+                entries = await self._guarded(self._read_new(
+                    size - len(self._carry), None if burst else CONTROL_LANE_BLOCK_MS))
+                if entries:
+                    quick, rest = split_quick(entries)
+                    self._carry += rest
+                    entries = quick
+                if self._carry and time.monotonic() >= renew_at:  # leased while waiting
+                    renew_at = time.monotonic() + self.options.claim_idle_ms / 3000
+                    await self._guarded(self.redis.xclaim(
+                        self.keys.requests, WORKERS_GROUP, self.options.name, 0,
+                        [eid for eid, _ in self._carry], justid=True))
+            if entries is None:
                 continue
-            except ResponseError as exc:
-                if "NOGROUP" in str(exc):
-                    await ensure_group(self.redis, self.keys.requests, WORKERS_GROUP)
-                    continue
-                raise
             if not entries:
                 if running:
                     if burst:
@@ -321,10 +303,29 @@ class Worker:
                 if self._carry:
                     await asyncio.sleep(0.02)  # only waiting requests: let their turn come
                 continue
-            for part in split_quick(entries):  # a /reset never waits for a chat's reply
+            for part in (p for p in split_quick(entries) if p):  # /reset never waits for chats
                 batch = asyncio.create_task(self._run_batch(part))
                 running.add(batch)
                 batch.add_done_callback(running.discard)
+
+    async def _guarded(self, read: Awaitable[Any]) -> Any:
+        """``read``'s result, or None after a Redis failure (waited out with backoff) or a
+        missing consumer group (created again): the serving loop then reads again."""
+        try:
+            result = await read
+        except REDIS_DOWN as exc:
+            log.warning("Redis unavailable (%s); retrying in %.1fs", type(exc).__name__,
+                        self._backoff)
+            await asyncio.sleep(self._backoff)
+            self._backoff = min(self._backoff * 2, 5.0)
+            return None
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await ensure_group(self.redis, self.keys.requests, WORKERS_GROUP)
+            return None
+        self._backoff = 0.1
+        return result
 
     async def _run_batch(self, entries: list[tuple[str, dict[str, str]]]) -> int:
         conversations = [c for c in (_conversation_of(f) for _, f in entries) if c]
