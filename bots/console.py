@@ -18,14 +18,14 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from base.config import Settings
+from base.keys import Keys
+from base.protocol import Reply
+from base.queue_client import QueueClient
 from bots.commands import parse_command
 from bots.conversations import conversation_id
 from bots.core import FrontendCore, Immediate, Incoming
 from bots.formatting import format_reply, variant_label
-from engine.config import Settings
-from engine.keys import Keys
-from engine.protocol import Reply
-from engine.queue_client import QueueClient
 from persona.pack import Persona
 
 log = logging.getLogger(__name__)

@@ -13,14 +13,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from bots.commands import COMMANDS, parse_command
+from base.commands import BY_NAME, CHAT, COMMANDS
+from base.config import Settings
+from base.keys import Keys
+from base.metrics import FrontendMetrics
+from base.protocol import Request
+from base.queue_client import QueueClient, QueueFull, QueueUnavailable, queue_depth
+from base.redis_conn import REDIS_DOWN
+from bots.commands import parse_command
 from bots.throttle import UserRateLimit
-from engine.config import Settings
-from engine.keys import Keys
-from engine.metrics import FrontendMetrics
-from engine.protocol import Request
-from engine.queue_client import QueueClient, QueueFull, QueueUnavailable, queue_depth
-from engine.redis_conn import REDIS_DOWN
 from persona.pack import Persona
 
 log = logging.getLogger(__name__)
@@ -102,31 +103,23 @@ class FrontendCore:
         text = msg.text.strip()
         if not text:
             return Immediate(p.line("empty"))
-        # Every kind counts against the per-user limit: /reset floods and /help spam too (they
-        # would fill the queue or burn the platform's send budget for everyone).
-        if not await self.limit.allow(msg.user):
-            return Immediate(p.line("slow_down"))
         command = parse_command(text)
-        kind, body = "chat", text
+        spec = BY_NAME.get(command.name) if command is not None else None
+        # Every kind counts against the per-user limit (the table's rate_limited): /reset floods
+        # and /help spam would fill the queue or burn the platform's send budget for everyone.
+        if (spec is None or spec.rate_limited) and not await self.limit.allow(msg.user):
+            return Immediate(p.line("slow_down"))
+        kind, body = CHAT, text
         if command is not None:
-            name = command.name
-            if name == "start":
-                return Immediate(f"{p.greeting}\n\n{p.disclaimer}")
-            if name == "help":
-                listing = "\n".join(f"/{c} — {d}" for c, d in COMMANDS.items())
-                return Immediate(f"{p.help}\n\n{listing}")
-            if name == "stats":
-                if not self.is_admin(msg.user):
-                    return Immediate(p.line("not_allowed"))
-                return Immediate(await self.stats())
-            if name in ("reset", "forget", "retry"):
-                kind, body = name, ""
-            elif name == "compare":
-                if not command.args:
-                    return Immediate("Compare what? /compare <your message>")
-                kind, body = "compare", command.args
-            else:
+            if spec is None:
                 return Immediate(p.line("unknown_command"))
+            if spec.admin_only and not self.is_admin(msg.user):
+                return Immediate(p.line("not_allowed"))
+            if spec.kind is None:
+                return Immediate(await self.answer_here(spec.name))
+            if spec.takes_text and not command.args:
+                return Immediate(f"{spec.name.capitalize()} what? /{spec.name} <your message>")
+            kind, body = spec.kind, command.args if spec.takes_text else ""
         if len(body) > self.settings.max_message_chars:
             return Immediate(p.line("too_long"))
         settings = {}
@@ -161,7 +154,7 @@ class FrontendCore:
 
     async def workers_alive(self, fresh: bool = False) -> bool:
         """Whether any worker's health key exists (workers refresh it every loop; it expires
-        30 s after the last). Checked at most every WORKER_CHECK_S, unless ``fresh``."""
+        HEALTH_WINDOW_S after the last). Checked at most every WORKER_CHECK_S, unless ``fresh``."""
         now = time.monotonic()
         if fresh or now - self._alive_checked >= WORKER_CHECK_S:
             found = False
@@ -171,6 +164,18 @@ class FrontendCore:
                 break
             self._alive, self._alive_checked = found, now
         return self._alive
+
+    async def answer_here(self, name: str) -> str:
+        """The commands the frontend answers itself (the table's rows without a kind)."""
+        p = self.persona
+        if name == "start":
+            return f"{p.greeting}\n\n{p.disclaimer}"
+        if name == "help":
+            listing = "\n".join(f"/{c.name} — {c.description}" for c in COMMANDS)
+            return f"{p.help}\n\n{listing}"
+        if name == "stats":
+            return await self.stats()
+        raise ValueError(f"/{name} has no answer in the frontend")
 
     async def stats(self) -> str:
         redis = self.queue.redis

@@ -28,33 +28,31 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import discord
 from discord import app_commands
 
-from bots.commands import COMMANDS
+from base.commands import COMMANDS, CommandSpec
+from base.config import Settings
+from base.keys import Keys
+from base.protocol import Reply
+from base.queue_client import QueueClient
+from bots.chat_frontend import ChatFrontend
 from bots.conversations import conversation_id
-from bots.core import FrontendCore, Immediate, Incoming
-from bots.discord_bot import FRONTEND_ID
-from bots.formatting import format_reply
-from bots.outbox import RETRY, UNDELIVERABLE, ChatOutbox, Outcome
-from bots.serving import serve_metrics, serve_replies
+from bots.core import Immediate, Incoming
+from bots.platforms import DISCORD_ID as FRONTEND_ID
+from bots.serving import serve_metrics
 from bots.splitting import DISCORD_LIMIT, split_message
-from bots.streaming import Stream, StreamedReplies
 from bots.triggers import Triggers
-from bots.typing_indicator import TypingIndicator
-from engine.config import Settings
-from engine.keys import Keys
-from engine.protocol import Reply
-from engine.queue_client import QueueClient
 from persona.pack import Persona
 
 log = logging.getLogger(__name__)
 
 SAFE_MENTIONS = discord.AllowedMentions(everyone=False, users=False, roles=False,
                                         replied_user=True)
-SLASH_COMMANDS = ("compare", "reset", "forget", "help")
+SLASH_COMMANDS = tuple(c.name for c in COMMANDS if c.slash)
 
 Channel = discord.abc.Messageable
 
@@ -89,34 +87,18 @@ class HouseClient(discord.Client):
         await self.frontend.on_error(event_method, *args)
 
 
-def classify_send_error(exc: BaseException) -> Outcome:
-    """Missing permissions and a deleted channel can never succeed; server errors and
-    connection failures can."""
-    if isinstance(exc, discord.Forbidden | discord.NotFound):
-        return UNDELIVERABLE
-    return RETRY
+class DiscordFrontend(ChatFrontend):
+    frontend_id = FRONTEND_ID
+    limit = DISCORD_LIMIT
+    # Missing permissions and a deleted channel; server errors and lost connections are
+    # worth a retry.
+    lost_causes = (discord.Forbidden, discord.NotFound)
 
-
-class DiscordFrontend:
+    # Discord allows about 5 edits in 5 s per channel: the base's one a second leaves room.
     def __init__(self, settings: Settings, persona: Persona, queue: QueueClient, keys: Keys,
                  reader_block_ms: int = 1000):
-        self.settings = settings
-        self.persona = persona
-        self.queue = queue
-        self.core = FrontendCore(settings, persona, queue, keys)
+        super().__init__(settings, persona, queue, keys, reader_block_ms)
         self.client = HouseClient(self)
-        backlog = persona.line("backlog")
-        self.outbox = ChatOutbox(
-            classify_send_error, on_full=self.core.metrics.held_back,
-            notice=lambda channel: lambda: self.send_text(channel, backlog))
-        # Discord allows about 5 edits in 5 s per channel: one a second leaves room.
-        self.streams = StreamedReplies(self.outbox, lambda channel: 1.0, DISCORD_LIMIT)
-        if settings.stream_replies:
-            queue.on_partial = self.partial
-        self.typing: TypingIndicator[int] = TypingIndicator(
-            self._send_typing, settings.typing_interval_s, settings.reply_timeout_s,
-            on_expire=self._timed_out)
-        self.reader_block_ms = reader_block_ms
         # Slash commands waiting for their reply: request id → (interaction, when).
         self._interactions: dict[str, tuple[discord.Interaction, float]] = {}
         self._triggers: Triggers | None = None
@@ -124,8 +106,11 @@ class DiscordFrontend:
 
     # ---- lifecycle -------------------------------------------------------------------------
 
-    async def serve(self, token: str) -> None:
-        """Connect to Discord and deliver replies until cancelled."""
+    async def serve(self) -> None:
+        """Connect to Discord (``DISCORD_TOKEN``) and deliver replies until cancelled."""
+        if self.settings.discord_token is None:
+            raise ValueError("DISCORD_TOKEN is not set")
+        token = self.settings.discord_token.get_secret_value()
         serve_metrics(self.core.metrics, self.settings.frontend_metrics_port)
         async with self.client:
             gateway = asyncio.create_task(self.client.start(token), name="discord-gateway")
@@ -142,11 +127,6 @@ class DiscordFrontend:
                 gateway.cancel()
                 await asyncio.gather(gateway, return_exceptions=True)
                 log.info("discord frontend stopped")
-
-    async def serve_replies(self) -> None:
-        """The reply reader and typing refresher (beside the gateway; tests run it alone)."""
-        await serve_replies(self.queue, self.deliver, self.typing, self.outbox,
-                            self.reader_block_ms)
 
     @property
     def triggers(self) -> Triggers:
@@ -182,15 +162,9 @@ class DiscordFrontend:
                 self._say(message, self.persona.line("empty"))
             return
         guild_id = message.guild.id if message.guild is not None else None
-        outcome = await self.core.handle(self.incoming(message.author, message.channel.id,
-                                                       guild_id, text, message.id))
-        if isinstance(outcome, Immediate):
-            self._say(message, outcome.text)
-            return
-        self.typing.start(outcome.id, message.channel.id)
-        notice = await self.core.queued_notice()  # no worker: say it waits in the queue
-        if notice is not None:
-            self._say(message, notice)
+        await self.submit(self.incoming(message.author, message.channel.id, guild_id, text,
+                                        message.id),
+                          lambda line: self._say(message, line), (message.channel.id, guild_id))
 
     def incoming(self, author: discord.User | discord.Member, channel_id: int,
                  guild_id: int | None, text: str, message_id: int | None = None,
@@ -259,53 +233,23 @@ class DiscordFrontend:
             message.channel.id, text, None if guild is None else message.id,
             None if guild is None else guild.id))
 
-    async def deliver(self, reply: Reply) -> asyncio.Task[Outcome] | str:
-        """Called by the reply reader: queue the reply (never waits for a send); the send's
-        task tells the reader when to acknowledge it."""
-        waited_s = self.typing.done(reply.id)
-        if waited_s is not None:
-            self.core.metrics.reply_seconds.labels(FRONTEND_ID).observe(waited_s)
-        text = format_reply(reply) or self.persona.line("fallback")
-        route = reply.route
+    def address(self, route: dict[str, Any]) -> tuple[int, int | None, int | None] | None:
         channel = route.get("channel")
+        return None if channel is None else (channel, route.get("message"), route.get("guild"))
+
+    def deliver_elsewhere(self, reply: Reply, text: str) -> Callable[[], Any] | None:
+        """A slash command's reply is its interaction's follow-up."""
         pending = self._interactions.pop(reply.id, None)
-        if channel is None:
-            log.error("reply %s has no channel in its route; dropped", reply.id)
-            return UNDELIVERABLE
-        if pending is not None:
-            return self.outbox.submit(channel, lambda: self._followup(pending[0], text))
-        stream = self.streams.take(reply.id)
-        if stream is not None:
-            return self.outbox.submit(channel, lambda: self._finish_stream(stream, text, route))
-        return self.outbox.submit(channel, lambda: self.send_text(channel, text,
-                                                                  route.get("message"),
-                                                                  route.get("guild")))
+        if pending is None:
+            return None
+        return lambda: self._followup(pending[0], text)
 
-    async def partial(self, reply: Reply) -> None:
-        """The reply's text so far: sent at once, then edited as it grows (`bots.streaming`).
-        Slash commands answer through their interaction and are not streamed."""
-        route = reply.route
-        channel = route.get("channel")
-        if channel is None or not reply.text or reply.id in self._interactions:
-            return
+    def streams_reply(self, reply: Reply) -> bool:
+        """Slash commands answer through their interaction and are not streamed."""
+        return reply.id not in self._interactions
 
-        async def send_first(channel: int, text: str) -> discord.Message:
-            return await self._send_piece(channel, text, route.get("message"),
-                                          route.get("guild"))
-
-        self.streams.partial(reply.id, channel, reply.text, send_first, self._edit)
-
-    async def _finish_stream(self, stream: Stream, text: str, route: dict[str, Any]) -> None:
-        async def send_more(channel: int, piece: str) -> None:
-            await self._send_piece(channel, piece, None, route.get("guild"))
-
-        if not await self.streams.finish(stream, split_message(text, DISCORD_LIMIT),
-                                         self._edit, send_more):
-            await self.send_text(route["channel"], text, route.get("message"), route.get("guild"))
-
-    @staticmethod
-    async def _edit(channel: int, message: discord.Message, text: str) -> None:
-        await message.edit(content=text, allowed_mentions=SAFE_MENTIONS)
+    async def edit(self, channel: int, sent: discord.Message, text: str) -> None:
+        await sent.edit(content=text, allowed_mentions=SAFE_MENTIONS)
 
     def channel(self, channel_id: int, guild_id: int | None = None) -> Channel:
         """A channel to send to, from the cache or (on another instance) by id alone."""
@@ -314,14 +258,8 @@ class DiscordFrontend:
             return found
         return self.client.get_partial_messageable(channel_id, guild_id=guild_id)
 
-    async def send_text(self, channel_id: int, text: str, reply_to: int | None = None,
-                        guild_id: int | None = None) -> None:
-        """Plain text in pieces of at most 2,000 characters, the first one as a reply."""
-        for i, piece in enumerate(split_message(text, DISCORD_LIMIT)):
-            await self._send_piece(channel_id, piece, reply_to if i == 0 else None, guild_id)
-
-    async def _send_piece(self, channel_id: int, piece: str, reply_to: int | None,
-                          guild_id: int | None) -> discord.Message:
+    async def send_piece(self, channel_id: int, piece: str, reply_to: int | None,
+                         guild_id: int | None) -> discord.Message:
         reference = (discord.MessageReference(message_id=reply_to, channel_id=channel_id,
                                               guild_id=guild_id, fail_if_not_exists=False)
                      if reply_to is not None else None)
@@ -329,12 +267,9 @@ class DiscordFrontend:
             piece, reference=reference,  # type: ignore[arg-type]
             allowed_mentions=SAFE_MENTIONS)
 
-    def _timed_out(self, request_id: str, channel_id: int) -> None:
-        text = self.persona.line("timeout")
-        self.outbox.submit(channel_id, lambda: self.send_text(channel_id, text))
-
-    async def _send_typing(self, channel_id: int) -> None:
-        await self.channel(channel_id).typing()
+    async def send_typing(self, place: tuple[int, int | None]) -> None:
+        channel_id, guild_id = place
+        await self.channel(channel_id, guild_id).typing()
 
     # ---- errors ----------------------------------------------------------------------------
 
@@ -356,23 +291,23 @@ class DiscordFrontend:
 
 
 def register_commands(tree: app_commands.CommandTree, frontend: DiscordFrontend) -> None:
-    """``/compare <text>``, ``/reset``, ``/forget`` and ``/help`` on the client's tree."""
-
-    @tree.command(name="compare", description=COMMANDS["compare"][:100])
-    @app_commands.describe(text="the message both models answer")
-    async def compare(interaction: discord.Interaction, text: str) -> None:
-        await frontend.slash(interaction, "compare", text)
-
-    @tree.command(name="reset", description=COMMANDS["reset"][:100])
-    async def reset(interaction: discord.Interaction) -> None:
-        await frontend.slash(interaction, "reset")
-
-    @tree.command(name="forget", description=COMMANDS["forget"][:100])
-    async def forget(interaction: discord.Interaction) -> None:
-        await frontend.slash(interaction, "forget")
-
-    @tree.command(name="help", description=COMMANDS["help"][:100])
-    async def help_(interaction: discord.Interaction) -> None:
-        await frontend.slash(interaction, "help")
-
+    """The command table's slash commands (``/compare <text>``, ``/reset`` …) on the tree."""
+    for spec in COMMANDS:
+        if spec.slash:
+            tree.add_command(_slash_command(spec, frontend))
     tree.error(frontend.on_command_error)
+
+
+def _slash_command(spec: CommandSpec, frontend: DiscordFrontend) -> app_commands.Command:
+    name, description = spec.name, spec.description[:100]
+    if spec.takes_text:
+        @app_commands.describe(text="the message both models answer")
+        async def with_text(interaction: discord.Interaction, text: str) -> None:
+            await frontend.slash(interaction, name, text)
+
+        return app_commands.Command(name=name, description=description, callback=with_text)
+
+    async def bare(interaction: discord.Interaction) -> None:
+        await frontend.slash(interaction, name)
+
+    return app_commands.Command(name=name, description=description, callback=bare)

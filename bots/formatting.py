@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from engine.keys import BASE_VARIANT, HYBRID_VARIANT
-from engine.protocol import Reply
+from base.keys import BASE_VARIANT, HYBRID_VARIANT
+from base.protocol import Reply
 
 
 def variant_label(name: str) -> str:

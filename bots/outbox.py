@@ -6,7 +6,7 @@ chained behind the previous send to the same chat, so a chat's messages (and the
 long reply) keep their order. The state is one task reference per chat with a send in flight.
 
 Each send's task ends with its outcome, which the reply reader waits for before it
-acknowledges the reply (`engine.queue_client`): ``sent``; ``undeliverable`` (the platform says
+acknowledges the reply (`base.queue_client`): ``sent``; ``undeliverable`` (the platform says
 the message can never arrive: bot blocked, chat gone), dropped; ``retry`` (a network error, 429s
 past the retries, the frontend stopping), left pending and sent again later.
 """

@@ -6,16 +6,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from base.config import Settings
+from base.metrics import FrontendMetrics
+from base.protocol import Reply
+from base.queue_client import QueueClient
+from base.signals import on_stop_signals
 from bots.outbox import ChatOutbox
 from bots.typing_indicator import TypingIndicator
-from engine.config import Settings
-from engine.metrics import FrontendMetrics
-from engine.protocol import Reply
-from engine.queue_client import QueueClient
 
 log = logging.getLogger(__name__)
 
@@ -57,20 +57,18 @@ async def serve_replies(queue: QueueClient, deliver: Callable[[Reply], Awaitable
 
 def run_frontend(settings: Settings, serve: Serve, name: str) -> int:
     """Serve until SIGINT/SIGTERM, then let ``serve`` clean up; the exit code."""
-    from engine.logging_setup import setup_logging
+    from base.logging_setup import setup_logging
 
     setup_logging(settings)
     return asyncio.run(_main(settings, serve, name))
 
 
 async def _main(settings: Settings, serve: Serve, name: str) -> int:
-    from engine.logging_setup import redis_for
+    from base.logging_setup import redis_for
 
     redis = await redis_for(settings)
     task = asyncio.create_task(serve(settings, redis), name=name)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, task.cancel)
+    on_stop_signals(lambda sig: task.cancel())
     try:
         await task
     except asyncio.CancelledError:

@@ -48,21 +48,18 @@ from telegram.constants import ChatAction, ChatType
 from telegram.error import BadRequest, Forbidden
 from telegram.ext import AIORateLimiter, Application, ContextTypes, MessageHandler, filters
 
-from bots.commands import COMMANDS, parse_command
+from base.commands import COMMANDS
+from base.config import Settings
+from base.keys import Keys
+from base.queue_client import QueueClient
+from bots.chat_frontend import ChatFrontend
+from bots.commands import parse_command
 from bots.conversations import conversation_id
-from bots.core import FrontendCore, Immediate, Incoming
-from bots.formatting import format_reply
-from bots.outbox import RETRY, UNDELIVERABLE, ChatOutbox, Outcome
-from bots.serving import serve_metrics, serve_replies
-from bots.splitting import TELEGRAM_LIMIT, split_message
-from bots.streaming import Stream, StreamedReplies
-from bots.telegram_bot import FRONTEND_ID
+from bots.core import Incoming
+from bots.platforms import TELEGRAM_ID as FRONTEND_ID
+from bots.serving import serve_metrics
+from bots.splitting import TELEGRAM_LIMIT
 from bots.triggers import Triggers
-from bots.typing_indicator import TypingIndicator
-from engine.config import Settings
-from engine.keys import Keys
-from engine.protocol import Reply
-from engine.queue_client import QueueClient
 from persona.pack import Persona
 
 log = logging.getLogger(__name__)
@@ -127,38 +124,25 @@ def edit_interval_s(chat: Hashable) -> float:
     return 3.0 if isinstance(chat, int) and chat < 0 else 1.0
 
 
-def classify_send_error(exc: BaseException) -> Outcome:
-    """Forbidden (blocked, removed from the group) and BadRequest (chat not found) can never
-    succeed; RetryAfter past the limiter's retries, timeouts and network errors can."""
-    if isinstance(exc, Forbidden | BadRequest):
-        return UNDELIVERABLE
-    return RETRY
+class TelegramFrontend(ChatFrontend):
+    frontend_id = FRONTEND_ID
+    limit = TELEGRAM_LIMIT
+    # Blocked, removed from the group, chat not found; RetryAfter past the limiter's retries,
+    # timeouts and network errors are worth a retry.
+    lost_causes = (Forbidden, BadRequest)
 
-
-class TelegramFrontend:
     def __init__(self, settings: Settings, persona: Persona, queue: QueueClient, keys: Keys,
                  application: Application | None = None,  # type: ignore[type-arg]
                  reader_block_ms: int = 1000):
-        self.settings = settings
-        self.persona = persona
-        self.queue = queue
-        self.core = FrontendCore(settings, persona, queue, keys)
         self.app = application or build_application(settings)
-        backlog = persona.line("backlog")
-        self.outbox = ChatOutbox(
-            classify_send_error, on_full=self.core.metrics.held_back,
-            notice=lambda chat: lambda: self.send_text(chat, backlog))
-        self.streams = StreamedReplies(self.outbox, edit_interval_s, TELEGRAM_LIMIT)
-        if settings.stream_replies:
-            queue.on_partial = self.partial
-        self.typing: TypingIndicator[ChatTarget] = TypingIndicator(
-            self._send_typing, settings.typing_interval_s, settings.reply_timeout_s,
-            on_expire=self._timed_out)
+        super().__init__(settings, persona, queue, keys, reader_block_ms)
         self.triggers = Triggers(settings.bot_name_list)
-        self.reader_block_ms = reader_block_ms
         self.ready = asyncio.Event()
         self.app.add_handler(MessageHandler(filters.UpdateType.MESSAGE, self.on_message))
         self.app.add_error_handler(self.on_error)
+
+    def edit_interval_s(self, chat: Hashable) -> float:
+        return edit_interval_s(chat)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -169,15 +153,13 @@ class TelegramFrontend:
             bot = self.app.bot
             self.triggers = Triggers(self.settings.bot_name_list, bot.username,
                                      [f"@{bot.username}"])
-            await bot.set_my_commands([BotCommand(name, description)
-                                       for name, description in COMMANDS.items()])
+            await bot.set_my_commands([BotCommand(c.name, c.description) for c in COMMANDS])
             await self.app.start()
             await self._start_updates()
             log.info("telegram frontend serving as @%s", bot.username)
             self.ready.set()
             try:
-                await serve_replies(self.queue, self.deliver, self.typing, self.outbox,
-                                    self.reader_block_ms)
+                await self.serve_replies()
             finally:
                 self.ready.clear()
                 if self.app.updater is not None and self.app.updater.running:
@@ -223,15 +205,9 @@ class TelegramFrontend:
                 if line is not None:
                     self._say(message, line.text)
             return
-        outcome = await self.core.handle(self.incoming(message, self._request_text(message)))
-        if isinstance(outcome, Immediate):
-            self._say(message, outcome.text)
-            return
-        thread = self._thread(message)
-        self.typing.start(outcome.id, (message.chat_id, thread))
-        notice = await self.core.queued_notice()  # no worker: say it waits in the queue
-        if notice is not None:
-            self._say(message, notice)
+        await self.submit(self.incoming(message, self._request_text(message)),
+                          lambda text: self._say(message, text),
+                          (message.chat_id, self._thread(message)))
 
     def incoming(self, message: Message, text: str) -> Incoming:
         """The core's view of a message: who, which conversation, where to reply."""
@@ -293,59 +269,16 @@ class TelegramFrontend:
         self.outbox.submit(message.chat_id,
                            lambda: self.send_text(message.chat_id, text, reply_to, thread))
 
-    async def deliver(self, reply: Reply) -> asyncio.Task[Outcome] | str:
-        """Called by the reply reader: queue the reply for its chat (never waits for a send);
-        the send's task tells the reader when to acknowledge it."""
-        waited_s = self.typing.done(reply.id)
-        if waited_s is not None:
-            self.core.metrics.reply_seconds.labels(FRONTEND_ID).observe(waited_s)
-        route = reply.route
+    def address(self, route: dict[str, Any]) -> tuple[int, int | None, int | None] | None:
         chat = route.get("chat")
-        if chat is None:
-            log.error("reply %s has no chat in its route; dropped", reply.id)
-            return UNDELIVERABLE
-        text = format_reply(reply) or self.persona.line("fallback")
-        stream = self.streams.take(reply.id)
-        if stream is not None:
-            return self.outbox.submit(chat, lambda: self._finish_stream(stream, text, route))
-        return self.outbox.submit(chat, lambda: self.send_text(chat, text, route.get("reply_to"),
-                                                               route.get("thread")))
+        return None if chat is None else (chat, route.get("reply_to"), route.get("thread"))
 
-    async def partial(self, reply: Reply) -> None:
-        """The reply's text so far: sent at once, then edited as it grows (`bots.streaming`)."""
-        route = reply.route
-        chat = route.get("chat")
-        if chat is None or not reply.text:
-            return
-
-        async def send_first(chat: int, text: str) -> int:
-            return await self._send_piece(chat, text, route.get("reply_to"), route.get("thread"))
-
-        self.streams.partial(reply.id, chat, reply.text, send_first, self._edit)
-
-    async def _finish_stream(self, stream: Stream, text: str, route: dict[str, Any]) -> None:
-        chat, thread = route["chat"], route.get("thread")
-
-        async def send_more(chat: int, piece: str) -> None:
-            await self._send_piece(chat, piece, None, thread)
-
-        if not await self.streams.finish(stream, split_message(text, TELEGRAM_LIMIT),
-                                         self._edit, send_more):
-            await self.send_text(chat, text, route.get("reply_to"), thread)
-
-    async def _edit(self, chat: int, message_id: int, text: str) -> None:
-        await self.app.bot.edit_message_text(text, chat_id=chat, message_id=message_id,
+    async def edit(self, chat: int, sent: int, text: str) -> None:
+        await self.app.bot.edit_message_text(text, chat_id=chat, message_id=sent,
                                              link_preview_options=NO_PREVIEW)
 
-    async def send_text(self, chat: int, text: str, reply_to: int | None = None,
-                        thread: int | None = None) -> None:
-        """Send plain text in pieces of at most 4,096 characters, the first one as a reply.
-        Errors are raised: the outbox tells a lost cause from one worth a retry."""
-        for i, piece in enumerate(split_message(text, TELEGRAM_LIMIT)):
-            await self._send_piece(chat, piece, reply_to if i == 0 else None, thread)
-
-    async def _send_piece(self, chat: int, piece: str, reply_to: int | None,
-                          thread: int | None) -> int:
+    async def send_piece(self, chat: int, piece: str, reply_to: int | None,
+                         thread: int | None) -> int:
         params = (ReplyParameters(message_id=reply_to, allow_sending_without_reply=True)
                   if reply_to is not None else None)
         message = await self.app.bot.send_message(chat, piece, message_thread_id=thread,
@@ -353,13 +286,8 @@ class TelegramFrontend:
                                                   link_preview_options=NO_PREVIEW)
         return message.message_id
 
-    def _timed_out(self, request_id: str, target: ChatTarget) -> None:
-        chat, thread = target
-        text = self.persona.line("timeout")
-        self.outbox.submit(chat, lambda: self.send_text(chat, text, None, thread))
-
-    async def _send_typing(self, target: ChatTarget) -> None:
-        chat, thread = target
+    async def send_typing(self, place: tuple[int, int | None]) -> None:
+        chat, thread = place
         await self.app.bot.send_chat_action(chat, ChatAction.TYPING, message_thread_id=thread)
 
     # ---- errors ----------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import redis.asyncio as aioredis
 
-from engine.keys import Keys
+from base.keys import Keys
 
 
 class UserRateLimit:

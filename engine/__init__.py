@@ -1,1 +1,2 @@
-"""Inference side of the Dr. House bot: queue protocol, worker, model loading, history, metrics."""
+"""Inference side of the Dr. House bot: model loading, generation engines, the worker,
+history and the benchmarks."""

@@ -78,7 +78,8 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--requests", type=int, default=1000,
                         help="round trips for 'queue' (default 1000)")
     parser.add_argument("--engines", default="continuous,batched",
-                        help="engines for 'serve', the first is reported at the top level")
+                        help="engines for 'serve' (continuous, batched, openai: the server at "
+                             "INFERENCE_URL), the first is reported at the top level")
     parser.add_argument("--levels", default="1,4,16",
                         help="concurrent conversations for 'serve' (default 1,4,16)")
     parser.add_argument("--messages", type=int, default=2,
@@ -91,8 +92,8 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine.config import Settings
-    from engine.logging_setup import setup_logging
+    from base.config import Settings
+    from base.logging_setup import setup_logging
 
     settings = Settings()
     if args.prefix_cache is not None:
@@ -135,14 +136,15 @@ def percentile(values: list[float], q: float) -> float:
 async def _round(redis: Any, keys: Any, generator: Any, persona: Any, batch_size: int,
                  requests: list[Any], batch_wait_ms: int = 0) -> dict[str, float]:
     """Send all ``requests`` at once to a fresh worker; time every reply."""
-    from engine.queue_client import QueueClient
-    from engine.worker import Worker, WorkerOptions
+    from base.config import Settings
+    from base.queue_client import QueueClient
+    from engine.worker import Worker
 
     queue = QueueClient(redis, keys, "bench", max_queue_depth=10**6)
     await queue.setup()
     worker = Worker(redis, keys, generator, persona,
-                    WorkerOptions(name=f"bench-{batch_size}", batch_size=batch_size,
-                                  batch_wait_ms=batch_wait_ms, block_ms=20))
+                    Settings(worker_name=f"bench-{batch_size}", batch_size=batch_size,
+                             batch_wait_ms=batch_wait_ms, read_block_ms=20))
     stop = asyncio.Event()
     reader = asyncio.create_task(queue.run_reader(stop=stop, block_ms=20))
     serving = asyncio.create_task(worker.run())
@@ -170,11 +172,11 @@ async def bench_batching(settings: Any, conversations: int, max_new_tokens: int,
     from rich.console import Console
     from rich.table import Table
 
+    from base.keys import Keys
+    from base.logging_setup import redis_for
+    from base.protocol import Request
     from engine.generation import HFGenerator
-    from engine.keys import Keys
-    from engine.logging_setup import redis_for
     from engine.model_loading import load_model
-    from engine.protocol import Request
     from persona.pack import load_persona
     from persona.prompt import system_block
 
@@ -258,12 +260,12 @@ async def bench_queue(settings: Any, n: int) -> dict[str, Any]:
     from rich.console import Console
     from rich.table import Table
 
+    from base.keys import Keys
+    from base.logging_setup import redis_for
+    from base.protocol import Request
+    from base.queue_client import QueueClient
     from engine.generation import FakeGenerator
-    from engine.keys import Keys
-    from engine.logging_setup import redis_for
-    from engine.protocol import Request
-    from engine.queue_client import QueueClient
-    from engine.worker import Worker, WorkerOptions
+    from engine.worker import Worker
     from persona.pack import load_persona
 
     persona = load_persona(settings.persona)
@@ -273,8 +275,7 @@ async def bench_queue(settings: Any, n: int) -> dict[str, Any]:
     queue = QueueClient(redis, keys, "bench", max_queue_depth=10**6)
     await queue.setup()
     worker = Worker(redis, keys, generator, persona,
-                    WorkerOptions(name="bench-queue", block_ms=1000,
-                                  batch_wait_ms=settings.batch_wait_ms))
+                    settings.model_copy(update={"worker_name": "bench-queue"}))
     stop = asyncio.Event()
     reader = asyncio.create_task(queue.run_reader(stop=stop, block_ms=1000))
     serving = asyncio.create_task(worker.run())
@@ -320,9 +321,9 @@ async def bench_serve(settings: Any, engines: list[str], levels: list[int], mess
     from rich.console import Console
     from rich.table import Table
 
+    from base.logging_setup import redis_for
     from engine.continuous import ContinuousGenerator
     from engine.generation import HFGenerator
-    from engine.logging_setup import redis_for
     from engine.model_loading import load_model
     from engine.runtime import build_canon, build_scorer
     from persona.pack import load_persona
@@ -349,11 +350,17 @@ async def bench_serve(settings: Any, engines: list[str], levels: list[int], mess
         table.add_column(column, justify="right")
     try:
         for engine in engines:
-            generator: Any = (ContinuousGenerator(loaded, persona.other_speakers,
-                                                  shared_prefix=prefix,
-                                                  merge_adapters=settings.merge_adapters)
-                              if engine == "continuous" else
-                              HFGenerator(loaded, persona.other_speakers, shared_prefix=prefix))
+            generator: Any
+            if engine == "continuous":
+                generator = ContinuousGenerator(loaded, persona.other_speakers,
+                                                shared_prefix=prefix,
+                                                merge_adapters=settings.merge_adapters)
+            elif engine == "openai":  # the server at INFERENCE_URL (ADAPTER_MODELS)
+                from engine.openai_backend import build_openai_generator
+
+                generator = build_openai_generator(settings, persona.other_speakers)
+            else:
+                generator = HFGenerator(loaded, persona.other_speakers, shared_prefix=prefix)
             figures = await _bench_engine(redis, generator, persona, settings, engine,
                                           controls, levels, messages, mode, scorer, canon)
             close = getattr(generator, "close", None)
@@ -379,10 +386,10 @@ async def bench_serve(settings: Any, engines: list[str], levels: list[int], mess
 async def _bench_engine(redis: Any, generator: Any, persona: Any, settings: Any, engine: str,
                         controls: dict[str, int], levels: list[int], messages: int,
                         mode: str, scorer: Any, canon: Any) -> dict[str, Any]:
-    from engine.keys import Keys
-    from engine.protocol import Reply, Request
-    from engine.queue_client import QueueClient
-    from engine.worker import Worker, WorkerOptions
+    from base.keys import Keys
+    from base.protocol import Reply, Request
+    from base.queue_client import QueueClient
+    from engine.worker import Worker
 
     keys = Keys(f"bench-{uuid.uuid4().hex[:8]}")
     queue = QueueClient(redis, keys, "bench", max_queue_depth=10**6)
@@ -393,9 +400,9 @@ async def _bench_engine(redis: Any, generator: Any, persona: Any, settings: Any,
         first_text.setdefault(reply.id, time.perf_counter())
 
     queue.on_partial = heard
-    worker = Worker(redis, keys, generator, persona, WorkerOptions(
-        name=f"bench-{engine}", batch_size=settings.batch_size, block_ms=20,
-        batch_wait_ms=settings.batch_wait_ms, reply_mode=mode), scorer=scorer, canon=canon)
+    worker = Worker(redis, keys, generator, persona, settings.model_copy(update={
+        "worker_name": f"bench-{engine}", "read_block_ms": 20, "reply_mode": mode}),
+        scorer=scorer, canon=canon)
     stop = asyncio.Event()
     reader = asyncio.create_task(queue.run_reader(stop=stop, block_ms=20))
     serving = asyncio.create_task(worker.run())

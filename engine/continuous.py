@@ -38,8 +38,8 @@ from typing import Any
 
 import torch
 
+from base.keys import BASE_VARIANT
 from engine.generation import Generated, GenerationJob, OnText, PerRowSampler, PrefixCache
-from engine.keys import BASE_VARIANT
 from persona.postprocess import speaker_tag_pattern, split_sentences
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import torch
 
-from engine.keys import BASE_VARIANT
+from base.keys import BASE_VARIANT
 from persona.pack import Controls
 from persona.postprocess import speaker_tag_pattern, split_sentences
 
@@ -43,6 +43,11 @@ class Generated:
     tokens: int
     finished: bool
     ms: float
+
+
+class BackendUnavailable(RuntimeError):
+    """The model's server cannot be reached (``GENERATION_BACKEND=openai``): the requests stay
+    pending and are tried again; nothing is answered or dead-lettered for it."""
 
 
 # Called from the generating thread with (job index, the row's text so far) at decode steps.

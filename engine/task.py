@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.protocol import Reply, Request
+from base.protocol import Reply, Request
 from persona.pack import Controls
 from persona.reply_choice import GENERATED
 

@@ -27,20 +27,22 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from engine.generation import Generated, GenerationJob, Generator, OnText
+from base.commands import CHAT, CONTROL_KINDS, HISTORY_KINDS
+from base.config import Settings
+from base.keys import BASE_VARIANT, HEALTH_WINDOW_S, HYBRID_VARIANT, WORKERS_GROUP, Keys
+from base.metrics import WorkerMetrics
+from base.protocol import ProtocolError, Reply, Request
+from base.queue_client import ensure_group, queue_depth
+from base.redis_conn import REDIS_DOWN
+from base.signals import on_stop_signals
+from engine.generation import BackendUnavailable, Generated, GenerationJob, Generator, OnText
 from engine.history import HistoryStore
-from engine.keys import BASE_VARIANT, HYBRID_VARIANT, WORKERS_GROUP, Keys
-from engine.metrics import WorkerMetrics
 from engine.output import PartialEvents, ReplyBuilder
-from engine.protocol import ProtocolError, Reply, Request
-from engine.queue_client import ensure_group, queue_depth
-from engine.redis_conn import REDIS_DOWN
 from engine.task import Task
 from persona.canon import CanonPool
 from persona.pack import Controls, Persona
@@ -50,6 +52,8 @@ from persona.reply_choice import CANON, GENERATED, MODES
 log = logging.getLogger(__name__)
 
 CONTROL_LANE_BLOCK_MS = 50
+# Seconds between tries of a batch while the inference server is unavailable.
+BACKEND_RETRY_S = 2.0
 
 # Of the entry ids in ARGV, those whose entry is gone from the stream: envelopes removed and
 # returned (id, envelope, ...). Atomic, so two workers never apologise for the same request,
@@ -69,30 +73,6 @@ for i = 1, #ARGV do
 end
 return lost
 """
-
-
-@dataclass
-class WorkerOptions:
-    name: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
-    batch_size: int = 16
-    batch_wait_ms: int = 10
-    block_ms: int = 1000
-    claim_idle_ms: int = 60_000
-    max_deliveries: int = 3
-    generation_timeout_s: float = 120.0
-    history_token_budget: int = 384
-    history_max_turns: int = 20
-    history_ttl_s: int = 604800
-    max_message_chars: int = 4000
-    default_adapter: str = "house"
-    stream_maxlen: int = 10_000
-    health_ttl_s: int = 30
-    reply_mode: str = "hybrid"
-    canon_candidates: int = 4
-    canon_repeat_window: int = 50
-    refine_examples: int = 0
-    stream_replies: bool = True
-    overrides: dict[str, float | int] = field(default_factory=dict)
 
 
 def selector_context(history: Sequence[Turn]) -> tuple[str, ...]:
@@ -136,8 +116,8 @@ def needs_no_model(fields: dict[str, str]) -> bool:
     except ProtocolError:
         return True  # dead-lettered at once
     # A message whose raw text has no words has none after cleaning either: prepare() jabs it.
-    return request.kind in ("reset", "forget") or (request.kind == "chat"
-                                                   and not has_words(request.text))
+    return request.kind in CONTROL_KINDS or (request.kind == CHAT
+                                             and not has_words(request.text))
 
 
 def alone_ok(outputs: Sequence[Generated | None], tasks: Sequence[Task]) -> bool:
@@ -160,7 +140,7 @@ class Worker:
         keys: Keys,
         generator: Generator,
         persona: Persona,
-        options: WorkerOptions | None = None,
+        settings: Settings | None = None,
         metrics: WorkerMetrics | None = None,
         scorer: Callable[[Sequence[str]], Sequence[float]] | None = None,
         canon: CanonPool | None = None,
@@ -169,19 +149,20 @@ class Worker:
         self.keys = keys
         self.generator = generator
         self.persona = persona
-        self.options = options or WorkerOptions()
+        self.settings = settings or Settings()
+        self.name = self.settings.worker_name or f"{socket.gethostname()}-{os.getpid()}"
         self.metrics = metrics or WorkerMetrics()
         self.scorer = scorer
         self.canon = canon
-        self.history = HistoryStore(redis, keys, self.options.history_max_turns,
-                                    self.options.history_ttl_s)
-        self.defaults = persona.controls.merged(self.options.overrides)
-        self.output = ReplyBuilder(persona, self.defaults, self.options.name,
-                                        self.options.default_adapter,
-                                        self.options.canon_candidates, self.metrics, scorer,
+        self.history = HistoryStore(redis, keys, self.settings.history_max_turns,
+                                    self.settings.history_ttl_s)
+        self.defaults = persona.controls.merged(self.settings.generation_overrides())
+        self.output = ReplyBuilder(persona, self.defaults, self.name,
+                                        self.settings.default_adapter,
+                                        self.settings.canon_candidates, self.metrics, scorer,
                                         canon)
-        self.partials = PartialEvents(redis, keys, self.output, self.options.stream_replies,
-                                      self.options.stream_maxlen)
+        self.partials = PartialEvents(redis, keys, self.output, self.settings.stream_replies,
+                                      self.settings.stream_maxlen)
         self.stop = asyncio.Event()
         self.batches = 0
         self.replies = 0
@@ -190,6 +171,7 @@ class Worker:
         # Requests whose conversation already had a request in the same batch: they wait for
         # the next batch so they see the earlier reply in their history (per-chat order).
         self._carry: list[tuple[str, dict[str, str]]] = []
+        self._told_outage: set[str] = set()  # entries told "House is out" (server down)
         self._dropped: dict[str, None] = {}  # entries dead-lettered lately: never carried
         self._model_lock = threading.Lock()
         self._busy: dict[str, int] = {}  # conversations with a request in a running batch
@@ -202,9 +184,7 @@ class Worker:
 
     def install_signal_handlers(self) -> None:
         """First SIGTERM/SIGINT: finish the batch in flight, then exit. Second: exit now."""
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._on_signal, sig)
+        on_stop_signals(self._on_signal)
 
     def _on_signal(self, sig: signal.Signals) -> None:
         self._signals += 1
@@ -217,8 +197,8 @@ class Worker:
     async def run(self, burst: bool = False) -> None:
         """Serve until stopped; with ``burst`` return once nothing is left to read."""
         await ensure_group(self.redis, self.keys.requests, WORKERS_GROUP)
-        log.info("worker %s serving %s (batch %d)", self.options.name, self.keys.requests,
-                 self.options.batch_size)
+        log.info("worker %s serving %s (batch %d)", self.name, self.keys.requests,
+                 self.settings.batch_size)
         heartbeat = asyncio.create_task(self._heartbeat(), name="heartbeat")
         try:
             await self._serve(burst)
@@ -226,8 +206,8 @@ class Worker:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError, *REDIS_DOWN):
                 await heartbeat
-                await self.redis.delete(self.keys.health(self.options.name))
-        log.info("worker %s stopped after %d batches, %d replies", self.options.name,
+                await self.redis.delete(self.keys.health(self.name))
+        log.info("worker %s stopped after %d batches, %d replies", self.name,
                  self.batches, self.replies)
 
     def _drop(self, entry_id: str) -> None:
@@ -267,7 +247,7 @@ class Worker:
         no model are still read and answered in their own batch in milliseconds; the others
         wait, carried (at most ``batch_size``)."""
         running: set[asyncio.Task[int]] = set()
-        size = self.options.batch_size
+        size = self.settings.batch_size
         renew_at = 0.0
         while not self.stop.is_set() or self._carry or running:
             self.metrics.beat()
@@ -287,9 +267,9 @@ class Worker:
                     self._carry += rest
                     entries = quick
                 if self._carry and time.monotonic() >= renew_at:  # leased while waiting
-                    renew_at = time.monotonic() + self.options.claim_idle_ms / 3000
+                    renew_at = time.monotonic() + self.settings.claim_idle_ms / 3000
                     await self._guarded(self.redis.xclaim(
-                        self.keys.requests, WORKERS_GROUP, self.options.name, 0,
+                        self.keys.requests, WORKERS_GROUP, self.name, 0,
                         [eid for eid, _ in self._carry], justid=True))
             if entries is None:
                 continue
@@ -351,9 +331,9 @@ class Worker:
 
     async def record_health(self) -> None:
         await self.redis.set(
-            self.keys.health(self.options.name),
+            self.keys.health(self.name),
             json.dumps({"ts": time.time(), "batches": self.batches, "replies": self.replies}),
-            ex=self.options.health_ttl_s,
+            ex=HEALTH_WINDOW_S,
         )
 
     # ---- reading ---------------------------------------------------------------------------
@@ -362,11 +342,11 @@ class Worker:
                          block_ms: int | None = None) -> list[tuple[str, dict[str, str]]]:
         """Claimed stale requests first, then new ones, up to ``size`` (``batch_size``);
         ``block_ms`` overrides how long to wait for new ones."""
-        size = self.options.batch_size if size is None else size
+        size = self.settings.batch_size if size is None else size
         entries, self._carry = self._carry_heads(size)
         if entries or self._carry:
             # Still ours: reset their idle time so no other worker claims them meanwhile.
-            await self.redis.xclaim(self.keys.requests, WORKERS_GROUP, self.options.name, 0,
+            await self.redis.xclaim(self.keys.requests, WORKERS_GROUP, self.name, 0,
                                     [eid for eid, _ in entries + self._carry], justid=True)
         if self.stop.is_set():  # stopping: finish what was already read, take nothing new
             return entries
@@ -375,10 +355,10 @@ class Worker:
         # wait for. What does not fit is carried.
         entries += await self.claim_stale(max(size - len(entries), 1))
         if time.monotonic() >= self._next_sweep:
-            self._next_sweep = time.monotonic() + max(self.options.claim_idle_ms / 1000, 1.0)
+            self._next_sweep = time.monotonic() + max(self.settings.claim_idle_ms / 1000, 1.0)
             await self.answer_lost()
         if len(entries) < size:
-            wait = self.options.block_ms if block_ms is None else block_ms
+            wait = self.settings.read_block_ms if block_ms is None else block_ms
             entries += await self._read_new(size - len(entries),
                                             wait if block and not entries else None)
         # A busy conversation's backlog takes one place in a batch: read past it (a few
@@ -392,7 +372,7 @@ class Worker:
             entries += more
         # Under load a short wait fills the batch; it costs little next to a generate().
         # (Not with continuous batching: what arrives later joins the running batch anyway.)
-        wait_ms = 0 if self.joins else self.options.batch_wait_ms
+        wait_ms = 0 if self.joins else self.settings.batch_wait_ms
         if (entries and len(entries) < size and wait_ms
                 and self._last_generation_s * 1000 > 10 * wait_ms):
             await asyncio.sleep(wait_ms / 1000)
@@ -421,15 +401,15 @@ class Worker:
         return taken, kept
 
     async def _read_new(self, count: int, block_ms: int | None) -> list[tuple[str, dict]]:
-        streams = await self.redis.xreadgroup(WORKERS_GROUP, self.options.name,
+        streams = await self.redis.xreadgroup(WORKERS_GROUP, self.name,
                                               {self.keys.requests: ">"}, count=count,
                                               block=block_ms)
         return list(streams[0][1]) if streams else []
 
     async def claim_stale(self, count: int) -> list[tuple[str, dict[str, str]]]:
         """Take over requests another (dead) worker held longer than ``claim_idle_ms``."""
-        result = await self.redis.xautoclaim(self.keys.requests, WORKERS_GROUP, self.options.name,
-                                             min_idle_time=self.options.claim_idle_ms,
+        result = await self.redis.xautoclaim(self.keys.requests, WORKERS_GROUP, self.name,
+                                             min_idle_time=self.settings.claim_idle_ms,
                                              start_id="0-0", count=count)
         claimed = [(eid, fields) for eid, fields in result[1] if fields]
         if claimed:
@@ -441,7 +421,7 @@ class Worker:
         """Apologise for requests whose entry vanished from the stream (an operator's XDEL or
         XTRIM) at least ``claim_idle_ms`` ago; returns how many."""
         seconds, micros = await self.redis.time()
-        before_ms = int(seconds * 1000 + micros // 1000) - self.options.claim_idle_ms
+        before_ms = int(seconds * 1000 + micros // 1000) - self.settings.claim_idle_ms
         old = [eid async for eid, _ in self.redis.hscan_iter(self.keys.envelopes)
                if int(eid.split("-", 1)[0]) < before_ms]
         found = 0
@@ -465,10 +445,26 @@ class Worker:
         reply = self.reply(request, error=self.persona.line("lost"))
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.xadd(self.keys.replies(request.frontend), reply.dumps(),
-                      maxlen=self.options.stream_maxlen, approximate=True)
+                      maxlen=self.settings.stream_maxlen, approximate=True)
             self._remove_commands(pipe, entry_id, request.conversation)
             pipe.hincrby(self.keys.stats, "lost", 1)
             await pipe.execute()
+
+    async def _tell_outage(self, entries: list[tuple[str, dict[str, str]]]) -> None:
+        """Once per request: a partial event with the "House is out" line (the final reply
+        replaces it when the server is back); the request itself stays pending."""
+        for entry_id, fields in entries:
+            if entry_id in self._told_outage:
+                continue
+            try:
+                request = Request.loads(fields)
+            except ProtocolError:
+                continue
+            self._told_outage.add(entry_id)
+            notice = self.reply(request, text=self.persona.line("outage"), partial=1)
+            with contextlib.suppress(*REDIS_DOWN):
+                await self.redis.xadd(self.keys.replies(request.frontend), notice.dumps(),
+                                      maxlen=self.settings.stream_maxlen, approximate=True)
 
     async def delivery_counts(self, entry_ids: list[str]) -> list[int]:
         """How many times each entry was delivered (XPENDING), in one round trip."""
@@ -495,6 +491,11 @@ class Worker:
         except REDIS_DOWN as exc:
             log.warning("Redis unavailable mid-batch (%s); the batch is retried",
                         type(exc).__name__)
+        except BackendUnavailable as exc:
+            log.warning("inference server unavailable (%s); %d requests wait for it", exc,
+                        len(entries))
+            await self._tell_outage(entries)
+            await asyncio.sleep(BACKEND_RETRY_S)
         carried = {eid for eid, _ in self._carry}
         self._carry += [(eid, f) for eid, f in entries
                         if eid not in finished and eid not in carried
@@ -562,11 +563,11 @@ class Worker:
         of its conversation) wait, leased, for the next batch. So a control request is
         answered in milliseconds, never behind someone else's generation."""
         while not running.done() and not self.stop.is_set():
-            if len(self._carry) >= self.options.batch_size:  # enough read ahead
+            if len(self._carry) >= self.settings.batch_size:  # enough read ahead
                 await asyncio.wait([running], timeout=CONTROL_LANE_BLOCK_MS / 1000)
                 continue
             try:
-                entries = await self._read_new(self.options.batch_size, CONTROL_LANE_BLOCK_MS)
+                entries = await self._read_new(self.settings.batch_size, CONTROL_LANE_BLOCK_MS)
             except REDIS_DOWN:
                 await asyncio.wait([running], timeout=0.5)
                 continue
@@ -597,7 +598,7 @@ class Worker:
                 await self._dead_letter(entry_id, fields, None, "malformed")
                 self._drop(entry_id)
                 continue
-            if delivered > self.options.max_deliveries:
+            if delivered > self.settings.max_deliveries:
                 await self._dead_letter(entry_id, fields, request, "too many deliveries")
                 self._drop(entry_id)
                 continue
@@ -609,7 +610,7 @@ class Worker:
         tasks: list[Task] = []
         conversations: set[str] = set()
         for (entry_id, request), head in zip(parsed, heads, strict=True):
-            if len(tasks) >= self.options.batch_size or request.conversation in conversations or (
+            if len(tasks) >= self.settings.batch_size or request.conversation in conversations or (
                     head not in (None, entry_id)
                     and not await self._is_next(entry_id, request.conversation)):
                 continue  # carried: answered after the older request of its conversation
@@ -654,7 +655,7 @@ class Worker:
                 task.reply = self.reply(request, text=persona.line("retry_nothing"))
                 return
             text, speaker = last
-        text = clean_user_text(text, self.options.max_message_chars)
+        text = clean_user_text(text, self.settings.max_message_chars)
         if not text:
             task.reply = self.reply(request, text=persona.line("empty"))
             return
@@ -671,12 +672,12 @@ class Worker:
             task.variants = [v for v in wanted if v == BASE_VARIANT or v in
                              self.generator.adapters] or [BASE_VARIANT]
             if hybrid:
-                if self.options.default_adapter in self.generator.adapters and \
-                        self.options.default_adapter not in task.variants:
-                    task.variants.append(self.options.default_adapter)
+                if self.settings.default_adapter in self.generator.adapters and \
+                        self.settings.default_adapter not in task.variants:
+                    task.variants.append(self.settings.default_adapter)
                 task.variants.append(HYBRID_VARIANT)
         else:
-            adapter = str(request.settings.get("adapter", self.options.default_adapter))
+            adapter = str(request.settings.get("adapter", self.settings.default_adapter))
             task.variants = [adapter if adapter in self.generator.adapters else BASE_VARIANT]
         history = [] if request.kind == "compare" else await self.history.load(
             request.conversation)
@@ -689,15 +690,15 @@ class Worker:
         if task.mode == CANON and request.kind != "compare":
             return  # House's real lines only: nothing to generate
         prompt = render_prompt(self.generator.tokenizer, persona, history, text, speaker,
-                               self.options.history_token_budget)
+                               self.settings.history_token_budget)
         refined = prompt
-        if self.canon is not None and self.options.refine_examples > 0:
+        if self.canon is not None and self.settings.refine_examples > 0:
             # retrieve and refine: House's real exchanges for the message in the adapter's prompt
             hits = await asyncio.to_thread(self.canon.search, text, task.context,
-                                           self.options.refine_examples, (), task.mentioned)
+                                           self.settings.refine_examples, (), task.mentioned)
             examples = [(h.line.anchor, h.line.text) for h in hits if h.line.anchor]
             refined = render_prompt(self.generator.tokenizer, persona, history, text, speaker,
-                                    self.options.history_token_budget, examples=examples)
+                                    self.settings.history_token_budget, examples=examples)
         seed = request_seed(request, task.controls)
         for variant in task.variants:
             if variant == HYBRID_VARIANT:
@@ -710,9 +711,9 @@ class Worker:
     def reply_mode(self, request: Request) -> str:
         """The request's ``mode`` setting, else REPLY_MODE; generated when there is no canon
         pool (no selector or data set) to draw House's lines from."""
-        mode = str(request.settings.get("mode", self.options.reply_mode))
+        mode = str(request.settings.get("mode", self.settings.reply_mode))
         if mode not in MODES:
-            mode = self.options.reply_mode
+            mode = self.settings.reply_mode
         return GENERATED if self.canon is None else mode
 
     async def _poisoned(self, task: Task, reason: str, tasks: list[Task]) -> None:
@@ -763,11 +764,11 @@ class Worker:
         """Renew the lease on a batch's requests (XCLAIM to ourselves every third of
         CLAIM_IDLE_MS) from reading to answering, so a generation (or a canon choice) longer
         than the claim time is not taken over by another worker and answered twice."""
-        every_s = max(self.options.claim_idle_ms / 3000, 0.05)
+        every_s = max(self.settings.claim_idle_ms / 3000, 0.05)
         while True:
             await asyncio.sleep(every_s)
             with contextlib.suppress(*REDIS_DOWN):
-                await self.redis.xclaim(self.keys.requests, WORKERS_GROUP, self.options.name,
+                await self.redis.xclaim(self.keys.requests, WORKERS_GROUP, self.name,
                                         0, entry_ids, justid=True)
 
     def _generate_alone(self, jobs: list[GenerationJob], on_text: OnText | None = None,
@@ -799,7 +800,10 @@ class Worker:
             self._generate_alone, jobs, on_text, list(streams or ()), stop))
         try:
             outputs = await asyncio.wait_for(asyncio.shield(running),
-                                             self.options.generation_timeout_s)
+                                             self.settings.generation_timeout_s)
+        except BackendUnavailable:
+            self.metrics.errors.labels("backend").inc(len(jobs))
+            raise
         except TimeoutError:
             log.error("generation of %d rows timed out; stopping it", len(jobs))
             self.metrics.errors.labels("timeout").inc(len(jobs))
@@ -854,20 +858,20 @@ class Worker:
         assert reply is not None
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
-                if (request.kind in ("chat", "retry") and task.text and reply.text
+                if (request.kind in HISTORY_KINDS and task.text and reply.text
                         and not reply.error):
                     self.history.append_commands(pipe, request.conversation, request.user,
                                                  task.speaker, task.text, reply.text)
                     pipe.set(self.keys.last_request(request.conversation), request.id,
-                             ex=self.options.history_ttl_s)
+                             ex=self.settings.history_ttl_s)
                     self.history.remember_key_commands(
                         pipe, request.user, self.keys.last_request(request.conversation))
                     if reply.won == CANON and task.canon_row is not None:
                         self.history.canon_commands(pipe, request.conversation, request.user,
                                                     task.canon_row,
-                                                    self.options.canon_repeat_window)
+                                                    self.settings.canon_repeat_window)
                 pipe.xadd(self.keys.replies(request.frontend), reply.dumps(),
-                          maxlen=self.options.stream_maxlen, approximate=True)
+                          maxlen=self.settings.stream_maxlen, approximate=True)
                 self._remove_commands(pipe, task.entry_id, request.conversation)
                 pipe.hincrby(self.keys.stats, "errors" if reply.error else "replies", 1)
                 await pipe.execute()
@@ -899,18 +903,19 @@ class Worker:
         self.metrics.dead_letters.inc()
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.xadd(self.keys.dead_letters, {**fields, "reason": reason, "entry": entry_id},
-                      maxlen=self.options.stream_maxlen, approximate=True)
+                      maxlen=self.settings.stream_maxlen, approximate=True)
             if request is not None:
                 reply = self.reply(request, error=self.persona.line("dead_letter"))
                 pipe.xadd(self.keys.replies(request.frontend), reply.dumps(),
-                          maxlen=self.options.stream_maxlen, approximate=True)
+                          maxlen=self.settings.stream_maxlen, approximate=True)
             self._remove_commands(pipe, entry_id,
                                   request.conversation if request is not None else None)
             pipe.hincrby(self.keys.stats, "dead_letters", 1)
             await pipe.execute()
 
 
-async def check_health(redis: aioredis.Redis, keys: Keys, max_age_s: float = 30.0) -> int:
+async def check_health(redis: aioredis.Redis, keys: Keys,
+                       max_age_s: float = HEALTH_WINDOW_S) -> int:
     """0 when at least one worker reported within ``max_age_s``, else 1 (container health)."""
     async for key in redis.scan_iter(match=keys.health_pattern):
         raw = await redis.get(key)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.config import ROOT
+from base.config import ROOT
 from persona.dialogue import in_judge_fold, query_text, read_pairs
 from persona.postprocess import split_sentences
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.config import ROOT
+from base.config import ROOT
 
 log = logging.getLogger(__name__)
 
@@ -319,14 +319,10 @@ def auc(clf: PersonaClassifier, house: Sequence[str], others: Sequence[str]) -> 
 
 def read_split(path: Path) -> tuple[list[str], list[str]]:
     """(House's responses, anchors) of a prepared JSONL split."""
-    house, others = [], []
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                row = json.loads(line)
-                house.append(row["response"])
-                others.append(row["anchor"])
-    return house, others
+    from persona.dialogue import load_split
+
+    records = load_split(path.parent, path.stem)
+    return [r["response"] for r in records], [r["anchor"] for r in records]
 
 
 def file_digest(path: Path) -> str:

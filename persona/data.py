@@ -36,13 +36,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.config import ROOT
+from base.config import ROOT
+from persona.dialogue import SPLITS
+from persona.patterns import BRACKETED
 
 log = logging.getLogger(__name__)
 
 DEFAULT_INPUT = ROOT.parent / "shared" / "data" / "house" / "questions_answers.csv"
 DEFAULT_OUT = ROOT / "data" / "prepared"
-SPLITS = ("train", "validation", "test")
 COLUMNS = ("anchor", "response")
 
 
@@ -84,7 +85,6 @@ _HOUSE_COMPOUND = re.compile(r"\bHouse(s|hold|keeping|keeper|wives|warming|wife|
 
 # Stage directions and speaker notes.
 _NOTE_TOKENS = re.compile(r"(?:^|(?<=\s))(?:\(?V\.?O\.?\)?|\(?O\.?S\.?\)?|\(?CONT'?D\)?)(?=\s|$)")
-_BRACKETED = re.compile(r"\[[^\]]*\]|\([^)]*\)|\*[^*]*\*")
 # Verbs of a narrative sentence after a name or He/She/They ("Chase glares at Wilson.").
 STAGE_VERBS = _wordset(
     """walks enters exits stares glares shrugs sighs nods smiles grins laughs chuckles pauses
@@ -360,7 +360,7 @@ def _strip_leading_direction(sentence: str, continues: bool = False) -> str:
 
 def strip_directions(text: str) -> str:
     """Drop stage directions and speaker notes, keep the dialogue."""
-    text = _BRACKETED.sub(" ", text)
+    text = BRACKETED.sub(" ", text)
     text = _NOTE_TOKENS.sub(" ", text)
     text = re.sub(r"\s+", " ", text).strip()
     kept: list[str] = []
@@ -564,13 +564,6 @@ def prepare(config: PrepareConfig) -> Stats:
     for path in paths.values():
         path.with_suffix(".jsonl.tmp").replace(path)
     return stats
-
-
-def load_split(directory: Path | str, split: str) -> list[dict[str, object]]:
-    """The records of one prepared split."""
-    path = Path(directory) / f"{split}.jsonl"
-    with path.open(encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
 
 
 def percentiles(values: Iterable[int], points: tuple[int, ...] = (5, 50, 95, 99)) -> list[int]:

@@ -18,6 +18,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 SPLITS = ("train", "validation", "test")
 SCENE_RADIUS = 4  # rows within this distance are treated as one scene
@@ -41,19 +42,26 @@ def row_number(pair_id: str) -> int:
     return int(pair_id.rsplit("-", 1)[1])
 
 
+def load_split(data_dir: Path | str, split: str, limit: int = 0) -> list[dict[str, Any]]:
+    """The records of one prepared split (the first ``limit``, when given): the one reader of
+    ``data/prepared/*.jsonl``. A missing split says what to run."""
+    path = Path(data_dir) / f"{split}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run `drhouse data prepare` first")
+    records = []
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                records.append(json.loads(line))
+                if limit and len(records) >= limit:
+                    break
+    return records
+
+
 def read_pairs(data_dir: Path | str, splits: Sequence[str] = SPLITS) -> list[Pair]:
     """Every pair of the prepared splits, in row order."""
-    pairs = []
-    for split in splits:
-        path = Path(data_dir) / f"{split}.jsonl"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: run `drhouse data prepare` first")
-        with path.open(encoding="utf-8") as handle:
-            for line in handle:
-                if line.strip():
-                    rec = json.loads(line)
-                    pairs.append(Pair(row_number(rec["id"]), split, rec["anchor"],
-                                      rec["response"]))
+    pairs = [Pair(row_number(rec["id"]), split, rec["anchor"], rec["response"])
+             for split in splits for rec in load_split(data_dir, split)]
     return sorted(pairs, key=lambda p: p.row)
 
 

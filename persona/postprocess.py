@@ -11,7 +11,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 
-_STAGE = re.compile(r"\[[^\]]*\]?|\([^)]*\)?|\*[^*\n]*\*?")
+from persona.patterns import OPEN_STAGE_DIRECTION, SELF_NAMES
+
 _SENTENCE_END = re.compile(r"(?<=[.!?…])[\"')\]]*\s+")
 _GENERIC_TURN = re.compile(r"(?:^|\n)\s*[A-Z][\w.' -]{0,24}:\s")
 _WORD = re.compile(r"[\w']+")
@@ -42,7 +43,7 @@ def clean_reply(
     raw: str,
     speakers: Iterable[str],
     sentence_cap: int,
-    self_names: Sequence[str] = ("House", "Dr. House", "Gregory House"),
+    self_names: Sequence[str] = SELF_NAMES,
     finished: bool = True,
 ) -> str:
     """Cut ``raw`` into a reply House would say.
@@ -57,7 +58,7 @@ def clean_reply(
     turn = _GENERIC_TURN.search(text)
     if turn:
         text = text[: turn.start()]
-    text = _STAGE.sub(" ", text)
+    text = OPEN_STAGE_DIRECTION.sub(" ", text)
     text = re.sub(r"\s+", " ", text).strip(" \"-–—:;,")
     sentences = split_sentences(text)
     if not finished and len(sentences) > 1 and not _ENDS_SENTENCE.search(sentences[-1]):

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from persona.pack import Persona
+from persona.patterns import TEMPLATE_TOKENS
 
 # Chat-template control sequences a user must not be able to inject (ChatML, Llama 3, Gemma).
-_TEMPLATE_TOKENS = re.compile(r"<\|[^|>]{0,40}\|>|<\/?s>|<(?:start|end)_of_turn>", re.IGNORECASE)
 # Control characters except tab and newline; zero-width and bidi controls stay out of prompts.
 _INVISIBLE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
 # Most tokens the new message may take in a prompt; the rest of a longer message is cut.
@@ -44,7 +44,7 @@ def clean_user_text(text: str, max_chars: int = 4000) -> str:
     text = unicodedata.normalize("NFC", text)
     previous = None
     while previous != text:
-        previous, text = text, _TEMPLATE_TOKENS.sub(" ", text)
+        previous, text = text, TEMPLATE_TOKENS.sub(" ", text)
     text = re.sub(r"[ \t]+", " ", text)
     text = re.sub(r"\n{3,}", "\n\n", text).strip()
     return text[:max_chars].strip()

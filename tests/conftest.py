@@ -12,12 +12,13 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis.asyncio as aioredis
+from harness import worker_settings
 
-from engine.config import Settings
+from base.config import Settings
+from base.keys import Keys
+from base.queue_client import QueueClient
 from engine.generation import FakeGenerator
-from engine.keys import Keys
-from engine.queue_client import QueueClient
-from engine.worker import Worker, WorkerOptions
+from engine.worker import Worker
 from persona.pack import Persona, load_persona
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -68,7 +69,7 @@ async def fake_worker(redis: aioredis.Redis, keys: Keys, persona: Persona,
                       fake_generator: FakeGenerator) -> AsyncIterator[Worker]:
     """A worker with the deterministic generator, serving in the background."""
     worker = Worker(redis, keys, fake_generator, persona,
-                    WorkerOptions(name="fake-worker", block_ms=50, batch_wait_ms=0))
+                    worker_settings("fake-worker"))
     task = asyncio.create_task(worker.run())
     yield worker
     worker.stop.set()
@@ -94,7 +95,7 @@ def embedded_model() -> Iterator[object]:
 
     Loaded once per test session; tests using it carry the ``model`` marker.
     """
-    from engine.config import ROOT
+    from base.config import ROOT
     from engine.model_loading import load_model
 
     adapter = ROOT / "models" / "house-smollm2"

@@ -12,13 +12,13 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from base.config import Settings
+from base.keys import Keys
+from base.queue_client import QueueClient
 from bots.core import FrontendCore, Immediate, Incoming
 from bots.formatting import format_reply
-from engine.config import Settings
 from engine.generation import FakeGenerator, Generated, GenerationJob, Generator
-from engine.keys import Keys
-from engine.queue_client import QueueClient
-from engine.worker import Worker, WorkerOptions
+from engine.worker import Worker
 from persona.pack import Persona
 
 
@@ -29,6 +29,14 @@ def make_settings(redis_url: str, prefix: str, **overrides: Any) -> Settings:
                               "telegram_token": None, "discord_token": None,
                               "worker_metrics_port": 0, "stream_replies": False, **overrides}
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+def worker_settings(name: str = "test-worker", **fields: Any) -> Settings:
+    """A test worker's settings: the shipped defaults without .env, except that it reads in
+    short blocks (quick to stop) and does not wait to fill a micro-batch."""
+    values: dict[str, Any] = {"read_block_ms": 50, "batch_wait_ms": 0, **fields}
+    return Settings(_env_file=None, worker_name=name,  # type: ignore[call-arg]
+                    worker_metrics_port=0, **values)
 
 
 async def ask(core: FrontendCore, queue: QueueClient, user: str, text: str,
@@ -91,7 +99,7 @@ async def running_worker(redis: aioredis.Redis, keys: Keys, persona: Persona,
                          **options: Any) -> AsyncIterator[Worker]:
     """A worker serving in the background until the block ends."""
     worker = Worker(redis, keys, generator, persona,
-                    WorkerOptions(name=name, block_ms=50, batch_wait_ms=0, **options))
+                    worker_settings(name, **options))
     task = asyncio.create_task(worker.run(), name=name)
     try:
         yield worker

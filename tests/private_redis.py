@@ -16,7 +16,7 @@ from pathlib import Path
 
 import redis
 
-from engine.config import ROOT
+from base.config import ROOT
 
 REDIS_CONF = ROOT / "deploy" / "redis.conf"
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.cli import main
-from persona.blind_check import (
+from cli.main import main
+from offline.blind_check import (
     BlindError,
     read_answers,
     sample_lines,
@@ -106,7 +106,7 @@ def test_command_round_trip_with_the_shipped_classifier(
 
 def test_many_shuffles_systems_merges_equal_replies_and_scores_fit_voice_best(
         tmp_path: Path) -> None:
-    from persona.blind_check import read_many_answers, sample_many, score_many
+    from offline.blind_check import read_many_answers, sample_many, score_many
 
     rows = {name: [{"message": f"m{i}", "reply": f"{name} {i}"} for i in range(20)]
             for name in ("base", "house", "retrieval")}

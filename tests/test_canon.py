@@ -15,12 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from harness import worker_settings
 
-from engine.config import ROOT
+from base.config import ROOT
+from base.keys import BASE_VARIANT, HYBRID_VARIANT
+from base.protocol import Request
 from engine.generation import FakeGenerator
-from engine.keys import BASE_VARIANT, HYBRID_VARIANT
-from engine.protocol import Request
-from engine.worker import Worker, WorkerOptions, selector_context
+from engine.worker import Worker, selector_context
 from persona.canon import CanonLine, CanonPool, named_people
 from persona.dialogue import Pair, Scenes, in_judge_fold, query_text
 from persona.prompt import Turn
@@ -117,7 +118,7 @@ async def test_canon_mode_answers_with_a_real_line_and_generates_nothing(
         redis, keys, persona, queue) -> None:  # type: ignore[no-untyped-def]
     generator = FakeGenerator()
     worker = Worker(redis, keys, generator, persona,
-                    WorkerOptions(name="w", block_ms=50, batch_wait_ms=0, reply_mode="canon"),
+                    worker_settings("w", reply_mode="canon"),
                     canon=pool())
     request = chat("I have a headache and took painkillers with beer")
     await queue.submit(request)
@@ -131,7 +132,7 @@ async def test_no_canon_line_twice_within_the_window_and_forget_clears_it(
         redis, keys, persona, queue) -> None:  # type: ignore[no-untyped-def]
     lines = [f"Headache number {i} is boring." for i in range(12)]
     worker = Worker(redis, keys, FakeGenerator(), persona,
-                    WorkerOptions(name="w", block_ms=50, batch_wait_ms=0, reply_mode="canon",
+                    worker_settings("w", reply_mode="canon",
                                   canon_repeat_window=10), canon=pool(lines))
     said = []
     for _ in range(10):
@@ -152,7 +153,7 @@ async def test_no_canon_line_twice_within_the_window_and_forget_clears_it(
 async def test_hybrid_records_the_winner_and_generated_mode_never_uses_canon(
         redis, keys, persona, queue) -> None:  # type: ignore[no-untyped-def]
     worker = Worker(redis, keys, FakeGenerator(), persona,
-                    WorkerOptions(name="w", block_ms=50, batch_wait_ms=0), canon=pool(),
+                    worker_settings("w"), canon=pool(),
                     scorer=lambda texts: [0.9 for _ in texts])
     hybrid = chat("painkillers and beer for my headache")
     generated = chat("painkillers and beer for my headache", conversation="c2",
@@ -170,7 +171,7 @@ async def test_hybrid_records_the_winner_and_generated_mode_never_uses_canon(
 async def test_compare_shows_base_the_adapter_alone_and_hybrid(
         redis, keys, persona, queue) -> None:  # type: ignore[no-untyped-def]
     worker = Worker(redis, keys, FakeGenerator(), persona,
-                    WorkerOptions(name="w", block_ms=50, batch_wait_ms=0), canon=pool())
+                    worker_settings("w"), canon=pool())
     request = chat("beer and painkillers?", kind="compare")
     await queue.submit(request)
     await worker.run(burst=True)
@@ -183,7 +184,7 @@ async def test_compare_shows_base_the_adapter_alone_and_hybrid(
 async def test_without_a_canon_pool_hybrid_falls_back_to_generated(
         redis, keys, persona, queue) -> None:  # type: ignore[no-untyped-def]
     worker = Worker(redis, keys, FakeGenerator(), persona,
-                    WorkerOptions(name="w", block_ms=50, batch_wait_ms=0, reply_mode="canon"))
+                    worker_settings("w", reply_mode="canon"))
     request = chat("hello")
     await queue.submit(request)
     await worker.run(burst=True)
@@ -209,8 +210,8 @@ def test_the_shipped_selector_finds_house_lines_for_a_message(tmp_path: Path) ->
 
 
 def test_compare_text_names_the_hybrid_answer_and_its_source() -> None:
+    from base.protocol import Reply, Variant
     from bots.formatting import format_reply
-    from engine.protocol import Reply, Variant
 
     reply = Reply(id="r", conversation="c", variants=[
         Variant(name=BASE_VARIANT, text="Hello.", tokens=2, ms=10, won=GENERATED),
@@ -228,7 +229,7 @@ async def test_refine_puts_real_exchanges_in_the_adapters_prompt_only(
     selector = BagOfWords()
     canon = CanonPool(lines, selector, selector.encode([lines[0].text]))
     worker = Worker(redis, keys, generator, persona,
-                    WorkerOptions(name="w", block_ms=50, batch_wait_ms=0,
+                    worker_settings("w",
                                   reply_mode="generated", refine_examples=2), canon=canon)
     request = chat("beer and painkillers?", kind="compare")
     await queue.submit(request)
@@ -242,7 +243,7 @@ async def test_refine_puts_real_exchanges_in_the_adapters_prompt_only(
 def test_refine_data_never_shows_a_pair_its_own_scene(tmp_path: Path) -> None:
     import json
 
-    from persona.refine_data import write_refine_data
+    from offline.refine_data import write_refine_data
 
     data = tmp_path / "prepared"
     data.mkdir()

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from conftest import REDIS_URL
 
-from engine.keys import WORKERS_GROUP
-from engine.protocol import Reply, Request
-from engine.queue_client import QueueClient
+from base.keys import WORKERS_GROUP
+from base.protocol import Reply, Request
+from base.queue_client import QueueClient
 
 pytestmark = pytest.mark.timeout(180)
 DRHOUSE = str(Path(sys.executable).with_name("drhouse"))

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from offline.retrieval import RetrievalBaseline
 from persona.classifier import (
     ClassifierConfig,
     ClassifierError,
@@ -21,7 +22,6 @@ from persona.classifier import (
     train_classifier,
 )
 from persona.reply_choice import best_generated
-from persona.retrieval import RetrievalBaseline
 
 HOUSE = [
     "Everybody lies. The only question is about what.",

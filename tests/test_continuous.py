@@ -9,11 +9,12 @@ import threading
 import time
 
 import pytest
+from harness import worker_settings
 
+from base.protocol import Request
 from engine.continuous import ContinuousGenerator
 from engine.generation import GenerationJob, HFGenerator
-from engine.protocol import Request
-from engine.worker import Worker, WorkerOptions
+from engine.worker import Worker
 from persona.prompt import render_prompt, system_block
 
 pytestmark = [pytest.mark.model, pytest.mark.timeout(900)]
@@ -87,7 +88,7 @@ def test_a_stopped_call_ends_alone(engine, persona) -> None:  # type: ignore[no-
 async def test_the_worker_answers_a_short_request_before_a_long_one_that_started_first(
         engine, persona, redis, keys, queue) -> None:  # type: ignore[no-untyped-def]
     worker = Worker(redis, keys, engine, persona,
-                    WorkerOptions(name="cb", block_ms=50, batch_wait_ms=0, reply_mode="generated"))
+                    worker_settings("cb", reply_mode="generated"))
     running = asyncio.create_task(worker.run())
     long = Request(frontend="test-frontend", conversation="long", user="a",
                    text=QUESTIONS[3], settings={"max_new_tokens": 48, "sentence_cap": 10,

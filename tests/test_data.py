@@ -13,7 +13,6 @@ from persona.data import (
     DataError,
     PrepareConfig,
     count_artefacts,
-    load_split,
     prepare,
     repair_text,
     run,
@@ -21,6 +20,7 @@ from persona.data import (
     strip_directions,
     strip_previous_line,
 )
+from persona.dialogue import load_split
 from persona.pack import load_persona
 from persona.prompt import build_messages
 

@@ -7,6 +7,7 @@ restore scripts round-trip the data; `.env.example` documents every setting with
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -19,13 +20,13 @@ import yaml
 from packaging.requirements import Requirement
 from private_redis import PrivateRedis, free_port
 
-from engine.cli import SUBCOMMANDS
-from engine.config import ROOT, Settings
+from base.config import ROOT, Settings
+from cli.main import SUBCOMMANDS
 
 DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
-APP_SERVICES = ("worker", "worker-cpu", "telegram", "discord")
+APP_SERVICES = ("worker", "worker-cpu", "worker-vllm", "telegram", "discord")
 # Environment names in the compose file that are not Settings (read by libraries).
 EXTERNAL_ENV = {"HF_HOME"}
 HEAVY_MODULES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "gguf",
@@ -77,14 +78,31 @@ def test_redis_is_loopback_protected_and_capped_and_compose_requires_a_password(
     defaults = Settings(_env_file=None)  # type: ignore[call-arg]
     assert defaults.worker_metrics_host == "127.0.0.1"
     assert defaults.telegram_webhook_listen == "127.0.0.1"
-    for name in ("worker", "worker-cpu", "telegram", "discord"):
+    for name in (*APP_SERVICES, "vllm"):
         for port in compose()["services"][name].get("ports", []):
             assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
 
 
+def test_the_vllm_profile_serves_the_adapter_to_an_openai_mode_worker() -> None:
+    services = compose()["services"]
+    vllm, worker = services["vllm"], services["worker-vllm"]
+    assert vllm["profiles"] == worker["profiles"] == ["vllm"]
+    command = vllm["command"]
+    assert "--enable-lora" in command
+    assert command[command.index("--lora-modules") + 1] == "house=/adapters/house-smollm2"
+    assert "../models:/adapters:ro" in vllm["volumes"]
+    assert (ROOT / "models" / "house-smollm2" / "adapter_config.json").is_file()
+    env = worker["environment"]
+    assert env["GENERATION_BACKEND"] == "openai"
+    assert env["INFERENCE_URL"] == f"http://vllm:{command[command.index('--port') + 1]}/v1"
+    served = command[command.index("--served-model-name") + 1]
+    assert env["ADAPTER_MODELS"] == f"house=house,__base__={served}"
+    assert worker["depends_on"]["vllm"]["condition"] == "service_healthy"
+
+
 def test_redis_password_is_used_and_masked() -> None:
-    from engine.config import mask_secret
-    from engine.redis_conn import make_client
+    from base.config import mask_secret
+    from base.redis_conn import make_client
 
     settings = Settings(_env_file=None, redis_password="s3cret-pass")  # type: ignore[call-arg]
     client = make_client(settings.redis_url, "s3cret-pass")
@@ -237,14 +255,13 @@ class Block(importlib.abc.MetaPathFinder):
         return None
 
 sys.meta_path.insert(0, Block())
-from engine.cli import build_parser
-parser = build_parser()
+from cli.main import build_parser
 for command in ("telegram", "discord"):
-    args = parser.parse_args([command])
+    args = build_parser(command).parse_args([command])
     assert callable(args.module.run)
-for module in ("bots.telegram_bot", "bots.discord_bot", "bots.telegram_frontend",
+for module in ("bots.platforms", "bots.telegram_frontend",
                "bots.discord_frontend", "bots.core", "bots.formatting",
-               "bots.splitting", "engine.queue_client", "engine.redis_conn"):
+               "bots.splitting", "base.queue_client", "base.redis_conn"):
     importlib.import_module(module)
 print("ok")
 """
@@ -461,3 +478,19 @@ async def test_drhouse_telegram_runs_and_answers_without_the_model_packages(
             output = (await asyncio.wait_for(proc.communicate(), 30))[0].decode()
         assert "No module named" not in output, output[-3000:]
         assert proc.returncode == 0, output[-3000:]
+
+
+# ---- GPU check ---------------------------------------------------------------------------------
+
+
+def test_the_gpu_check_refuses_cleanly_without_cuda(tmp_path: Path) -> None:
+    """On this CPU machine both the subcommand and the script say why and measure nothing."""
+    env = {**os.environ, "GPU_CHECK_NO_INSTALL": "1", "OUT": str(tmp_path),
+           "PYTHON": str(ROOT / ".venv" / "bin" / "python")}
+    for command in ([str(ROOT / ".venv" / "bin" / "drhouse"), "gpu-check"],
+                    ["bash", str(DEPLOY / "gpu-check.sh")]):
+        result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env,
+                                timeout=120)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert "no CUDA device here" in result.stdout and "Traceback" not in result.stderr
+    assert not (tmp_path / "gpu-check.json").exists()

@@ -21,14 +21,14 @@ from discord.ext.test import backend, callbacks
 from discord.ext.test import factories as facts
 from harness import expected_replies
 
+from base.config import Settings
+from base.keys import Keys
+from base.queue_client import QueueClient
 from bots.conversations import conversation_id
-from bots.discord_bot import FRONTEND_ID
 from bots.discord_frontend import SLASH_COMMANDS, DiscordFrontend
+from bots.platforms import DISCORD_ID as FRONTEND_ID
 from bots.splitting import DISCORD_LIMIT
-from engine.config import Settings
 from engine.generation import FakeGenerator
-from engine.keys import Keys
-from engine.queue_client import QueueClient
 from engine.worker import Worker
 from persona.pack import Persona
 

@@ -183,9 +183,9 @@ async def test_the_console_rewrites_a_streamed_reply_in_place(
 
     from harness import running_worker
 
+    from base.queue_client import QueueClient
     from bots.console import ConsoleFrontend
     from engine.generation import FakeGenerator
-    from engine.queue_client import QueueClient
 
     generator = FakeGenerator(delay_s=2.0)
     outputs = {}
@@ -216,9 +216,9 @@ async def test_the_console_waits_for_a_worker_that_is_still_starting(
 
     from harness import running_worker
 
+    from base.queue_client import QueueClient
     from bots.console import ConsoleFrontend
     from engine.generation import FakeGenerator
-    from engine.queue_client import QueueClient
 
     queue = QueueClient(redis, keys, "console-start")
     await queue.setup()

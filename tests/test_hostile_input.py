@@ -27,10 +27,10 @@ from harness import (
     system_prompt_in,
 )
 
+from base.config import Settings
+from base.keys import Keys
+from base.queue_client import QueueClient
 from bots.core import FrontendCore
-from engine.config import Settings
-from engine.keys import Keys
-from engine.queue_client import QueueClient
 from engine.worker import Worker
 from persona.pack import Persona
 from persona.postprocess import leaks_prompt, speaker_tag_pattern, split_sentences
@@ -334,7 +334,7 @@ async def test_real_model_answers_injections_as_house(
     # One candidate of 32 tokens each keeps it short; the generous timeout is for a busy CPU.
     async with running_worker(redis, keys, persona, generator, batch_size=8,
                               generation_timeout_s=500,
-                              overrides={"candidates": 1, "max_new_tokens": 32}):
+                              gen_candidates=1, gen_max_new_tokens=32):
         replies = await asyncio.gather(*(ask(core, queue, f"m{i}", m, timeout_s=550)
                                          for i, m in enumerate(messages)))
     tags = speaker_tag_pattern(persona.other_speakers)

@@ -16,11 +16,11 @@ import pytest
 import redis.asyncio as aioredis
 from harness import CapturingGenerator, ask, make_settings, running_worker
 
+from base.config import Settings
+from base.keys import Keys
+from base.queue_client import QueueClient
 from bots.conversations import conversation_id
 from bots.core import FrontendCore
-from engine.config import Settings
-from engine.keys import Keys
-from engine.queue_client import QueueClient
 from persona.pack import Persona
 
 SECRET = re.compile(r"secret-(\w+)-(\w+)-(\d+)")

@@ -23,13 +23,13 @@ import redis.asyncio as aioredis
 from fake_telegram import FakeTelegram
 from harness import CapturingGenerator, make_settings, running_worker
 
-from bots.telegram_bot import FRONTEND_ID
+from base.config import Settings
+from base.keys import Keys
+from base.queue_client import QueueClient
+from base.redis_conn import make_client
+from bots.platforms import TELEGRAM_ID as FRONTEND_ID
 from bots.telegram_frontend import TelegramFrontend
-from engine.config import Settings
 from engine.generation import Generated, GenerationJob
-from engine.keys import Keys
-from engine.queue_client import QueueClient
-from engine.redis_conn import make_client
 from persona.pack import Persona
 
 CHATS = 500

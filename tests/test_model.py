@@ -9,11 +9,12 @@ import dataclasses
 import json
 
 import pytest
+from harness import worker_settings
 
+from base.protocol import Request
 from engine.generation import GenerationJob, HFGenerator
 from engine.model_loading import find_embedded_gguf
-from engine.protocol import Request
-from engine.worker import Worker, WorkerOptions
+from engine.worker import Worker
 from persona.postprocess import is_echo, speaker_tag_pattern, split_sentences
 from persona.prompt import Turn, render_prompt, system_block
 
@@ -99,8 +100,8 @@ async def test_end_to_end_replies_through_redis(embedded_model, persona, redis, 
                                                 queue) -> None:  # type: ignore[no-untyped-def]
     generator = HFGenerator(embedded_model, persona.other_speakers)
     worker = Worker(redis, keys, generator, persona,
-                    WorkerOptions(name="model-worker", block_ms=50,
-                                  overrides={"max_new_tokens": 32}))
+                    worker_settings("model-worker",
+                                  gen_max_new_tokens=32))
     task = asyncio.create_task(worker.run())
     tag = speaker_tag_pattern(persona.other_speakers)
     try:

@@ -22,14 +22,14 @@ from fake_telegram import FakeTelegram
 from harness import make_settings, running_worker
 from private_redis import PrivateRedis
 
+from base.keys import Keys
+from base.protocol import Reply, Request
+from base.queue_client import QueueClient
+from base.redis_conn import make_client
 from bots.core import FrontendCore, Immediate, Incoming
-from bots.telegram_bot import FRONTEND_ID
+from bots.platforms import TELEGRAM_ID as FRONTEND_ID
 from bots.telegram_frontend import TelegramFrontend
 from engine.generation import FakeGenerator
-from engine.keys import Keys
-from engine.protocol import Reply, Request
-from engine.queue_client import QueueClient
-from engine.redis_conn import make_client
 from persona.pack import Persona
 
 pytestmark = pytest.mark.timeout(300)

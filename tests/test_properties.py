@@ -12,15 +12,16 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from base.config import Settings
+from base.keys import Keys
+from base.queue_client import QueueClient
 from bots.commands import parse_command
 from bots.console import ConsoleFrontend
 from bots.conversations import conversation_id
 from bots.splitting import DISCORD_LIMIT, TELEGRAM_LIMIT, split_message
-from engine.config import Settings
 from engine.generation import FakeChatTokenizer
-from engine.keys import Keys
-from engine.queue_client import QueueClient
 from persona.pack import load_persona
+from persona.patterns import TEMPLATE_TOKENS
 from persona.postprocess import (
     clean_reply,
     is_echo,
@@ -30,7 +31,6 @@ from persona.postprocess import (
     words,
 )
 from persona.prompt import (
-    _TEMPLATE_TOKENS,
     Turn,
     build_messages,
     clean_speaker,
@@ -100,7 +100,7 @@ def test_clean_user_text_is_safe_bounded_and_idempotent(text: str, max_chars: in
     cleaned = clean_user_text(text, max_chars)
     assert len(cleaned) <= max_chars
     assert not CONTROL.search(cleaned)
-    assert not _TEMPLATE_TOKENS.search(cleaned)
+    assert not TEMPLATE_TOKENS.search(cleaned)
     assert cleaned == cleaned.strip()
     assert "\n\n\n" not in cleaned and "  " not in cleaned
     assert clean_user_text(cleaned, max_chars) == cleaned
@@ -136,7 +136,7 @@ def test_clean_user_text_keeps_ordinary_text(text: str) -> None:
 def test_speaker_names_are_one_clean_short_line(name: str) -> None:
     cleaned = clean_speaker(name)
     assert len(cleaned) <= 64 and "\n" not in cleaned
-    assert not CONTROL.search(cleaned) and not _TEMPLATE_TOKENS.search(cleaned)
+    assert not CONTROL.search(cleaned) and not TEMPLATE_TOKENS.search(cleaned)
     content = build_messages(PERSONA, [], "hi", name)[-1]["content"]
     assert content == (f"{cleaned} says: hi" if cleaned else "hi")
 

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from persona.eval_report import check_targets, summary_table, write_tuning
-from persona.evaluate import Prompt, generate_replies, pick_systems, prompt_seed
-from persona.quality import (
+from offline.eval_report import check_targets, summary_table, write_tuning
+from offline.evaluate import Prompt, generate_replies, pick_systems, prompt_seed
+from offline.quality import (
     Sample,
     SceneDetector,
     crep_n,
@@ -194,8 +194,8 @@ def test_generation_goes_through_the_serving_path(persona, fake_generator) -> No
 
 
 def test_outputs_can_be_reused_by_a_later_run(tmp_path, detector: SceneDetector) -> None:
-    from persona.eval_report import compute_metrics, write_outputs
-    from persona.evaluate import order_systems, reuse_run
+    from offline.eval_report import compute_metrics, write_outputs
+    from offline.evaluate import order_systems, reuse_run
 
     prompts = [Prompt("my knee hurts", "Stop running."), Prompt("is it lupus?", "No.")]
     samples = {
@@ -235,7 +235,7 @@ def test_outputs_can_be_reused_by_a_later_run(tmp_path, detector: SceneDetector)
 
 
 def test_counterfactual_without_reranker(persona, fake_generator) -> None:
-    from persona.evaluate import rechoose, without_reranker
+    from offline.evaluate import rechoose, without_reranker
 
     prompts = [Prompt("my knee hurts", "Stop running.")]
     controls = persona.controls.merged({"candidates": 2})
@@ -270,7 +270,7 @@ def test_time_budget_stops_between_batches(persona, fake_generator) -> None:
 
 def test_eval_says_what_to_run_before_generating_when_no_data_is_prepared(
         tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
-    from engine.cli import main
+    from cli.main import main
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Do I need surgery?\n")

@@ -21,11 +21,11 @@ from fake_telegram import FakeTelegram
 from harness import ask, make_settings
 from private_redis import free_port
 
+from base.config import ROOT, Settings
+from base.keys import Keys
+from base.logging_setup import setup_logging
+from base.queue_client import QueueClient
 from bots.core import FrontendCore
-from engine.config import ROOT, Settings
-from engine.keys import Keys
-from engine.logging_setup import setup_logging
-from engine.queue_client import QueueClient
 from engine.worker import Worker
 from persona.pack import Persona
 
@@ -130,7 +130,7 @@ async def test_drhouse_telegram_never_logs_its_token(
     async with FakeTelegram(token=TOKEN) as tg:
         env["TELEGRAM_API_URL"] = tg.api_url
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "engine.cli", "telegram", cwd=tmp_path, env=env,
+            sys.executable, "-m", "cli.main", "telegram", cwd=tmp_path, env=env,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
         try:
             await tg.wait_for(lambda: tg.calls["getUpdates"] > 0, timeout=60)

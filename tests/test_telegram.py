@@ -4,6 +4,7 @@ generator, so every reply can be predicted from its request."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import itertools
@@ -14,19 +15,19 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from fake_telegram import FakeTelegram
-from harness import expected_replies, running_worker
+from harness import expected_replies, running_worker, worker_settings
 
-from bots.commands import COMMANDS
+from base.commands import COMMANDS
+from base.config import Settings
+from base.keys import Keys
+from base.protocol import Reply
+from base.queue_client import QueueClient
 from bots.conversations import conversation_id
+from bots.platforms import TELEGRAM_ID as FRONTEND_ID
 from bots.splitting import TELEGRAM_LIMIT
-from bots.telegram_bot import FRONTEND_ID
 from bots.telegram_frontend import TelegramFrontend, TypingFriendlyRateLimiter
-from engine.config import Settings
 from engine.generation import FakeGenerator, HFGenerator
-from engine.keys import Keys
-from engine.protocol import Reply
-from engine.queue_client import QueueClient
-from engine.worker import Worker, WorkerOptions
+from engine.worker import Worker
 from persona.pack import Persona
 
 BOT = FakeTelegram.username
@@ -94,7 +95,7 @@ async def test_private_message_is_answered_with_typing(fake_generator: FakeGener
     assert len(bot.typing) == 0, "typing must stop once the reply is delivered"
     history = await redis.lrange(keys.history(conversation_id("telegram", "1")), 0, -1)
     assert len(history) == 2
-    assert [c["command"] for c in tg.commands] == list(COMMANDS)
+    assert [c["command"] for c in tg.commands] == [c.name for c in COMMANDS]
 
 
 async def test_start_and_unknown_command_answer_at_once(bot: TelegramFrontend, tg: FakeTelegram,
@@ -400,8 +401,8 @@ async def test_private_message_through_the_embedded_model(
         keys: Keys, persona: Persona) -> None:
     generator = HFGenerator(embedded_model, persona.other_speakers)
     worker = Worker(redis, keys, generator, persona,
-                    WorkerOptions(name="model-worker", block_ms=50, batch_wait_ms=0,
-                                  overrides={"max_new_tokens": 16, "candidates": 1}))
+                    worker_settings("model-worker",
+                                  gen_max_new_tokens=16, gen_candidates=1))
     serving = asyncio.create_task(worker.run())
     try:
         await start_bot()
@@ -420,21 +421,21 @@ async def test_webhook_mode_refuses_to_start_without_a_long_secret(
         settings: Settings, redis: aioredis.Redis, secret: str | None, capsys,
         monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     """Forged updates could /forget a victim or pass the allow-list: no secret, no webhook."""
-    from bots.telegram_bot import run, serve_telegram
+    from bots.platforms import run, serve_platform
 
     fields = {**settings.model_dump(), "telegram_token": "1:x",
               "telegram_webhook_url": "https://bot.example.org/telegram",
               "telegram_webhook_secret": secret}
     webhook = Settings(_env_file=None, **fields)  # type: ignore[call-arg]
     with pytest.raises(ValueError, match="at least 32 characters"):
-        await serve_telegram(webhook, redis)
+        await serve_platform("telegram", webhook, redis)
     monkeypatch.setenv("TELEGRAM_TOKEN", "1:x")
     monkeypatch.setenv("TELEGRAM_WEBHOOK_URL", "https://bot.example.org/t")
     if secret:
         monkeypatch.setenv("TELEGRAM_WEBHOOK_SECRET", secret)
     else:
         monkeypatch.delenv("TELEGRAM_WEBHOOK_SECRET", raising=False)
-    assert run(None) == 2  # type: ignore[arg-type]
+    assert run(argparse.Namespace(action="telegram")) == 2
     assert "TELEGRAM_WEBHOOK_SECRET of at least 32 characters" in capsys.readouterr().out
     ok = Settings(_env_file=None, **{**fields, "telegram_webhook_secret": "s" * 32})  # type: ignore[call-arg]
     assert ok.webhook_problem() is None

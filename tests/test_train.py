@@ -14,13 +14,10 @@ from typing import Any
 import pytest
 import torch
 
-from engine.cli import build_parser
-from engine.config import Settings
+from base.config import Settings
+from cli.main import build_parser
 from engine.model_loading import ModelLoadError, _cached_copy, find_embedded_gguf, load_model
-from persona.data import PrepareConfig, load_split, prepare
-from persona.pack import load_persona
-from persona.prompt import render_prompt
-from persona.train import (
+from offline.train import (
     TrainArgs,
     _cpu_has_bf16,
     args_from_namespace,
@@ -32,6 +29,10 @@ from persona.train import (
     measure_precision,
     pick_precision,
 )
+from persona.data import PrepareConfig, prepare
+from persona.dialogue import load_split
+from persona.pack import load_persona
+from persona.prompt import render_prompt
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

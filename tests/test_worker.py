@@ -8,12 +8,13 @@ import itertools
 import json
 
 import pytest
+from harness import worker_settings
 
+from base.keys import WORKERS_GROUP
+from base.protocol import Reply, Request
+from base.queue_client import QueueClient, QueueFull
 from engine.generation import FakeGenerator
-from engine.keys import WORKERS_GROUP
-from engine.protocol import Reply, Request
-from engine.queue_client import QueueClient, QueueFull
-from engine.worker import Worker, WorkerOptions
+from engine.worker import Worker
 
 
 def chat(text: str, conversation: str = "c1", user: str = "u1", **kw) -> Request:  # type: ignore[no-untyped-def]
@@ -101,7 +102,7 @@ async def test_bad_input_gets_a_line_and_the_worker_keeps_serving(fake_worker, q
 async def test_a_batch_runs_one_generate_call(redis, keys, persona, queue) -> None:  # type: ignore[no-untyped-def]
     generator = FakeGenerator()
     worker = Worker(redis, keys, generator, persona,
-                    WorkerOptions(name="w", batch_size=8, block_ms=50, batch_wait_ms=0))
+                    worker_settings("w", batch_size=8))
     requests = [chat(f"question {i}", conversation=f"c{i}", settings={"candidates": 1})
                 for i in range(8)]
     for r in requests:
@@ -124,7 +125,7 @@ async def test_malformed_and_overdelivered_requests_go_to_dead_letters(
     for name in ("dead-2", "dead-3"):
         await redis.xclaim(keys.requests, WORKERS_GROUP, name, 0, ids)
     worker = Worker(redis, keys, FakeGenerator(), persona,
-                    WorkerOptions(name="w", block_ms=50, claim_idle_ms=0, max_deliveries=3))
+                    worker_settings("w", claim_idle_ms=0, max_deliveries=3))
     await worker.run(burst=True)
     reply = await queue.wait_reply(poisoned.id, 10)
     assert reply.error == persona.line("dead_letter")
@@ -158,7 +159,7 @@ async def test_the_request_stream_is_never_trimmed_under_pending_requests(
         await client.submit(r)
     assert await redis.xlen(keys.requests) == 300
     worker = Worker(redis, keys, FakeGenerator(), persona,
-                    WorkerOptions(name="w", block_ms=50, batch_wait_ms=0, batch_size=64))
+                    worker_settings("w", batch_size=64))
     await worker.run(burst=True)
     replies = await asyncio.gather(*(queue.wait_reply(r.id, 30) for r in requests))
     assert all(rep.text.startswith("Diagnosis") for rep in replies)
@@ -178,7 +179,7 @@ async def test_a_request_deleted_from_the_stream_still_gets_an_apology(
     await queue.submit(answered)
     await asyncio.sleep(0.3)
     workers = [Worker(redis, keys, FakeGenerator(), persona,
-                      WorkerOptions(name=f"w{i}", block_ms=50, batch_wait_ms=0,
+                      worker_settings(f"w{i}",
                                     claim_idle_ms=200)) for i in range(2)]
     await asyncio.gather(*(w.run(burst=True) for w in workers))
     assert (await queue.wait_reply(answered.id, 10)).text
@@ -221,7 +222,7 @@ async def test_metrics_and_liveness_endpoints(redis, keys, persona, queue) -> No
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    worker = Worker(redis, keys, FakeGenerator(), persona, WorkerOptions(name="m", block_ms=50))
+    worker = Worker(redis, keys, FakeGenerator(), persona, worker_settings("m"))
     server = worker.metrics.serve(port, max_age_s=5)
     try:
         await queue.submit(chat("hello"))
@@ -253,7 +254,7 @@ async def test_messages_of_one_conversation_in_one_batch_are_answered_in_order(
 
     generator.generate = capture  # type: ignore[method-assign]
     worker = Worker(redis, keys, generator, persona,
-                    WorkerOptions(name="w", batch_size=8, block_ms=50, batch_wait_ms=0))
+                    worker_settings("w", batch_size=8))
     first = chat("first message", settings={"candidates": 1})
     second = chat("second message", settings={"candidates": 1})
     other = chat("elsewhere", conversation="c9", settings={"candidates": 1})
@@ -292,9 +293,9 @@ async def test_a_batch_longer_than_the_claim_time_is_answered_once(
     the batch renews its lease from reading to answering, so the other never takes it over;
     each request is answered once, each turn stored once (before, both answered and the
     history got the turn twice)."""
-    options = {"block_ms": 50, "batch_wait_ms": 0, "claim_idle_ms": 1000}
+    options = {"read_block_ms": 50, "batch_wait_ms": 0, "claim_idle_ms": 1000}
     workers = [Worker(redis, keys, FakeGenerator(delay_s=3.0 if slow == "generation" else 0),
-                      persona, WorkerOptions(name=f"w{i}", **options),
+                      persona, worker_settings(f"w{i}", **options),
                       scorer=slow_scorer if slow == "reply choice" else None)
                for i in range(2)]
     requests = [chat(f"slow question {i}", conversation=f"slow{i}") for i in range(2)]
@@ -322,7 +323,7 @@ async def test_a_timed_out_generation_is_stopped_before_the_next_one_starts(
 
     generator = FakeGenerator(delay_s=30.0)
     worker = Worker(redis, keys, generator, persona,
-                    WorkerOptions(name="w", block_ms=50, batch_wait_ms=0, batch_size=1,
+                    worker_settings("w", batch_size=1,
                                   generation_timeout_s=0.5))
     slow, later = chat("slow one", conversation="a"), chat("next one", conversation="b")
     for r in (slow, later):
@@ -364,7 +365,7 @@ class PoisonGenerator(FakeGenerator):
 async def test_a_poison_request_is_dead_lettered_alone_and_its_batch_mates_answered(
         redis, keys, persona, queue) -> None:  # type: ignore[no-untyped-def]
     worker = Worker(redis, keys, PoisonGenerator(), persona,
-                    WorkerOptions(name="w", block_ms=50, batch_wait_ms=0, batch_size=8))
+                    worker_settings("w", batch_size=8))
     innocent = [chat(f"fine question {i}", conversation=f"ok{i}") for i in range(3)]
     poison = chat("poison pill", conversation="bad")
     for r in [innocent[0], poison, *innocent[1:]]:
@@ -382,7 +383,7 @@ async def test_a_poison_request_is_dead_lettered_alone_and_its_batch_mates_answe
 async def test_a_request_that_breaks_reply_building_is_dead_lettered_alone(
         redis, keys, persona, queue, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     worker = Worker(redis, keys, FakeGenerator(), persona,
-                    WorkerOptions(name="w", block_ms=50, batch_wait_ms=0))
+                    worker_settings("w"))
     original = worker.make_reply
 
     def make_reply(task, jobs, outputs):  # type: ignore[no-untyped-def]
@@ -402,7 +403,7 @@ async def test_a_request_that_breaks_reply_building_is_dead_lettered_alone(
 async def test_healthz_fails_after_consecutive_generation_failures(
         redis, keys, persona, queue) -> None:  # type: ignore[no-untyped-def]
     worker = Worker(redis, keys, PoisonGenerator(), persona,
-                    WorkerOptions(name="w", block_ms=50, batch_wait_ms=0, batch_size=1))
+                    worker_settings("w", batch_size=1))
     for i in range(3):
         await queue.submit(chat(f"poison {i}", conversation=f"p{i}"))
     await worker.run(burst=True)
@@ -418,7 +419,7 @@ async def test_one_busy_conversation_does_not_starve_the_others(
     be answered per batch), no new request was read, and everyone else waited."""
     generator = FakeGenerator()
     worker = Worker(redis, keys, generator, persona,
-                    WorkerOptions(name="w", block_ms=50, batch_wait_ms=0, batch_size=4))
+                    worker_settings("w", batch_size=4))
     busy = [chat(f"busy {i}", conversation="busy", settings={"candidates": 1})
             for i in range(12)]
     for r in busy:
@@ -446,14 +447,14 @@ def test_a_worker_refuses_timings_that_would_answer_twice(tmp_path) -> None:  # 
     import subprocess
     import sys
 
-    from engine.config import Settings
+    from base.config import Settings
 
     assert Settings(_env_file=None).lease_problem() is None  # type: ignore[call-arg]
     assert "CLAIM_IDLE_MS" in (Settings(_env_file=None, claim_idle_ms=200)  # type: ignore[call-arg]
                                .lease_problem() or "")
     too_long = Settings(_env_file=None, generation_timeout_s=300, reply_timeout_s=120)  # type: ignore[call-arg]
     assert "GENERATION_TIMEOUT_S" in (too_long.lease_problem() or "")
-    run = subprocess.run([sys.executable, "-m", "engine.cli", "worker", "--fake", "--burst"],
+    run = subprocess.run([sys.executable, "-m", "cli.main", "worker", "--fake", "--burst"],
                          capture_output=True, text=True, timeout=120, cwd=tmp_path,
                          env={**os.environ, "CLAIM_IDLE_MS": "200",
                               "REDIS_URL": "redis://127.0.0.1:1/0"})
@@ -468,7 +469,7 @@ async def test_control_requests_are_answered_while_a_batch_generates(
     and still after the earlier requests of their own conversation."""
     generator = FakeGenerator(delay_s=3.0)
     worker = Worker(redis, keys, generator, persona,
-                    WorkerOptions(name="w", block_ms=50, batch_wait_ms=0))
+                    worker_settings("w"))
     running = asyncio.create_task(worker.run())
     slow = chat("a long question", conversation="a")
     await queue.submit(slow)
@@ -505,7 +506,7 @@ async def test_partial_events_come_in_order_before_the_final_reply(
     request = Request(frontend="quiet-frontend", conversation="s", user="u", text="Why me?")
     await client.submit(request)
     worker = Worker(redis, keys, FakeGenerator(delay_s=2.0), persona,
-                    WorkerOptions(name="w", block_ms=50, batch_wait_ms=0,
+                    worker_settings("w",
                                   stream_replies=streaming))
     await worker.run(burst=True)
     events = [Reply.loads(f) for _, f in await redis.xrange(keys.replies("quiet-frontend"))]
@@ -531,7 +532,7 @@ async def test_a_request_read_but_never_received_does_not_stall_its_conversation
     for r in (first, second):
         await queue.submit(r)
     worker = Worker(redis, keys, FakeGenerator(), persona,
-                    WorkerOptions(name="w", block_ms=50, batch_wait_ms=0, batch_size=1,
+                    worker_settings("w", batch_size=1,
                                   claim_idle_ms=200))
     entries = await worker._read_new(2, None)  # both pending for "w" ...
     worker._carry = entries[1:]  # ... but only the newer one reached the worker

@@ -7,7 +7,7 @@ answer. The output directory has the layout of ``drhouse data prepare``, so ``dr
 --data-dir`` trains on it and ``--eval-only`` measures an adapter on it::
 
     drhouse selector refine-data --out data/refine --examples 3
-    drhouse train --config persona/train_config.yaml --eval-only \\
+    drhouse train --config offline/train_config.yaml --eval-only \\
         --init-adapter models/house-smollm2 --data-dir data/refine --max-eval-samples 300
 """
 

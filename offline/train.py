@@ -6,7 +6,7 @@ tokenizer's chat template renders it with the generation prompt exactly as servi
 (:func:`persona.prompt.render_prompt`). The loss covers House's reply only (completion-only
 loss): the prompt tokens are masked with -100, so the model learns to answer, not to echo.
 
-Exact commands (defaults in ``persona/train_config.yaml``; any flag overrides the YAML)::
+Exact commands (defaults in ``offline/train_config.yaml``; any flag overrides the YAML)::
 
     drhouse data prepare
     drhouse train            # the shipped adapter: see models/house-smollm2/report/command.txt
@@ -37,7 +37,8 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from engine.config import ROOT
+from base.config import ROOT
+from persona.dialogue import load_split
 
 log = logging.getLogger(__name__)
 
@@ -190,18 +191,9 @@ def pick_precision(args: TrainArgs, device_type: str) -> bool:
 
 
 def load_records(data_dir: Path, split: str, limit: int) -> list[dict[str, Any]]:
-    path = data_dir / f"{split}.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; run 'drhouse data prepare' first")
-    rows = []
-    with path.open(encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                record = json.loads(line)
-                rows.append({"prompt": record["prompt"], "completion": record["completion"]})
-            if limit and len(rows) >= limit:
-                break
-    return rows
+    """The split's prompt–completion pairs, as the SFT trainer takes them."""
+    return [{"prompt": r["prompt"], "completion": r["completion"]}
+            for r in load_split(data_dir, split, limit)]
 
 
 def score_only_label_positions() -> None:
@@ -714,7 +706,7 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def args_from_namespace(args: argparse.Namespace) -> TrainArgs:
-    """The flags given on the command line over the YAML config (``persona/train_config.yaml``
+    """The flags given on the command line over the YAML config (``offline/train_config.yaml``
     unless ``--config`` names another)."""
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainArgs) if hasattr(args, f.name)}
     if "config" not in overrides and DEFAULT_CONFIG.is_file():

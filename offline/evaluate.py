@@ -29,12 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.config import ROOT, Settings
+from base.config import ROOT, Settings
 
 if TYPE_CHECKING:
     from engine.generation import Generator
+    from offline.quality import Sample
     from persona.pack import Controls, Persona
-    from persona.quality import Sample
 
 log = logging.getLogger(__name__)
 
@@ -123,16 +123,14 @@ def read_prompts(args: argparse.Namespace, max_chars: int) -> list[Prompt]:
         lines = args.prompts.read_text(encoding="utf-8").splitlines()
         items = [Prompt(clean_user_text(line, max_chars)) for line in lines]
     else:
-        path = args.data_dir / f"{args.split}.jsonl"
-        if not path.is_file():
-            raise SystemExit(f"{path} not found: run `drhouse data prepare` or pass --data-dir")
-        items = []
-        with path.open(encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    row = json.loads(line)
-                    items.append(Prompt(clean_user_text(row["anchor"], max_chars),
-                                        row["response"]))
+        from persona.dialogue import load_split
+
+        try:
+            records = load_split(args.data_dir, args.split)
+        except FileNotFoundError as exc:
+            raise SystemExit(f"{exc} (or pass --data-dir)") from None
+        items = [Prompt(clean_user_text(r["anchor"], max_chars), r["response"])
+                 for r in records]
     items = [p for p in items if p.message]
     if args.limit and args.limit < len(items):
         keep = sorted(random.Random(args.seed).sample(range(len(items)), args.limit))
@@ -162,9 +160,9 @@ def generate_replies(
 
     With ``deadline`` (a `time.monotonic` value), stops after the batch that passes it."""
     from engine.generation import GenerationJob
+    from offline.quality import Sample
     from persona.postprocess import reply_candidate
     from persona.prompt import render_prompt
-    from persona.quality import Sample
     from persona.reply_choice import best_generated
 
     samples: list[Sample] = []
@@ -259,8 +257,8 @@ def pick_systems(spec: str | None, adapters: Sequence[str], has_reference: bool)
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine.logging_setup import setup_logging
-    from persona import eval_report
+    from base.logging_setup import setup_logging
+    from offline import eval_report
 
     settings = Settings()
     setup_logging(settings)
@@ -271,11 +269,11 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from tqdm import tqdm
 
-    from engine.keys import BASE_VARIANT
+    from base.keys import BASE_VARIANT
+    from offline.quality import Sample
+    from offline.retrieval import RetrievalBaseline
     from persona.classifier import Embedder, read_split
     from persona.pack import load_persona
-    from persona.quality import Sample
-    from persona.retrieval import RetrievalBaseline
 
     persona = load_persona(settings.persona)
     controls = persona.controls.merged(settings.generation_overrides()).merged(
@@ -433,8 +431,8 @@ def derive_systems(samples: dict[str, list[Sample]], timing: dict[str, dict[str,
     their candidates) and the canon pool, through `persona.reply_choice.pick` as the worker
     calls it (no history: every prompt opens a conversation)."""
     from engine.runtime import build_canon
+    from offline.quality import Sample
     from persona.prompt import has_words
-    from persona.quality import Sample
     from persona.reply_choice import GENERATED, Candidate, pick
 
     generated = samples.get(adapter)
@@ -490,7 +488,7 @@ def add_fit_scores(metrics: dict[str, Any], samples: dict[str, list[Sample]],
                    args: argparse.Namespace) -> dict[str, Any] | None:
     """``fit_score`` of every system: the percentile of its reply among 99 other House replies
     of the split (the same 99 for every system) by the fit judge."""
-    from persona.judge import DEFAULT_DIR, FitJudge, JudgeError, other_replies, percentile
+    from offline.judge import DEFAULT_DIR, FitJudge, JudgeError, other_replies, percentile
 
     try:
         judge = FitJudge.load(args.judge_dir or DEFAULT_DIR)
@@ -550,7 +548,7 @@ def reuse_run(directory: Path, prompts: Sequence[Prompt], skip: Sequence[str]
               ) -> tuple[dict[str, list[Sample]], dict[str, dict[str, Any]]]:
     """Samples and timing of an earlier run's systems (except ``skip``); its prompts must be
     this run's prompts."""
-    from persona.quality import Sample
+    from offline.quality import Sample
 
     run = json.loads((directory / "run.json").read_text(encoding="utf-8"))
     samples, timing = {}, {}

@@ -96,6 +96,18 @@ class Settings(BaseSettings):
     # (its rows run without peft's per-row LoRA path; same text; +1 model copy per adapter).
     merge_adapters: bool = True
 
+    # Where the model runs: "local" (this process: transformers + peft, the engines above) or
+    # "openai" (an OpenAI-compatible server: vLLM, llama.cpp's server, Ollama).
+    generation_backend: Literal["local", "openai"] = "local"
+    inference_url: str = "http://127.0.0.1:8000/v1"
+    inference_api_key: SecretStr | None = None
+    # adapter=served model name; __base__ is the base model as the server names it.
+    adapter_models: str = "house=house,__base__=smollm2-135m"
+    inference_max_in_flight: int = 64
+    # One served model at a time in the server's batches (vLLM's CPU build mixes up LoRA and
+    # base rows of one batch); false for servers that batch adapters right (vLLM on a GPU).
+    inference_separate_adapters: bool = True
+
     # Generation overrides (empty = the persona pack's default)
     gen_max_new_tokens: int | None = None
     gen_temperature: float | None = None
@@ -126,7 +138,8 @@ class Settings(BaseSettings):
     history_ttl_s: int = 7 * 24 * 3600
 
     # Worker
-    worker_name: str = ""
+    worker_name: str = ""  # empty: host name and process id
+    read_block_ms: int = 1000  # how long one read of the request stream waits (and shutdown)
     batch_size: int = 16
     batch_wait_ms: int = 30
     generation_timeout_s: float = 120.0
@@ -220,7 +233,8 @@ class Settings(BaseSettings):
 def mask_secret(text: str, settings: Settings) -> str:
     """Replace any configured token inside ``text`` with ``***``."""
     for secret in (settings.telegram_token, settings.discord_token,
-                   settings.telegram_webhook_secret, settings.redis_password):
+                   settings.telegram_webhook_secret, settings.redis_password,
+                   settings.inference_api_key):
         if secret is not None and secret.get_secret_value():
             text = text.replace(secret.get_secret_value(), "***")
     return text

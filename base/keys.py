@@ -13,6 +13,9 @@ FRONTEND_GROUP = "frontend"
 BASE_VARIANT = "__base__"
 # The /compare variant that is the bot's own answer: the adapter's candidates and canon lines.
 HYBRID_VARIANT = "hybrid"
+# A worker's health key lives this long after its last report; frontends and `drhouse health`
+# count a worker as alive while it exists.
+HEALTH_WINDOW_S = 30
 
 
 @dataclass(frozen=True)

@@ -8,14 +8,13 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+from base.commands import CHAT, KINDS
 
 FIELD = "data"
-
-Kind = Literal["chat", "compare", "retry", "reset", "forget"]
-
 
 class ProtocolError(ValueError):
     """A stream entry that is not a valid request or reply."""
@@ -27,7 +26,7 @@ class Request(BaseModel):
     conversation: str
     user: str
     speaker: str = ""
-    kind: Kind = "chat"
+    kind: str = CHAT  # one of base.commands.KINDS
     text: str = ""
     variants: list[str] = Field(default_factory=list)
     settings: dict[str, Any] = Field(default_factory=dict)
@@ -35,6 +34,13 @@ class Request(BaseModel):
     # Where the frontend delivers the reply (chat id, message id …); copied into the reply so
     # a restarted frontend can still deliver it.
     route: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, value: str) -> str:
+        if value not in KINDS:
+            raise ValueError(f"unknown request kind {value!r} (known: {', '.join(KINDS)})")
+        return value
 
     def dumps(self) -> dict[str, str]:
         return {FIELD: self.model_dump_json()}

@@ -8,11 +8,12 @@ import asyncio
 import contextlib
 import io
 import logging
-import signal
 import sys
 from typing import TYPE_CHECKING
 
-from engine.config import ROOT, Settings
+from base.config import ROOT, Settings
+from base.keys import HEALTH_WINDOW_S
+from base.signals import on_stop_signals
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -36,8 +37,9 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
     if name == "compare":
         parser.add_argument("text", nargs="+", help="the message both models answer")
     if name == "health":
-        parser.add_argument("--max-age", type=float, default=30.0,
-                            help="seconds since a worker's last report (default 30)")
+        parser.add_argument("--max-age", type=float, default=HEALTH_WINDOW_S,
+                            help="seconds since a worker's last report "
+                                 f"(default {HEALTH_WINDOW_S})")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,12 +52,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"drhouse {action}: {problem}", file=sys.stderr)
         return 2
     if action == "worker":
-        from engine.logging_setup import setup_logging
+        from base.logging_setup import setup_logging
 
         setup_logging(settings)
         return asyncio.run(_worker(settings, args.fake, args.burst, args.fake_delay_ms))
     if action == "chat":
-        from engine.logging_setup import setup_logging
+        from base.logging_setup import setup_logging
 
         setup_logging(settings, LOG_FILE)
         return asyncio.run(_chat_only(settings))
@@ -65,8 +67,8 @@ def run(args: argparse.Namespace) -> int:
 
 def up(settings: Settings, fake: bool = False, stdin: io.StringIO | None = None) -> int:
     """Redis (started when none answers), a worker and the frontends, in one process."""
-    from engine.logging_setup import setup_logging
-    from engine.redis_conn import ensure_redis_server
+    from base.logging_setup import setup_logging
+    from base.redis_conn import ensure_redis_server
 
     console = not (settings.telegram_token or settings.discord_token)
     setup_logging(settings, LOG_FILE if console else None)
@@ -86,9 +88,7 @@ async def _up(settings: Settings, fake: bool, console: bool, stdin: io.StringIO 
 
     redis = await redis_for(settings)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    on_stop_signals(lambda sig: stop.set())
     if console and (stdin or sys.stdin).isatty():
         print("Loading the model… you can start typing.", file=sys.stderr)
     worker_box: list[Worker] = []
@@ -127,14 +127,11 @@ async def _up(settings: Settings, fake: bool, console: bool, stdin: io.StringIO 
 
 def _frontends(settings: Settings, redis: aioredis.Redis, console: bool,
                stdin: io.StringIO | None):  # type: ignore[no-untyped-def]
-    if settings.telegram_token:
-        from bots.telegram_bot import serve_telegram
+    from bots.platforms import PLATFORMS, serve_platform
 
-        yield "telegram", serve_telegram(settings, redis)
-    if settings.discord_token:
-        from bots.discord_bot import serve_discord
-
-        yield "discord", serve_discord(settings, redis)
+    for name, platform in PLATFORMS.items():
+        if getattr(settings, platform.token_variable.lower()):
+            yield name, serve_platform(name, settings, redis)
     if console:
         yield "console", _console(settings, redis, stdin)
 
@@ -143,9 +140,9 @@ async def _console(settings: Settings, redis: aioredis.Redis,
                    stdin: io.StringIO | None = None) -> None:
     import os
 
+    from base.logging_setup import keys_for
+    from base.queue_client import QueueClient
     from bots.console import ConsoleFrontend
-    from engine.logging_setup import keys_for
-    from engine.queue_client import QueueClient
     from persona.pack import load_persona
 
     keys = keys_for(settings)
@@ -159,7 +156,7 @@ async def _console(settings: Settings, redis: aioredis.Redis,
 
 
 async def _chat_only(settings: Settings) -> int:
-    from engine.logging_setup import redis_for
+    from base.logging_setup import redis_for
 
     redis = await redis_for(settings)
     try:
@@ -185,7 +182,7 @@ async def _worker(settings: Settings, fake: bool, burst: bool, fake_delay_ms: in
 
 
 async def _health(settings: Settings, max_age_s: float) -> int:
-    from engine.logging_setup import keys_for, redis_for
+    from base.logging_setup import keys_for, redis_for
     from engine.worker import check_health
 
     try:

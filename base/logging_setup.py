@@ -9,9 +9,9 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from engine.config import Settings, mask_secret
-from engine.keys import Keys
-from engine.redis_conn import connect
+from base.config import Settings, mask_secret
+from base.keys import Keys
+from base.redis_conn import connect
 
 
 class SecretMaskingFilter(logging.Filter):

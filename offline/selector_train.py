@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.config import ROOT
+from base.config import ROOT
 from persona.dialogue import Pair, Scenes, query_text, read_pairs
 
 log = logging.getLogger(__name__)
@@ -238,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     if args.selector_action == "refine-data":
-        from persona.refine_data import write_refine_data
+        from offline.refine_data import write_refine_data
         from persona.selector import Selector
 
         counts = write_refine_data(args.data_dir, args.out, Selector.load(args.model_dir),

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.config import ROOT
+from base.config import ROOT
 from persona.dialogue import Pair, Scenes, in_judge_fold, read_pairs
 
 log = logging.getLogger(__name__)

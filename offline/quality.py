@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from persona.patterns import LOOP_SEQ_REP, SELF_NAMES, STAGE_DIRECTION, TEMPLATE_TOKENS
 from persona.postprocess import (
     ends_sentence,
     is_echo,
@@ -24,12 +25,9 @@ from persona.postprocess import (
     words,
 )
 
-LOOP_SEQ_REP = 0.2
-STAGE_DIRECTION = re.compile(r"\[[^\]\n]*\]|\([^)\n]*\)|\*[^*\n]+\*")
-TEMPLATE_LEFTOVER = re.compile(r"<\|[^|>]{0,40}\|>|</?s>|<(?:start|end)_of_turn>")
 # A new turn of an unnamed speaker: one or two capitalised words and a colon at a line start.
 GENERIC_TURN = re.compile(r"(?:^|\n)\s*(?:Dr\.\s*)?[A-Z][\w'-]*(?:\s[A-Z][\w'-]*)?\s*:\s")
-SELF_AND_USER = ("House", "Dr. House", "Gregory House", "User", "Assistant", "Human")
+SELF_AND_USER = (*SELF_NAMES, "User", "Assistant", "Human")
 
 DEFINITIONS: dict[str, str] = {
     "scene_insert_rate": "share of replies with another speaker's tag (`Wilson:`), a stage "
@@ -81,7 +79,7 @@ class SceneDetector:
             self.tags.search(text)
             or GENERIC_TURN.search(text)
             or STAGE_DIRECTION.search(text)
-            or TEMPLATE_LEFTOVER.search(text)
+            or TEMPLATE_TOKENS.search(text)
         )
 
 

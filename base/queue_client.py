@@ -24,9 +24,9 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from engine.keys import FRONTEND_GROUP, WORKERS_GROUP, Keys
-from engine.protocol import FIELD, ProtocolError, Reply, Request
-from engine.redis_conn import REDIS_DOWN
+from base.keys import FRONTEND_GROUP, WORKERS_GROUP, Keys
+from base.protocol import FIELD, ProtocolError, Reply, Request
+from base.redis_conn import REDIS_DOWN
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from persona.quality import (
+from offline.quality import (
     DEFINITIONS,
     Sample,
     SceneDetector,

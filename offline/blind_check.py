@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.config import ROOT
+from base.config import ROOT
 
 if TYPE_CHECKING:  # numpy is not in the slim frontend image, which imports every subcommand
     import numpy as np
@@ -366,7 +366,7 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
 
 def _read_records(directory: Path, name: str) -> list[dict[str, Any]]:
     """``name``.jsonl of a prepared-data or samples folder."""
-    from persona.data import load_split
+    from persona.dialogue import load_split
 
     try:
         return load_split(directory, name)
