@@ -120,7 +120,7 @@ NOTE_SENTENCES = frozenset({"a beat", "beat", "pause", "a pause", "long pause", 
 BARE_VERBS = _wordset(
     """walks enters exits stares glares shrugs sighs nods smiles grins laughs chuckles pauses
     limps winces frowns smirks gestures hesitates kneels sits stands shuts closes opens picks
-    grabs hands points leaves waits"""
+    grabs hands points leaves waits washes swallows"""
 )
 # Lower-case words that continue dialogue rather than open a note ("... and then he left").
 CONTINUATIONS = _wordset(

@@ -86,6 +86,7 @@ def test_count_artefacts_kinds() -> None:
         ("VO He's on drugs?", "He's on drugs?"),
         ("I told you. Shuts the door.", "I told you."),
         ("Shrugs. I noticed they were fat?", "I noticed they were fat?"),
+        ("Again. Washes the pill down with some beer.", "Again."),  # a canon pick, read
         ("Freeze it. Chase presses a button, and the screen goes dark.", "Freeze it."),
         ("to Thirteen That receiver is broken.", "That receiver is broken."),
         ("speaking with a German accent They gave it to me.", "They gave it to me."),
