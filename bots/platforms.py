@@ -23,9 +23,13 @@ class Platform:
     token_variable: str
     frontend: str  # "module:Class"; the class takes (settings, persona, queue, keys)
 
+    def token(self, settings: Settings) -> Any:
+        """The platform's token setting (a SecretStr), or None when it is not set."""
+        return getattr(settings, self.token_variable.lower())
+
     def problem(self, settings: Settings) -> str | None:
         """Why this frontend must not start with these settings, or None."""
-        if getattr(settings, self.token_variable.lower()) is None:
+        if self.token(settings) is None:
             return f"{self.token_variable} is not set (see .env.example)."
         return settings.webhook_problem() if self.name == TELEGRAM_ID else None
 

@@ -130,7 +130,7 @@ def _frontends(settings: Settings, redis: aioredis.Redis, console: bool,
     from bots.platforms import PLATFORMS, serve_platform
 
     for name, platform in PLATFORMS.items():
-        if getattr(settings, platform.token_variable.lower()):
+        if platform.token(settings):
             yield name, serve_platform(name, settings, redis)
     if console:
         yield "console", _console(settings, redis, stdin)

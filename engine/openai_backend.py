@@ -29,7 +29,6 @@ from typing import Any
 
 import httpx
 
-from base.config import parse_adapters
 from base.keys import BASE_VARIANT
 from engine.generation import BackendUnavailable, Generated, GenerationJob, OnText
 from persona.postprocess import speaker_tag_pattern, split_sentences
@@ -257,7 +256,6 @@ def build_openai_generator(settings: Any, speakers: Sequence[str]) -> OpenAIGene
     is the base model's, loaded alone."""
     from engine.model_loading import load_tokenizer
 
-    parse_adapters(settings.adapters)  # the same validation as the local path
     key = settings.inference_api_key.get_secret_value() if settings.inference_api_key else None
     return OpenAIGenerator(
         settings.inference_url, parse_adapter_models(settings.adapter_models),

@@ -496,6 +496,7 @@ class Worker:
                         len(entries))
             await self._tell_outage(entries)
             await asyncio.sleep(BACKEND_RETRY_S)
+        self._told_outage.difference_update(finished)
         carried = {eid for eid, _ in self._carry}
         self._carry += [(eid, f) for eid, f in entries
                         if eid not in finished and eid not in carried

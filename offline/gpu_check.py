@@ -91,7 +91,9 @@ def _train_records(settings: Any) -> list[dict[str, Any]]:
 
 def _measure(settings: Any, four_bit: bool, records: list[dict[str, Any]],
              steps: int) -> dict[str, Any]:
-    from engine.generation import HFGenerator
+    import torch
+
+    from engine.generation import GenerationJob, HFGenerator
     from engine.model_loading import load_model
     from persona.pack import load_persona
     from persona.prompt import render_prompt
@@ -105,10 +107,9 @@ def _measure(settings: Any, four_bit: bool, records: list[dict[str, Any]],
     controls = persona.controls.merged({"max_new_tokens": MAX_NEW_TOKENS, "temperature": 0.0,
                                         "candidates": 1})
     messages = [r["anchor"] for r in records[:64]] or [f"Symptom number {i}?" for i in range(64)]
-    from engine.generation import GenerationJob
-
     for rows in ROWS:
-        jobs = [GenerationJob(render_prompt(loaded.tokenizer, persona, [], messages[i % 64]),
+        jobs = [GenerationJob(render_prompt(loaded.tokenizer, persona, [],
+                                            messages[i % len(messages)]),
                               "house" if i % 2 == 0 else "__base__", controls, i)
                 for i in range(rows)]
         generator.generate(jobs[:1])  # warm-up
@@ -122,14 +123,16 @@ def _measure(settings: Any, four_bit: bool, records: list[dict[str, Any]],
             "batch_s": round(elapsed, 2),
             "invariant": f"{same}/{len(alone)}"}
     if records and steps:
-        out["training"] = _train_steps(loaded, records, steps, four_bit)
+        out["training"] = _train_steps(loaded, records, steps, four_bit, torch.device("cuda"))
     del generator, loaded
     return out
 
 
-def _train_steps(loaded: Any, records: list[dict[str, Any]], steps: int,
-                 four_bit: bool) -> dict[str, Any]:
-    """``steps`` LoRA steps of 16 prompt–completion pairs, loss on the completion only."""
+def _train_steps(loaded: Any, records: list[dict[str, Any]], steps: int, four_bit: bool,
+                 device: Any, batch_size: int = 16) -> dict[str, Any]:
+    """``steps`` LoRA steps of ``batch_size`` prompt–completion pairs, loss on the completion
+    only (a fresh adapter beside the loaded ones). ``device`` is CUDA in the check; the CPU
+    runs it in the tests."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -147,10 +150,12 @@ def _train_steps(loaded: Any, records: list[dict[str, Any]], steps: int,
     tokenizer = loaded.tokenizer
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     losses, tokens = [], 0
-    torch.cuda.synchronize()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     for step in range(steps):
-        batch = [records[(step * 16 + i) % len(records)] for i in range(16)]
+        batch = [records[(step * batch_size + i) % len(records)] for i in range(batch_size)]
         ids, labels = [], []
         for r in batch:
             prompt = tokenizer.apply_chat_template(r["prompt"], tokenize=False,
@@ -164,17 +169,18 @@ def _train_steps(loaded: Any, records: list[dict[str, Any]], steps: int,
             labels.append([-100] * len(p) + c)
         width = max(len(x) for x in ids)
         pad = tokenizer.pad_token_id
-        input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device="cuda")
-        label_ids = torch.tensor([x + [-100] * (width - len(x)) for x in labels], device="cuda")
-        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device="cuda")
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=device)
+        label_ids = torch.tensor([x + [-100] * (width - len(x)) for x in labels], device=device)
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             loss = model(input_ids=input_ids, attention_mask=mask, labels=label_ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss))
         tokens += int(mask.sum())
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
     first, last = losses[:10], losses[-10:]
     return {"steps": steps, "tokens_per_s": round(tokens / elapsed, 1),

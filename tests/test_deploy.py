@@ -494,3 +494,25 @@ def test_the_gpu_check_refuses_cleanly_without_cuda(tmp_path: Path) -> None:
         assert result.returncode == 2, result.stderr[-2000:]
         assert "no CUDA device here" in result.stdout and "Traceback" not in result.stderr
     assert not (tmp_path / "gpu-check.json").exists()
+
+
+def test_the_gpu_checks_training_steps_run_on_the_cpu() -> None:
+    """The check's LoRA steps (a fresh adapter on the model that carries the House adapter),
+    run here on the CPU: a few small steps, the loss on the completion only, finite."""
+    import math
+
+    import torch
+
+    from engine.model_loading import load_model
+    from offline.gpu_check import _train_steps
+
+    adapter = ROOT / "models" / "house-smollm2"
+    loaded = load_model("smollm2-135m", {"house": str(adapter)}, device="cpu", dtype="float32",
+                        cache_dir=ROOT / ".cache" / "models")
+    records = [{"prompt": [{"role": "system", "content": "You are Dr. Gregory House."},
+                           {"role": "user", "content": f"Is it lupus, case {i}?"}],
+                "completion": [{"role": "assistant", "content": "It's never lupus."}]}
+               for i in range(4)]
+    figures = _train_steps(loaded, records, 3, False, torch.device("cpu"), batch_size=2)
+    assert figures["steps"] == 3 and figures["tokens_per_s"] > 0
+    assert math.isfinite(figures["loss_first10"]) and math.isfinite(figures["loss_last10"])

@@ -141,16 +141,21 @@ async def test_a_chat_reply_and_a_compare_through_vllm(
 
 
 async def test_adapter_and_seed_reach_the_server(vllm_server, tokenizer, persona) -> None:  # type: ignore[no-untyped-def]
-    """The same job twice with one seed gives one text; the House adapter's model is not the
-    base model's (vLLM applies the LoRA)."""
+    """Sampled rows: one seed twice gives one text, another seed another text (the seed
+    reaches the server); greedy rows: the House adapter's text is not the base model's (vLLM
+    applies the LoRA, and not to the base row beside it)."""
     generator = generator_for(vllm_server, tokenizer, persona)
-    controls = persona.controls.merged({"max_new_tokens": 24, "temperature": 0.0})
+    sampled = persona.controls.merged({"max_new_tokens": 24, "temperature": 1.0,
+                                       "top_p": 1.0, "sentence_cap": 20})
+    greedy = persona.controls.merged({"max_new_tokens": 24, "temperature": 0.0})
     prompt = "<|im_start|>user\nWhat is wrong with me?<|im_end|>\n<|im_start|>assistant\n"
-    jobs = [GenerationJob(prompt, adapter, controls, 5)
-            for adapter in ("house", "house", "__base__")]
-    house, again, base = await asyncio.to_thread(generator.generate, jobs)
-    assert house.text == again.text and house.text.strip()
-    assert house.text != base.text
+    jobs = [GenerationJob(prompt, "house", sampled, 5), GenerationJob(prompt, "house", sampled, 5),
+            GenerationJob(prompt, "house", sampled, 6),
+            GenerationJob(prompt, "house", greedy, 0), GenerationJob(prompt, "__base__", greedy, 0)]
+    seeded, again, other, house, base = await asyncio.to_thread(generator.generate, jobs)
+    assert seeded.text == again.text and seeded.text.strip()
+    assert other.text != seeded.text
+    assert house.text.strip() and house.text != base.text
     generator.close()
 
 
@@ -190,6 +195,12 @@ async def test_the_server_killed_mid_request_loses_nothing(
         vllm_server, tokenizer, persona, redis, keys: Keys, queue) -> None:  # type: ignore[no-untyped-def]
     """The server dies while a request is being answered: the request waits (the user is told
     House is out), is tried again when the server is back, and is answered exactly once."""
+    told: list[Reply] = []
+
+    async def heard(reply: Reply) -> None:
+        told.append(reply)
+
+    queue.on_partial = heard
     breaker = CircuitBreaker(failures=1, cooldown_s=1.0)
     generator = generator_for(vllm_server, tokenizer, persona, breaker)
     worker = Worker(redis, keys, generator, persona,
@@ -207,6 +218,7 @@ async def test_the_server_killed_mid_request_loses_nothing(
                 "x", "house", persona.controls, 1)])
         await asyncio.sleep(3)
         assert not waiting.done(), "answered while the server was down"
+        assert [r.text for r in told if r.id == request.id] == [persona.line("outage")]
         await asyncio.to_thread(vllm_server.start)
         reply = await waiting
     assert reply.error is None and reply.text.strip()
