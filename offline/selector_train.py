@@ -51,6 +51,8 @@ class SelectorConfig:
     seed: int = 0
     max_steps: int = -1
     torch_threads: int = 0
+    init_from: str = ""  # a stored selector to continue from (same LoRA rank)
+    eval_every: int = 0  # steps between validation Recall@1 checks (0: none)
 
 
 def training_rows(pairs: Sequence[Pair], scenes: Scenes, config: SelectorConfig
@@ -139,6 +141,8 @@ def train(data_dir: Path, out: Path, config: SelectorConfig, work_dir: Path) -> 
     module = model[0]
     module.auto_model = get_peft_model(
         module.auto_model, lora_config(config.lora_r, config.lora_alpha, config.lora_dropout))
+    if config.init_from:
+        _continue_from(module.auto_model, Path(config.init_from))
     args = SentenceTransformerTrainingArguments(
         output_dir=str(work_dir),
         num_train_epochs=config.epochs,
@@ -155,10 +159,15 @@ def train(data_dir: Path, out: Path, config: SelectorConfig, work_dir: Path) -> 
         dataloader_num_workers=0,
         use_cpu=True,
     )
+    curve: list[dict[str, float]] = []
+    callbacks = ([_validation_curve(model, [p for p in pairs if p.split == "validation"],
+                                   scenes, config.eval_every, curve)]
+                 if config.eval_every else [])
     started = time.perf_counter()
     trainer = SentenceTransformerTrainer(
         model=model, args=args, train_dataset=Dataset.from_dict(rows),
-        loss=MultipleNegativesRankingLoss(model))
+        loss=MultipleNegativesRankingLoss(model),
+        callbacks=callbacks)
     trainer.train()
     train_s = time.perf_counter() - started
     model = model.to(torch.float32)
@@ -183,11 +192,49 @@ def train(data_dir: Path, out: Path, config: SelectorConfig, work_dir: Path) -> 
         "train_minutes": round(train_s / 60, 1),
         "frozen_minilm": frozen,
         "fine_tuned": metrics,
+        "validation_curve": curve,
         "protocol": f"true reply among {CANDIDATES} (99 other replies of the split, seed 0)",
         "cpu": _cpu_name(),
     }
     (out / META_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
+
+
+def _continue_from(peft_model: Any, directory: Path) -> None:
+    """Load a stored selector's LoRA weights into ``peft_model`` to train on from there."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from persona.selector import WEIGHTS_FILE
+
+    prefix = "base_model.model."
+    state = {k if k.startswith(prefix) else prefix + k: v.float()
+             for k, v in load_file(str(directory / WEIGHTS_FILE)).items()}
+    result = set_peft_model_state_dict(peft_model, state)
+    if result.unexpected_keys:
+        raise SystemExit(f"{directory} does not fit this LoRA shape: "
+                         f"{result.unexpected_keys[:3]}")
+    log.info("continuing from %s", directory)
+
+
+def _validation_curve(model: Any, pairs: Sequence[Pair], scenes: Scenes, every: int,
+                     curve: list[dict[str, float]]) -> Any:
+    """A trainer callback that logs validation Recall@1 (message + exchange) every ``every``
+    steps, so a run shows whether more steps still help."""
+    from transformers import TrainerCallback
+
+    class ValidationCurve(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step % every:
+                return
+            model.eval()
+            point = {"step": state.global_step,
+                     **ranking_metrics(model, pairs, scenes, context=True)}
+            model.train()
+            curve.append(point)
+            log.info("validation at step %d: %s", state.global_step, point)
+
+    return ValidationCurve()
 
 
 def _cpu_name() -> str:
