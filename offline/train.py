@@ -21,7 +21,9 @@ continues from the last one), groups batches by length, and accumulates gradient
 base is loaded in 4 bits (QLoRA) unless ``--qlora off``. On a CPU with native bf16 it trains
 under bf16 autocast. At the end it writes the adapter in float16 and a report folder:
 ``metrics.json``, ``loss.png``, ``command.txt``. On a shared CPU ``--torch-threads 1`` is much
-faster than two threads fighting other processes (see the README).
+faster than two threads fighting other processes (see the README). The speed-ups (shared-prefix
+forward, compact LM head, bf16 frozen weights) are in :mod:`offline.train_speedups`, the
+callbacks in :mod:`offline.train_callbacks`.
 """
 
 from __future__ import annotations
@@ -196,45 +198,6 @@ def load_records(data_dir: Path, split: str, limit: int) -> list[dict[str, Any]]
             for r in load_split(data_dir, split, limit)]
 
 
-def score_only_label_positions() -> None:
-    """Make TRL's fused LM head score only the positions that have a label on every device.
-
-    TRL scores just those positions on CUDA/XPU and every position elsewhere, to keep tile
-    shapes static for graph compilers. Eager CPU training gains nothing from static shapes,
-    and here about 80% of each sequence is prompt (no label): scoring it took ~40% of a
-    training step. The result is the same; only the wasted work goes.
-    """
-    import trl.trainer.utils as trl_utils
-
-    original = getattr(trl_utils, "_use_triton", None)
-    if original is None or getattr(original, "drhouse_compact", False):
-        return
-
-    def compact(device: Any) -> bool:
-        return device.type == "cpu" or bool(original(device))
-
-    compact.drhouse_compact = True  # type: ignore[attr-defined]
-    trl_utils._use_triton = compact
-
-
-def cast_frozen_linears(model: Any, dtype: Any) -> int:
-    """Store the decoder's (frozen) linear weights in ``dtype``; returns how many.
-
-    Under bf16 autocast every matmul casts its fp32 weight to bf16 on each call; storing the
-    frozen weights in bf16 gives the same products without the per-step copies (and halves
-    their memory). Embeddings, norms and the tied LM head stay fp32, so the residual stream
-    and the loss are computed exactly as with fp32 weights under autocast.
-    """
-    import torch
-
-    count = 0
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
-            module.to(dtype)
-            count += 1
-    return count
-
-
 def load_base_for_training(args: TrainArgs, device: Any, qlora: bool,
                            bf16: bool = False) -> tuple[Any, Any]:
     """The base model (float32, or 4-bit on CUDA) and its tokenizer, through the serving loader
@@ -242,6 +205,7 @@ def load_base_for_training(args: TrainArgs, device: Any, qlora: bool,
     import torch
 
     from engine.model_loading import load_base
+    from offline.train_speedups import FrozenLinearCast
 
     model, tokenizer, source = load_base(
         args.base_model, device, torch.float32 if not qlora else torch.bfloat16,
@@ -255,7 +219,7 @@ def load_base_for_training(args: TrainArgs, device: Any, qlora: bool,
         if device.type != "cpu":
             model = model.to(device)
         if bf16:
-            cast_frozen_linears(model, torch.bfloat16)
+            FrozenLinearCast(torch.bfloat16).apply(model)
     if tokenizer.pad_token is None:
         vocab = tokenizer.get_vocab()
         tokenizer.pad_token = "<|endoftext|>" if "<|endoftext|>" in vocab else tokenizer.eos_token
@@ -327,6 +291,8 @@ def build_trainer(args: TrainArgs, output_dir: Path, callbacks: list[Any] | None
     from transformers import EarlyStoppingCallback
 
     from engine.model_loading import pick_device
+    from offline.train_callbacks import EvaluateLastStep, TimeBudget
+    from offline.train_speedups import CompactLMHead, SharedPrefixSFTTrainer
 
     device = pick_device(args.device)
     if device.type == "cpu" and args.torch_threads:
@@ -342,18 +308,17 @@ def build_trainer(args: TrainArgs, output_dir: Path, callbacks: list[Any] | None
                                           is_trainable=True)
         peft_config = None
     if args.compact_head:
-        score_only_label_positions()
+        CompactLMHead.install()
     data_dir = _resolve(args.data_dir)
     train_rows = load_records(data_dir, "train", args.max_train_samples)
     eval_rows = load_records(data_dir, "validation", args.max_eval_samples)
-    all_callbacks = [final_step_callback(), *(callbacks or [])]
+    all_callbacks = [EvaluateLastStep(), *(callbacks or [])]
     if args.time_budget_min > 0:
-        all_callbacks.append(time_budget_callback(args.time_budget_min))
+        all_callbacks.append(TimeBudget(args.time_budget_min))
     if args.early_stopping_patience > 0:
         all_callbacks.append(EarlyStoppingCallback(args.early_stopping_patience,
                                                    args.early_stopping_threshold))
-    trainer_class = shared_prefix_trainer_class()
-    trainer = trainer_class(
+    trainer = SharedPrefixSFTTrainer(
         model=model,
         args=sft_config(args, bf16, device.type == "cpu", output_dir),
         train_dataset=Dataset.from_list(train_rows),
@@ -374,124 +339,6 @@ def build_trainer(args: TrainArgs, output_dir: Path, callbacks: list[Any] | None
         "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
     }
     return trainer, setup
-
-
-def final_step_callback() -> Any:
-    """Evaluates the last step too, when it is not a multiple of eval_steps (the Trainer
-    checkpoints it anyway): otherwise the best-checkpoint choice at the end never sees the end
-    of the epoch (a full epoch of 575 steps evaluated every 100 kept step 500's weights)."""
-    from transformers import TrainerCallback
-
-    class FinalStep(TrainerCallback):
-        def on_step_end(self, _args: Any, state: Any, control: Any, **__: Any) -> None:
-            if state.global_step >= state.max_steps:
-                control.should_evaluate = True
-
-    return FinalStep()
-
-
-def time_budget_callback(minutes: float) -> Any:
-    """Stops training once ``minutes`` of training have passed, after an evaluation and a
-    checkpoint, so the best checkpoint is still the one kept."""
-    from transformers import TrainerCallback
-
-    class TimeBudget(TrainerCallback):
-        def __init__(self) -> None:
-            self.started = 0.0
-            self.stopped_at_step: int | None = None
-
-        def on_train_begin(self, *_: Any, **__: Any) -> None:
-            self.started = time.perf_counter()
-
-        def on_step_end(self, _args: Any, state: Any, control: Any, **__: Any) -> None:
-            if time.perf_counter() - self.started > minutes * 60:
-                control.should_training_stop = True
-                control.should_evaluate = True
-                control.should_save = True
-                self.stopped_at_step = state.global_step
-                log.warning("time budget of %.0f min reached at step %d; stopping",
-                            minutes, state.global_step)
-
-    return TimeBudget()
-
-
-def common_prefix(sequences: list[list[int]]) -> list[int]:
-    """The longest token prefix every sequence shares."""
-    if not sequences:
-        return []
-    prefix = list(sequences[0])
-    for seq in sequences[1:]:
-        n = 0
-        for a, b in zip(prefix, seq, strict=False):
-            if a != b:
-                break
-            n += 1
-        prefix = prefix[:n]
-    return prefix
-
-
-def shared_prefix_trainer_class() -> type:
-    """SFTTrainer that runs the prompt prefix every sequence shares once per batch.
-
-    Every training sequence starts with the same persona system prompt (about 60 of its ~90
-    tokens). The prefix is encoded once (batch 1), its key/value cache is repeated across the
-    batch, and only the rest of each sequence runs through the model. Causal attention makes
-    this exact: prefix positions never see later tokens, so the loss equals the full forward's
-    (a test checks it) at roughly a third of the compute. Gradients reach the LoRA weights
-    through the shared prefix too. Batches that do not start with the prefix take the normal
-    path.
-    """
-    import torch
-    from trl import SFTTrainer
-
-    class SharedPrefixSFTTrainer(SFTTrainer):
-        prefix_ids: torch.Tensor | None = None
-
-        def _get_eval_sampler(self, eval_dataset: Any) -> Any:
-            """Evaluation batches in a fixed order, by length. With ``group_by_length`` the
-            Trainer groups eval batches at random too, and the eval loss is a mean of batch
-            means, so the same weights scored up to 0.013 apart on the same 400 pairs."""
-            if eval_dataset is None or "input_ids" not in eval_dataset.column_names:
-                return super()._get_eval_sampler(eval_dataset)
-            lengths = [len(ids) for ids in eval_dataset["input_ids"]]
-            return sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-
-        def set_shared_prefix(self, sample: int = 256) -> int:
-            rows = self.train_dataset.select(range(min(sample, len(self.train_dataset))))
-            prefix = common_prefix([list(r) for r in rows["input_ids"]])
-            labels = rows["labels"] if "labels" in rows.column_names else None
-            if labels is not None:  # never share a token the loss covers
-                first_label = min(
-                    next((i for i, x in enumerate(lab) if x != -100), len(lab)) for lab in labels
-                )
-                prefix = prefix[: max(0, first_label - 1)]
-            self.prefix_ids = torch.tensor(prefix, dtype=torch.long) if len(prefix) > 1 else None
-            return len(prefix)
-
-        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
-                         num_items_in_batch: Any = None) -> Any:
-            prefix = self.prefix_ids
-            ids = inputs["input_ids"]
-            n = 0 if prefix is None else prefix.numel()
-            if (
-                n
-                and ids.size(1) > n + 1
-                and "attention_mask" in inputs
-                and torch.equal(ids[:, :n], prefix.to(ids.device).expand(ids.size(0), -1))
-            ):
-                cache = model(input_ids=ids[:1, :n], use_cache=True,
-                              logits_to_keep=1).past_key_values
-                cache.batch_repeat_interleave(ids.size(0))
-                inputs = {
-                    **inputs,
-                    "input_ids": ids[:, n:],
-                    "labels": inputs["labels"][:, n:],
-                    "past_key_values": cache,
-                }
-                inputs.pop("position_ids", None)
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-
-    return SharedPrefixSFTTrainer
 
 
 def save_adapter(trainer: Any, adapter_dir: Path, dtype_name: str, base_model: str = "") -> int:
@@ -590,6 +437,8 @@ def main(args: TrainArgs, command: str = "") -> dict[str, Any]:
     from transformers.trainer_utils import get_last_checkpoint
 
     set_seed(args.seed)
+    from offline.train_callbacks import TimeBudget
+
     started = time.perf_counter()
     output_dir = _resolve(args.output_dir)
     adapter_dir = _resolve(args.adapter_dir)
@@ -617,7 +466,7 @@ def main(args: TrainArgs, command: str = "") -> dict[str, Any]:
         "resumed_from": resume,
         "stopped_by_time_budget_at_step": next(
             (c.stopped_at_step for c in trainer.callback_handler.callbacks
-             if hasattr(c, "stopped_at_step")), None),
+             if isinstance(c, TimeBudget)), None),
         "base_eval_loss": base_eval_loss,
         "final_eval_loss": float(final_eval["eval_loss"]),
         "best_eval_loss": trainer.state.best_metric,

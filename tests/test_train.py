@@ -23,12 +23,12 @@ from offline.train import (
     args_from_namespace,
     build_args,
     build_trainer,
-    common_prefix,
     evaluate_only,
     main,
     measure_precision,
     pick_precision,
 )
+from offline.train_speedups import common_prefix
 from persona.data import PrepareConfig, prepare
 from persona.dialogue import load_split
 from persona.pack import load_persona
