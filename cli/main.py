@@ -1,7 +1,10 @@
 """The ``drhouse`` command line: one entry point, one subcommand per job.
 
 Each subcommand lives in the module that does the job; that module provides
-``configure(parser)`` and ``run(args) -> int``. This file only wires them.
+``configure(parser)`` and ``run(args) -> int``, and may provide ``parent_parsers()``, whose
+options the subcommand's parser takes over (``train``: TRL's parser). ``run`` also finds the
+subcommand's own command-line words in ``args.argv`` (``train`` reads them again with TRL's
+YAML handling). This file only wires them.
 """
 
 from __future__ import annotations
@@ -36,11 +39,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="drhouse", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
-        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
         if command is None or name == command:
             module = importlib.import_module(module_name)
+            parents = module.parent_parsers() if hasattr(module, "parent_parsers") else []
+            sub_parser = sub.add_parser(name, help=help_text, description=help_text,
+                                        parents=parents)
             module.configure(sub_parser, name)
             sub_parser.set_defaults(module=module)
+        else:
+            sub.add_parser(name, help=help_text, description=help_text)
     return parser
 
 
@@ -48,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), "")
     args = build_parser(command).parse_args(argv)
+    args.argv = argv[argv.index(args.command) + 1:]
     try:
         return int(args.module.run(args) or 0)
     except KeyboardInterrupt:

@@ -1,7 +1,7 @@
 """Training: completion-only labels that match the serving prompt, the shared-prefix forward,
-and a tiny end-to-end run (a two-layer Llama with the SmolLM2 tokenizer, built here) that
-produces a loadable float16 adapter whose loss went down. Everything runs in tmp dirs with
-reporting off."""
+TRL's parser over YAML and flags (and the command line's errors), and a
+tiny end-to-end run (a two-layer Llama with the SmolLM2 tokenizer, built here) that produces a
+loadable float16 adapter whose loss went down. Everything runs in tmp dirs with reporting off."""
 
 from __future__ import annotations
 
@@ -16,17 +16,18 @@ import torch
 
 from base.config import Settings
 from cli.main import build_parser
+from cli.main import main as drhouse
 from engine.model_loading import ModelLoadError, _cached_copy, find_embedded_gguf, load_model
 from offline.train import (
     TrainArgs,
     _cpu_has_bf16,
-    args_from_namespace,
-    build_args,
+    auto_bf16,
     build_trainer,
     evaluate_only,
     main,
     measure_precision,
-    pick_precision,
+    parse_train_args,
+    train_arguments,
 )
 from offline.train_speedups import common_prefix
 from persona.data import PrepareConfig, prepare
@@ -91,15 +92,16 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def tiny_args(base: Path, data: Path, tmp: Path, **changes: Any) -> TrainArgs:
     values: dict[str, Any] = {
-        "base_model": str(base), "data_dir": str(data), "output_dir": str(tmp / "run"),
-        "adapter_dir": str(tmp / "adapter"), "max_steps": 12, "batch_size": 4, "grad_accum": 1,
-        "eval_batch_size": 8, "learning_rate": 1e-2, "warmup_ratio": 0.0, "eval_steps": 6,
-        "save_steps": 6, "logging_steps": 1, "early_stopping_patience": 0, "progress": False,
-        "precision": "fp32", "lora_dropout": 0.0, "cache_dir": str(tmp / "cache"),
+        "model_name_or_path": str(base), "dataset_name": str(data),
+        "output_dir": str(tmp / "run"), "adapter_dir": str(tmp / "adapter"), "max_steps": 12,
+        "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
+        "per_device_eval_batch_size": 8, "learning_rate": 1e-2, "warmup_ratio": 0.0,
+        "eval_steps": 6, "save_steps": 6, "logging_steps": 1, "early_stopping_patience": 0,
+        "disable_tqdm": True, "bf16": False, "lora_dropout": 0.0, "cache_dir": str(tmp / "cache"),
         "torch_threads": 1,
     }
     values.update(changes)
-    return TrainArgs(**values)
+    return train_arguments(**values)
 
 
 @pytest.fixture
@@ -155,7 +157,7 @@ def test_tiny_run_produces_a_loadable_adapter_and_lowers_the_loss(
     tiny_base: Path, data_dir: Path, tmp_path: Path
 ) -> None:
     args = tiny_args(tiny_base, data_dir, tmp_path)
-    metrics = main(args, "drhouse train --test")
+    metrics = main(*args, command="drhouse train --test")
     assert metrics["steps"] == 12
     assert metrics["final_eval_loss"] < metrics["base_eval_loss"] - 0.1
     assert metrics["train_loss"][-1][1] < metrics["train_loss"][0][1]
@@ -192,13 +194,33 @@ def test_tiny_run_produces_a_loadable_adapter_and_lowers_the_loss(
     assert again["adapter_eval_loss"] == pytest.approx(metrics["final_eval_loss"], rel=1e-2)
 
 
+def test_drhouse_train_command_runs(tiny_base: Path, data_dir: Path, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """The command line end to end: the earlier flag names, the YAML under them, the report."""
+    argv = ["--base-model", str(tiny_base), "--data-dir", str(data_dir), "--output-dir",
+            str(tmp_path / "run"), "--adapter-dir", str(tmp_path / "adapter"), "--max-steps", "2",
+            "--eval-steps", "2", "--save-steps", "2", "--batch-size", "4", "--eval-batch-size",
+            "8", "--precision", "fp32", "--no-progress", "--no-base-eval", "--cache-dir",
+            str(tmp_path / "cache"), "--torch-threads", "1"]
+    assert drhouse(["train", *argv]) == 0
+    out = capsys.readouterr().out  # the Trainer's log lines, then the summary
+    assert json.loads(out[out.rindex("{\n"):])["steps"] == 2
+    report = tmp_path / "adapter" / "report"
+    assert (report / "command.txt").read_text().split() == ["drhouse", "train", *argv]
+    options = json.loads((report / "metrics.json").read_text())["args"]
+    assert options["per_device_train_batch_size"] == 4 and options["bf16"] is False
+    assert options["learning_rate"] == 2e-4 and options["per_device_eval_batch_size"] == 8
+    assert options["gradient_accumulation_steps"] == 2  # the YAML's, under the flags
+    assert options["model_name_or_path"] == str(tiny_base) and options["base_eval"] is False
+
+
 def test_checkpoints_and_resume(tiny_base: Path, data_dir: Path, tmp_path: Path) -> None:
-    first = main(tiny_args(tiny_base, data_dir, tmp_path, max_steps=4, eval_steps=2,
-                           save_steps=2, base_eval=False))
+    first = main(*tiny_args(tiny_base, data_dir, tmp_path, max_steps=4, eval_steps=2,
+                            save_steps=2, base_eval=False))
     assert first["steps"] == 4 and first["base_eval_loss"] is None
     assert (tmp_path / "run" / "checkpoint-4").is_dir()
-    resumed = main(tiny_args(tiny_base, data_dir, tmp_path, max_steps=6, eval_steps=2,
-                             save_steps=2, base_eval=False, resume=True))
+    resumed = main(*tiny_args(tiny_base, data_dir, tmp_path, max_steps=6, eval_steps=2,
+                              save_steps=2, base_eval=False, resume=True))
     assert resumed["resumed_from"].endswith("checkpoint-4")
     assert resumed["steps"] == 6
 
@@ -213,8 +235,8 @@ def test_evaluation_is_deterministic(trainer_setup: tuple[Any, Any]) -> None:
 
 def test_last_step_is_evaluated_and_can_be_the_one_kept(tiny_base: Path, data_dir: Path,
                                                          tmp_path: Path) -> None:
-    metrics = main(tiny_args(tiny_base, data_dir, tmp_path, max_steps=5, eval_steps=2,
-                             save_steps=2, base_eval=False))
+    metrics = main(*tiny_args(tiny_base, data_dir, tmp_path, max_steps=5, eval_steps=2,
+                              save_steps=2, base_eval=False))
     assert [step for step, _ in metrics["eval_loss"]] == [2, 4, 5]
     assert (tmp_path / "run" / "checkpoint-5").is_dir()
     best = min(metrics["eval_loss"], key=lambda row: row[1])
@@ -224,27 +246,71 @@ def test_last_step_is_evaluated_and_can_be_the_one_kept(tiny_base: Path, data_di
 def test_yaml_config_and_flags(tmp_path: Path) -> None:
     config = tmp_path / "train.yaml"
     config.write_text("lora_r: 8\nlearning_rate: 1.0e-3\nmax_steps: 30\n")
-    args = build_parser().parse_args(
-        ["train", "--config", str(config), "--max-steps", "5", "--no-progress", "--precision",
-         "fp32"])
-    resolved = args_from_namespace(args)
-    assert (resolved.lora_r, resolved.learning_rate, resolved.max_steps) == (8, 1e-3, 5)
-    assert resolved.progress is False and resolved.precision == "fp32"
-    assert resolved.lora_alpha == 32  # untouched default
-    shipped = args_from_namespace(build_parser().parse_args(["train"]))
-    assert shipped.lora_r == 16 and shipped.lora_dropout == 0.05
+    flags = ["--config", str(config), "--max-steps", "5", "--no-progress", "--precision", "fp32"]
+    cli = build_parser().parse_args(["train", *flags])  # the drhouse parser takes them too
+    assert cli.command == "train"
+    _, training, model = parse_train_args(flags)
+    assert (model.lora_r, training.learning_rate, training.max_steps) == (8, 1e-3, 5)
+    assert training.disable_tqdm is True and training.bf16 is False
+    assert model.lora_alpha == 32  # untouched default
+    assert training.lr_scheduler_type == "cosine" and training.completion_only_loss is True
+    shipped_script, shipped, shipped_model = parse_train_args([])
+    assert shipped_model.lora_r == 16 and shipped_model.lora_dropout == 0.05
+    assert shipped.per_device_train_batch_size == 16  # offline/train_config.yaml
+    assert shipped_script.dataset_name == "data/prepared"
+    # TRL's names, in both spellings, and the earlier ones
+    for flag in ("--per-device-train-batch-size", "--per_device_train_batch_size",
+                 "--batch-size"):
+        assert parse_train_args([flag, "3"])[1].per_device_train_batch_size == 3
+    _, _, renamed = parse_train_args(["--lora-targets", "q_proj,v_proj", "--base-model", "x"])
+    assert renamed.lora_target_modules == ["q_proj", "v_proj"]
+    assert renamed.model_name_or_path == "x"
     config.write_text("lora_rank: 8\n")
     with pytest.raises(ValueError, match="unknown options"):
-        build_args({"config": str(config)})
+        parse_train_args(["--config", str(config)])
+    config.write_text("epochs: 2\n")
+    with pytest.raises(ValueError, match="epochs is now num_train_epochs"):
+        parse_train_args(["--config", str(config)])
+    with pytest.raises(ValueError, match="unknown options"):
+        train_arguments(batch_size=4)
+
+
+def test_command_line_errors_are_one_line(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    assert drhouse(["train", "--data-dir", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "train.jsonl" in err and "Traceback" not in err
+    config = tmp_path / "bad.yaml"
+    config.write_text("lora_rank: 8\n")
+    assert drhouse(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unknown options ['lora_rank']" in err
+    assert drhouse(["train", "--config", str(tmp_path / "absent.yaml")]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as exit_info:
+        drhouse(["train", "--max-steps", "many"])
+    assert exit_info.value.code == 2
+    with pytest.raises(SystemExit) as exit_info:
+        drhouse(["train", "--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    for option in ("--per-device-train-batch-size", "--lora-r", "--learning-rate",
+                   "--adapter-dir", "--time-budget-min", "--config", "--batch-size"):
+        assert option in help_text
 
 
 def test_precision_and_qlora_choices(tiny_base: Path, data_dir: Path, tmp_path: Path) -> None:
-    assert pick_precision(TrainArgs(precision="fp32"), "cpu") is False
-    assert pick_precision(TrainArgs(precision="bf16"), "cpu") is True
-    assert pick_precision(TrainArgs(precision="auto"), "cpu") is _cpu_has_bf16()
+    assert parse_train_args(["--precision", "fp32"])[1].bf16 is False
+    assert parse_train_args(["--precision", "bf16"])[1].bf16 is True
+    assert parse_train_args(["--precision", "auto"])[1].bf16 is auto_bf16()
     if not torch.cuda.is_available():
+        assert auto_bf16() is _cpu_has_bf16()
+        assert parse_train_args([])[1].bf16 is _cpu_has_bf16()  # the YAML leaves it to auto
+        assert parse_train_args([])[2].load_in_4bit is None  # auto: on exactly on CUDA
+        assert parse_train_args(["--qlora", "on"])[2].load_in_4bit is True
         with pytest.raises(ModelLoadError, match="CUDA"):
-            build_trainer(tiny_args(tiny_base, data_dir, tmp_path, qlora="on"), tmp_path / "q")
+            build_trainer(tiny_args(tiny_base, data_dir, tmp_path, load_in_4bit=True),
+                          tmp_path / "q")
 
 
 def test_measure_precision_times_both(tiny_base: Path, data_dir: Path, tmp_path: Path) -> None:
