@@ -29,7 +29,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "blind": ("offline.blind_check", "a reader does the persona classifier's job blind"),
     "gpu-check": ("offline.gpu_check", "the GPU paths in one short run: 4-bit and bf16 "
                                         "generation, batch invariance, QLoRA steps"),
-    "bench": ("engine.bench", "benchmarks: serving, llama.cpp peer, micro-batching, queue"),
+    "bench": ("cli.bench", "benchmarks: serving, llama.cpp peer, micro-batching, queue, "
+                           "training precision"),
 }
 
 

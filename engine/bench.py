@@ -18,6 +18,8 @@
   builds) on the very GGUF file the embedded model comes from, the same rendered prompts and
   token limit, one request at a time: our aggregate tokens/s ÷ its single-stream tokens/s.
   ``--json`` adds ``peer`` and ``ratio_vs_peer`` beside ``serve``.
+- ``bench precision`` (training, registered by ``cli/bench.py`` because ``engine/`` does not
+  import ``offline/``): fp32 vs bf16-autocast LoRA training steps, tokens/s.
 - ``bench all``: batching and queue. ``--json PATH`` writes ``{"batching": {...}, "queue": {...}}``.
 """
 
@@ -56,8 +58,11 @@ BENCH_PROMPTS = [
 ]
 
 
-def configure(parser: argparse.ArgumentParser, name: str) -> None:
-    parser.add_argument("which", choices=["batching", "queue", "serve", "peer", "all"],
+def configure(parser: argparse.ArgumentParser, name: str,
+              more: tuple[str, ...] = ()) -> None:
+    """The serving benchmarks' options; ``more``: further benchmark names that the caller
+    (``cli.bench``: ``precision``) runs itself."""
+    parser.add_argument("which", choices=["batching", "queue", "serve", "peer", "all", *more],
                         nargs="?", default="all")
     parser.add_argument("--peer-python", type=Path, default=None,
                         help="for 'peer': the Python that has llama_cpp (make bench-peer)")
@@ -69,7 +74,8 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--dtypes", default="float32",
                         help="comma-separated dtypes to compare, e.g. float32,bfloat16")
     parser.add_argument("--rounds", type=int, default=3,
-                        help="rounds of each mode for 'batching'; the median is reported")
+                        help="rounds of each mode for 'batching' (and of each precision for "
+                             "'precision'); the median is reported")
     parser.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=None,
                         help="reuse the system prompt's keys/values (default: PREFIX_CACHE)")
     parser.add_argument("--adapter", default="",

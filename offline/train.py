@@ -31,7 +31,7 @@ Exact commands (defaults in ``offline/train_config.yaml``; any flag overrides th
     drhouse train --max-steps 20 --output-dir runs/smoke --adapter-dir runs/smoke/adapter
     drhouse train --resume   # continue from the last checkpoint in --output-dir
     drhouse train --eval-only --init-adapter models/house-smollm2   # base vs adapter eval loss
-    drhouse train --measure-precision 3 --torch-threads 1           # bf16 autocast vs fp32
+    drhouse bench precision --steps 3 --train-args "--torch-threads 1"   # bf16 autocast vs fp32
 
 Flags take TRL's names in either spelling (``--per-device-train-batch-size`` or
 ``--per_device_train_batch_size``); the project's earlier names still work as aliases
@@ -121,7 +121,8 @@ class TrainScriptArguments(ScriptArguments):
         "help": "where the embedded model's safetensors copy is cached"})
     persona: str = field(default="house", metadata={"help": "persona pack (for the report)"})
     measure_precision: int = field(default=0, metadata={
-        "help": "instead of training, time N steps in fp32 and in bf16 and print tokens/s"})
+        "help": "instead of training, time N steps in fp32 and in bf16 and print tokens/s "
+                "(the same as 'drhouse bench precision --steps N')"})
 
 
 TrainArgs = tuple[TrainScriptArguments, SFTConfig, ModelConfig]
@@ -637,7 +638,8 @@ def main(script_args: TrainScriptArguments, training_args: SFTConfig, model_args
 
 
 def measure_precision(args: TrainArgs, steps: int, rounds: int = 3) -> dict[str, Any]:
-    """Time training micro-batches in fp32 and in bf16 autocast on the same batches.
+    """Time training micro-batches in fp32 and in bf16 autocast on the same batches
+    (``drhouse bench precision``).
 
     Both set-ups are built as for training (LoRA, shared prefix, compact head; bf16 also stores
     the frozen linears in bf16). After a warm-up batch each, ``rounds`` rounds alternate

@@ -1,5 +1,5 @@
 """Training: completion-only labels that match the serving prompt, the shared-prefix forward,
-TRL's parser over YAML and flags (and the command line's errors), and a
+TRL's parser over YAML and flags (and the command line's errors), ``bench precision``, and a
 tiny end-to-end run (a two-layer Llama with the SmolLM2 tokenizer, built here) that produces a
 loadable float16 adapter whose loss went down. Everything runs in tmp dirs with reporting off."""
 
@@ -319,6 +319,19 @@ def test_measure_precision_times_both(tiny_base: Path, data_dir: Path, tmp_path:
     assert results["bf16"]["setup"]["precision"] == "bf16-autocast"
     assert results["fp32"]["tokens_per_round"] == results["bf16"]["tokens_per_round"] > 0
     assert results["bf16_speedup"] > 0
+
+
+def test_bench_precision_command(tiny_base: Path, data_dir: Path, tmp_path: Path,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    train_flags = (f"--base-model {tiny_base} --data-dir {data_dir} --cache-dir {tmp_path} "
+                   "--per-device-train-batch-size 4 --torch-threads 1")
+    out = tmp_path / "precision.json"
+    assert drhouse(["bench", "precision", "--steps", "1", "--rounds", "1", "--json", str(out),
+                    f"--train-args={train_flags}"]) == 0
+    results = json.loads(out.read_text())["precision"]
+    assert results["batch_size"] == 4 and results["bf16_speedup"] > 0
+    assert "bf16 autocast / fp32" in capsys.readouterr().out
+    assert drhouse(["bench", "precision", f"--train-args=--data-dir {tmp_path}"]) == 2
 
 
 def test_common_prefix() -> None:
