@@ -127,6 +127,12 @@ class Settings(BaseSettings):
     data_dir: Path = ROOT / "data" / "prepared"
     canon_candidates: int = 4
     canon_repeat_window: int = 50
+    # The listener (engine/listener.py): the House model's PMI of a reply given the
+    # conversation re-ranks the selector's CANON_SHORTLIST best lines and joins the fit score
+    # (fit = cosine + LISTENER_WEIGHT / 20 x PMI). "none": the selector's cosine alone.
+    listener: Literal["pmi", "none"] = "pmi"
+    listener_weight: float = 1.0
+    canon_shortlist: int = 10
     refine_examples: int = 0
     # Streamed replies: the worker publishes the text so far while it generates, and the
     # Telegram and Discord frontends send it at once and edit it to the final reply.

@@ -32,7 +32,6 @@ import queue
 import threading
 import time
 from collections.abc import Collection, Iterator, Sequence
-from copy import deepcopy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +39,7 @@ import torch
 
 from base.keys import BASE_VARIANT
 from engine.generation import Generated, GenerationJob, OnText, PerRowSampler, PrefixCache
+from engine.model_loading import plain_copy
 from persona.postprocess import speaker_tag_pattern, split_sentences
 
 log = logging.getLogger(__name__)
@@ -121,10 +121,7 @@ class ContinuousGenerator:
                                                       self.adapters), bool(self.adapters))}
         lanes = {}
         for name in [*self.adapters, BASE_VARIANT]:
-            copy = deepcopy(self.model)
-            plain = (copy.base_model.unload() if name == BASE_VARIANT else
-                     copy.base_model.merge_and_unload(adapter_names=[name]))
-            plain.eval()
+            plain = plain_copy(self.model, name)
             lanes[name] = _Lane(plain, PrefixCache(plain, self.tokenizer, shared_prefix, []),
                                 False)
         return lanes

@@ -14,11 +14,14 @@ import json
 import logging
 import os
 import time
+from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from base.keys import BASE_VARIANT
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,24 @@ def pick_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError("DEVICE=cuda but no CUDA device is available")
     return torch.device(device)
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX); on others (AVX2
+    only) torch emulates it, slower than float32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def fast_dtype(device: torch.device) -> torch.dtype:
+    """The faster dtype for work that need not match float32 bit for bit (the listener):
+    bfloat16 on CUDA and on CPUs with native bf16, float32 elsewhere."""
+    if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()):
+        return torch.bfloat16
+    return torch.float32
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -179,6 +200,15 @@ def prepare_tokenizer(tokenizer: Any) -> list[int]:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = "<|endoftext|>" if "<|endoftext|>" in vocab else tokenizer.eos_token
     return sorted(set(ends))
+
+
+def plain_copy(model: Any, adapter: str) -> Any:
+    """A copy of a PEFT ``model`` as a plain model: ``adapter`` merged into its weights, or
+    the base model without adapters for :data:`BASE_VARIANT` (the original is untouched)."""
+    copy = deepcopy(model)
+    plain = (copy.base_model.unload() if adapter == BASE_VARIANT else
+             copy.base_model.merge_and_unload(adapter_names=[adapter]))
+    return plain.eval()
 
 
 def load_model(

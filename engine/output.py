@@ -16,6 +16,7 @@ from base.metrics import WorkerMetrics
 from base.protocol import Reply, Request, Variant
 from base.redis_conn import REDIS_DOWN
 from engine.generation import Generated, GenerationJob
+from engine.listener import Listener
 from engine.task import Task
 from persona.canon import CanonPool
 from persona.pack import Controls, Persona
@@ -31,7 +32,8 @@ class ReplyBuilder:
     def __init__(self, persona: Persona, defaults: Controls, worker: str, default_adapter: str,
                  canon_candidates: int, metrics: WorkerMetrics,
                  scorer: Callable[[Sequence[str]], Sequence[float]] | None = None,
-                 canon: CanonPool | None = None):
+                 canon: CanonPool | None = None, listener: Listener | None = None,
+                 shortlist: int = 10, listener_weight: float = 1.0):
         self.persona = persona
         self.defaults = defaults
         self.worker = worker
@@ -40,6 +42,9 @@ class ReplyBuilder:
         self.metrics = metrics
         self.scorer = scorer
         self.canon = canon
+        self.listener = listener
+        self.shortlist = shortlist
+        self.listener_weight = listener_weight
 
     def generated_candidates(self, task: Task, variant: int, outputs: list[Generated]
                              ) -> list[Candidate]:
@@ -55,9 +60,15 @@ class ReplyBuilder:
 
     def pick(self, task: Task, generated: list[Candidate], mode: str) -> Candidate | None:
         controls = task.controls or self.defaults
+        listener = None
+        if self.listener is not None and task.prompt:
+            prompt, scorer = task.prompt, self.listener
+
+            def listener(texts: Sequence[str]) -> Sequence[float]:
+                return scorer.pmi(prompt, texts)
         return pick(mode, task.text, generated, self.canon, self.scorer,
                     self.canon_candidates, task.context, task.heard, task.mentioned,
-                    controls.sentence_cap)
+                    controls.sentence_cap, listener, self.shortlist, self.listener_weight)
 
     def make_reply(self, task: Task, jobs: list[GenerationJob],
                    outputs: list[Generated]) -> Reply:

@@ -11,13 +11,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
+import torch
 
 from base.config import Settings
 from base.logging_setup import SecretMaskingFilter, keys_for, redis_for, setup_logging
 from base.metrics import WorkerMetrics
 from engine.continuous import ContinuousGenerator
 from engine.generation import FakeGenerator, Generator, HFGenerator
-from engine.model_loading import load_model
+from engine.listener import Listener
+from engine.model_loading import LoadedModel, fast_dtype, load_model, plain_copy
 from engine.worker import Worker
 from persona.pack import Persona, load_persona
 from persona.prompt import system_block
@@ -103,11 +105,43 @@ def build_canon(settings: Settings) -> CanonPool | None:
         return None
 
 
+def build_listener(settings: Settings, generator: Generator, persona: Persona
+                   ) -> Listener | None:
+    """The House model as a listener (LISTENER=pmi) on a local model: its own plain copy of
+    the model with the default adapter merged, so it never shares a module with the engine's
+    thread. None for a served model (GENERATION_BACKEND=openai), the fake, or LISTENER=none."""
+    loaded = getattr(generator, "loaded", None)
+    if loaded is None or settings.reply_mode == "generated":
+        return None
+    return listener_for(settings, loaded, persona)
+
+
+def listener_for(settings: Settings, loaded: LoadedModel, persona: Persona) -> Listener | None:
+    """The listener on a loaded model (see :func:`build_listener`), None with LISTENER=none or
+    without the default adapter."""
+    if settings.listener != "pmi":
+        return None
+    adapter = settings.default_adapter
+    if adapter not in loaded.adapters:
+        log.warning("listener off: adapter %s is not loaded", adapter)
+        return None
+    empty = loaded.tokenizer.apply_chat_template(
+        [{"role": "system", "content": persona.system_prompt}, {"role": "user", "content": ""}],
+        tokenize=False, add_generation_prompt=True)
+    model = plain_copy(loaded.model, adapter)
+    if loaded.dtype == torch.float32:  # it need not match float32 bit for bit: bf16 if fast
+        model = model.to(fast_dtype(loaded.device))
+    return Listener(model, loaded.tokenizer, empty,
+                    system_block(loaded.tokenizer, persona) if settings.prefix_cache else "")
+
+
 async def build_worker(settings: Settings, redis: aioredis.Redis, fake: bool = False,
                        metrics: WorkerMetrics | None = None, fake_delay_ms: int = 0) -> Worker:
     persona = load_persona(settings.persona)
     generator = await asyncio.to_thread(build_generator, settings, persona, fake, fake_delay_ms)
     scorer = None if fake else await asyncio.to_thread(build_scorer, settings)
     canon = None if fake else await asyncio.to_thread(build_canon, settings)
+    listener = None if fake or canon is None else await asyncio.to_thread(
+        build_listener, settings, generator, persona)
     return Worker(redis, keys_for(settings), generator, persona, settings,
-                  metrics, scorer, canon)
+                  metrics, scorer, canon, listener)

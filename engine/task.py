@@ -24,6 +24,7 @@ class Task:
     reply: Reply | None = None
     mode: str = GENERATED
     context: tuple[str, ...] = ()  # the exchange before the message, for the selector
+    prompt: str = ""  # the conversation as the adapter reads it, for the listener
     mentioned: str = ""  # the conversation's text: names a canon line may use
     heard: set[int] = field(default_factory=set)  # canon rows heard lately
     canon_row: int | None = None  # the canon line that won, to remember

@@ -42,6 +42,7 @@ from base.redis_conn import REDIS_DOWN
 from base.signals import on_stop_signals
 from engine.generation import BackendUnavailable, Generated, GenerationJob, Generator, OnText
 from engine.history import HistoryStore
+from engine.listener import Listener
 from engine.output import PartialEvents, ReplyBuilder
 from engine.task import Task
 from persona.canon import CanonPool
@@ -144,6 +145,7 @@ class Worker:
         metrics: WorkerMetrics | None = None,
         scorer: Callable[[Sequence[str]], Sequence[float]] | None = None,
         canon: CanonPool | None = None,
+        listener: Listener | None = None,
     ):
         self.redis = redis
         self.keys = keys
@@ -160,7 +162,8 @@ class Worker:
         self.output = ReplyBuilder(persona, self.defaults, self.name,
                                         self.settings.default_adapter,
                                         self.settings.canon_candidates, self.metrics, scorer,
-                                        canon)
+                                        canon, listener, self.settings.canon_shortlist,
+                                        self.settings.listener_weight)
         self.partials = PartialEvents(redis, keys, self.output, self.settings.stream_replies,
                                       self.settings.stream_maxlen)
         self.stop = asyncio.Event()
@@ -688,10 +691,11 @@ class Worker:
         if self.canon is not None and (task.mode != GENERATED or request.kind == "compare"):
             # the repeat window matters only where canon lines compete (one Redis read)
             task.heard = await self.history.recent_canon(request.conversation)
-        if task.mode == CANON and request.kind != "compare":
-            return  # House's real lines only: nothing to generate
         prompt = render_prompt(self.generator.tokenizer, persona, history, text, speaker,
                                self.settings.history_token_budget)
+        task.prompt = prompt
+        if task.mode == CANON and request.kind != "compare":
+            return  # House's real lines only: nothing to generate
         refined = prompt
         if self.canon is not None and self.settings.refine_examples > 0:
             # retrieve and refine: House's real exchanges for the message in the adapter's prompt

@@ -423,6 +423,11 @@ def check_data(args: argparse.Namespace, settings: Settings) -> None:
                      f"prepare --out {args.data_dir}` or pass --data-dir")
 
 
+def modes_need_canon(system: str, settings: Settings) -> bool:
+    """Whether ``system`` answers with canon lines (so the listener re-ranks them)."""
+    return system in (CANON, HYBRID) or (system == DEFAULT and settings.reply_mode != "generated")
+
+
 def derive_systems(samples: dict[str, list[Sample]], timing: dict[str, dict[str, Any]],
                    systems: Sequence[str], adapter: str, prompts: Sequence[Prompt],
                    persona: Persona, scorer: Callable[[Sequence[str]], Sequence[float]] | None,
@@ -430,15 +435,22 @@ def derive_systems(samples: dict[str, list[Sample]], timing: dict[str, dict[str,
     """The systems the bot's reply choice makes from the adapter's generations (kept with
     their candidates) and the canon pool, through `persona.reply_choice.pick` as the worker
     calls it (no history: every prompt opens a conversation)."""
-    from engine.runtime import build_canon
+    from engine.model_loading import load_model
+    from engine.runtime import build_canon, listener_for
     from offline.quality import Sample
-    from persona.prompt import has_words
+    from persona.prompt import has_words, render_prompt
     from persona.reply_choice import GENERATED, Candidate, pick
 
     generated = samples.get(adapter)
     canon = build_canon(settings.model_copy(update={"reply_mode": "hybrid"}))
+    listener = None
     if canon is None:
         log.warning("no selector or canon pool: canon and hybrid systems skipped")
+    elif settings.listener == "pmi" and any(modes_need_canon(s, settings) for s in systems):
+        loaded = load_model(settings.base_model, {adapter: settings.adapter_paths[adapter]},
+                            settings.device, settings.dtype, settings.model_cache_dir)
+        listener = listener_for(settings.model_copy(update={"default_adapter": adapter}),
+                                loaded, persona)
     modes = {CLASSIC: None, adapter: GENERATED, CANON: "canon", HYBRID: "hybrid",
              DEFAULT: settings.reply_mode}
     for system in systems:
@@ -463,8 +475,16 @@ def derive_systems(samples: dict[str, list[Sample]], timing: dict[str, dict[str,
                 out.append(Sample(message=prompt.message, reply=persona.jab(i),
                                   reference=prompt.reference, ms=0.0))
                 continue
+            heard = None
+            if listener is not None:
+                rendered = render_prompt(listener.tokenizer, persona, [], prompt.message)
+
+                def heard(texts: Sequence[str], rendered: str = rendered) -> Sequence[float]:
+                    return listener.pmi(rendered, texts)
             winner = pick(mode, prompt.message, candidates if mode != "canon" else [], canon,
-                          scorer, settings.canon_candidates, sentence_cap=sentence_cap)
+                          scorer, settings.canon_candidates, sentence_cap=sentence_cap,
+                          listener=heard, shortlist=settings.canon_shortlist,
+                          listener_weight=settings.listener_weight)
             pick_ms = (time.perf_counter() - started) * 1000
             text = winner.text if winner is not None else persona.line("fallback")
             chosen = (source.candidates[winner.source] if source and winner is not None

@@ -89,19 +89,64 @@ def ranking_metrics(model: Any, pairs: Sequence[Pair], scenes: Scenes, context: 
     return rank_scores(scores, seed)
 
 
-def rank_scores(scores: Any, seed: int = 0) -> dict[str, float]:
+def candidate_sets(n: int, seed: int = 0) -> list[list[int]]:
+    """For each of ``n`` pairs, its own index first and ``CANDIDATES - 1`` others."""
     rng = random.Random(seed)
-    n = scores.shape[0]
-    r1 = r10 = mrr = 0.0
-    for i in range(n):
-        others = rng.sample([j for j in range(n) if j != i], CANDIDATES - 1)
-        row = scores[i, [i, *others]]
-        rank = 1 + int((row[1:] > row[0]).sum())
-        r1 += rank == 1
-        r10 += rank <= 10
-        mrr += 1 / rank
-    return {"recall@1": round(r1 / n, 4), "recall@10": round(r10 / n, 4),
-            "mrr": round(mrr / n, 4), "n": n}
+    return [[i, *rng.sample([j for j in range(n) if j != i], CANDIDATES - 1)] for i in range(n)]
+
+
+def summarise(ranks: Sequence[int]) -> dict[str, float]:
+    n = len(ranks)
+    return {"recall@1": round(sum(r == 1 for r in ranks) / n, 4),
+            "recall@10": round(sum(r <= 10 for r in ranks) / n, 4),
+            "mrr": round(sum(1 / r for r in ranks) / n, 4), "n": n}
+
+
+def rank_scores(scores: Any, seed: int = 0) -> dict[str, float]:
+    ranks = []
+    for i, cands in enumerate(candidate_sets(scores.shape[0], seed)):
+        row = scores[i, cands]
+        ranks.append(1 + int((row[1:] > row[0]).sum()))
+    return summarise(ranks)
+
+
+def listener_ranking_metrics(model: Any, pairs: Sequence[Pair], scenes: Scenes,
+                             listener: Any, persona: Any, shortlist: int, weight: float,
+                             seed: int = 0, limit: int = 0) -> dict[str, float]:
+    """The bot's two stages on the same 100-candidate sets as :func:`ranking_metrics`: the
+    selector's ``shortlist`` best (message + exchange before), re-ranked by cosine + ``weight``
+    / 20 x the listener's PMI with the serving prompt; a true reply outside the shortlist keeps
+    its selector rank. ``limit``: the first that many pairs of a seeded order (0 = all)."""
+    from tqdm import tqdm
+
+    from persona.prompt import Turn, render_prompt
+    from persona.reply_choice import COSINE_SCALE
+
+    queries = [query_text(p.anchor, scenes.context(p)) for p in pairs]
+    q = model.encode(queries, batch_size=64, normalize_embeddings=True)
+    r = model.encode([p.response for p in pairs], batch_size=64, normalize_embeddings=True)
+    scores = q @ r.T
+    sets = candidate_sets(len(pairs), seed)
+    chosen = list(range(len(pairs)))
+    if limit:
+        chosen = random.Random(seed + 1).sample(chosen, min(limit, len(chosen)))
+    ranks = []
+    for i in tqdm(chosen, desc="listener re-rank", unit="message"):
+        row = scores[i, sets[i]]
+        order = sorted(range(CANDIDATES), key=lambda c: -row[c])
+        top = order[:shortlist]
+        pair = pairs[i]
+        context = scenes.context(pair)
+        history = [Turn("user", context[0]), Turn("assistant", context[1])] if context else []
+        prompt = render_prompt(listener.tokenizer, persona, history, pair.anchor)
+        pmi = listener.pmi(prompt, [pairs[sets[i][c]].response for c in top])
+        combined = {c: float(row[c]) + weight / COSINE_SCALE * v
+                    for c, v in zip(top, pmi, strict=True)}
+        if 0 in combined:
+            ranks.append(1 + sum(v > combined[0] for v in combined.values()))
+        else:
+            ranks.append(1 + order.index(0))
+    return summarise(ranks)
 
 
 def load_encoder(path: Path | str | None = None) -> Any:
@@ -270,6 +315,13 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
     e.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     e.add_argument("--model-dir", type=Path, help="default: frozen MiniLM")
     e.add_argument("--split", default="test", choices=("validation", "test"))
+    e.add_argument("--listener", action="store_true",
+                   help="also the two stages the bot uses: the selector's --shortlist best "
+                        "re-ranked with the House model's PMI (engine/listener.py)")
+    e.add_argument("--shortlist", type=int, default=10)
+    e.add_argument("--listener-weight", type=float, default=1.0)
+    e.add_argument("--limit", type=int, default=0,
+                   help="--listener on this many messages of the split (0 = all)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -298,4 +350,22 @@ def run(args: argparse.Namespace) -> int:
     chosen = [p for p in pairs if p.split == args.split]
     for context in (False, True):
         print(f"context={context}:", ranking_metrics(model, chosen, scenes, context))
+    if args.listener:
+        from base.config import Settings
+        from engine.model_loading import load_model
+        from engine.runtime import listener_for
+        from persona.pack import load_persona
+
+        settings = Settings()
+        persona = load_persona(settings.persona)
+        loaded = load_model(settings.base_model, settings.adapter_paths, settings.device,
+                            settings.dtype, settings.model_cache_dir)
+        listener = listener_for(settings.model_copy(update={"listener": "pmi"}), loaded,
+                                persona)
+        if listener is None:
+            raise SystemExit(f"no {settings.default_adapter} adapter for the listener")
+        print(f"selector {args.shortlist} best + listener (weight {args.listener_weight:g}):",
+              listener_ranking_metrics(model, chosen, scenes, listener, persona,
+                                       args.shortlist, args.listener_weight,
+                                       limit=args.limit))
     return 0

@@ -65,6 +65,7 @@ from typing import Any, Literal
 from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
 from base.config import ROOT
+from engine.model_loading import cpu_has_bf16
 from persona.dialogue import load_split
 
 log = logging.getLogger(__name__)
@@ -178,14 +179,6 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def auto_bf16() -> bool:
     """bf16 autocast on CUDA with bf16 and on CPUs with native bf16 (avx512_bf16/AMX: measured
     faster, see docs/training.md), else fp32."""
@@ -193,7 +186,7 @@ def auto_bf16() -> bool:
 
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
-    return _cpu_has_bf16()
+    return cpu_has_bf16()
 
 
 def hardware_defaults() -> dict[str, Any]:
@@ -426,7 +419,7 @@ def build_trainer(args: TrainArgs, output_dir: Path | None = None,
     qlora = (device.type == "cuda" if model_args.load_in_4bit is None
              else bool(model_args.load_in_4bit))
     bf16 = bool(training_args.bf16)
-    if bf16 and device.type == "cpu" and not _cpu_has_bf16():
+    if bf16 and device.type == "cpu" and not cpu_has_bf16():
         log.warning("this CPU has no native bf16; bf16 autocast will be emulated (slow)")
     # TrainingArguments leaves its precision in this variable, which the Trainer's Accelerator
     # reads: a bf16 config made earlier in the process would otherwise turn fp32 runs into bf16.

@@ -5,7 +5,11 @@ Candidates are the model's generations (after post-processing) and, in the ``can
 candidate (not empty, not an echo of the message, not looping, not assistant talk after a
 prompt injection, not in another script than English) is
 scored **fit × voice**: fit is the response selector's cosine to the message with its
-context, voice the persona classifier's P(House). The worker and ``drhouse eval`` both
+context — plus, with a *listener* (the engine's House model, `engine/listener.py`),
+``listener_weight / 20`` × the PMI of the reply given the conversation, which sees message and
+reply together — and voice the persona classifier's P(House). With a listener the canon lines
+are first short-listed by the selector (``shortlist`` of them) and the listener picks the ``k``
+that compete. The worker and ``drhouse eval`` both
 choose through `choose`, so the evaluation measures what the bot answers.
 
 Modes (``REPLY_MODE``, or a request's ``mode`` setting):
@@ -40,6 +44,8 @@ GENERATED, CANON = "generated", "canon"
 
 Scorer = Callable[[Sequence[str]], Sequence[float]]
 FitScorer = Callable[[Sequence[str]], Sequence[float]]
+Listener = Callable[[Sequence[str]], Sequence[float]]  # PMI of replies, this conversation
+COSINE_SCALE = 20.0  # MultipleNegativesRankingLoss's scale: cosine x 20 is the selector's logit
 
 
 @dataclass(frozen=True)
@@ -106,20 +112,34 @@ def best_generated(texts: Sequence[str], message: str, voice: Scorer | None = No
 def pick(mode: str, message: str, generated: Sequence[Candidate], canon: CanonPool | None,
          voice: Scorer | None, k: int = 4, context: Sequence[str] = (),
          heard: Collection[int] = (), mentioned: str = "",
-         sentence_cap: int = 3) -> Candidate | None:
+         sentence_cap: int = 3, listener: Listener | None = None, shortlist: int = 10,
+         listener_weight: float = 1.0) -> Candidate | None:
     """The reply for ``mode``: the generated candidates and/or the ``k`` best canon lines for
     the message (none the conversation ``heard`` lately), chosen by fit x voice. Without a
     canon pool (no selector) the generated candidates are ranked by voice alone."""
     candidates = list(generated) if mode != CANON or canon is None else []
     fit: FitScorer | None = None
     if canon is not None:
+        weight = listener_weight / COSINE_SCALE
+        known: dict[str, float] = {}  # fit of canon lines already scored for the shortlist
         if mode != GENERATED:
-            candidates += [Candidate(h.line.text, CANON, row=h.line.row)
-                           for h in canon.search(message, context, k, heard, mentioned,
-                                                 sentence_cap)]
+            hits = canon.search(message, context, max(k, shortlist) if listener else k,
+                                heard, mentioned, sentence_cap)
+            if listener is not None and hits:
+                pmi = listener([h.line.text for h in hits])
+                known = {h.line.text: h.score + weight * float(v)
+                         for h, v in zip(hits, pmi, strict=True)}
+                hits = sorted(hits, key=lambda h: -known[h.line.text])[:k]
+            candidates += [Candidate(h.line.text, CANON, row=h.line.row) for h in hits]
 
         def fit(texts: Sequence[str]) -> Sequence[float]:
-            return canon.fit(message, context, texts)
+            new = [t for t in texts if t not in known]
+            if new:
+                cosines = canon.fit(message, context, new)
+                pmi = listener(new) if listener is not None else [0.0] * len(new)
+                known.update({t: c + weight * float(v)
+                              for t, c, v in zip(new, cosines, pmi, strict=True)})
+            return [known[t] for t in texts]
     if not candidates:
         return None
     return choose(candidates, message, voice, fit).winner

@@ -25,7 +25,7 @@ from engine.worker import Worker, selector_context
 from persona.canon import CanonLine, CanonPool, named_people
 from persona.dialogue import Pair, Scenes, in_judge_fold, query_text
 from persona.prompt import Turn
-from persona.reply_choice import CANON, GENERATED, Candidate, choose
+from persona.reply_choice import CANON, GENERATED, Candidate, choose, pick
 
 
 class BagOfWords:
@@ -297,3 +297,46 @@ def test_a_stage_direction_is_taken_off_a_canon_line(tmp_path) -> None:  # type:
     built = CanonPool.from_data(tmp_path, BagOfWords(), cache_dir=None)
     assert sorted(line.text for line in built.lines) == ["It's never lupus.",
                                                        "There's no such thing."]
+
+
+class PreferringListener:
+    """A listener stand-in: PMI 40 for lines with ``word``, 0 otherwise; records its calls."""
+
+    def __init__(self, word: str) -> None:
+        self.word = word
+        self.calls: list[tuple[str, list[str]]] = []
+
+    def pmi(self, prompt: str, replies: Sequence[str]) -> list[float]:
+        self.calls.append((prompt, list(replies)))
+        return [40.0 if self.word in r else 0.0 for r in replies]
+
+
+async def test_the_listener_reranks_the_shortlist_with_the_conversation_prompt(
+        redis, keys, persona, queue) -> None:  # type: ignore[no-untyped-def]
+    message = "I have a headache and took painkillers with beer"
+    by_cosine = pool().search(message, k=1)[0].line.text
+    assert "Everybody lies" not in by_cosine  # the selector alone would not say it
+    listener = PreferringListener("Everybody lies")
+    worker = Worker(redis, keys, FakeGenerator(), persona,
+                    worker_settings("w", reply_mode="canon", canon_candidates=1,
+                                    canon_shortlist=5),
+                    canon=pool(), listener=listener)  # type: ignore[arg-type]
+    request = chat(message)
+    await queue.submit(request)
+    await worker.run(burst=True)
+    reply = await queue.wait_reply(request.id, 10)
+    assert reply.text == "Everybody lies about their headache." and reply.won == CANON
+    prompt, shortlist = listener.calls[0]
+    assert message in prompt and persona.system_prompt in prompt
+    assert len(shortlist) > 1 and by_cosine in shortlist
+
+
+def test_without_a_listener_pick_ranks_canon_lines_by_the_selector() -> None:
+    message = "I have a headache and took painkillers with beer"
+    canon = pool()
+    plain = pick(CANON, message, [], canon, None, k=1)
+    assert plain is not None and plain.text == canon.search(message, k=1)[0].line.text
+    assert "Lupus" not in plain.text
+    heard = pick(CANON, message, [], canon, None, k=1,
+                 listener=lambda texts: [30.0 if "Lupus" in t else 0.0 for t in texts])
+    assert heard is not None and "Lupus" in heard.text

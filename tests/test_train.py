@@ -17,10 +17,15 @@ import torch
 from base.config import Settings
 from cli.main import build_parser
 from cli.main import main as drhouse
-from engine.model_loading import ModelLoadError, _cached_copy, find_embedded_gguf, load_model
+from engine.model_loading import (
+    ModelLoadError,
+    _cached_copy,
+    cpu_has_bf16,
+    find_embedded_gguf,
+    load_model,
+)
 from offline.train import (
     TrainArgs,
-    _cpu_has_bf16,
     auto_bf16,
     build_trainer,
     evaluate_only,
@@ -304,8 +309,8 @@ def test_precision_and_qlora_choices(tiny_base: Path, data_dir: Path, tmp_path: 
     assert parse_train_args(["--precision", "bf16"])[1].bf16 is True
     assert parse_train_args(["--precision", "auto"])[1].bf16 is auto_bf16()
     if not torch.cuda.is_available():
-        assert auto_bf16() is _cpu_has_bf16()
-        assert parse_train_args([])[1].bf16 is _cpu_has_bf16()  # the YAML leaves it to auto
+        assert auto_bf16() is cpu_has_bf16()
+        assert parse_train_args([])[1].bf16 is cpu_has_bf16()  # the YAML leaves it to auto
         assert parse_train_args([])[2].load_in_4bit is None  # auto: on exactly on CUDA
         assert parse_train_args(["--qlora", "on"])[2].load_in_4bit is True
         with pytest.raises(ModelLoadError, match="CUDA"):
