@@ -4,8 +4,8 @@
 ``settings.generation.temperature``, … Each group is a pydantic-settings class whose fields read
 the environment variable named by their ``validation_alias`` — the flat names users set
 (``REDIS_URL``, ``BATCH_SIZE``, ``GEN_TEMPERATURE``); the nesting changes no variable's name.
-Every setting is documented in `.env.example`; a process builds one `Settings` in `main()` and
-passes it down explicitly.
+Every setting is documented in `.env.example`, in sections named like the groups; a process
+builds one `Settings` in `main()` and passes it down explicitly.
 """
 
 from __future__ import annotations

@@ -403,6 +403,24 @@ def test_env_example_lists_every_setting_with_a_comment() -> None:
         assert len(comment) >= 10, f"{name} has no explaining comment in .env.example"
 
 
+def test_env_example_sections_are_the_settings_groups() -> None:
+    """Each ``# ---- … (settings.GROUP) ----`` section holds exactly that group's settings, in
+    the order of the groups in `Settings`."""
+    group_of = {env: group for env, group, _, _ in Settings.env_fields()}
+    sections: list[str] = []
+    for line in ENV_EXAMPLE.read_text().splitlines():
+        if line.startswith("# ----"):
+            match = re.search(r"\(settings\.(\w+)\)", line)
+            assert match, f"section header without its group: {line}"
+            sections.append(match.group(1))
+        elif (entry := _ASSIGNMENT.match(line)) and entry.group(2) in group_of:
+            name = entry.group(2)
+            assert sections, f"{name} is above the first section"
+            assert group_of[name] == sections[-1], \
+                f"{name} is settings.{group_of[name]}, not settings.{sections[-1]}"
+    assert sections == list(Settings.model_fields)
+
+
 def test_env_example_states_the_real_defaults() -> None:
     """Copying .env.example to .env changes nothing: every active line is the default."""
     from_example = Settings(_env_file=ENV_EXAMPLE)  # type: ignore[call-arg]
