@@ -1,22 +1,30 @@
 """Settings for every process, read once from the environment and `.env`.
 
-Every field is documented in `.env.example`; a process builds one `Settings` in `main()` and
-passes it down explicitly.
+`Settings` is nested by component: ``settings.redis.url``, ``settings.worker.batch_size``,
+``settings.generation.temperature``, … Each group is a pydantic-settings class whose fields read
+the environment variable named by their ``validation_alias`` — the flat names users set
+(``REDIS_URL``, ``BATCH_SIZE``, ``GEN_TEMPERATURE``); the nesting changes no variable's name.
+Every setting is documented in `.env.example`, in sections named like the groups; a process
+builds one `Settings` in `main()` and passes it down explicitly.
 """
 
 from __future__ import annotations
 
 import os
-from functools import cached_property
+from collections.abc import Iterator
+from functools import cache, cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import SecretStr, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings.sources import DotenvType
 
 ROOT = Path(__file__).resolve().parent.parent
 WEBHOOK_SECRET_MIN = 32
 MIN_CLAIM_IDLE_MS = 1000
+ENV_FILE = ".env"
 
 
 def parse_adapters(spec: str) -> dict[str, str]:
@@ -40,144 +48,95 @@ def parse_ids(spec: str) -> frozenset[str]:
     return frozenset(part.strip() for part in spec.split(",") if part.strip())
 
 
-class Settings(BaseSettings):
-    """All configuration; names map to upper-case environment variables."""
+def from_root(value: Path) -> Path:
+    """Relative paths start at the project root, whatever the working directory."""
+    return value if value.is_absolute() else Path(os.path.normpath(ROOT / value))
 
-    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
 
-    # Redis
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    redis_password: SecretStr | None = None
-    key_prefix: str = "house"
-    redis_connect_retries: int = 5
-    redis_retry_delay_s: float = 1.0
+RootPath = Annotated[Path, AfterValidator(from_root)]
 
-    # Frontends
-    telegram_token: SecretStr | None = None
-    telegram_api_url: str = "https://api.telegram.org/bot"
-    telegram_webhook_url: str | None = None
-    telegram_webhook_port: int = 8443
-    telegram_webhook_listen: str = "127.0.0.1"
-    telegram_webhook_secret: SecretStr | None = None
-    telegram_poll_timeout_s: int = 30
-    telegram_overall_rate: float = 30.0  # messages per second, whole bot (Telegram's limit)
-    telegram_group_rate: float = 20.0  # messages per minute in one group (Telegram's limit)
-    telegram_max_retries: int = 3  # retries of a request answered 429 RetryAfter
-    discord_token: SecretStr | None = None
-    discord_group_history: Literal["per_user", "shared"] = "shared"
-    discord_sync_commands: bool = True
-    typing_interval_s: float = 4.0
-    allowed_users: str = ""
-    allowed_chats: str = ""
-    admin_ids: str = ""
-    group_history: Literal["per_user", "shared"] = "per_user"
-    bot_names: str = "House,Dr. House,Dr House"
-    user_rate_limit: int = 6
-    user_rate_window_s: int = 30
-    max_message_chars: int = 4000
-    reply_timeout_s: float = 120.0
 
-    # Model
-    base_model: str = "smollm2-135m"
-    adapters: str = "house=models/house-smollm2"
-    default_adapter: str = "house"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    load_in_4bit: bool = False
-    model_cache_dir: Path = ROOT / ".cache" / "models"
-    persona: str = "house"
-    torch_threads: int = 0
-    prefix_cache: bool = True
-    # "continuous": one running batch that requests join and leave at each decode step
-    # (engine/continuous.py); "batched": one generate() per micro-batch (engine/generation.py).
-    local_engine: Literal["continuous", "batched"] = "continuous"
-    max_running_rows: int = 32
-    # The continuous engine on a CPU float model: one merged copy of the model per adapter
-    # (its rows run without peft's per-row LoRA path; same text; +1 model copy per adapter).
-    merge_adapters: bool = True
 
-    # Where the model runs: "local" (this process: transformers + peft, the engines above) or
-    # "openai" (an OpenAI-compatible server: vLLM, llama.cpp's server, Ollama).
-    generation_backend: Literal["local", "openai"] = "local"
-    inference_url: str = "http://127.0.0.1:8000/v1"
-    inference_api_key: SecretStr | None = None
-    # adapter=served model name; __base__ is the base model as the server names it.
-    adapter_models: str = "house=house,__base__=smollm2-135m"
-    inference_max_in_flight: int = 64
-    # One served model at a time in the server's batches (vLLM's CPU build mixes up LoRA and
-    # base rows of one batch); false for servers that batch adapters right (vLLM on a GPU).
-    inference_separate_adapters: bool = True
+class SettingsGroup(BaseSettings):
+    """One component's settings. A field reads the environment variable (and `.env` line)
+    named by its ``validation_alias``, case-insensitively; anything else in the environment
+    or `.env` is ignored. Field names do not name variables (``url`` is read from REDIS_URL
+    only, never from URL)."""
 
-    # Generation overrides (empty = the persona pack's default)
-    gen_max_new_tokens: int | None = None
-    gen_temperature: float | None = None
-    gen_top_p: float | None = None
-    gen_repetition_penalty: float | None = None
-    gen_no_repeat_ngram_size: int | None = None
-    gen_sentence_cap: int | None = None
-    gen_candidates: int | None = None
-    # Reranks the candidates by the persona classifier (models/persona-classifier); "none"
-    # keeps the first acceptable candidate.
-    reranker: Literal["persona", "none"] = "persona"
+    model_config = SettingsConfigDict(env_file=ENV_FILE, env_file_encoding="utf-8",
+                                      extra="ignore")
 
-    # Reply choice (persona/reply_choice.py): House's real lines compete with the generations
-    reply_mode: Literal["generated", "canon", "hybrid"] = "hybrid"
-    selector_dir: Path = ROOT / "models" / "house-selector"
-    house_data: Path = ROOT.parent / "shared" / "data" / "house" / "questions_answers.csv"
-    data_dir: Path = ROOT / "data" / "prepared"
-    canon_candidates: int = 4
-    canon_repeat_window: int = 50
-    # The listener (engine/listener.py): the House model's PMI of a reply given the
-    # conversation re-ranks the selector's CANON_SHORTLIST best lines and joins the fit score
-    # (fit = cosine + LISTENER_WEIGHT / 20 x PMI). "none": the selector's cosine alone.
-    listener: Literal["pmi", "none"] = "pmi"
-    listener_weight: float = 1.0
-    canon_shortlist: int = 10
-    refine_examples: int = 0
+
+class RedisSettings(SettingsGroup):
+    """Redis and the request and reply streams in it (frontends and workers alike)."""
+
+    url: str = Field("redis://127.0.0.1:6379/0", validation_alias="REDIS_URL")
+    password: SecretStr | None = Field(None, validation_alias="REDIS_PASSWORD")
+    key_prefix: str = Field("house", validation_alias="KEY_PREFIX")
+    connect_retries: int = Field(5, validation_alias="REDIS_CONNECT_RETRIES")
+    retry_delay_s: float = Field(1.0, validation_alias="REDIS_RETRY_DELAY_S")
+    max_queue_depth: int = Field(200, validation_alias="MAX_QUEUE_DEPTH")
+    stream_maxlen: int = Field(10_000, validation_alias="STREAM_MAXLEN")
+
+
+class TelegramSettings(SettingsGroup):
+    """The Telegram frontend."""
+
+    token: SecretStr | None = Field(None, validation_alias="TELEGRAM_TOKEN")
+    api_url: str = Field("https://api.telegram.org/bot", validation_alias="TELEGRAM_API_URL")
+    webhook_url: str | None = Field(None, validation_alias="TELEGRAM_WEBHOOK_URL")
+    webhook_port: int = Field(8443, validation_alias="TELEGRAM_WEBHOOK_PORT")
+    webhook_listen: str = Field("127.0.0.1", validation_alias="TELEGRAM_WEBHOOK_LISTEN")
+    webhook_secret: SecretStr | None = Field(None, validation_alias="TELEGRAM_WEBHOOK_SECRET")
+    poll_timeout_s: int = Field(30, validation_alias="TELEGRAM_POLL_TIMEOUT_S")
+    # messages per second, whole bot (Telegram's limit)
+    overall_rate: float = Field(30.0, validation_alias="TELEGRAM_OVERALL_RATE")
+    # messages per minute in one group (Telegram's limit)
+    group_rate: float = Field(20.0, validation_alias="TELEGRAM_GROUP_RATE")
+    # retries of a request answered 429 RetryAfter
+    max_retries: int = Field(3, validation_alias="TELEGRAM_MAX_RETRIES")
+
+    def webhook_problem(self) -> str | None:
+        """Why webhook mode must not start, or None. Without a secret anyone who finds the
+        URL can post forged updates (act as any user: /forget them, pass the allow-list)."""
+        if not self.webhook_url:
+            return None
+        secret = self.webhook_secret
+        if secret is None or len(secret.get_secret_value()) < WEBHOOK_SECRET_MIN:
+            return (f"TELEGRAM_WEBHOOK_URL is set: webhook mode needs TELEGRAM_WEBHOOK_SECRET "
+                    f"of at least {WEBHOOK_SECRET_MIN} characters (e.g. the output of "
+                    "`openssl rand -hex 24`), or unset TELEGRAM_WEBHOOK_URL to poll")
+        return None
+
+
+class DiscordSettings(SettingsGroup):
+    """The Discord frontend."""
+
+    token: SecretStr | None = Field(None, validation_alias="DISCORD_TOKEN")
+    group_history: Literal["per_user", "shared"] = Field(
+        "shared", validation_alias="DISCORD_GROUP_HISTORY")
+    sync_commands: bool = Field(True, validation_alias="DISCORD_SYNC_COMMANDS")
+
+
+class FrontendSettings(SettingsGroup):
+    """What every chat frontend (Telegram, Discord, the console) shares: who may talk, rate
+    limits, timeouts, streamed replies."""
+
+    typing_interval_s: float = Field(4.0, validation_alias="TYPING_INTERVAL_S")
+    allowed_users: str = Field("", validation_alias="ALLOWED_USERS")
+    allowed_chats: str = Field("", validation_alias="ALLOWED_CHATS")
+    admin_ids: str = Field("", validation_alias="ADMIN_IDS")
+    group_history: Literal["per_user", "shared"] = Field(
+        "per_user", validation_alias="GROUP_HISTORY")
+    bot_names: str = Field("House,Dr. House,Dr House", validation_alias="BOT_NAMES")
+    user_rate_limit: int = Field(6, validation_alias="USER_RATE_LIMIT")
+    user_rate_window_s: int = Field(30, validation_alias="USER_RATE_WINDOW_S")
+    max_message_chars: int = Field(4000, validation_alias="MAX_MESSAGE_CHARS")
+    reply_timeout_s: float = Field(120.0, validation_alias="REPLY_TIMEOUT_S")
     # Streamed replies: the worker publishes the text so far while it generates, and the
     # Telegram and Discord frontends send it at once and edit it to the final reply.
-    stream_replies: bool = True
-
-    # History
-    history_token_budget: int = 384
-    history_max_turns: int = 20
-    history_ttl_s: int = 7 * 24 * 3600
-
-    # Worker
-    worker_name: str = ""  # empty: host name and process id
-    read_block_ms: int = 1000  # how long one read of the request stream waits (and shutdown)
-    batch_size: int = 16
-    batch_wait_ms: int = 30
-    generation_timeout_s: float = 120.0
-    claim_idle_ms: int = 60_000
-    max_deliveries: int = 3
-    max_queue_depth: int = 200
-    stream_maxlen: int = 10_000
-    worker_metrics_port: int = 9100
-    worker_metrics_host: str = "127.0.0.1"
-    frontend_metrics_port: int = 0
-    log_level: str = "INFO"
-
-    @field_validator("selector_dir", "house_data", "data_dir", "model_cache_dir")
-    @classmethod
-    def _from_root(cls, value: Path) -> Path:
-        """Relative paths start at the project root, whatever the working directory."""
-        return value if value.is_absolute() else Path(os.path.normpath(ROOT / value))
-
-    @field_validator("adapters")
-    @classmethod
-    def _check_adapters(cls, value: str) -> str:
-        parse_adapters(value)
-        return value
-
-    @cached_property
-    def adapter_paths(self) -> dict[str, str]:
-        """Configured adapters as ``{name: path}``; relative paths start at the project root."""
-        resolved = {}
-        for name, path in parse_adapters(self.adapters).items():
-            p = Path(path)
-            resolved[name] = str(p if p.is_absolute() or not (ROOT / p).exists() else ROOT / p)
-        return resolved
+    stream_replies: bool = Field(True, validation_alias="STREAM_REPLIES")
+    metrics_port: int = Field(0, validation_alias="FRONTEND_METRICS_PORT")
 
     @cached_property
     def allowed_user_ids(self) -> frozenset[str]:
@@ -195,17 +154,194 @@ class Settings(BaseSettings):
     def bot_name_list(self) -> list[str]:
         return [n.strip() for n in self.bot_names.split(",") if n.strip()]
 
-    def webhook_problem(self) -> str | None:
-        """Why webhook mode must not start, or None. Without a secret anyone who finds the
-        URL can post forged updates (act as any user: /forget them, pass the allow-list)."""
-        if not self.telegram_webhook_url:
-            return None
-        secret = self.telegram_webhook_secret
-        if secret is None or len(secret.get_secret_value()) < WEBHOOK_SECRET_MIN:
-            return (f"TELEGRAM_WEBHOOK_URL is set: webhook mode needs TELEGRAM_WEBHOOK_SECRET "
-                    f"of at least {WEBHOOK_SECRET_MIN} characters (e.g. the output of "
-                    "`openssl rand -hex 24`), or unset TELEGRAM_WEBHOOK_URL to poll")
-        return None
+
+class ModelSettings(SettingsGroup):
+    """The model a worker runs in its own process (the "local" backend) and its adapters."""
+
+    base_model: str = Field("smollm2-135m", validation_alias="BASE_MODEL")
+    adapters: str = Field("house=models/house-smollm2", validation_alias="ADAPTERS")
+    default_adapter: str = Field("house", validation_alias="DEFAULT_ADAPTER")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", validation_alias="DEVICE")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", validation_alias="DTYPE")
+    load_in_4bit: bool = Field(False, validation_alias="LOAD_IN_4BIT")
+    cache_dir: RootPath = Field(ROOT / ".cache" / "models", validation_alias="MODEL_CACHE_DIR")
+    torch_threads: int = Field(0, validation_alias="TORCH_THREADS")
+    prefix_cache: bool = Field(True, validation_alias="PREFIX_CACHE")
+    # "continuous": one running batch that requests join and leave at each decode step
+    # (engine/continuous.py); "batched": one generate() per micro-batch (engine/generation.py).
+    local_engine: Literal["continuous", "batched"] = Field(
+        "continuous", validation_alias="LOCAL_ENGINE")
+    max_running_rows: int = Field(32, validation_alias="MAX_RUNNING_ROWS")
+    # The continuous engine on a CPU float model: one merged copy of the model per adapter
+    # (its rows run without peft's per-row LoRA path; same text; +1 model copy per adapter).
+    merge_adapters: bool = Field(True, validation_alias="MERGE_ADAPTERS")
+
+    @field_validator("adapters")
+    @classmethod
+    def _check_adapters(cls, value: str) -> str:
+        parse_adapters(value)
+        return value
+
+    @cached_property
+    def adapter_paths(self) -> dict[str, str]:
+        """Configured adapters as ``{name: path}``; relative paths start at the project root."""
+        resolved = {}
+        for name, path in parse_adapters(self.adapters).items():
+            p = Path(path)
+            resolved[name] = str(p if p.is_absolute() or not (ROOT / p).exists() else ROOT / p)
+        return resolved
+
+
+class InferenceSettings(SettingsGroup):
+    """Where the model runs: "local" (this process: transformers + peft, the engines of
+    `ModelSettings`) or "openai" (an OpenAI-compatible server: vLLM, llama.cpp's server,
+    Ollama)."""
+
+    backend: Literal["local", "openai"] = Field("local", validation_alias="GENERATION_BACKEND")
+    url: str = Field("http://127.0.0.1:8000/v1", validation_alias="INFERENCE_URL")
+    api_key: SecretStr | None = Field(None, validation_alias="INFERENCE_API_KEY")
+    # adapter=served model name; __base__ is the base model as the server names it.
+    adapter_models: str = Field("house=house,__base__=smollm2-135m",
+                                validation_alias="ADAPTER_MODELS")
+    max_in_flight: int = Field(64, validation_alias="INFERENCE_MAX_IN_FLIGHT")
+    # One served model at a time in the server's batches (vLLM's CPU build mixes up LoRA and
+    # base rows of one batch); false for servers that batch adapters right (vLLM on a GPU).
+    separate_adapters: bool = Field(True, validation_alias="INFERENCE_SEPARATE_ADAPTERS")
+
+
+class GenerationSettings(SettingsGroup):
+    """How a reply is generated: the persona pack, overrides of its controls (None = the
+    pack's value) and how the candidates are ranked."""
+
+    persona: str = Field("house", validation_alias="PERSONA")
+    max_new_tokens: int | None = Field(None, validation_alias="GEN_MAX_NEW_TOKENS")
+    temperature: float | None = Field(None, validation_alias="GEN_TEMPERATURE")
+    top_p: float | None = Field(None, validation_alias="GEN_TOP_P")
+    repetition_penalty: float | None = Field(None, validation_alias="GEN_REPETITION_PENALTY")
+    no_repeat_ngram_size: int | None = Field(None, validation_alias="GEN_NO_REPEAT_NGRAM_SIZE")
+    sentence_cap: int | None = Field(None, validation_alias="GEN_SENTENCE_CAP")
+    candidates: int | None = Field(None, validation_alias="GEN_CANDIDATES")
+    # Reranks the candidates by the persona classifier (models/persona-classifier); "none"
+    # keeps the first acceptable candidate.
+    reranker: Literal["persona", "none"] = Field("persona", validation_alias="RERANKER")
+
+    def overrides(self) -> dict[str, float | int]:
+        """The GEN_* settings that are set, keyed like the persona's controls."""
+        fields = {
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "repetition_penalty": self.repetition_penalty,
+            "no_repeat_ngram_size": self.no_repeat_ngram_size,
+            "sentence_cap": self.sentence_cap,
+            "candidates": self.candidates,
+        }
+        return {k: v for k, v in fields.items() if v is not None}
+
+
+class ReplyChoiceSettings(SettingsGroup):
+    """Reply choice (persona/reply_choice.py): House's real lines compete with the
+    generations; the data they come from."""
+
+    mode: Literal["generated", "canon", "hybrid"] = Field("hybrid", validation_alias="REPLY_MODE")
+    selector_dir: RootPath = Field(ROOT / "models" / "house-selector",
+                                   validation_alias="SELECTOR_DIR")
+    house_data: RootPath = Field(
+        ROOT.parent / "shared" / "data" / "house" / "questions_answers.csv",
+        validation_alias="HOUSE_DATA")
+    data_dir: RootPath = Field(ROOT / "data" / "prepared", validation_alias="DATA_DIR")
+    canon_candidates: int = Field(4, validation_alias="CANON_CANDIDATES")
+    canon_repeat_window: int = Field(50, validation_alias="CANON_REPEAT_WINDOW")
+    # The listener (engine/listener.py): the House model's PMI of a reply given the
+    # conversation re-ranks the selector's CANON_SHORTLIST best lines and joins the fit score
+    # (fit = cosine + LISTENER_WEIGHT / 20 x PMI). "none": the selector's cosine alone.
+    listener: Literal["pmi", "none"] = Field("pmi", validation_alias="LISTENER")
+    listener_weight: float = Field(1.0, validation_alias="LISTENER_WEIGHT")
+    canon_shortlist: int = Field(10, validation_alias="CANON_SHORTLIST")
+    refine_examples: int = Field(0, validation_alias="REFINE_EXAMPLES")
+
+
+class HistorySettings(SettingsGroup):
+    """Conversation history in Redis and how much of it goes into a prompt."""
+
+    token_budget: int = Field(384, validation_alias="HISTORY_TOKEN_BUDGET")
+    max_turns: int = Field(20, validation_alias="HISTORY_MAX_TURNS")
+    ttl_s: int = Field(7 * 24 * 3600, validation_alias="HISTORY_TTL_S")
+
+
+class WorkerSettings(SettingsGroup):
+    """A worker: its name, micro-batches, timeouts and leases, metrics."""
+
+    name: str = Field("", validation_alias="WORKER_NAME")  # empty: host name and process id
+    # how long one read of the request stream waits (and shutdown)
+    read_block_ms: int = Field(1000, validation_alias="READ_BLOCK_MS")
+    batch_size: int = Field(16, validation_alias="BATCH_SIZE")
+    batch_wait_ms: int = Field(30, validation_alias="BATCH_WAIT_MS")
+    generation_timeout_s: float = Field(120.0, validation_alias="GENERATION_TIMEOUT_S")
+    claim_idle_ms: int = Field(60_000, validation_alias="CLAIM_IDLE_MS")
+    max_deliveries: int = Field(3, validation_alias="MAX_DELIVERIES")
+    metrics_port: int = Field(9100, validation_alias="WORKER_METRICS_PORT")
+    metrics_host: str = Field("127.0.0.1", validation_alias="WORKER_METRICS_HOST")
+
+
+class LogSettings(SettingsGroup):
+    """Logging, for every process."""
+
+    level: str = Field("INFO", validation_alias="LOG_LEVEL")
+
+
+class Settings(BaseModel):
+    """All configuration, one group per component.
+
+    ``Settings()`` reads every group from the environment and `.env`; ``_env_file`` names
+    another file (None: the environment only). Keyword arguments override single settings by
+    their environment names in lower case, as a flat list (``Settings(batch_size=4,
+    redis_url=…)`` sets ``settings.worker.batch_size`` and ``settings.redis.url``), or give a
+    whole group (``worker=WorkerSettings(...)``, or a dict as ``model_dump()`` writes it).
+    `with_overrides` changes settings of a copy by the same names.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    redis: RedisSettings
+    telegram: TelegramSettings
+    discord: DiscordSettings
+    frontend: FrontendSettings
+    model: ModelSettings
+    inference: InferenceSettings
+    generation: GenerationSettings
+    reply_choice: ReplyChoiceSettings
+    history: HistorySettings
+    worker: WorkerSettings
+    log: LogSettings
+
+    def __init__(self, /, _env_file: DotenvType | None = ENV_FILE, **values: Any) -> None:
+        groups = {name: values.pop(name) for name in list(values) if name in _group_classes()}
+        changes = _by_group(values)
+        for name, group_class in _group_classes().items():
+            if isinstance(groups.get(name), dict):  # as `model_dump()` writes it
+                groups[name] = _validated(group_class, groups[name], {})
+            if name in groups:
+                groups[name] = _rebuild(groups[name], changes.get(name, {}))
+            else:
+                groups[name] = group_class(_env_file=_env_file,  # type: ignore[call-arg]
+                                           **changes.get(name, {}))
+        super().__init__(**groups)
+
+    def with_overrides(self, **values: Any) -> Settings:
+        """A copy with some settings changed, named as in `Settings()` (``reply_mode="canon"``);
+        the groups they belong to are validated again (and their cached properties
+        recomputed). The environment is not read again."""
+        return self.model_copy(update={name: _rebuild(getattr(self, name), group_changes)
+                                       for name, group_changes in _by_group(values).items()})
+
+    @staticmethod
+    def env_fields() -> Iterator[tuple[str, str, str, FieldInfo]]:
+        """Every setting as ``(ENV_NAME, group, field name, field info)``, group by group."""
+        for group, group_class in _group_classes().items():
+            for name, info in group_class.model_fields.items():
+                yield str(info.validation_alias), group, name, info
 
     def lease_problem(self) -> str | None:
         """Why a worker must not start with these timings, or None. A worker renews its lease
@@ -213,35 +349,66 @@ class Settings(BaseSettings):
         claim time; but below a second a slow Redis round trip lets another worker take a batch
         still being answered (answered twice), and a generation allowed to run past the
         frontends' REPLY_TIMEOUT_S answers users who were already told it took too long."""
-        if self.claim_idle_ms < MIN_CLAIM_IDLE_MS:
-            return (f"CLAIM_IDLE_MS={self.claim_idle_ms} is too short: a worker renews its "
+        worker, reply_timeout_s = self.worker, self.frontend.reply_timeout_s
+        if worker.claim_idle_ms < MIN_CLAIM_IDLE_MS:
+            return (f"CLAIM_IDLE_MS={worker.claim_idle_ms} is too short: a worker renews its "
                     f"lease every third of it; use at least {MIN_CLAIM_IDLE_MS}")
-        if not 0 < self.generation_timeout_s <= self.reply_timeout_s:
-            return (f"GENERATION_TIMEOUT_S={self.generation_timeout_s:g} must be above 0 and "
-                    f"at most REPLY_TIMEOUT_S={self.reply_timeout_s:g} (after that the "
+        if not 0 < worker.generation_timeout_s <= reply_timeout_s:
+            return (f"GENERATION_TIMEOUT_S={worker.generation_timeout_s:g} must be above 0 and "
+                    f"at most REPLY_TIMEOUT_S={reply_timeout_s:g} (after that the "
                     "frontend has told the user it took too long)")
         return None
 
-    def generation_overrides(self) -> dict[str, float | int]:
-        """The GEN_* settings that are set, keyed like the persona's controls."""
-        fields = {
-            "max_new_tokens": self.gen_max_new_tokens,
-            "temperature": self.gen_temperature,
-            "top_p": self.gen_top_p,
-            "repetition_penalty": self.gen_repetition_penalty,
-            "no_repeat_ngram_size": self.gen_no_repeat_ngram_size,
-            "sentence_cap": self.gen_sentence_cap,
-            "candidates": self.gen_candidates,
-        }
-        return {k: v for k, v in fields.items() if v is not None}
+
+@cache
+def _group_classes() -> dict[str, type[SettingsGroup]]:
+    """``{group name: its settings class}`` in declaration order."""
+    return {name: info.annotation for name, info in Settings.model_fields.items()}  # type: ignore[misc]
+
+
+@cache
+def _env_index() -> dict[str, tuple[str, str]]:
+    """``{ENV_NAME: (group, field name)}``."""
+    return {env: (group, name) for env, group, name, _ in Settings.env_fields()}
+
+
+def _by_group(values: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Flat settings (``batch_size=4``) sorted into their groups, keyed by environment name."""
+    groups: dict[str, dict[str, Any]] = {}
+    for key, value in values.items():
+        env = key.upper()
+        if env not in _env_index():
+            raise TypeError(f"there is no setting {key!r}: settings are named like their "
+                            "environment variables, in lower case (batch_size, redis_url, …)")
+        groups.setdefault(_env_index()[env][0], {})[env] = value
+    return groups
+
+
+def _validated(group_class: type[SettingsGroup], fields: dict[str, Any],
+               changes: dict[str, Any]) -> SettingsGroup:
+    """A group from values keyed by field name and ``changes`` keyed by environment name,
+    validated (without reading the environment). Validation takes only the environment names:
+    accepting field names too would make pydantic-settings read variables named like the
+    fields (URL, TOKEN)."""
+    aliases = {name: str(info.validation_alias) for name, info in group_class.model_fields.items()}
+    if unknown := sorted(fields.keys() - aliases.keys()):
+        raise TypeError(f"{group_class.__name__} has no field {', '.join(unknown)}")
+    return group_class.model_validate({**{aliases[k]: v for k, v in fields.items()}, **changes})
+
+
+def _rebuild(group: SettingsGroup, changes: dict[str, Any]) -> SettingsGroup:
+    """``group`` with ``changes`` (keyed by environment name), validated again."""
+    if not changes:
+        return group
+    return _validated(type(group), {name: getattr(group, name)
+                                    for name in type(group).model_fields}, changes)
 
 
 def mask_secret(text: str, settings: Settings) -> str:
     """Replace any configured token inside ``text`` with ``***``."""
-    for secret in (settings.telegram_token, settings.discord_token,
-                   settings.telegram_webhook_secret, settings.redis_password,
-                   settings.inference_api_key):
+    for secret in (settings.telegram.token, settings.discord.token,
+                   settings.telegram.webhook_secret, settings.redis.password,
+                   settings.inference.api_key):
         if secret is not None and secret.get_secret_value():
             text = text.replace(secret.get_secret_value(), "***")
     return text
-

@@ -48,7 +48,7 @@ def setup_logging(settings: Settings, logfile: Path | None = None) -> None:
     handler.addFilter(SecretMaskingFilter(settings))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(settings.log_level.upper())
+    root.setLevel(settings.log.level.upper())
     for noisy in ("httpx", "httpcore", "discord.gateway", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # The client libraries log message contents at DEBUG; ours never log message text.
@@ -57,12 +57,12 @@ def setup_logging(settings: Settings, logfile: Path | None = None) -> None:
 
 
 def keys_for(settings: Settings) -> Keys:
-    return Keys(settings.key_prefix)
+    return Keys(settings.redis.key_prefix)
 
 
 async def redis_for(settings: Settings) -> aioredis.Redis:
-    password = settings.redis_password.get_secret_value() if settings.redis_password else None
-    return await connect(settings.redis_url, settings.redis_connect_retries,
-                         settings.redis_retry_delay_s, password)
+    password = settings.redis.password.get_secret_value() if settings.redis.password else None
+    return await connect(settings.redis.url, settings.redis.connect_retries,
+                         settings.redis.retry_delay_s, password)
 
 

@@ -58,10 +58,11 @@ class ChatFrontend(ABC):
             self.classify_send_error, on_full=self.core.metrics.held_back,
             notice=lambda chat: lambda: self.send_text(chat, backlog))
         self.streams = StreamedReplies(self.outbox, self.edit_interval_s, self.limit)
-        if settings.stream_replies:
+        frontend = settings.frontend
+        if frontend.stream_replies:
             queue.on_partial = self.partial
         self.typing: TypingIndicator[Place] = TypingIndicator(
-            self.send_typing, settings.typing_interval_s, settings.reply_timeout_s,
+            self.send_typing, frontend.typing_interval_s, frontend.reply_timeout_s,
             on_expire=self._timed_out)
         self.reader_block_ms = reader_block_ms
 

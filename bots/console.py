@@ -49,7 +49,7 @@ class ConsoleFrontend:
         self.conversation = conversation_id("console", self.user)
         self._waiting: str | None = None  # the request whose reply is on its way
         self._streamed = False  # its text so far is on the current line
-        if self.interactive and settings.stream_replies:
+        if self.interactive and settings.frontend.stream_replies:
             queue.on_partial = self.partial
 
     async def run(self) -> None:
@@ -101,7 +101,8 @@ class ConsoleFrontend:
         the timeout line."""
         for _ in range(STARTUP_WAITS):
             try:
-                return await self.queue.wait_reply(request_id, self.settings.reply_timeout_s)
+                return await self.queue.wait_reply(request_id,
+                                                   self.settings.frontend.reply_timeout_s)
             except TimeoutError:
                 if await self.core.workers_alive(fresh=True):
                     raise

@@ -62,8 +62,8 @@ class FrontendCore:
         self.queue = queue
         self.keys = keys
         self.metrics = metrics or FrontendMetrics(queue.frontend_id)
-        self.limit = UserRateLimit(queue.redis, keys, settings.user_rate_limit,
-                                   settings.user_rate_window_s)
+        self.limit = UserRateLimit(queue.redis, keys, settings.frontend.user_rate_limit,
+                                   settings.frontend.user_rate_window_s)
         self._alive = False
         self._alive_checked = float("-inf")
 
@@ -78,13 +78,14 @@ class FrontendCore:
             return True  # cannot tell: answer (handle() says the outage)
 
     def allowed(self, user: str, chat: str = "") -> bool:
-        users, chats = self.settings.allowed_user_ids, self.settings.allowed_chat_ids
+        frontend = self.settings.frontend
+        users, chats = frontend.allowed_user_ids, frontend.allowed_chat_ids
         if not users and not chats:
             return True
         return user in users or (bool(chat) and chat in chats)
 
     def is_admin(self, user: str) -> bool:
-        return user in self.settings.admin_user_ids
+        return user in self.settings.frontend.admin_user_ids
 
     async def handle(self, msg: Incoming) -> Immediate | Request:
         try:
@@ -120,7 +121,7 @@ class FrontendCore:
             if spec.takes_text and not command.args:
                 return Immediate(f"{spec.name.capitalize()} what? /{spec.name} <your message>")
             kind, body = spec.kind, command.args if spec.takes_text else ""
-        if len(body) > self.settings.max_message_chars:
+        if len(body) > self.settings.frontend.max_message_chars:
             return Immediate(p.line("too_long"))
         settings = {}
         if kind == "reset" and msg.shared and not self.is_admin(msg.user):

@@ -73,7 +73,7 @@ class HouseClient(discord.Client):
         self.tree = app_commands.CommandTree(self)
 
     async def setup_hook(self) -> None:
-        if self.frontend.settings.discord_sync_commands:
+        if self.frontend.settings.discord.sync_commands:
             synced = await self.tree.sync()
             log.info("discord: %d slash commands synced", len(synced))
 
@@ -108,10 +108,10 @@ class DiscordFrontend(ChatFrontend):
 
     async def serve(self) -> None:
         """Connect to Discord (``DISCORD_TOKEN``) and deliver replies until cancelled."""
-        if self.settings.discord_token is None:
+        if self.settings.discord.token is None:
             raise ValueError("DISCORD_TOKEN is not set")
-        token = self.settings.discord_token.get_secret_value()
-        serve_metrics(self.core.metrics, self.settings.frontend_metrics_port)
+        token = self.settings.discord.token.get_secret_value()
+        serve_metrics(self.core.metrics, self.settings.frontend.metrics_port)
         async with self.client:
             gateway = asyncio.create_task(self.client.start(token), name="discord-gateway")
             replies = asyncio.create_task(self.serve_replies(), name="discord-serve-replies")
@@ -132,9 +132,9 @@ class DiscordFrontend(ChatFrontend):
     def triggers(self) -> Triggers:
         me = self.client.user
         if self._triggers is None and me is not None:
-            self._triggers = Triggers(self.settings.bot_name_list, "",
+            self._triggers = Triggers(self.settings.frontend.bot_name_list, "",
                                       [f"<@{me.id}>", f"<@!{me.id}>"])
-        return self._triggers or Triggers(self.settings.bot_name_list)
+        return self._triggers or Triggers(self.settings.frontend.bot_name_list)
 
     # ---- incoming messages -----------------------------------------------------------------
 
@@ -171,7 +171,7 @@ class DiscordFrontend(ChatFrontend):
                  request_id: str = "") -> Incoming:
         """The core's view of a message or command: who, which conversation, where to reply."""
         private = guild_id is None
-        shared = self.settings.discord_group_history == "shared" and not private
+        shared = self.settings.discord.group_history == "shared" and not private
         conversation = conversation_id(FRONTEND_ID, str(author.id), chat=str(channel_id),
                                        private=private, shared=shared)
         route: dict[str, Any] = {"channel": channel_id, "guild": guild_id,
@@ -184,7 +184,7 @@ class DiscordFrontend(ChatFrontend):
     def _chat_key(self, channel_id: int, guild_id: int | None) -> str:
         """What the allow-list checks: ALLOWED_CHATS may name a guild (all its channels) or
         single channels."""
-        if guild_id is not None and str(guild_id) in self.settings.allowed_chat_ids:
+        if guild_id is not None and str(guild_id) in self.settings.frontend.allowed_chat_ids:
             return str(guild_id)
         return str(channel_id)
 
@@ -215,7 +215,7 @@ class DiscordFrontend(ChatFrontend):
     def _remember(self, request_id: str, interaction: discord.Interaction) -> None:
         now = time.monotonic()
         expired = [rid for rid, (_, at) in self._interactions.items()
-                   if now - at > self.settings.reply_timeout_s]
+                   if now - at > self.settings.frontend.reply_timeout_s]
         for rid in expired:
             del self._interactions[rid]
         self._interactions[request_id] = (interaction, now)

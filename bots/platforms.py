@@ -19,19 +19,19 @@ TELEGRAM_ID, DISCORD_ID = "telegram", "discord"
 
 @dataclass(frozen=True)
 class Platform:
-    name: str  # the subcommand and the frontend id (its reply stream, its conversations)
+    name: str  # the subcommand, the frontend id (its reply stream, conversations), its settings
     token_variable: str
     frontend: str  # "module:Class"; the class takes (settings, persona, queue, keys)
 
     def token(self, settings: Settings) -> Any:
         """The platform's token setting (a SecretStr), or None when it is not set."""
-        return getattr(settings, self.token_variable.lower())
+        return getattr(settings, self.name).token
 
     def problem(self, settings: Settings) -> str | None:
         """Why this frontend must not start with these settings, or None."""
         if self.token(settings) is None:
             return f"{self.token_variable} is not set (see .env.example)."
-        return settings.webhook_problem() if self.name == TELEGRAM_ID else None
+        return settings.telegram.webhook_problem() if self.name == TELEGRAM_ID else None
 
 
 PLATFORMS = {p.name: p for p in (
@@ -53,9 +53,10 @@ async def serve_platform(name: str, settings: Settings, redis: Any) -> None:
     module, _, cls = platform.frontend.partition(":")
     frontend_class = getattr(importlib.import_module(module), cls)
     keys = keys_for(settings)
-    queue = QueueClient(redis, keys, name, settings.max_queue_depth, settings.stream_maxlen)
+    queue = QueueClient(redis, keys, name, settings.redis.max_queue_depth,
+                        settings.redis.stream_maxlen)
     await queue.setup()
-    frontend = frontend_class(settings, load_persona(settings.persona), queue, keys)
+    frontend = frontend_class(settings, load_persona(settings.generation.persona), queue, keys)
     await frontend.serve()
 
 

@@ -104,17 +104,17 @@ class TypingFriendlyRateLimiter(AIORateLimiter):
 
 def build_application(settings: Settings) -> Application:  # type: ignore[type-arg]
     """The PTB Application: token, API server, rate limiter, long-poll read timeout."""
-    if settings.telegram_token is None or not settings.telegram_token.get_secret_value():
+    if settings.telegram.token is None or not settings.telegram.token.get_secret_value():
         raise ValueError("TELEGRAM_TOKEN is not set")
     limiter = TypingFriendlyRateLimiter(
-        overall_max_rate=settings.telegram_overall_rate, overall_time_period=1,
-        group_max_rate=settings.telegram_group_rate, group_time_period=60,
-        max_retries=settings.telegram_max_retries)
+        overall_max_rate=settings.telegram.overall_rate, overall_time_period=1,
+        group_max_rate=settings.telegram.group_rate, group_time_period=60,
+        max_retries=settings.telegram.max_retries)
     return (Application.builder()
-            .token(settings.telegram_token.get_secret_value())
-            .base_url(settings.telegram_api_url)
+            .token(settings.telegram.token.get_secret_value())
+            .base_url(settings.telegram.api_url)
             .rate_limiter(limiter)
-            .get_updates_read_timeout(settings.telegram_poll_timeout_s + 10)
+            .get_updates_read_timeout(settings.telegram.poll_timeout_s + 10)
             .build())
 
 
@@ -136,7 +136,7 @@ class TelegramFrontend(ChatFrontend):
                  reader_block_ms: int = 1000):
         self.app = application or build_application(settings)
         super().__init__(settings, persona, queue, keys, reader_block_ms)
-        self.triggers = Triggers(settings.bot_name_list)
+        self.triggers = Triggers(settings.frontend.bot_name_list)
         self.ready = asyncio.Event()
         self.app.add_handler(MessageHandler(filters.UpdateType.MESSAGE, self.on_message))
         self.app.add_error_handler(self.on_error)
@@ -148,10 +148,10 @@ class TelegramFrontend(ChatFrontend):
 
     async def serve(self) -> None:
         """Run until cancelled: updates in, replies out; then stop cleanly."""
-        serve_metrics(self.core.metrics, self.settings.frontend_metrics_port)
+        serve_metrics(self.core.metrics, self.settings.frontend.metrics_port)
         async with self.app:
             bot = self.app.bot
-            self.triggers = Triggers(self.settings.bot_name_list, bot.username,
+            self.triggers = Triggers(self.settings.frontend.bot_name_list, bot.username,
                                      [f"@{bot.username}"])
             await bot.set_my_commands([BotCommand(c.name, c.description) for c in COMMANDS])
             await self.app.start()
@@ -170,16 +170,16 @@ class TelegramFrontend(ChatFrontend):
     async def _start_updates(self) -> None:
         updater = self.app.updater
         assert updater is not None
-        if self.settings.telegram_webhook_url:
-            secret = self.settings.telegram_webhook_secret
+        if self.settings.telegram.webhook_url:
+            secret = self.settings.telegram.webhook_secret
             await updater.start_webhook(
-                listen=self.settings.telegram_webhook_listen,
-                port=self.settings.telegram_webhook_port, url_path=WEBHOOK_PATH,
-                webhook_url=self.settings.telegram_webhook_url,
+                listen=self.settings.telegram.webhook_listen,
+                port=self.settings.telegram.webhook_port, url_path=WEBHOOK_PATH,
+                webhook_url=self.settings.telegram.webhook_url,
                 secret_token=secret.get_secret_value() if secret else None,
                 allowed_updates=ALLOWED_UPDATES)
         else:
-            await updater.start_polling(timeout=self.settings.telegram_poll_timeout_s,
+            await updater.start_polling(timeout=self.settings.telegram.poll_timeout_s,
                                         allowed_updates=ALLOWED_UPDATES)
 
     # ---- incoming --------------------------------------------------------------------------
@@ -214,7 +214,7 @@ class TelegramFrontend(ChatFrontend):
         user = message.from_user
         assert user is not None
         private = message.chat.type == ChatType.PRIVATE
-        shared = self.settings.group_history == "shared" and not private
+        shared = self.settings.frontend.group_history == "shared" and not private
         thread = self._thread(message)
         conversation = conversation_id(FRONTEND_ID, str(user.id), chat=str(message.chat_id),
                                        thread=str(thread) if thread else None,

@@ -70,11 +70,11 @@ def up(settings: Settings, fake: bool = False, stdin: io.StringIO | None = None)
     from base.logging_setup import setup_logging
     from base.redis_conn import ensure_redis_server
 
-    console = not (settings.telegram_token or settings.discord_token)
+    console = not (settings.telegram.token or settings.discord.token)
     setup_logging(settings, LOG_FILE if console else None)
     redis_dir = ROOT / ".cache" / "redis"
     redis_dir.mkdir(parents=True, exist_ok=True)
-    server = ensure_redis_server(settings.redis_url, data_dir=redis_dir)
+    server = ensure_redis_server(settings.redis.url, data_dir=redis_dir)
     try:
         return asyncio.run(_up(settings, fake, console, stdin))
     finally:
@@ -96,8 +96,9 @@ async def _up(settings: Settings, fake: bool, console: bool, stdin: io.StringIO 
     async def serve() -> None:
         worker = await build_worker(settings, redis, fake=fake)
         worker_box.append(worker)
-        worker.metrics.serve(settings.worker_metrics_port, settings.generation_timeout_s + 60,
-                         settings.worker_metrics_host)
+        worker.metrics.serve(settings.worker.metrics_port,
+                             settings.worker.generation_timeout_s + 60,
+                             settings.worker.metrics_host)
         await worker.run()
 
     worker_task = asyncio.create_task(serve(), name="worker")
@@ -146,10 +147,10 @@ async def _console(settings: Settings, redis: aioredis.Redis,
     from persona.pack import load_persona
 
     keys = keys_for(settings)
-    queue = QueueClient(redis, keys, f"console-{os.getpid()}", settings.max_queue_depth,
-                        settings.stream_maxlen)
+    queue = QueueClient(redis, keys, f"console-{os.getpid()}", settings.redis.max_queue_depth,
+                        settings.redis.stream_maxlen)
     await queue.setup()
-    frontend = ConsoleFrontend(settings, load_persona(settings.persona), queue, keys,
+    frontend = ConsoleFrontend(settings, load_persona(settings.generation.persona), queue, keys,
                                stdin=stdin, interactive=False if stdin is not None else None)
     await frontend.run()
     await redis.delete(queue.reply_stream)
@@ -172,8 +173,8 @@ async def _worker(settings: Settings, fake: bool, burst: bool, fake_delay_ms: in
     redis = await redis_for(settings)
     worker = await build_worker(settings, redis, fake=fake, fake_delay_ms=fake_delay_ms)
     worker.install_signal_handlers()
-    worker.metrics.serve(settings.worker_metrics_port, settings.generation_timeout_s + 60,
-                         settings.worker_metrics_host)
+    worker.metrics.serve(settings.worker.metrics_port, settings.worker.generation_timeout_s + 60,
+                         settings.worker.metrics_host)
     try:
         await worker.run(burst=burst)
     finally:
@@ -186,7 +187,7 @@ async def _health(settings: Settings, max_age_s: float) -> int:
     from engine.worker import check_health
 
     try:
-        redis = await redis_for(settings.model_copy(update={"redis_connect_retries": 0}))
+        redis = await redis_for(settings.with_overrides(redis_connect_retries=0))
     except ConnectionError as exc:
         print(exc, file=sys.stderr)
         return 1

@@ -103,8 +103,8 @@ def run(args: argparse.Namespace) -> int:
 
     settings = Settings()
     if args.prefix_cache is not None:
-        settings = settings.model_copy(update={"prefix_cache": args.prefix_cache})
-    setup_logging(settings.model_copy(update={"log_level": "WARNING"}))
+        settings = settings.with_overrides(prefix_cache=args.prefix_cache)
+    setup_logging(settings.with_overrides(log_level="WARNING"))
     results: dict[str, Any] = {}
     if args.which in ("batching", "all"):
         results["batching"] = asyncio.run(bench_batching(
@@ -122,8 +122,8 @@ def run(args: argparse.Namespace) -> int:
         results["serve"] = asyncio.run(bench_serve(
             settings, [e.strip() for e in args.engines.split(",") if e.strip()],
             [int(c) for c in args.levels.split(",") if c.strip()], args.messages,
-            args.max_new_tokens, args.candidates, args.adapter or settings.default_adapter,
-            args.mode or settings.reply_mode))
+            args.max_new_tokens, args.candidates, args.adapter or settings.model.default_adapter,
+            args.mode or settings.reply_choice.mode))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))
@@ -186,12 +186,12 @@ async def bench_batching(settings: Any, conversations: int, max_new_tokens: int,
     from persona.pack import load_persona
     from persona.prompt import system_block
 
-    persona = load_persona(settings.persona)
+    persona = load_persona(settings.generation.persona)
     # Fixed seeds and token limits; the sentence cap is lifted so every row generates the same
     # amount of text in both modes.
     overrides = {"max_new_tokens": max_new_tokens, "sentence_cap": 10, "candidates": 1}
 
-    adapters = {adapter: settings.adapter_paths[adapter]} if adapter else {}
+    adapters = {adapter: settings.model.adapter_paths[adapter]} if adapter else {}
 
     def requests(tag: str) -> list[Request]:
         return [Request(frontend="bench", conversation=f"bench:{tag}:{i}", user=f"u{i}",
@@ -204,15 +204,15 @@ async def bench_batching(settings: Any, conversations: int, max_new_tokens: int,
     per_dtype: dict[str, Any] = {}
     table = Table(title=f"micro-batching: {conversations} conversations, "
                         f"{max_new_tokens} new tokens each, adapter {adapter or 'none'}, "
-                        f"prefix cache {'on' if settings.prefix_cache else 'off'}")
+                        f"prefix cache {'on' if settings.model.prefix_cache else 'off'}")
     for column in ("dtype", "mode", "tokens", "wall s", "tokens/s", "p50 ms", "p95 ms",
                    "tokens/s by round"):
         table.add_column(column, justify="right")
     try:
         for dtype in dtypes:
-            loaded = await asyncio.to_thread(load_model, settings.base_model, adapters, "cpu",
-                                             dtype, settings.model_cache_dir)
-            prefix = system_block(loaded.tokenizer, persona) if settings.prefix_cache else ""
+            loaded = await asyncio.to_thread(load_model, settings.model.base_model, adapters, "cpu",
+                                             dtype, settings.model.cache_dir)
+            prefix = system_block(loaded.tokenizer, persona) if settings.model.prefix_cache else ""
             generator = HFGenerator(loaded, persona.other_speakers, shared_prefix=prefix)
             rounds: dict[str, list[dict[str, float]]] = {"sequential": [], "batched": []}
             for _ in range(repeats):
@@ -248,7 +248,7 @@ async def bench_batching(settings: Any, conversations: int, max_new_tokens: int,
         "conversations": conversations,
         "max_new_tokens": max_new_tokens,
         "adapter": adapter or None,
-        "prefix_cache": settings.prefix_cache,
+        "prefix_cache": settings.model.prefix_cache,
         "rounds": repeats,
         "dtype": best,
         "ratio": chosen["ratio"],
@@ -274,14 +274,14 @@ async def bench_queue(settings: Any, n: int) -> dict[str, Any]:
     from engine.worker import Worker
     from persona.pack import load_persona
 
-    persona = load_persona(settings.persona)
+    persona = load_persona(settings.generation.persona)
     redis = await redis_for(settings)
     keys = Keys(f"bench-{uuid.uuid4().hex[:8]}")
     generator = FakeGenerator()
     queue = QueueClient(redis, keys, "bench", max_queue_depth=10**6)
     await queue.setup()
     worker = Worker(redis, keys, generator, persona,
-                    settings.model_copy(update={"worker_name": "bench-queue"}))
+                    settings.with_overrides(worker_name="bench-queue"))
     stop = asyncio.Event()
     reader = asyncio.create_task(queue.run_reader(stop=stop, block_ms=1000))
     serving = asyncio.create_task(worker.run())
@@ -335,17 +335,17 @@ async def bench_serve(settings: Any, engines: list[str], levels: list[int], mess
     from persona.pack import load_persona
     from persona.prompt import system_block
 
-    persona = load_persona(settings.persona)
+    persona = load_persona(settings.generation.persona)
     if loaded is None:
-        loaded = await asyncio.to_thread(load_model, settings.base_model,
-                                         {adapter: settings.adapter_paths[adapter]}, "cpu",
-                                         settings.dtype, settings.model_cache_dir)
-    chosen_settings = settings.model_copy(update={"reply_mode": mode})
+        loaded = await asyncio.to_thread(load_model, settings.model.base_model,
+                                         {adapter: settings.model.adapter_paths[adapter]}, "cpu",
+                                         settings.model.dtype, settings.model.cache_dir)
+    chosen_settings = settings.with_overrides(reply_mode=mode)
     scorer = await asyncio.to_thread(build_scorer, chosen_settings)
     canon = await asyncio.to_thread(build_canon, chosen_settings)
     if mode != "generated" and canon is None:
         mode = "generated"  # build_canon logged why
-    prefix = system_block(loaded.tokenizer, persona) if settings.prefix_cache else ""
+    prefix = system_block(loaded.tokenizer, persona) if settings.model.prefix_cache else ""
     controls = {"max_new_tokens": max_new_tokens, "candidates": candidates}
     redis = await redis_for(settings)
     by_engine: dict[str, Any] = {}
@@ -360,7 +360,7 @@ async def bench_serve(settings: Any, engines: list[str], levels: list[int], mess
             if engine == "continuous":
                 generator = ContinuousGenerator(loaded, persona.other_speakers,
                                                 shared_prefix=prefix,
-                                                merge_adapters=settings.merge_adapters)
+                                                merge_adapters=settings.model.merge_adapters)
             elif engine == "openai":  # the server at INFERENCE_URL (ADAPTER_MODELS)
                 from engine.openai_backend import build_openai_generator
 
@@ -406,8 +406,8 @@ async def _bench_engine(redis: Any, generator: Any, persona: Any, settings: Any,
         first_text.setdefault(reply.id, time.perf_counter())
 
     queue.on_partial = heard
-    worker = Worker(redis, keys, generator, persona, settings.model_copy(update={
-        "worker_name": f"bench-{engine}", "read_block_ms": 20, "reply_mode": mode}),
+    worker = Worker(redis, keys, generator, persona, settings.with_overrides(
+        worker_name=f"bench-{engine}", read_block_ms=20, reply_mode=mode),
         scorer=scorer, canon=canon)
     stop = asyncio.Event()
     reader = asyncio.create_task(queue.run_reader(stop=stop, block_ms=20))
@@ -497,17 +497,17 @@ async def bench_peer(settings: Any, args: argparse.Namespace) -> dict[str, Any]:
     from persona.prompt import render_prompt
 
     levels = sorted({1, 16, *[int(c) for c in args.levels.split(",") if c.strip()]})
-    adapter = args.adapter or settings.default_adapter
-    loaded = await asyncio.to_thread(load_model, settings.base_model,
-                                     {adapter: settings.adapter_paths[adapter]}, "cpu",
-                                     settings.dtype, settings.model_cache_dir)
+    adapter = args.adapter or settings.model.default_adapter
+    loaded = await asyncio.to_thread(load_model, settings.model.base_model,
+                                     {adapter: settings.model.adapter_paths[adapter]}, "cpu",
+                                     settings.model.dtype, settings.model.cache_dir)
     serve = await bench_serve(settings, ["continuous"], levels, args.messages,
                               args.max_new_tokens, args.candidates, adapter,
-                              args.mode or settings.reply_mode, loaded)
-    persona = load_persona(settings.persona)
+                              args.mode or settings.reply_choice.mode, loaded)
+    persona = load_persona(settings.generation.persona)
     tokenizer = loaded.tokenizer
     controls = persona.controls
-    spec = {"gguf": str(find_embedded_gguf(settings.base_model)), "threads": 2,
+    spec = {"gguf": str(find_embedded_gguf(settings.model.base_model)), "threads": 2,
             "max_tokens": args.max_new_tokens, "temperature": controls.temperature,
             "top_p": controls.top_p, "repeat_penalty": controls.repetition_penalty,
             "prompts": [render_prompt(tokenizer, persona, [], p) for p in BENCH_PROMPTS]}

@@ -256,9 +256,9 @@ def build_openai_generator(settings: Any, speakers: Sequence[str]) -> OpenAIGene
     is the base model's, loaded alone."""
     from engine.model_loading import load_tokenizer
 
-    key = settings.inference_api_key.get_secret_value() if settings.inference_api_key else None
+    key = settings.inference.api_key.get_secret_value() if settings.inference.api_key else None
     return OpenAIGenerator(
-        settings.inference_url, parse_adapter_models(settings.adapter_models),
-        load_tokenizer(settings.base_model, settings.model_cache_dir), speakers, key,
-        settings.generation_timeout_s, settings.inference_max_in_flight,
-        separate_adapters=settings.inference_separate_adapters)
+        settings.inference.url, parse_adapter_models(settings.inference.adapter_models),
+        load_tokenizer(settings.model.base_model, settings.model.cache_dir), speakers, key,
+        settings.worker.generation_timeout_s, settings.inference.max_in_flight,
+        separate_adapters=settings.inference.separate_adapters)

@@ -36,31 +36,31 @@ __all__ = ["SecretMaskingFilter", "build_canon", "build_generator", "build_score
 def build_generator(settings: Settings, persona: Persona, fake: bool = False,
                     fake_delay_ms: int = 0) -> Generator:
     """The real model with its adapters, or the fast fake for tests and benchmarks."""
+    model = settings.model
     if fake:
-        return FakeGenerator(delay_s=fake_delay_ms / 1000, adapters=list(settings.adapter_paths))
-    if settings.generation_backend == "openai":
+        return FakeGenerator(delay_s=fake_delay_ms / 1000, adapters=list(model.adapter_paths))
+    if settings.inference.backend == "openai":
         from engine.openai_backend import build_openai_generator
 
         return build_openai_generator(settings, persona.other_speakers)
-    if settings.torch_threads:
+    if model.torch_threads:
         import torch
 
-        torch.set_num_threads(settings.torch_threads)
-    loaded = load_model(settings.base_model, settings.adapter_paths, settings.device,
-                        settings.dtype, settings.model_cache_dir, settings.load_in_4bit)
-    prefix = system_block(loaded.tokenizer, persona) if settings.prefix_cache else ""
-    if settings.local_engine == "continuous":
-        merge = (settings.merge_adapters and loaded.device.type == "cpu"
-                 and not settings.load_in_4bit)
+        torch.set_num_threads(model.torch_threads)
+    loaded = load_model(model.base_model, model.adapter_paths, model.device, model.dtype,
+                        model.cache_dir, model.load_in_4bit)
+    prefix = system_block(loaded.tokenizer, persona) if model.prefix_cache else ""
+    if model.local_engine == "continuous":
+        merge = model.merge_adapters and loaded.device.type == "cpu" and not model.load_in_4bit
         return ContinuousGenerator(loaded, persona.other_speakers, shared_prefix=prefix,
-                                   max_rows=settings.max_running_rows, merge_adapters=merge)
+                                   max_rows=model.max_running_rows, merge_adapters=merge)
     return HFGenerator(loaded, persona.other_speakers, shared_prefix=prefix)
 
 
 def build_scorer(settings: Settings) -> Callable[[Sequence[str]], Sequence[float]] | None:
     """The candidate reranker (RERANKER): the persona classifier's P(House), or none. A
     missing classifier is logged and leaves the worker without a reranker."""
-    if settings.reranker != "persona":
+    if settings.generation.reranker != "persona":
         return None
     from persona.classifier import ClassifierError, load_scorer
 
@@ -76,32 +76,33 @@ def ensure_prepared(settings: Settings) -> Path:
     seconds; the canon pool needs it)."""
     from persona.data import DataError, PrepareConfig, prepare
 
-    if not (settings.data_dir / "train.jsonl").is_file():
-        log.info("no prepared data in %s: preparing it from %s", settings.data_dir,
-                 settings.house_data)
+    choice = settings.reply_choice
+    if not (choice.data_dir / "train.jsonl").is_file():
+        log.info("no prepared data in %s: preparing it from %s", choice.data_dir,
+                 choice.house_data)
         try:
-            prepare(PrepareConfig(input=settings.house_data, out=settings.data_dir,
-                                  persona=settings.persona))
+            prepare(PrepareConfig(input=choice.house_data, out=choice.data_dir,
+                                  persona=settings.generation.persona))
         except DataError as exc:
             raise FileNotFoundError(str(exc)) from exc
-    return settings.data_dir
+    return choice.data_dir
 
 
 def build_canon(settings: Settings) -> CanonPool | None:
     """House's real lines and the response selector, for the canon and hybrid modes; None
     (logged, the worker then answers in generated mode) when the selector or the data set
     is missing."""
-    if settings.reply_mode == "generated":
+    if settings.reply_choice.mode == "generated":
         return None
     from persona.canon import CanonPool
     from persona.selector import Selector, SelectorError
 
     try:
-        selector = Selector.load(settings.selector_dir)
+        selector = Selector.load(settings.reply_choice.selector_dir)
         return CanonPool.from_data(ensure_prepared(settings), selector)
     except (SelectorError, FileNotFoundError) as exc:
         log.warning("REPLY_MODE=%s needs House's lines and the selector; answering in "
-                    "generated mode: %s", settings.reply_mode, exc)
+                    "generated mode: %s", settings.reply_choice.mode, exc)
         return None
 
 
@@ -111,7 +112,7 @@ def build_listener(settings: Settings, generator: Generator, persona: Persona
     the model with the default adapter merged, so it never shares a module with the engine's
     thread. None for a served model (GENERATION_BACKEND=openai), the fake, or LISTENER=none."""
     loaded = getattr(generator, "loaded", None)
-    if loaded is None or settings.reply_mode == "generated":
+    if loaded is None or settings.reply_choice.mode == "generated":
         return None
     return listener_for(settings, loaded, persona)
 
@@ -119,9 +120,9 @@ def build_listener(settings: Settings, generator: Generator, persona: Persona
 def listener_for(settings: Settings, loaded: LoadedModel, persona: Persona) -> Listener | None:
     """The listener on a loaded model (see :func:`build_listener`), None with LISTENER=none or
     without the default adapter."""
-    if settings.listener != "pmi":
+    if settings.reply_choice.listener != "pmi":
         return None
-    adapter = settings.default_adapter
+    adapter = settings.model.default_adapter
     if adapter not in loaded.adapters:
         log.warning("listener off: adapter %s is not loaded", adapter)
         return None
@@ -132,12 +133,12 @@ def listener_for(settings: Settings, loaded: LoadedModel, persona: Persona) -> L
     if loaded.dtype == torch.float32:  # it need not match float32 bit for bit: bf16 if fast
         model = model.to(fast_dtype(loaded.device))
     return Listener(model, loaded.tokenizer, empty,
-                    system_block(loaded.tokenizer, persona) if settings.prefix_cache else "")
+                    system_block(loaded.tokenizer, persona) if settings.model.prefix_cache else "")
 
 
 async def build_worker(settings: Settings, redis: aioredis.Redis, fake: bool = False,
                        metrics: WorkerMetrics | None = None, fake_delay_ms: int = 0) -> Worker:
-    persona = load_persona(settings.persona)
+    persona = load_persona(settings.generation.persona)
     generator = await asyncio.to_thread(build_generator, settings, persona, fake, fake_delay_ms)
     scorer = None if fake else await asyncio.to_thread(build_scorer, settings)
     canon = None if fake else await asyncio.to_thread(build_canon, settings)

@@ -152,20 +152,22 @@ class Worker:
         self.generator = generator
         self.persona = persona
         self.settings = settings or Settings()
-        self.name = self.settings.worker_name or f"{socket.gethostname()}-{os.getpid()}"
+        self.name = self.settings.worker.name or f"{socket.gethostname()}-{os.getpid()}"
         self.metrics = metrics or WorkerMetrics()
         self.scorer = scorer
         self.canon = canon
-        self.history = HistoryStore(redis, keys, self.settings.history_max_turns,
-                                    self.settings.history_ttl_s)
-        self.defaults = persona.controls.merged(self.settings.generation_overrides())
+        self.history = HistoryStore(redis, keys, self.settings.history.max_turns,
+                                    self.settings.history.ttl_s)
+        self.defaults = persona.controls.merged(self.settings.generation.overrides())
         self.output = ReplyBuilder(persona, self.defaults, self.name,
-                                        self.settings.default_adapter,
-                                        self.settings.canon_candidates, self.metrics, scorer,
-                                        canon, listener, self.settings.canon_shortlist,
-                                        self.settings.listener_weight)
-        self.partials = PartialEvents(redis, keys, self.output, self.settings.stream_replies,
-                                      self.settings.stream_maxlen)
+                                        self.settings.model.default_adapter,
+                                        self.settings.reply_choice.canon_candidates, self.metrics,
+                                        scorer, canon, listener,
+                                        self.settings.reply_choice.canon_shortlist,
+                                        self.settings.reply_choice.listener_weight)
+        self.partials = PartialEvents(redis, keys, self.output,
+                                      self.settings.frontend.stream_replies,
+                                      self.settings.redis.stream_maxlen)
         self.stop = asyncio.Event()
         self.batches = 0
         self.replies = 0
@@ -201,7 +203,7 @@ class Worker:
         """Serve until stopped; with ``burst`` return once nothing is left to read."""
         await ensure_group(self.redis, self.keys.requests, WORKERS_GROUP)
         log.info("worker %s serving %s (batch %d)", self.name, self.keys.requests,
-                 self.settings.batch_size)
+                 self.settings.worker.batch_size)
         heartbeat = asyncio.create_task(self._heartbeat(), name="heartbeat")
         try:
             await self._serve(burst)
@@ -250,7 +252,7 @@ class Worker:
         no model are still read and answered in their own batch in milliseconds; the others
         wait, carried (at most ``batch_size``)."""
         running: set[asyncio.Task[int]] = set()
-        size = self.settings.batch_size
+        size = self.settings.worker.batch_size
         renew_at = 0.0
         while not self.stop.is_set() or self._carry or running:
             self.metrics.beat()
@@ -270,7 +272,7 @@ class Worker:
                     self._carry += rest
                     entries = quick
                 if self._carry and time.monotonic() >= renew_at:  # leased while waiting
-                    renew_at = time.monotonic() + self.settings.claim_idle_ms / 3000
+                    renew_at = time.monotonic() + self.settings.worker.claim_idle_ms / 3000
                     await self._guarded(self.redis.xclaim(
                         self.keys.requests, WORKERS_GROUP, self.name, 0,
                         [eid for eid, _ in self._carry], justid=True))
@@ -345,7 +347,7 @@ class Worker:
                          block_ms: int | None = None) -> list[tuple[str, dict[str, str]]]:
         """Claimed stale requests first, then new ones, up to ``size`` (``batch_size``);
         ``block_ms`` overrides how long to wait for new ones."""
-        size = self.settings.batch_size if size is None else size
+        size = self.settings.worker.batch_size if size is None else size
         entries, self._carry = self._carry_heads(size)
         if entries or self._carry:
             # Still ours: reset their idle time so no other worker claims them meanwhile.
@@ -358,10 +360,11 @@ class Worker:
         # wait for. What does not fit is carried.
         entries += await self.claim_stale(max(size - len(entries), 1))
         if time.monotonic() >= self._next_sweep:
-            self._next_sweep = time.monotonic() + max(self.settings.claim_idle_ms / 1000, 1.0)
+            self._next_sweep = (time.monotonic()
+                                + max(self.settings.worker.claim_idle_ms / 1000, 1.0))
             await self.answer_lost()
         if len(entries) < size:
-            wait = self.settings.read_block_ms if block_ms is None else block_ms
+            wait = self.settings.worker.read_block_ms if block_ms is None else block_ms
             entries += await self._read_new(size - len(entries),
                                             wait if block and not entries else None)
         # A busy conversation's backlog takes one place in a batch: read past it (a few
@@ -375,7 +378,7 @@ class Worker:
             entries += more
         # Under load a short wait fills the batch; it costs little next to a generate().
         # (Not with continuous batching: what arrives later joins the running batch anyway.)
-        wait_ms = 0 if self.joins else self.settings.batch_wait_ms
+        wait_ms = 0 if self.joins else self.settings.worker.batch_wait_ms
         if (entries and len(entries) < size and wait_ms
                 and self._last_generation_s * 1000 > 10 * wait_ms):
             await asyncio.sleep(wait_ms / 1000)
@@ -412,7 +415,7 @@ class Worker:
     async def claim_stale(self, count: int) -> list[tuple[str, dict[str, str]]]:
         """Take over requests another (dead) worker held longer than ``claim_idle_ms``."""
         result = await self.redis.xautoclaim(self.keys.requests, WORKERS_GROUP, self.name,
-                                             min_idle_time=self.settings.claim_idle_ms,
+                                             min_idle_time=self.settings.worker.claim_idle_ms,
                                              start_id="0-0", count=count)
         claimed = [(eid, fields) for eid, fields in result[1] if fields]
         if claimed:
@@ -424,7 +427,7 @@ class Worker:
         """Apologise for requests whose entry vanished from the stream (an operator's XDEL or
         XTRIM) at least ``claim_idle_ms`` ago; returns how many."""
         seconds, micros = await self.redis.time()
-        before_ms = int(seconds * 1000 + micros // 1000) - self.settings.claim_idle_ms
+        before_ms = int(seconds * 1000 + micros // 1000) - self.settings.worker.claim_idle_ms
         old = [eid async for eid, _ in self.redis.hscan_iter(self.keys.envelopes)
                if int(eid.split("-", 1)[0]) < before_ms]
         found = 0
@@ -448,7 +451,7 @@ class Worker:
         reply = self.reply(request, error=self.persona.line("lost"))
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.xadd(self.keys.replies(request.frontend), reply.dumps(),
-                      maxlen=self.settings.stream_maxlen, approximate=True)
+                      maxlen=self.settings.redis.stream_maxlen, approximate=True)
             self._remove_commands(pipe, entry_id, request.conversation)
             pipe.hincrby(self.keys.stats, "lost", 1)
             await pipe.execute()
@@ -467,7 +470,7 @@ class Worker:
             notice = self.reply(request, text=self.persona.line("outage"), partial=1)
             with contextlib.suppress(*REDIS_DOWN):
                 await self.redis.xadd(self.keys.replies(request.frontend), notice.dumps(),
-                                      maxlen=self.settings.stream_maxlen, approximate=True)
+                                      maxlen=self.settings.redis.stream_maxlen, approximate=True)
 
     async def delivery_counts(self, entry_ids: list[str]) -> list[int]:
         """How many times each entry was delivered (XPENDING), in one round trip."""
@@ -567,11 +570,12 @@ class Worker:
         of its conversation) wait, leased, for the next batch. So a control request is
         answered in milliseconds, never behind someone else's generation."""
         while not running.done() and not self.stop.is_set():
-            if len(self._carry) >= self.settings.batch_size:  # enough read ahead
+            if len(self._carry) >= self.settings.worker.batch_size:  # enough read ahead
                 await asyncio.wait([running], timeout=CONTROL_LANE_BLOCK_MS / 1000)
                 continue
             try:
-                entries = await self._read_new(self.settings.batch_size, CONTROL_LANE_BLOCK_MS)
+                entries = await self._read_new(self.settings.worker.batch_size,
+                                               CONTROL_LANE_BLOCK_MS)
             except REDIS_DOWN:
                 await asyncio.wait([running], timeout=0.5)
                 continue
@@ -602,7 +606,7 @@ class Worker:
                 await self._dead_letter(entry_id, fields, None, "malformed")
                 self._drop(entry_id)
                 continue
-            if delivered > self.settings.max_deliveries:
+            if delivered > self.settings.worker.max_deliveries:
                 await self._dead_letter(entry_id, fields, request, "too many deliveries")
                 self._drop(entry_id)
                 continue
@@ -614,7 +618,8 @@ class Worker:
         tasks: list[Task] = []
         conversations: set[str] = set()
         for (entry_id, request), head in zip(parsed, heads, strict=True):
-            if len(tasks) >= self.settings.batch_size or request.conversation in conversations or (
+            full = len(tasks) >= self.settings.worker.batch_size
+            if full or request.conversation in conversations or (
                     head not in (None, entry_id)
                     and not await self._is_next(entry_id, request.conversation)):
                 continue  # carried: answered after the older request of its conversation
@@ -659,7 +664,7 @@ class Worker:
                 task.reply = self.reply(request, text=persona.line("retry_nothing"))
                 return
             text, speaker = last
-        text = clean_user_text(text, self.settings.max_message_chars)
+        text = clean_user_text(text, self.settings.frontend.max_message_chars)
         if not text:
             task.reply = self.reply(request, text=persona.line("empty"))
             return
@@ -676,12 +681,12 @@ class Worker:
             task.variants = [v for v in wanted if v == BASE_VARIANT or v in
                              self.generator.adapters] or [BASE_VARIANT]
             if hybrid:
-                if self.settings.default_adapter in self.generator.adapters and \
-                        self.settings.default_adapter not in task.variants:
-                    task.variants.append(self.settings.default_adapter)
+                if self.settings.model.default_adapter in self.generator.adapters and \
+                        self.settings.model.default_adapter not in task.variants:
+                    task.variants.append(self.settings.model.default_adapter)
                 task.variants.append(HYBRID_VARIANT)
         else:
-            adapter = str(request.settings.get("adapter", self.settings.default_adapter))
+            adapter = str(request.settings.get("adapter", self.settings.model.default_adapter))
             task.variants = [adapter if adapter in self.generator.adapters else BASE_VARIANT]
         history = [] if request.kind == "compare" else await self.history.load(
             request.conversation)
@@ -692,18 +697,19 @@ class Worker:
             # the repeat window matters only where canon lines compete (one Redis read)
             task.heard = await self.history.recent_canon(request.conversation)
         prompt = render_prompt(self.generator.tokenizer, persona, history, text, speaker,
-                               self.settings.history_token_budget)
+                               self.settings.history.token_budget)
         task.prompt = prompt
         if task.mode == CANON and request.kind != "compare":
             return  # House's real lines only: nothing to generate
         refined = prompt
-        if self.canon is not None and self.settings.refine_examples > 0:
+        if self.canon is not None and self.settings.reply_choice.refine_examples > 0:
             # retrieve and refine: House's real exchanges for the message in the adapter's prompt
             hits = await asyncio.to_thread(self.canon.search, text, task.context,
-                                           self.settings.refine_examples, (), task.mentioned)
+                                           self.settings.reply_choice.refine_examples, (),
+                                           task.mentioned)
             examples = [(h.line.anchor, h.line.text) for h in hits if h.line.anchor]
             refined = render_prompt(self.generator.tokenizer, persona, history, text, speaker,
-                                    self.settings.history_token_budget, examples=examples)
+                                    self.settings.history.token_budget, examples=examples)
         seed = request_seed(request, task.controls)
         for variant in task.variants:
             if variant == HYBRID_VARIANT:
@@ -716,9 +722,9 @@ class Worker:
     def reply_mode(self, request: Request) -> str:
         """The request's ``mode`` setting, else REPLY_MODE; generated when there is no canon
         pool (no selector or data set) to draw House's lines from."""
-        mode = str(request.settings.get("mode", self.settings.reply_mode))
+        mode = str(request.settings.get("mode", self.settings.reply_choice.mode))
         if mode not in MODES:
-            mode = self.settings.reply_mode
+            mode = self.settings.reply_choice.mode
         return GENERATED if self.canon is None else mode
 
     async def _poisoned(self, task: Task, reason: str, tasks: list[Task]) -> None:
@@ -769,7 +775,7 @@ class Worker:
         """Renew the lease on a batch's requests (XCLAIM to ourselves every third of
         CLAIM_IDLE_MS) from reading to answering, so a generation (or a canon choice) longer
         than the claim time is not taken over by another worker and answered twice."""
-        every_s = max(self.settings.claim_idle_ms / 3000, 0.05)
+        every_s = max(self.settings.worker.claim_idle_ms / 3000, 0.05)
         while True:
             await asyncio.sleep(every_s)
             with contextlib.suppress(*REDIS_DOWN):
@@ -805,7 +811,7 @@ class Worker:
             self._generate_alone, jobs, on_text, list(streams or ()), stop))
         try:
             outputs = await asyncio.wait_for(asyncio.shield(running),
-                                             self.settings.generation_timeout_s)
+                                             self.settings.worker.generation_timeout_s)
         except BackendUnavailable:
             self.metrics.errors.labels("backend").inc(len(jobs))
             raise
@@ -868,15 +874,15 @@ class Worker:
                     self.history.append_commands(pipe, request.conversation, request.user,
                                                  task.speaker, task.text, reply.text)
                     pipe.set(self.keys.last_request(request.conversation), request.id,
-                             ex=self.settings.history_ttl_s)
+                             ex=self.settings.history.ttl_s)
                     self.history.remember_key_commands(
                         pipe, request.user, self.keys.last_request(request.conversation))
                     if reply.won == CANON and task.canon_row is not None:
                         self.history.canon_commands(pipe, request.conversation, request.user,
                                                     task.canon_row,
-                                                    self.settings.canon_repeat_window)
+                                                    self.settings.reply_choice.canon_repeat_window)
                 pipe.xadd(self.keys.replies(request.frontend), reply.dumps(),
-                          maxlen=self.settings.stream_maxlen, approximate=True)
+                          maxlen=self.settings.redis.stream_maxlen, approximate=True)
                 self._remove_commands(pipe, task.entry_id, request.conversation)
                 pipe.hincrby(self.keys.stats, "errors" if reply.error else "replies", 1)
                 await pipe.execute()
@@ -908,11 +914,11 @@ class Worker:
         self.metrics.dead_letters.inc()
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.xadd(self.keys.dead_letters, {**fields, "reason": reason, "entry": entry_id},
-                      maxlen=self.settings.stream_maxlen, approximate=True)
+                      maxlen=self.settings.redis.stream_maxlen, approximate=True)
             if request is not None:
                 reply = self.reply(request, error=self.persona.line("dead_letter"))
                 pipe.xadd(self.keys.replies(request.frontend), reply.dumps(),
-                          maxlen=self.settings.stream_maxlen, approximate=True)
+                          maxlen=self.settings.redis.stream_maxlen, approximate=True)
             self._remove_commands(pipe, entry_id,
                                   request.conversation if request is not None else None)
             pipe.hincrby(self.keys.stats, "dead_letters", 1)

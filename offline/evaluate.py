@@ -218,13 +218,14 @@ def load_generator(settings: Settings, persona: Persona, adapters: dict[str, str
     from engine.model_loading import load_model
     from persona.prompt import system_block
 
-    if settings.torch_threads:
+    model = settings.model
+    if model.torch_threads:
         import torch
 
-        torch.set_num_threads(settings.torch_threads)
-    loaded = load_model(settings.base_model, adapters, settings.device, settings.dtype,
-                        settings.model_cache_dir, settings.load_in_4bit)
-    prefix = system_block(loaded.tokenizer, persona) if settings.prefix_cache else ""
+        torch.set_num_threads(model.torch_threads)
+    loaded = load_model(model.base_model, adapters, model.device, model.dtype, model.cache_dir,
+                        model.load_in_4bit)
+    prefix = system_block(loaded.tokenizer, persona) if model.prefix_cache else ""
     return HFGenerator(loaded, persona.other_speakers, shared_prefix=prefix)
 
 
@@ -275,17 +276,17 @@ def run(args: argparse.Namespace) -> int:
     from persona.classifier import Embedder, read_split
     from persona.pack import load_persona
 
-    persona = load_persona(settings.persona)
-    controls = persona.controls.merged(settings.generation_overrides()).merged(
+    persona = load_persona(settings.generation.persona)
+    controls = persona.controls.merged(settings.generation.overrides()).merged(
         parse_sets(args.set))
-    reranker = args.reranker or settings.reranker
+    reranker = args.reranker or settings.generation.reranker
     check_data(args, settings)
-    prompts = read_prompts(args, settings.max_message_chars)
+    prompts = read_prompts(args, settings.frontend.max_message_chars)
     if not prompts:
         raise SystemExit("no prompts")
     has_reference = all(p.reference is not None for p in prompts)
-    systems = pick_systems(args.systems, list(settings.adapter_paths), has_reference)
-    adapter_name = settings.default_adapter
+    systems = pick_systems(args.systems, list(settings.model.adapter_paths), has_reference)
+    adapter_name = settings.model.default_adapter
     derived = [s for s in systems if s in (*DERIVED, adapter_name)]
     generation_systems = list(dict.fromkeys(
         [s for s in systems if s not in (HUMAN, RETRIEVAL, *DERIVED)]
@@ -320,7 +321,7 @@ def run(args: argparse.Namespace) -> int:
         timing.update(more_timing)
     deadline = (time.monotonic() + args.time_budget_min * 60) if args.time_budget_min else None
     to_generate = [s for s in model_systems if s not in samples]
-    adapters = {k: v for k, v in settings.adapter_paths.items() if k in to_generate}
+    adapters = {k: v for k, v in settings.model.adapter_paths.items() if k in to_generate}
     generator = load_generator(settings, persona, adapters) if to_generate else None
     for system in list(dict.fromkeys([*systems, *generation_systems])):
         if system in samples or system in DERIVED:
@@ -343,7 +344,7 @@ def run(args: argparse.Namespace) -> int:
         with tqdm(total=len(prompts), desc=system, unit="prompt", file=sys.stderr) as bar:
             samples[system], totals = generate_replies(
                 generator, persona, prompts, adapter, controls, args.seed, args.batch_size,
-                scorer, settings.history_token_budget, bar, deadline)
+                scorer, settings.history.token_budget, bar, deadline)
         timing[system] = {**info, **totals, "controls": controls.__dict__,
                           "reranker": reranker_name,
                           "load_after": round(os.getloadavg()[0], 2)}
@@ -359,7 +360,7 @@ def run(args: argparse.Namespace) -> int:
             if samples[system] and samples[system][0].candidates:
                 samples[f"{system}-norerank"] = without_reranker(samples[system], persona)
                 timing.pop(f"{system}-norerank", None)
-    samples = {s: samples[s] for s in order_systems(samples, list(settings.adapter_paths))}
+    samples = {s: samples[s] for s in order_systems(samples, list(settings.model.adapter_paths))}
     answered = min(len(items) for items in samples.values())
     if answered < len(prompts):
         log.warning("reporting on the %d prompts every system answered", answered)
@@ -389,11 +390,11 @@ def run(args: argparse.Namespace) -> int:
         "reranker": reranker_name,
         "systems": timing,
         "reused_from": [display_path(d) for d in args.reuse or []],
-        "base_model": settings.base_model,
+        "base_model": settings.model.base_model,
         "adapters": {k: display_path(Path(v)) for k, v in adapters.items()},
         "classifier": classifier.meta,
         "fit_judge": judge_meta,
-        "reply_mode": settings.reply_mode,
+        "reply_mode": settings.reply_choice.mode,
         "cpu_count": os.cpu_count(),
         "load_before": [round(x, 2) for x in load_before],
         "load_after": [round(x, 2) for x in os.getloadavg()],
@@ -410,7 +411,7 @@ def check_data(args: argparse.Namespace, settings: Settings) -> None:
     HOUSE_DATA when it is missing, as the worker does; another one is the user's to make."""
     if (args.data_dir / "train.jsonl").is_file():
         return
-    if args.data_dir.resolve() == settings.data_dir.resolve():
+    if args.data_dir.resolve() == settings.reply_choice.data_dir.resolve():
         from engine.runtime import ensure_prepared
 
         try:
@@ -425,7 +426,8 @@ def check_data(args: argparse.Namespace, settings: Settings) -> None:
 
 def modes_need_canon(system: str, settings: Settings) -> bool:
     """Whether ``system`` answers with canon lines (so the listener re-ranks them)."""
-    return system in (CANON, HYBRID) or (system == DEFAULT and settings.reply_mode != "generated")
+    return system in (CANON, HYBRID) or (system == DEFAULT
+                                         and settings.reply_choice.mode != "generated")
 
 
 def derive_systems(samples: dict[str, list[Sample]], timing: dict[str, dict[str, Any]],
@@ -442,17 +444,19 @@ def derive_systems(samples: dict[str, list[Sample]], timing: dict[str, dict[str,
     from persona.reply_choice import GENERATED, Candidate, pick
 
     generated = samples.get(adapter)
-    canon = build_canon(settings.model_copy(update={"reply_mode": "hybrid"}))
+    canon = build_canon(settings.with_overrides(reply_mode="hybrid"))
     listener = None
     if canon is None:
         log.warning("no selector or canon pool: canon and hybrid systems skipped")
-    elif settings.listener == "pmi" and any(modes_need_canon(s, settings) for s in systems):
-        loaded = load_model(settings.base_model, {adapter: settings.adapter_paths[adapter]},
-                            settings.device, settings.dtype, settings.model_cache_dir)
-        listener = listener_for(settings.model_copy(update={"default_adapter": adapter}),
-                                loaded, persona)
+    elif settings.reply_choice.listener == "pmi" and any(modes_need_canon(s, settings)
+                                                          for s in systems):
+        model = settings.model
+        loaded = load_model(model.base_model, {adapter: model.adapter_paths[adapter]},
+                            model.device, model.dtype, model.cache_dir)
+        listener = listener_for(settings.with_overrides(default_adapter=adapter), loaded,
+                                persona)
     modes = {CLASSIC: None, adapter: GENERATED, CANON: "canon", HYBRID: "hybrid",
-             DEFAULT: settings.reply_mode}
+             DEFAULT: settings.reply_choice.mode}
     for system in systems:
         mode = modes[system]
         if mode is None:
@@ -482,9 +486,10 @@ def derive_systems(samples: dict[str, list[Sample]], timing: dict[str, dict[str,
                 def heard(texts: Sequence[str], rendered: str = rendered) -> Sequence[float]:
                     return listener.pmi(rendered, texts)
             winner = pick(mode, prompt.message, candidates if mode != "canon" else [], canon,
-                          scorer, settings.canon_candidates, sentence_cap=sentence_cap,
-                          listener=heard, shortlist=settings.canon_shortlist,
-                          listener_weight=settings.listener_weight)
+                          scorer, settings.reply_choice.canon_candidates,
+                          sentence_cap=sentence_cap, listener=heard,
+                          shortlist=settings.reply_choice.canon_shortlist,
+                          listener_weight=settings.reply_choice.listener_weight)
             pick_ms = (time.perf_counter() - started) * 1000
             text = winner.text if winner is not None else persona.line("fallback")
             chosen = (source.candidates[winner.source] if source and winner is not None

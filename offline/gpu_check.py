@@ -98,10 +98,10 @@ def _measure(settings: Any, four_bit: bool, records: list[dict[str, Any]],
     from persona.pack import load_persona
     from persona.prompt import render_prompt
 
-    persona = load_persona(settings.persona)
+    persona = load_persona(settings.generation.persona)
     started = time.perf_counter()
-    loaded = load_model(settings.base_model, settings.adapter_paths, "cuda", "bfloat16",
-                        settings.model_cache_dir, load_in_4bit=four_bit)
+    loaded = load_model(settings.model.base_model, settings.model.adapter_paths, "cuda", "bfloat16",
+                        settings.model.cache_dir, load_in_4bit=four_bit)
     out: dict[str, Any] = {"load_s": round(time.perf_counter() - started, 1)}
     generator = HFGenerator(loaded, persona.other_speakers)
     controls = persona.controls.merged({"max_new_tokens": MAX_NEW_TOKENS, "temperature": 0.0,

@@ -357,13 +357,14 @@ def run(args: argparse.Namespace) -> int:
         from persona.pack import load_persona
 
         settings = Settings()
-        persona = load_persona(settings.persona)
-        loaded = load_model(settings.base_model, settings.adapter_paths, settings.device,
-                            settings.dtype, settings.model_cache_dir)
-        listener = listener_for(settings.model_copy(update={"listener": "pmi"}), loaded,
-                                persona)
+        persona = load_persona(settings.generation.persona)
+        model_settings = settings.model
+        loaded = load_model(model_settings.base_model, model_settings.adapter_paths,
+                            model_settings.device, model_settings.dtype,
+                            model_settings.cache_dir)
+        listener = listener_for(settings.with_overrides(listener="pmi"), loaded, persona)
         if listener is None:
-            raise SystemExit(f"no {settings.default_adapter} adapter for the listener")
+            raise SystemExit(f"no {model_settings.default_adapter} adapter for the listener")
         print(f"selector {args.shortlist} best + listener (weight {args.listener_weight:g}):",
               listener_ranking_metrics(model, chosen, scenes, listener, persona,
                                        args.shortlist, args.listener_weight,

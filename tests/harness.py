@@ -24,7 +24,9 @@ from persona.pack import Persona
 
 def make_settings(redis_url: str, prefix: str, **overrides: Any) -> Settings:
     """Settings without .env and tokens (a fresh object: cached properties are not copied);
-    frontends do not stream unless asked (as in conftest's ``settings``)."""
+    frontends do not stream unless asked (as in conftest's ``settings``). Overrides are named
+    like the environment variables, in lower case (``user_rate_limit=0`` sets
+    ``settings.frontend.user_rate_limit``), as everywhere `Settings` is built."""
     values: dict[str, Any] = {"redis_url": redis_url, "key_prefix": prefix,
                               "telegram_token": None, "discord_token": None,
                               "worker_metrics_port": 0, "stream_replies": False, **overrides}

@@ -138,8 +138,8 @@ def test_worker_reranker_setting(settings) -> None:
     """RERANKER=persona gives the worker the stored classifier's score; none gives nothing."""
     from engine.runtime import build_scorer
 
-    assert build_scorer(settings.model_copy(update={"reranker": "none"})) is None
-    scorer = build_scorer(settings.model_copy(update={"reranker": "persona"}))
+    assert build_scorer(settings.with_overrides(reranker="none")) is None
+    scorer = build_scorer(settings.with_overrides(reranker="persona"))
     assert scorer is not None
     scores = scorer(["Everybody lies.", "Thank you, doctor."])
     assert len(scores) == 2 and all(0.0 < s < 1.0 for s in scores)

@@ -29,6 +29,8 @@ ENV_EXAMPLE = ROOT / ".env.example"
 APP_SERVICES = ("worker", "worker-cpu", "worker-vllm", "telegram", "discord")
 # Environment names in the compose file that are not Settings (read by libraries).
 EXTERNAL_ENV = {"HF_HOME"}
+# Every setting's environment name (the nested groups' leaf fields).
+SETTING_NAMES = {env for env, *_ in Settings.env_fields()}
 HEAVY_MODULES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "gguf",
                  "sentencepiece", "sentence_transformers", "sklearn", "matplotlib", "numpy",
                  "bitsandbytes")
@@ -76,8 +78,8 @@ def test_redis_is_loopback_protected_and_capped_and_compose_requires_a_password(
     assert command[command.index("--requirepass") + 1].startswith("${REDIS_PASSWORD:?")
     assert redis["environment"]["REDISCLI_AUTH"].startswith("${REDIS_PASSWORD:?")
     defaults = Settings(_env_file=None)  # type: ignore[call-arg]
-    assert defaults.worker_metrics_host == "127.0.0.1"
-    assert defaults.telegram_webhook_listen == "127.0.0.1"
+    assert defaults.worker.metrics_host == "127.0.0.1"
+    assert defaults.telegram.webhook_listen == "127.0.0.1"
     for name in (*APP_SERVICES, "vllm"):
         for port in compose()["services"][name].get("ports", []):
             assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
@@ -105,7 +107,7 @@ def test_redis_password_is_used_and_masked() -> None:
     from base.redis_conn import make_client
 
     settings = Settings(_env_file=None, redis_password="s3cret-pass")  # type: ignore[call-arg]
-    client = make_client(settings.redis_url, "s3cret-pass")
+    client = make_client(settings.redis.url, "s3cret-pass")
     assert client.connection_pool.connection_kwargs["password"] == "s3cret-pass"
     assert mask_secret("auth s3cret-pass failed", settings) == "auth *** failed"
 
@@ -132,7 +134,7 @@ def test_app_services_restart_check_health_and_read_secrets_from_env_file(name: 
     assert service["environment"]["REDIS_URL"] == "redis://redis:6379/0"
     for key, value in service["environment"].items():
         assert "TOKEN" not in key, f"{name}: secrets belong in .env, not in the compose file"
-        assert key.lower() in Settings.model_fields or key in EXTERNAL_ENV, \
+        assert key in SETTING_NAMES or key in EXTERNAL_ENV, \
             f"{name}: {key} is not a setting"
         assert str(value).strip(), f"{name}: {key} is empty"
     build = service["build"]
@@ -393,23 +395,40 @@ def env_example_entries() -> dict[str, tuple[bool, str, str]]:
 
 def test_env_example_lists_every_setting_with_a_comment() -> None:
     entries = env_example_entries()
-    fields = {name.upper() for name in Settings.model_fields}
-    missing = sorted(fields - entries.keys())
-    unknown = sorted(entries.keys() - fields)
+    missing = sorted(SETTING_NAMES - entries.keys())
+    unknown = sorted(entries.keys() - SETTING_NAMES)
     assert not missing, f"settings missing from .env.example: {missing}"
     assert not unknown, f".env.example names that are no setting: {unknown}"
     for name, (_, _, comment) in entries.items():
         assert len(comment) >= 10, f"{name} has no explaining comment in .env.example"
 
 
+def test_env_example_sections_are_the_settings_groups() -> None:
+    """Each ``# ---- … (settings.GROUP) ----`` section holds exactly that group's settings, in
+    the order of the groups in `Settings`."""
+    group_of = {env: group for env, group, _, _ in Settings.env_fields()}
+    sections: list[str] = []
+    for line in ENV_EXAMPLE.read_text().splitlines():
+        if line.startswith("# ----"):
+            match = re.search(r"\(settings\.(\w+)\)", line)
+            assert match, f"section header without its group: {line}"
+            sections.append(match.group(1))
+        elif (entry := _ASSIGNMENT.match(line)) and entry.group(2) in group_of:
+            name = entry.group(2)
+            assert sections, f"{name} is above the first section"
+            assert group_of[name] == sections[-1], \
+                f"{name} is settings.{group_of[name]}, not settings.{sections[-1]}"
+    assert sections == list(Settings.model_fields)
+
+
 def test_env_example_states_the_real_defaults() -> None:
     """Copying .env.example to .env changes nothing: every active line is the default."""
     from_example = Settings(_env_file=ENV_EXAMPLE)  # type: ignore[call-arg]
     defaults = Settings(_env_file=None)  # type: ignore[call-arg]
-    for name in Settings.model_fields:
-        assert getattr(from_example, name) == getattr(defaults, name), \
-            f"{name.upper()} in .env.example is not the default"
-    secrets = {name.upper() for name, field in Settings.model_fields.items()
+    for env, group, name, _ in Settings.env_fields():
+        assert getattr(getattr(from_example, group), name) == \
+            getattr(getattr(defaults, group), name), f"{env} in .env.example is not the default"
+    secrets = {env for env, _, _, field in Settings.env_fields()
                if "SecretStr" in str(field.annotation)}
     assert {"TELEGRAM_TOKEN", "DISCORD_TOKEN"} <= secrets
     for name, (active, _, _) in env_example_entries().items():

@@ -66,8 +66,7 @@ async def start_bot(settings: Settings, redis: aioredis.Redis, keys: Keys, perso
     running: list[asyncio.Task[None]] = []
 
     async def start(**overrides: Any) -> DiscordFrontend:
-        fields = {**settings.model_dump(), "discord_token": "not-used", **overrides}
-        bot_settings = Settings(_env_file=None, **fields)  # type: ignore[call-arg]
+        bot_settings = settings.with_overrides(**{"discord_token": "not-used", **overrides})
         queue = QueueClient(redis, keys, FRONTEND_ID)
         await queue.setup()
         frontend = DiscordFrontend(bot_settings, persona, queue, keys, reader_block_ms=100)
@@ -350,9 +349,7 @@ async def test_allow_list_by_guild(fake_worker: Worker, start_bot: tuple[Factory
     assert (await sent.next()).content == persona.line("not_allowed")
     # The guild on the allow-list (its id exists only once dpytest is configured) lets
     # everyone in it talk to House.
-    bot.settings = Settings(_env_file=None,  # type: ignore[call-arg]
-                            **{**bot.settings.model_dump(), "allowed_chats":
-                               str(channel.guild.id)})
+    bot.settings = bot.settings.with_overrides(allowed_chats=str(channel.guild.id))
     bot.core.settings = bot.settings
     await dpytest.message(f"<@{bot.client.user.id}> hello again", channel, ann)
     assert (await sent.next()).content.startswith("Diagnosis")

@@ -194,7 +194,7 @@ async def test_the_console_rewrites_a_streamed_reply_in_place(
             out = io.StringIO()
             queue = QueueClient(redis, keys, f"console-{interactive}")
             await queue.setup()
-            console = ConsoleFrontend(settings.model_copy(update={"stream_replies": True}),
+            console = ConsoleFrontend(settings.with_overrides(stream_replies=True),
                                       persona, queue, keys, stdin=io.StringIO("Why me?\n"),
                                       stdout=out, interactive=interactive)
             console.out.width = 10_000
@@ -223,7 +223,7 @@ async def test_the_console_waits_for_a_worker_that_is_still_starting(
     queue = QueueClient(redis, keys, "console-start")
     await queue.setup()
     out = io.StringIO()
-    console = ConsoleFrontend(settings.model_copy(update={"reply_timeout_s": 0.5}), persona,
+    console = ConsoleFrontend(settings.with_overrides(reply_timeout_s=0.5), persona,
                               queue, keys, stdin=io.StringIO("Is it lupus?\n"), stdout=out,
                               interactive=False)
     chatting = asyncio.create_task(console.run())

@@ -247,7 +247,7 @@ async def test_history_and_prompts_stay_bounded_over_a_long_conversation(
     """30 long messages in one conversation: Redis keeps at most ``history_max_turns`` turns,
     every prompt stays under system + message budget + history budget (FakeChatTokenizer:
     one token per word), and the frontend's reply bookkeeping is empty afterwards."""
-    settings = make_settings(settings.redis_url, prefix, user_rate_limit=0,
+    settings = make_settings(settings.redis.url, prefix, user_rate_limit=0,
                              max_message_chars=20_000)
     queue = QueueClient(redis, keys, "bounded-frontend")
     await queue.setup()
@@ -276,7 +276,7 @@ async def test_core_survives_a_flood_of_hostile_messages(
         keys: Keys, persona: Persona, prefix: str, settings: Settings, fake_worker: Worker,
         queue: QueueClient) -> None:
     """Every kind above, 20 users at once: every message gets an answer."""
-    core = FrontendCore(make_settings(settings.redis_url, prefix, user_rate_limit=0), persona,
+    core = FrontendCore(make_settings(settings.redis.url, prefix, user_rate_limit=0), persona,
                         queue, keys)
     texts = [*INJECTIONS, "", "x" * 50_000, "\u200b", "/", "/compare", "/reset", "😷" * 500,
              bytes(range(256)).decode("latin-1")]
@@ -354,14 +354,14 @@ async def test_a_reset_flood_from_one_user_does_not_refuse_or_delay_anyone_else(
     in the stream, so ~200 of them made everyone else's messages "waiting room is full"."""
     from bots.core import FrontendCore, Incoming
 
-    small = make_settings(settings.redis_url, settings.key_prefix, max_queue_depth=20)
+    small = make_settings(settings.redis.url, settings.redis.key_prefix, max_queue_depth=20)
     core = FrontendCore(small, persona, QueueClient(redis, keys, queue.frontend_id, 20), keys)
     answers = [await core.handle(Incoming(user="flooder", conversation="t:u:flooder",
                                           text=text))
                for text in ["/reset", "/forget", "/help", "/nonsense"] * 50]
     immediate = [a.text for a in answers if hasattr(a, "text") and not hasattr(a, "kind")]
     assert immediate.count(persona.line("slow_down")) >= 190
-    assert await redis.xlen(keys.requests) <= settings.user_rate_limit
+    assert await redis.xlen(keys.requests) <= settings.frontend.user_rate_limit
     generator = CapturingGenerator()
     async with running_worker(redis, keys, persona, generator):
         reply = await ask(core, queue, "victim", "My knee hurts")

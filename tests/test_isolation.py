@@ -29,7 +29,7 @@ SECRET = re.compile(r"secret-(\w+)-(\w+)-(\d+)")
 @pytest.fixture
 def core(settings: Settings, prefix: str, persona: Persona, queue: QueueClient,
          keys: Keys) -> FrontendCore:
-    return FrontendCore(make_settings(settings.redis_url, prefix, user_rate_limit=0), persona,
+    return FrontendCore(make_settings(settings.redis.url, prefix, user_rate_limit=0), persona,
                         queue, keys)
 
 
@@ -186,7 +186,7 @@ async def test_shared_group_history_retry_reset_and_forget_act_on_your_own_turns
     from bots.core import FrontendCore, Incoming
     from engine.generation import FakeGenerator
 
-    core = FrontendCore(make_settings(settings.redis_url, settings.key_prefix,
+    core = FrontendCore(make_settings(settings.redis.url, settings.redis.key_prefix,
                                       admin_ids="admin"), persona, queue, keys)
     channel = "t:c:500"
 

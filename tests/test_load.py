@@ -57,17 +57,17 @@ async def test_500_conversations_of_4_messages(settings: Settings, prefix: str,
                                                persona: Persona) -> None:
     bot_settings: Settings
     generators = [TaggingGenerator(), TaggingGenerator()]
-    clients = [make_client(settings.redis_url) for _ in range(3)]
+    clients = [make_client(settings.redis.url) for _ in range(3)]
     rss_before_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     async with FakeTelegram() as tg, contextlib.AsyncExitStack() as stack:
         bot_settings = make_settings(
-            settings.redis_url, prefix, telegram_token=tg.token, telegram_api_url=tg.api_url,
+            settings.redis.url, prefix, telegram_token=tg.token, telegram_api_url=tg.api_url,
             telegram_poll_timeout_s=1, user_rate_limit=0, max_queue_depth=100_000,
             telegram_overall_rate=100_000.0, reply_timeout_s=300.0)
         for i, generator in enumerate(generators):
             await stack.enter_async_context(running_worker(
                 clients[i], keys, persona, generator, name=f"load-worker-{i}", batch_size=16))
-        queue = QueueClient(clients[2], keys, FRONTEND_ID, bot_settings.max_queue_depth)
+        queue = QueueClient(clients[2], keys, FRONTEND_ID, bot_settings.redis.max_queue_depth)
         await queue.setup()
         bot = TelegramFrontend(bot_settings, persona, queue, keys, reader_block_ms=200)
         serving = asyncio.create_task(bot.serve(), name="telegram")

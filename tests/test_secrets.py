@@ -45,12 +45,12 @@ def test_tokens_come_from_the_environment_and_env_file(tmp_path: Path,
     env_file = tmp_path / ".env"
     env_file.write_text(f"TELEGRAM_TOKEN={TOKEN}\nDISCORD_TOKEN={DISCORD}\n")
     settings = Settings(_env_file=env_file)  # type: ignore[call-arg]
-    assert settings.telegram_token is not None
-    assert settings.telegram_token.get_secret_value() == TOKEN
+    assert settings.telegram.token is not None
+    assert settings.telegram.token.get_secret_value() == TOKEN
     monkeypatch.setenv("TELEGRAM_TOKEN", "111:from-the-environment")
     settings = Settings(_env_file=env_file)  # type: ignore[call-arg]
-    assert settings.telegram_token.get_secret_value() == "111:from-the-environment"
-    assert Settings(_env_file=None).discord_token is None  # type: ignore[call-arg]
+    assert settings.telegram.token.get_secret_value() == "111:from-the-environment"
+    assert Settings(_env_file=None).discord.token is None  # type: ignore[call-arg]
 
 
 def test_tokens_never_show_in_settings_dumps() -> None:
@@ -123,7 +123,7 @@ async def test_drhouse_telegram_never_logs_its_token(
     """The deployed command, at DEBUG, through a full exchange, a 429 retry and shutdown:
     its output holds no token. It also serves its metrics (the container health check)."""
     metrics_port = free_port()
-    env = {**os.environ, "TELEGRAM_TOKEN": TOKEN, "REDIS_URL": settings.redis_url,
+    env = {**os.environ, "TELEGRAM_TOKEN": TOKEN, "REDIS_URL": settings.redis.url,
            "KEY_PREFIX": prefix, "TELEGRAM_POLL_TIMEOUT_S": "1", "LOG_LEVEL": "DEBUG",
            "FRONTEND_METRICS_PORT": str(metrics_port), "HF_HUB_OFFLINE": "1",
            "TELEGRAM_WEBHOOK_SECRET": WEBHOOK_SECRET}
@@ -166,7 +166,7 @@ def _get(url: str) -> str:
 @pytest.fixture
 async def guarded(settings: Settings, prefix: str, persona: Persona, queue: QueueClient,
                   keys: Keys) -> FrontendCore:
-    return FrontendCore(make_settings(settings.redis_url, prefix, allowed_users="1, 2",
+    return FrontendCore(make_settings(settings.redis.url, prefix, allowed_users="1, 2",
                                       allowed_chats="-100", admin_ids="2"),
                         persona, queue, keys)
 

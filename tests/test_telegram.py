@@ -47,9 +47,9 @@ async def start_bot(settings: Settings, redis: aioredis.Redis, keys: Keys, perso
     running: list[asyncio.Task[None]] = []
 
     async def start(**overrides: Any) -> TelegramFrontend:
-        fields = {**settings.model_dump(), "telegram_token": tg.token,
-                  "telegram_api_url": tg.api_url, "telegram_poll_timeout_s": 1, **overrides}
-        bot_settings = Settings(_env_file=None, **fields)  # type: ignore[call-arg]
+        bot_settings = settings.with_overrides(**{
+            "telegram_token": tg.token, "telegram_api_url": tg.api_url,
+            "telegram_poll_timeout_s": 1, **overrides})
         queue = QueueClient(redis, keys, FRONTEND_ID)
         await queue.setup()
         frontend = TelegramFrontend(bot_settings, persona, queue, keys, reader_block_ms=100)
@@ -423,10 +423,9 @@ async def test_webhook_mode_refuses_to_start_without_a_long_secret(
     """Forged updates could /forget a victim or pass the allow-list: no secret, no webhook."""
     from bots.platforms import run, serve_platform
 
-    fields = {**settings.model_dump(), "telegram_token": "1:x",
-              "telegram_webhook_url": "https://bot.example.org/telegram",
+    fields = {"telegram_token": "1:x", "telegram_webhook_url": "https://bot.example.org/telegram",
               "telegram_webhook_secret": secret}
-    webhook = Settings(_env_file=None, **fields)  # type: ignore[call-arg]
+    webhook = settings.with_overrides(**fields)
     with pytest.raises(ValueError, match="at least 32 characters"):
         await serve_platform("telegram", webhook, redis)
     monkeypatch.setenv("TELEGRAM_TOKEN", "1:x")
@@ -437,8 +436,8 @@ async def test_webhook_mode_refuses_to_start_without_a_long_secret(
         monkeypatch.delenv("TELEGRAM_WEBHOOK_SECRET", raising=False)
     assert run(argparse.Namespace(action="telegram")) == 2
     assert "TELEGRAM_WEBHOOK_SECRET of at least 32 characters" in capsys.readouterr().out
-    ok = Settings(_env_file=None, **{**fields, "telegram_webhook_secret": "s" * 32})  # type: ignore[call-arg]
-    assert ok.webhook_problem() is None
+    ok = settings.with_overrides(**{**fields, "telegram_webhook_secret": "s" * 32})
+    assert ok.telegram.webhook_problem() is None
 
 
 async def test_a_reply_survives_four_429s_and_is_sent_exactly_once(
@@ -461,13 +460,12 @@ async def test_a_reply_queued_when_the_frontend_stops_is_sent_after_the_restart_
         fake_generator: FakeGenerator, fake_worker: Worker, settings: Settings,
         redis: aioredis.Redis, keys: Keys, persona: Persona, tg: FakeTelegram) -> None:
     async def start() -> tuple[TelegramFrontend, asyncio.Task[None]]:
-        fields = {**settings.model_dump(), "telegram_token": tg.token,
-                  "telegram_api_url": tg.api_url, "telegram_poll_timeout_s": 1,
-                  "telegram_max_retries": 0}
+        bot_settings = settings.with_overrides(
+            telegram_token=tg.token, telegram_api_url=tg.api_url, telegram_poll_timeout_s=1,
+            telegram_max_retries=0)
         queue = QueueClient(redis, keys, FRONTEND_ID)
         await queue.setup()
-        frontend = TelegramFrontend(Settings(_env_file=None, **fields),  # type: ignore[call-arg]
-                                    persona, queue, keys, reader_block_ms=100)
+        frontend = TelegramFrontend(bot_settings, persona, queue, keys, reader_block_ms=100)
         task = asyncio.create_task(frontend.serve())
         await asyncio.wait_for(frontend.ready.wait(), 30)
         return frontend, task

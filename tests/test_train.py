@@ -54,7 +54,7 @@ def smollm2_tokenizer() -> Any:
     from transformers import AutoTokenizer
 
     gguf = find_embedded_gguf("smollm2-135m")
-    cached = _cached_copy(gguf, Path(Settings().model_cache_dir))
+    cached = _cached_copy(gguf, Path(Settings().model.cache_dir))
     if (cached / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(cached)
     return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
