@@ -255,7 +255,11 @@ def _continue_from(peft_model: Any, directory: Path) -> None:
     prefix = "base_model.model."
     state = {k if k.startswith(prefix) else prefix + k: v.float()
              for k, v in load_file(str(directory / WEIGHTS_FILE)).items()}
-    result = set_peft_model_state_dict(peft_model, state)
+    try:
+        result = set_peft_model_state_dict(peft_model, state)
+    except RuntimeError as exc:  # another rank: tensors of another size
+        raise SystemExit(f"{directory} does not fit this LoRA shape (another --lora-r?): "
+                         f"{str(exc).splitlines()[0]}") from exc
     if result.unexpected_keys:
         raise SystemExit(f"{directory} does not fit this LoRA shape: "
                          f"{result.unexpected_keys[:3]}")
