@@ -252,6 +252,8 @@ def _continue_from(peft_model: Any, directory: Path) -> None:
 
     from persona.selector import WEIGHTS_FILE
 
+    if not (directory / WEIGHTS_FILE).is_file():
+        raise SystemExit(f"--init-from {directory}: no {WEIGHTS_FILE} there")
     prefix = "base_model.model."
     state = {k if k.startswith(prefix) else prefix + k: v.float()
              for k, v in load_file(str(directory / WEIGHTS_FILE)).items()}
@@ -337,6 +339,8 @@ def run(args: argparse.Namespace) -> int:
                              "`drhouse data prepare` first")
     if args.selector_action == "train":
         config = SelectorConfig(**{f: getattr(args, f) for f in asdict(SelectorConfig())})
+        if config.init_from and not (Path(config.init_from) / "selector.safetensors").is_file():
+            raise SystemExit(f"--init-from {config.init_from}: no stored selector there")
         report = train(args.data_dir, args.out, config, args.work_dir)
         print(json.dumps(report, indent=2))
         return 0
