@@ -331,7 +331,7 @@ async def bench_serve(settings: Any, engines: list[str], levels: list[int], mess
     from engine.continuous import ContinuousGenerator
     from engine.generation import HFGenerator
     from engine.model_loading import load_model
-    from engine.runtime import build_canon, build_scorer
+    from engine.runtime import build_canon, build_scorer, listener_for
     from persona.pack import load_persona
     from persona.prompt import system_block
 
@@ -345,6 +345,9 @@ async def bench_serve(settings: Any, engines: list[str], levels: list[int], mess
     canon = await asyncio.to_thread(build_canon, chosen_settings)
     if mode != "generated" and canon is None:
         mode = "generated"  # build_canon logged why
+    # as build_worker: the listener re-ranks canon lines on a local model
+    listener = (await asyncio.to_thread(listener_for, chosen_settings, loaded, persona)
+                if canon is not None else None)
     prefix = system_block(loaded.tokenizer, persona) if settings.model.prefix_cache else ""
     controls = {"max_new_tokens": max_new_tokens, "candidates": candidates}
     redis = await redis_for(settings)
@@ -368,7 +371,8 @@ async def bench_serve(settings: Any, engines: list[str], levels: list[int], mess
             else:
                 generator = HFGenerator(loaded, persona.other_speakers, shared_prefix=prefix)
             figures = await _bench_engine(redis, generator, persona, settings, engine,
-                                          controls, levels, messages, mode, scorer, canon)
+                                          controls, levels, messages, mode, scorer, canon,
+                                          None if engine == "openai" else listener)
             close = getattr(generator, "close", None)
             if close is not None:
                 await asyncio.to_thread(close)
@@ -391,7 +395,8 @@ async def bench_serve(settings: Any, engines: list[str], levels: list[int], mess
 
 async def _bench_engine(redis: Any, generator: Any, persona: Any, settings: Any, engine: str,
                         controls: dict[str, int], levels: list[int], messages: int,
-                        mode: str, scorer: Any, canon: Any) -> dict[str, Any]:
+                        mode: str, scorer: Any, canon: Any, listener: Any = None
+                        ) -> dict[str, Any]:
     from base.keys import Keys
     from base.protocol import Reply, Request
     from base.queue_client import QueueClient
@@ -408,7 +413,7 @@ async def _bench_engine(redis: Any, generator: Any, persona: Any, settings: Any,
     queue.on_partial = heard
     worker = Worker(redis, keys, generator, persona, settings.with_overrides(
         worker_name=f"bench-{engine}", read_block_ms=20, reply_mode=mode),
-        scorer=scorer, canon=canon)
+        scorer=scorer, canon=canon, listener=listener)
     stop = asyncio.Event()
     reader = asyncio.create_task(queue.run_reader(stop=stop, block_ms=20))
     serving = asyncio.create_task(worker.run())
