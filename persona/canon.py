@@ -61,9 +61,31 @@ _THIRD = re.compile(r"\b(he|his|him|himself)\b", re.I)
 _NEXT_VERB = re.compile(r"(?:,\s*(?:then\s+)?|\band\s+|\bthen\s+)([a-z]+s)\b")
 
 
+_ENDING_SUBJECT = re.compile(r"^(?:he|she)\s+([a-z]+s)\b", re.I)
+
+
+def _narrates(sentence: str) -> bool:
+    """A last sentence that only narrates: "Turns around and walks out.", "Hangs up the
+    phone.", "He takes some Vicodin." — a narration verb first (or after He/She), and nobody
+    spoken to or speaking in it."""
+    if _FIRST_OR_SECOND.search(sentence) or sentence.rstrip().endswith(("?", "!")):
+        return False
+    if len(re.findall(r"\b(?:he|she)\b", sentence, re.I)) > 1:  # "He takes them or he dies."
+        return False
+    words = sentence.split()
+    first = words[0].strip(",.").lower()
+    if first in NARRATION_VERBS and words[0][:1].isupper():  # not "Takes that long to …"
+        return len(words) == 1 or words[1].lower() not in (*_SPEECH_AFTER, "that")
+    after = _ENDING_SUBJECT.match(sentence)
+    return bool(after) and after.group(1).lower() in NARRATION_VERBS
+
+
 def without_narration(text: str) -> str:
-    """``text`` without a stage direction in its first sentence ("" when that was all)."""
+    """``text`` without a stage direction in its first sentence or as its last ("" when that
+    was all)."""
     sentences = split_sentences(text.strip())
+    if len(sentences) > 1 and _narrates(sentences[-1]):
+        return without_narration(" ".join(sentences[:-1]))
     if not sentences:
         return ""
     first = sentences[0]

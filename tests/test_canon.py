@@ -288,6 +288,18 @@ def test_a_stage_direction_is_taken_off_a_canon_line(tmp_path) -> None:  # type:
     for speech in ("Turns out they don't have to be.", "Looks like lupus.", "It's not lupus.",
                    "Gets worse before it gets better. Like you."):
         assert without_narration(speech) == speech
+    # a direction at the end, read in a /compare answer: "A little poetic license. He takes
+    # some Vicodin."
+    assert without_narration("A little poetic license. He takes some Vicodin.") == \
+        "A little poetic license."
+    assert without_narration("I may as well do it directly. Turns around and walks out.") == \
+        "I may as well do it directly."
+    assert without_narration("I'm not there! Hangs up the phone. He grabs his cane.") == \
+        "I'm not there!"
+    for speech in ("Give me the pills. He takes them or he dies.", "Fine. Takes one to know one!",
+                   "Good. Takes that long for the blood to reperfuse.", "Yes. Does he?",
+                   "Do an MRI. Turns out it was lupus."):
+        assert without_narration(speech) == speech
     lines = ["Rolls his eyes. There's no such thing.", "Takes off his jacket.",
              "It's never lupus."]
     rows = []
