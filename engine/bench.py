@@ -83,9 +83,10 @@ def configure(parser: argparse.ArgumentParser, name: str,
                              "to it (default: the base model alone)")
     parser.add_argument("--requests", type=int, default=1000,
                         help="round trips for 'queue' (default 1000)")
-    parser.add_argument("--engines", default="continuous,batched",
-                        help="engines for 'serve' (continuous, batched, openai: the server at "
-                             "INFERENCE_URL), the first is reported at the top level")
+    parser.add_argument("--engines", default=None,
+                        help="engines for 'serve' and 'peer' (continuous, batched, llamacpp, "
+                             "openai: the server at INFERENCE_URL), comma-separated; the first "
+                             "is reported at the top level (default: LOCAL_ENGINE)")
     parser.add_argument("--levels", default="1,4,16",
                         help="concurrent conversations for 'serve' (default 1,4,16)")
     parser.add_argument("--messages", type=int, default=2,
@@ -120,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         results.update(asyncio.run(bench_peer(settings, args)))
     if args.which == "serve":
         results["serve"] = asyncio.run(bench_serve(
-            settings, [e.strip() for e in args.engines.split(",") if e.strip()],
+            settings, engines_of(args, settings),
             [int(c) for c in args.levels.split(",") if c.strip()], args.messages,
             args.max_new_tokens, args.candidates, args.adapter or settings.model.default_adapter,
             args.mode or settings.reply_choice.mode))
@@ -129,6 +130,12 @@ def run(args: argparse.Namespace) -> int:
         args.json.write_text(json.dumps(results, indent=2))
         print(f"figures written to {args.json}")
     return 0
+
+
+def engines_of(args: argparse.Namespace, settings: Any) -> list[str]:
+    """``--engines`` as a list, or the configured engine."""
+    named = [e.strip() for e in (args.engines or "").split(",") if e.strip()]
+    return named or [settings.model.local_engine]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -328,12 +335,9 @@ async def bench_serve(settings: Any, engines: list[str], levels: list[int], mess
     from rich.table import Table
 
     from base.logging_setup import redis_for
-    from engine.continuous import ContinuousGenerator
-    from engine.generation import HFGenerator
     from engine.model_loading import load_model
-    from engine.runtime import build_canon, build_scorer, listener_for
+    from engine.runtime import build_canon, build_scorer, listener_for, local_engine
     from persona.pack import load_persona
-    from persona.prompt import system_block
 
     persona = load_persona(settings.generation.persona)
     if loaded is None:
@@ -345,10 +349,6 @@ async def bench_serve(settings: Any, engines: list[str], levels: list[int], mess
     canon = await asyncio.to_thread(build_canon, chosen_settings)
     if mode != "generated" and canon is None:
         mode = "generated"  # build_canon logged why
-    # as build_worker: the listener re-ranks canon lines on a local model
-    listener = (await asyncio.to_thread(listener_for, chosen_settings, loaded, persona)
-                if canon is not None else None)
-    prefix = system_block(loaded.tokenizer, persona) if settings.model.prefix_cache else ""
     controls = {"max_new_tokens": max_new_tokens, "candidates": candidates}
     redis = await redis_for(settings)
     by_engine: dict[str, Any] = {}
@@ -360,19 +360,21 @@ async def bench_serve(settings: Any, engines: list[str], levels: list[int], mess
     try:
         for engine in engines:
             generator: Any
-            if engine == "continuous":
-                generator = ContinuousGenerator(loaded, persona.other_speakers,
-                                                shared_prefix=prefix,
-                                                merge_adapters=settings.model.merge_adapters)
-            elif engine == "openai":  # the server at INFERENCE_URL (ADAPTER_MODELS)
+            if engine == "openai":  # the server at INFERENCE_URL (ADAPTER_MODELS)
                 from engine.openai_backend import build_openai_generator
 
                 generator = build_openai_generator(settings, persona.other_speakers)
             else:
-                generator = HFGenerator(loaded, persona.other_speakers, shared_prefix=prefix)
+                generator = await asyncio.to_thread(local_engine, settings, loaded, persona,
+                                                    engine)
+            engine = getattr(generator, "engine_name", engine)  # "auto" runs one of the others
+            # as build_worker: the listener re-ranks canon lines on a local model
+            listener = (await asyncio.to_thread(listener_for, chosen_settings, loaded, persona,
+                                                generator)
+                        if canon is not None and engine != "openai" else None)
             figures = await _bench_engine(redis, generator, persona, settings, engine,
                                           controls, levels, messages, mode, scorer, canon,
-                                          None if engine == "openai" else listener)
+                                          listener)
             close = getattr(generator, "close", None)
             if close is not None:
                 await asyncio.to_thread(close)
@@ -388,7 +390,7 @@ async def bench_serve(settings: Any, engines: list[str], levels: list[int], mess
     Console().print(table)
     for engine, figures in by_engine.items():
         print(f"{engine}: one reply alone p50 {figures['alone_p50_ms']:.0f} ms")
-    chosen = engines[0]
+    chosen = next(iter(by_engine))
     return {"engine": chosen, **by_engine[chosen], "by_engine": by_engine, "mode": mode,
             "max_new_tokens": max_new_tokens, "candidates": candidates, "adapter": adapter}
 
@@ -493,7 +495,8 @@ async def _serve_level(ask: Any, level: int, messages: int, generated: Any
 
 
 async def bench_peer(settings: Any, args: argparse.Namespace) -> dict[str, Any]:
-    """``serve`` (continuous engine) and llama.cpp on the same prompts, in one run."""
+    """``serve`` (the first of ``--engines``, default LOCAL_ENGINE) and llama.cpp on the same
+    prompts, in one run."""
     from rich.console import Console
     from rich.table import Table
 
@@ -506,7 +509,7 @@ async def bench_peer(settings: Any, args: argparse.Namespace) -> dict[str, Any]:
     loaded = await asyncio.to_thread(load_model, settings.model.base_model,
                                      {adapter: settings.model.adapter_paths[adapter]}, "cpu",
                                      settings.model.dtype, settings.model.cache_dir)
-    serve = await bench_serve(settings, ["continuous"], levels, args.messages,
+    serve = await bench_serve(settings, engines_of(args, settings), levels, args.messages,
                               args.max_new_tokens, args.candidates, adapter,
                               args.mode or settings.reply_choice.mode, loaded)
     persona = load_persona(settings.generation.persona)
@@ -532,8 +535,8 @@ async def bench_peer(settings: Any, args: argparse.Namespace) -> dict[str, Any]:
                     "threads": peer["threads"], "gguf": Path(spec["gguf"]).name,
                     "samples": [r["text"] for r in peer["replies"][:3]]}
     ratio = serve["c16"]["tokens_per_s"] / peer["tokens_per_s"]
-    table = Table(title="ours (continuous engine, House adapter) vs llama.cpp (base GGUF, "
-                        "one request at a time, 2 threads)")
+    table = Table(title=f"ours ({serve['engine']} engine, {adapter} adapter) vs llama.cpp "
+                        "(base GGUF, one request at a time, 2 threads)")
     for column in ("engine", "tokens/s", "reply p50 ms", "first text p50 ms"):
         table.add_column(column, justify="right")
     table.add_row("ours, 1 conversation", f"{serve['c1']['tokens_per_s']:.1f}",

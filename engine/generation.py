@@ -190,6 +190,8 @@ class HFGenerator:
     its keys and values are computed once instead of in every batch.
     """
 
+    engine_name = "batched"
+
     def __init__(self, loaded: Any, speakers: Sequence[str] = (), shared_prefix: str = ""):
         self.loaded = loaded
         self.model = loaded.model

@@ -123,6 +123,7 @@ class OpenAIGenerator:
     threads run at once (``joins``), as the continuous engine's do."""
 
     joins = True
+    engine_name = "openai"
 
     def __init__(self, url: str, adapter_models: dict[str, str], tokenizer: Any,
                  speakers: Sequence[str] = (), api_key: str | None = None,

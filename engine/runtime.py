@@ -30,7 +30,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = ["SecretMaskingFilter", "build_canon", "build_generator", "build_scorer",
-           "build_worker", "ensure_prepared", "keys_for", "redis_for", "setup_logging"]
+           "build_worker", "ensure_prepared", "keys_for", "local_engine", "redis_for",
+           "setup_logging"]
 
 
 def build_generator(settings: Settings, persona: Persona, fake: bool = False,
@@ -49,8 +50,32 @@ def build_generator(settings: Settings, persona: Persona, fake: bool = False,
         torch.set_num_threads(model.torch_threads)
     loaded = load_model(model.base_model, model.adapter_paths, model.device, model.dtype,
                         model.cache_dir, model.load_in_4bit)
+    return local_engine(settings, loaded, persona)
+
+
+def local_engine(settings: Settings, loaded: LoadedModel, persona: Persona,
+                 name: str | None = None) -> Generator:
+    """The engine ``name`` (default ``LOCAL_ENGINE``) on a loaded model; ``auto`` is llama.cpp
+    where it can run this model (`llamacpp_can_run`), else the continuous engine."""
+    model = settings.model
+    name = name or model.local_engine
     prefix = system_block(loaded.tokenizer, persona) if model.prefix_cache else ""
-    if model.local_engine == "continuous":
+    if name in ("auto", "llamacpp"):
+        from engine.gguf_lora import AdapterConversionError
+        from engine.llamacpp_engine import build_llamacpp_generator, llamacpp_can_run
+
+        why_not = llamacpp_can_run(settings, loaded)
+        if name == "llamacpp" or why_not is None:
+            try:
+                return build_llamacpp_generator(settings, loaded, persona.other_speakers,
+                                                prefix)
+            except AdapterConversionError as exc:
+                if name == "llamacpp":
+                    raise
+                why_not = str(exc)
+        log.info("LOCAL_ENGINE=auto: the continuous engine (%s)", why_not)
+        name = "continuous"
+    if name == "continuous":
         merge = model.merge_adapters and loaded.device.type == "cpu" and not model.load_in_4bit
         return ContinuousGenerator(loaded, persona.other_speakers, shared_prefix=prefix,
                                    max_rows=model.max_running_rows, merge_adapters=merge)
@@ -108,18 +133,21 @@ def build_canon(settings: Settings) -> CanonPool | None:
 
 def build_listener(settings: Settings, generator: Generator, persona: Persona
                    ) -> Listener | None:
-    """The House model as a listener (LISTENER=pmi) on a local model: its own plain copy of
-    the model with the default adapter merged, so it never shares a module with the engine's
-    thread. None for a served model (GENERATION_BACKEND=openai), the fake, or LISTENER=none."""
+    """The House model as a listener (LISTENER=pmi) on a local model: on llama.cpp its own
+    context on the engine's weights, on PyTorch its own plain copy of the model with the
+    default adapter merged, so it never shares a module with the engine's thread. None for a
+    served model (GENERATION_BACKEND=openai), the fake, or LISTENER=none."""
     loaded = getattr(generator, "loaded", None)
     if loaded is None or settings.reply_choice.mode == "generated":
         return None
-    return listener_for(settings, loaded, persona)
+    return listener_for(settings, loaded, persona, generator)
 
 
-def listener_for(settings: Settings, loaded: LoadedModel, persona: Persona) -> Listener | None:
-    """The listener on a loaded model (see :func:`build_listener`), None with LISTENER=none or
-    without the default adapter."""
+def listener_for(settings: Settings, loaded: LoadedModel, persona: Persona,
+                 generator: Generator | None = None) -> Listener | None:
+    """The listener on a loaded model, or on ``generator``'s llama.cpp weights when it is the
+    llama.cpp engine (see :func:`build_listener`); None with LISTENER=none or without the
+    default adapter."""
     if settings.reply_choice.listener != "pmi":
         return None
     adapter = settings.model.default_adapter
@@ -129,6 +157,10 @@ def listener_for(settings: Settings, loaded: LoadedModel, persona: Persona) -> L
     empty = loaded.tokenizer.apply_chat_template(
         [{"role": "system", "content": persona.system_prompt}, {"role": "user", "content": ""}],
         tokenize=False, add_generation_prompt=True)
+    if getattr(generator, "engine_name", "") == "llamacpp":
+        from engine.llamacpp_listener import LlamaCppListener
+
+        return LlamaCppListener(generator, adapter, empty)  # type: ignore[arg-type]
     model = plain_copy(loaded.model, adapter)
     if loaded.dtype == torch.float32:  # it need not match float32 bit for bit: bf16 if fast
         model = model.to(fast_dtype(loaded.device))

@@ -9,9 +9,9 @@ Runs the same user messages through several systems and writes ``report.md``,
     drhouse eval --collect runs/tune/* --out reports/eval        # before/after table
 
 Model systems generate exactly as the worker serves: `render_prompt` with the persona, one
-batched `HFGenerator.generate` per batch of requests (``candidates`` rows each, fixed seeds),
-`reply_candidate` and `best_generated` (the worker's generated-mode choice) with the
-configured reranker, the fallback line when nothing may be said.
+``generate`` of the worker's engine (``LOCAL_ENGINE``) per batch of requests (``candidates``
+rows each, fixed seeds), `reply_candidate` and `best_generated` (the worker's generated-mode
+choice) with the configured reranker, the fallback line when nothing may be said.
 """
 
 from __future__ import annotations
@@ -213,10 +213,10 @@ def generate_replies(
 
 
 def load_generator(settings: Settings, persona: Persona, adapters: dict[str, str]) -> Generator:
-    """The serving model (`load_model` + `HFGenerator`) with only the adapters evaluated."""
-    from engine.generation import HFGenerator
+    """The serving model and engine (`load_model` + the worker's `LOCAL_ENGINE`) with only
+    the adapters evaluated."""
     from engine.model_loading import load_model
-    from persona.prompt import system_block
+    from engine.runtime import local_engine
 
     model = settings.model
     if model.torch_threads:
@@ -225,8 +225,7 @@ def load_generator(settings: Settings, persona: Persona, adapters: dict[str, str
         torch.set_num_threads(model.torch_threads)
     loaded = load_model(model.base_model, adapters, model.device, model.dtype, model.cache_dir,
                         model.load_in_4bit)
-    prefix = system_block(loaded.tokenizer, persona) if model.prefix_cache else ""
-    return HFGenerator(loaded, persona.other_speakers, shared_prefix=prefix)
+    return local_engine(settings, loaded, persona)
 
 
 def load_classifier(args: argparse.Namespace) -> Any:

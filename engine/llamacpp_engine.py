@@ -1,0 +1,347 @@
+"""Continuous batching on llama.cpp (``LOCAL_ENGINE=llamacpp``): many sequences in one
+``llama_decode`` per step, through llama-cpp-python's low-level API.
+
+The scheduling, sampling and stops are `engine.scheduler.RowScheduler`'s, as for the PyTorch
+engine; this module runs its lanes. A lane is one llama.cpp context on the shared model
+weights, with one adapter's LoRA applied at run time (the House adapter converted to a GGUF
+LoRA by `engine.gguf_lora`) or none for the base rows of ``/compare``. Each row is a
+sequence of the context's key/value cache (one cache for all, ``kv_unified``); the persona's
+system block is computed once per lane as sequence 0 and shared with every row
+(``llama_memory_seq_cp`` shares the cells, nothing is copied). A row that ends gives its
+cells back at once; rows are admitted while their prompts and token limits fit the cache
+(``LLAMACPP_KV_TOKENS``) and ``MAX_RUNNING_ROWS``.
+
+Weights (``LLAMACPP_WEIGHTS``): ``q8_0`` (default) is the embedded GGUF re-encoded to 8-bit
+blocks (llama.cpp's own quantiser; the Q4_1 values it holds are kept to within 0.4 % of a
+block's largest weight), which llama.cpp multiplies for many rows at once much faster than
+Q4_1 on these CPUs; ``source`` runs the file as it ships. Flash attention is on: it keeps a
+row's first scores the same whether it is prefilled alone or with others. Later steps are
+not bit-identical to the row alone (llama.cpp's kernels differ with the batch's width), so
+unlike the PyTorch engine a sampled row's text may differ from its text alone;
+docs/engine.md has the figures.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from base.keys import BASE_VARIANT
+from engine.generation import PerRowSampler
+from engine.model_loading import EMBEDDED_MODELS, ModelLoadError, find_embedded_gguf
+from engine.scheduler import Call, Row, RowScheduler
+
+log = logging.getLogger(__name__)
+
+PREFIX_SEQ = 0  # the sequence that holds the persona's system block in every lane
+Q8_0 = 7  # llama_ftype LLAMA_FTYPE_MOSTLY_Q8_0
+
+
+def _llama() -> Any:
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise ModelLoadError("LOCAL_ENGINE=llamacpp needs llama-cpp-python: make install builds "
+                             "it for this CPU") from exc
+    return llama_cpp
+
+
+_log_callback: Any = None  # kept alive: llama.cpp calls it for every log line
+
+
+def _route_logs(llama: Any) -> None:
+    """llama.cpp's own log lines go to this logger at debug level (they are many)."""
+    global _log_callback
+    if _log_callback is not None:
+        return
+
+    @llama.llama_log_callback
+    def forward(level: int, text: bytes, user_data: Any) -> None:
+        log.debug("llama.cpp: %s", text.decode("utf-8", "replace").rstrip())
+
+    _log_callback = forward
+    llama.llama_log_set(_log_callback, ctypes.c_void_p(0))
+
+
+def weights_file(base_model: str, weights: str, cache_dir: Path) -> Path:
+    """The GGUF the engine runs: the embedded model's file, or its Q8_0 re-encoding (made on
+    first use with llama.cpp's quantiser, cached in ``cache_dir``)."""
+    if base_model not in EMBEDDED_MODELS:
+        raise ModelLoadError(f"LOCAL_ENGINE=llamacpp runs the embedded GGUF models "
+                             f"({', '.join(EMBEDDED_MODELS)}), not {base_model!r}")
+    source = find_embedded_gguf(base_model)
+    if weights == "source":
+        return source
+    stat = source.stat()
+    key = hashlib.sha1(f"{source.name}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()
+    out = cache_dir / f"{source.stem}-{weights}-{key[:10]}.gguf"
+    if not out.is_file():
+        llama = _llama()
+        _route_logs(llama)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        params = llama.llama_model_quantize_default_params()
+        params.ftype, params.allow_requantize, params.nthread = Q8_0, True, os.cpu_count() or 1
+        log.info("re-encoding %s as %s in %s (first start only)", source.name, weights, out)
+        if llama.llama_model_quantize(str(source).encode(), str(tmp).encode(), params) != 0:
+            raise ModelLoadError(f"llama.cpp could not re-encode {source} as {weights}")
+        tmp.rename(out)
+    return out
+
+
+@dataclass(eq=False)
+class _Lane:
+    """One llama.cpp context (one adapter) and the rows that run on it."""
+
+    adapter: str
+    ctx: Any
+    batch: Any
+    capacity: int  # key/value cells
+    prefix_len: int = 0
+    rows: list[Row] = field(default_factory=list)
+    free_slots: list[int] = field(default_factory=list)
+    reserved: dict[int, int] = field(default_factory=dict)  # slot -> cells it may use
+
+
+class LlamaCppGenerator(RowScheduler):
+    """The llama.cpp engine (see the module docstring)."""
+
+    engine_name = "llamacpp"
+
+    def __init__(self, loaded: Any, gguf: Path, lora_files: dict[str, Path],
+                 speakers: Sequence[str] = (), shared_prefix: str = "", max_rows: int = 32,
+                 kv_tokens: int = 8192, threads: int = 0, batch_tokens: int = 2048):
+        super().__init__(loaded.tokenizer, loaded.eos_token_ids, list(lora_files), speakers,
+                         max_rows)
+        self.loaded = loaded  # the PyTorch model too: the listener and the tokenizer use it
+        self.llama = _llama()
+        _route_logs(self.llama)
+        self.llama.llama_backend_init()
+        self.gguf = gguf
+        self.threads = threads or os.cpu_count() or 1
+        self.batch_tokens = max(batch_tokens, max_rows)
+        params = self.llama.llama_model_default_params()
+        params.n_gpu_layers = 0
+        self.model = self.llama.llama_model_load_from_file(str(gguf).encode(), params)
+        if not self.model:
+            raise ModelLoadError(f"llama.cpp could not load {gguf}")
+        vocab = self.llama.llama_model_get_vocab(self.model)
+        self.n_vocab = self.llama.llama_vocab_n_tokens(vocab)
+        self._loras = {}
+        for name, path in lora_files.items():
+            lora = self.llama.llama_adapter_lora_init(self.model, str(path).encode())
+            if not lora:
+                raise ModelLoadError(f"llama.cpp could not load the {name} adapter ({path})")
+            self._loras[name] = lora
+        self.prefix_ids = (self.tokenizer(shared_prefix, add_special_tokens=False)["input_ids"]
+                           if shared_prefix else [])
+        self._contexts: list[_Lane] = []  # every context made, freed by close()
+        self._lanes = {name: self._make_lane(name, kv_tokens)
+                       for name in [*self.adapters, BASE_VARIANT]}
+
+    def _make_lane(self, adapter: str, kv_tokens: int) -> _Lane:
+        return self.make_context(adapter, kv_tokens, self.max_rows, self.batch_tokens)
+
+    def make_context(self, adapter: str, kv_tokens: int, sequences: int, batch_tokens: int
+                     ) -> _Lane:
+        """A context on the shared weights with ``adapter``'s LoRA (none for the base), room
+        for ``sequences`` rows beside the persona's block (sequence 0, computed here)."""
+        llama = self.llama
+        params = llama.llama_context_default_params()
+        params.n_ctx = kv_tokens
+        params.n_batch = batch_tokens
+        params.n_ubatch = min(512, batch_tokens)
+        params.n_seq_max = sequences + 1
+        params.n_threads = params.n_threads_batch = self.threads
+        params.kv_unified = True
+        params.flash_attn_type = 1  # LLAMA_FLASH_ATTN_TYPE_ENABLED
+        params.no_perf = True
+        ctx = llama.llama_init_from_model(self.model, params)
+        if not ctx:
+            raise ModelLoadError(f"llama.cpp could not make a context of {kv_tokens} tokens")
+        if adapter in self._loras:
+            loras = (llama.llama_adapter_lora_p_ctypes * 1)(self._loras[adapter])
+            scales = (ctypes.c_float * 1)(1.0)
+            if llama.llama_set_adapters_lora(ctx, loras, 1, scales) != 0:
+                raise ModelLoadError(f"llama.cpp could not apply the {adapter} adapter")
+        lane = _Lane(adapter, ctx, llama.llama_batch_init(batch_tokens, 0, 1),
+                     llama.llama_n_ctx(ctx), free_slots=list(range(1, sequences + 1)))
+        if self.prefix_ids:
+            self.run_batch(lane, [(t, p, PREFIX_SEQ, False)
+                                  for p, t in enumerate(self.prefix_ids)])
+            lane.prefix_len = len(self.prefix_ids)
+        self._contexts.append(lane)
+        return lane
+
+    def _lane(self, adapter: str) -> _Lane:
+        return self._lanes.get(adapter, self._lanes[BASE_VARIANT])
+
+    # ---- llama.cpp calls -------------------------------------------------------------------
+
+    def run_batch(self, lane: _Lane, items: Sequence[tuple[int, int, int, bool]]) -> None:
+        """One ``llama_decode`` of (token, position, sequence, wants scores) items."""
+        batch = lane.batch
+        batch.n_tokens = len(items)
+        for i, (token, position, seq, wants) in enumerate(items):
+            batch.token[i] = token
+            batch.pos[i] = position
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seq
+            batch.logits[i] = wants
+        status = self.llama.llama_decode(lane.ctx, batch)
+        if status != 0:
+            raise RuntimeError(f"llama_decode returned {status} (1: no room in the key/value "
+                               "cache)")
+
+    def _scores(self, lane: _Lane, index: int) -> torch.Tensor:
+        pointer = self.llama.llama_get_logits_ith(lane.ctx, index)
+        return torch.from_numpy(np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)).copy()
+                                )[None]
+
+    def _release(self, lane: _Lane, row: Row) -> None:
+        if row.slot < 0:
+            return
+        memory = self.llama.llama_get_memory(lane.ctx)
+        self.llama.llama_memory_seq_rm(memory, row.slot, -1, -1)
+        lane.reserved.pop(row.slot, None)
+        lane.free_slots.append(row.slot)
+        row.slot = -1
+
+    # ---- the scheduler's lane operations ---------------------------------------------------
+
+    def _cells(self, job: Any) -> int:
+        ids = self.tokenizer(job.prompt, add_special_tokens=False)["input_ids"]
+        shared = self.prefix_ids and ids[: len(self.prefix_ids)] == self.prefix_ids
+        return len(ids) - (len(self.prefix_ids) if shared else 0) + job.controls.max_new_tokens
+
+    def _fits(self, running: int, admitted: Sequence[Call], call: Call) -> bool:
+        if not super()._fits(running, admitted, call):
+            return False
+        needs: dict[str, int] = {}
+        for waiting in [*admitted, call]:
+            for job in waiting.jobs:
+                name = self._lane(job.adapter).adapter
+                needs[name] = needs.get(name, 0) + self._cells(job)
+        return all(lane.prefix_len + sum(lane.reserved.values()) + needs.get(name, 0)
+                   <= lane.capacity for name, lane in self._lanes.items())
+
+    def _prefill(self, lane: _Lane, owners: Sequence[tuple[Call, int]]) -> tuple[list[Row], Any]:
+        """Every row's prompt after the shared system block, in as few decodes as fit."""
+        memory = self.llama.llama_get_memory(lane.ctx)
+        rows: list[Row] = []
+        items: list[tuple[int, int, int, bool]] = []
+        try:
+            for call, index in owners:
+                job = call.jobs[index]
+                prompt = self.tokenizer(job.prompt, add_special_tokens=False)["input_ids"]
+                if not lane.free_slots:
+                    raise RuntimeError("no free sequence in the llama.cpp context")
+                row = Row(call, index, list(prompt), lane.adapter,
+                          PerRowSampler([job.controls], [job.seed]), length=len(prompt),
+                          slot=lane.free_slots.pop(0))
+                rows.append(row)
+                lane.reserved[row.slot] = self._cells(job)
+                start = 0
+                if lane.prefix_len and prompt[: lane.prefix_len] == self.prefix_ids:
+                    self.llama.llama_memory_seq_cp(memory, PREFIX_SEQ, row.slot, -1, -1)
+                    start = lane.prefix_len
+                if start == len(prompt):  # nothing after the block: score its last token
+                    start -= 1
+                    self.llama.llama_memory_seq_rm(memory, row.slot, start, -1)
+                items += [(prompt[p], p, row.slot, p == len(prompt) - 1)
+                          for p in range(start, len(prompt))]
+            waiting = rows.copy()
+            for first in range(0, len(items), self.batch_tokens):
+                chunk = items[first : first + self.batch_tokens]
+                self.run_batch(lane, chunk)
+                for i, (_, _, seq, wants) in enumerate(chunk):
+                    if wants:
+                        row = next(r for r in waiting if r.slot == seq)
+                        row.logits = self._scores(lane, i)
+                        waiting.remove(row)
+        except Exception:
+            for row in rows:
+                self._release(lane, row)
+            raise
+        return rows, None
+
+    def _join(self, lane: _Lane, rows: list[Row], state: Any, alive: list[int]) -> None:
+        for i, row in enumerate(rows):
+            if i in alive:
+                lane.rows.append(row)
+            else:
+                self._release(lane, row)
+
+    def _decode(self, lane: _Lane) -> None:
+        rows = lane.rows
+        self.run_batch(lane, [(r.tokens[-1], r.length, r.slot, True) for r in rows])
+        self.steps += 1
+        keep = []
+        for i, row in enumerate(rows):
+            row.length += 1
+            row.logits = self._scores(lane, i)
+            if self._step_row(row):
+                keep.append(i)
+        if len(keep) < len(rows):
+            self._drop(lane, keep)
+
+    def _drop(self, lane: _Lane, keep: list[int]) -> None:
+        kept = set(keep)
+        for i, row in enumerate(lane.rows):
+            if i not in kept:
+                self._release(lane, row)
+        lane.rows = [lane.rows[i] for i in keep]
+
+    def close(self) -> None:
+        super().close()
+        for lane in self._contexts:
+            self.llama.llama_batch_free(lane.batch)
+            self.llama.llama_free(lane.ctx)
+        self._lanes, self._contexts = {}, []
+        for lora in self._loras.values():
+            self.llama.llama_adapter_lora_free(lora)
+        self._loras = {}
+        if self.model:
+            self.llama.llama_model_free(self.model)
+            self.model = None
+
+
+def llamacpp_can_run(settings: Any, loaded: Any) -> str | None:
+    """Why the llama.cpp engine cannot run this model here, or None when it can."""
+    import importlib.util
+
+    model = settings.model
+    if importlib.util.find_spec("llama_cpp") is None:
+        return "llama-cpp-python is not installed"
+    if model.base_model not in EMBEDDED_MODELS:
+        return f"{model.base_model} is not an embedded GGUF model"
+    if loaded.device.type != "cpu" or model.load_in_4bit:
+        return f"the model runs on {loaded.device.type}"
+    return None
+
+
+def build_llamacpp_generator(settings: Any, loaded: Any, speakers: Sequence[str],
+                             shared_prefix: str) -> LlamaCppGenerator:
+    """The llama.cpp engine for these settings, on the adapters ``loaded`` has."""
+    from engine.gguf_lora import cached_adapter_gguf
+
+    model = settings.model
+    source = find_embedded_gguf(model.base_model) if model.base_model in EMBEDDED_MODELS \
+        else None
+    gguf = weights_file(model.base_model, model.llamacpp_weights, model.cache_dir)
+    loras = {name: cached_adapter_gguf(Path(model.adapter_paths[name]), source or gguf,
+                                       model.cache_dir)
+             for name in loaded.adapters}
+    return LlamaCppGenerator(loaded, gguf, loras, speakers, shared_prefix,
+                             max_rows=model.max_running_rows,
+                             kv_tokens=model.llamacpp_kv_tokens,
+                             threads=model.torch_threads)

@@ -1,0 +1,297 @@
+"""Iteration-level scheduling (continuous batching), whatever runs the model.
+
+``generate(jobs)`` may be called from several threads at once (the worker calls it once per
+micro-batch and reads the next while one generates). The calls go to one engine thread that
+keeps one running batch: the calls that arrived together are prefilled, their rows join the
+batch at the next decode step, a row leaves the moment it stops (end of text, another
+speaker's tag, past the sentence cap, its token limit) and a call returns when its last row
+has, so a short reply never waits for a long one.
+
+Rows run in lanes (one per model or adapter context); a subclass says how a lane prefills,
+joins, steps and drops rows: `engine.continuous.ContinuousGenerator` on a PyTorch model,
+`engine.llamacpp_engine.LlamaCppGenerator` on llama.cpp. Choosing a row's next token (per-row
+sampling and seed, repetition penalty and no-repeat n-grams over its own tokens, stops) is
+the same for both, here.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Collection, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from engine.generation import Generated, GenerationJob, OnText, PerRowSampler
+from persona.postprocess import speaker_tag_pattern, split_sentences
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Call:
+    """One ``generate()`` call: its rows finish independently; it returns when all have."""
+
+    jobs: Sequence[GenerationJob]
+    on_text: OnText | None
+    stream_rows: frozenset[int]
+    stop: threading.Event
+    results: list[Generated | None]
+    left: int
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+    started: float = field(default_factory=time.perf_counter)
+    prefilled: bool = False
+
+
+@dataclass(eq=False)
+class Row:
+    call: Call
+    index: int  # the job's index in its call
+    prompt: list[int]  # the whole prompt's ids (for the penalties)
+    adapter: str
+    sampler: PerRowSampler
+    tokens: list[int] = field(default_factory=list)  # generated so far
+    length: int = 0  # real (unpadded) positions in the cache
+    finished: bool = False  # ended by EOS or a stop, not cut off at max_new_tokens
+    logits: Any = None  # the scores its next token is picked from ([1, vocab])
+    slot: int = -1  # where the lane keeps its cache (llama.cpp: the sequence id)
+
+
+class RowScheduler:
+    """The engine thread and the row life cycle; lanes are the subclass's (see module doc).
+
+    A lane has ``rows`` (a list of `Row`). Subclasses implement `_lane`, `_prefill`, `_join`,
+    `_decode` and `_drop`, and set ``self._lanes`` (a dict of lanes)."""
+
+    joins = True  # concurrent generate() calls share one running batch
+
+    def __init__(self, tokenizer: Any, eos_ids: Collection[int], adapters: Sequence[str],
+                 speakers: Sequence[str] = (), max_rows: int = 32):
+        self.tokenizer = tokenizer
+        self.adapters = list(adapters)
+        self.tag = speaker_tag_pattern(speakers)
+        self.eos = set(eos_ids)
+        self.max_rows = max_rows
+        self.steps = 0  # decode steps run, all lanes (for tests and benchmarks)
+        self.most_rows = 0  # the most rows running at once
+        self._lanes: dict[str, Any] = {}
+        self._incoming: queue.Queue[Call | None] = queue.Queue()
+        self._calls: list[Call] = []
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    # ---- what a subclass implements --------------------------------------------------------
+
+    def _lane(self, adapter: str) -> Any:
+        raise NotImplementedError
+
+    def _prefill(self, lane: Any, owners: Sequence[tuple[Call, int]]) -> tuple[list[Row], Any]:
+        """Run these (call, job index) prompts; each row's ``logits`` set. Returns the rows
+        and whatever `_join` needs to add them to the lane."""
+        raise NotImplementedError
+
+    def _join(self, lane: Any, rows: list[Row], state: Any, alive: list[int]) -> None:
+        """Add ``rows[i] for i in alive`` (prefilled together, ``state``) to the lane; the
+        others already ended and are dropped."""
+        raise NotImplementedError
+
+    def _decode(self, lane: Any) -> None:
+        """One step for every row of the lane (`_step_row` each); rows that ended leave."""
+        raise NotImplementedError
+
+    def _drop(self, lane: Any, keep: list[int]) -> None:
+        """Keep only these rows of the lane (the others' call failed)."""
+        raise NotImplementedError
+
+    def _fits(self, running: int, admitted: Sequence[Call], call: Call) -> bool:
+        """Whether ``call`` may join now (room by rows; a lane may also count its cache)."""
+        return running + sum(len(c.jobs) for c in admitted) + len(call.jobs) <= self.max_rows
+
+    def _engine_context(self) -> AbstractContextManager[Any]:
+        """Entered once around the engine thread's life."""
+        return nullcontext()
+
+    def _reset_lanes(self) -> None:
+        for lane in self._lanes.values():
+            self._drop(lane, [])
+
+    # ---- the caller's side -----------------------------------------------------------------
+
+    def generate(self, jobs: Sequence[GenerationJob], on_text: OnText | None = None,
+                 stream_rows: Collection[int] = (), stop: threading.Event | None = None
+                 ) -> list[Generated]:
+        """Generate every job (blocking); ``stop`` ends this call's rows at their next step
+        (their text so far is returned, not finished)."""
+        if not jobs:
+            return []
+        call = Call(jobs, on_text, frozenset(stream_rows), stop or threading.Event(),
+                    [None] * len(jobs), len(jobs))
+        with self._lock:
+            self._calls.append(call)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+                self._thread.start()
+        self._incoming.put(call)
+        while not call.done.wait(1.0):
+            if self._thread is None or not self._thread.is_alive():  # it failed: say so
+                call.error = call.error or RuntimeError("the engine thread stopped")
+                break
+        with self._lock:
+            self._calls.remove(call)
+        if call.error is not None:
+            raise call.error
+        return [r for r in call.results if r is not None]
+
+    def cancel(self) -> None:
+        """Stop every call in flight at its next step (the worker gave up on them)."""
+        with self._lock:
+            for call in self._calls:
+                call.stop.set()
+
+    def close(self) -> None:
+        """End the engine thread (calls in flight finish first)."""
+        if self._thread is not None and self._thread.is_alive():
+            self._incoming.put(None)
+            self._thread.join(30)
+
+    # ---- the engine thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            with torch.inference_mode(), self._engine_context():
+                self._serve()
+        except Exception as exc:  # a bug, not a bad request: fail what waits; the next
+            log.exception("the engine stopped")  # generate() starts a fresh thread
+            self._reset_lanes()
+            with self._lock:
+                for call in self._calls:
+                    if not call.done.is_set():
+                        call.error = exc
+                        call.done.set()
+            while True:
+                try:
+                    self._incoming.get_nowait()
+                except queue.Empty:
+                    break
+
+    def _running(self) -> int:
+        return sum(len(lane.rows) for lane in self._lanes.values())
+
+    def _serve(self) -> None:
+        backlog: list[Call] = []  # calls waiting for room
+        closing = False
+        while True:
+            if not self._running() and not backlog:
+                backlog.append(self._incoming.get())  # type: ignore[arg-type]
+            while True:
+                try:
+                    backlog.append(self._incoming.get_nowait())  # type: ignore[arg-type]
+                except queue.Empty:
+                    break
+            if None in backlog:
+                closing = True
+                backlog = [c for c in backlog if c is not None]
+                for call in self._calls:
+                    call.stop.set()
+            admitted: list[Call] = []
+            running = self._running()
+            while backlog and ((not running and not admitted)
+                               or self._fits(running, admitted, backlog[0])):
+                admitted.append(backlog.pop(0))
+            self._admit(admitted)
+            if not self._running():
+                if closing and not backlog:
+                    return
+                continue
+            for lane in self._lanes.values():
+                if not lane.rows:
+                    continue
+                try:
+                    self._decode(lane)
+                except Exception as exc:
+                    log.exception("decode step failed")
+                    for call in {id(r.call): r.call for r in lane.rows}.values():
+                        self._fail(call, exc)
+                    self._drop(lane, [])
+            self.most_rows = max(self.most_rows, self._running())
+
+    def _admit(self, calls: list[Call]) -> None:
+        """Prefill the calls that arrived together, one pass per lane; if that fails, each
+        call once more alone, so only a call that fails by itself gets the error."""
+        for group in ([calls] if len(calls) > 1 else []) + [[c] for c in calls]:
+            group = [c for c in group if not c.prefilled and not c.done.is_set()]
+            if not group:
+                continue
+            owners = [(call, index) for call in group for index in range(len(call.jobs))]
+            by_lane: dict[int, list[tuple[Call, int]]] = {}
+            for call, index in owners:
+                by_lane.setdefault(id(self._lane(call.jobs[index].adapter)), []).append(
+                    (call, index))
+            try:
+                prefilled = [(lane, self._prefill(lane, items))
+                             for lane in self._lanes.values()
+                             if (items := by_lane.get(id(lane)))]
+            except Exception as exc:
+                log.exception("prefill of %d calls failed", len(group))
+                if len(group) == 1:
+                    self._fail(group[0], exc)
+                continue
+            for call in group:
+                call.prefilled = True
+            for lane, (joining, state) in prefilled:
+                alive = [i for i, row in enumerate(joining) if self._step_row(row)]
+                self._join(lane, joining, state, alive)
+
+    def _step_row(self, row: Row) -> bool:
+        """Pick the row's next token from its logits; False when it ended (and left)."""
+        from transformers import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+
+        controls = row.call.jobs[row.index].controls
+        scores = row.logits.float()
+        seen = torch.tensor([row.prompt + row.tokens])
+        if controls.repetition_penalty != 1.0:
+            scores = RepetitionPenaltyLogitsProcessor(controls.repetition_penalty)(seen, scores)
+        if controls.no_repeat_ngram_size > 0:
+            scores = NoRepeatNGramLogitsProcessor(controls.no_repeat_ngram_size)(seen, scores)
+        token = int(torch.argmax(row.sampler(seen, scores), dim=-1))
+        if token in self.eos or row.call.stop.is_set():
+            row.finished = token in self.eos
+            self._leave(row)
+            return False
+        row.tokens.append(token)
+        text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+        if self.tag.search(text) or len(split_sentences(text + " x")) > controls.sentence_cap + 1:
+            row.finished = True  # stopped early, as RowStops does: the reply is complete
+            self._leave(row)
+            return False
+        if len(row.tokens) >= controls.max_new_tokens:
+            self._leave(row)  # cut off: its last sentence may be a fragment
+            return False
+        if row.call.on_text is not None and row.index in row.call.stream_rows:
+            row.call.on_text(row.index, text)
+        return True
+
+    def _leave(self, row: Row) -> None:
+        call = row.call
+        text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+        call.results[row.index] = Generated(text, len(row.tokens), row.finished,
+                                            (time.perf_counter() - call.started) * 1000)
+        call.left -= 1
+        if call.left == 0:
+            call.done.set()
+
+    def _fail(self, call: Call, exc: BaseException) -> None:
+        """End a call with an error; its rows leave their lanes."""
+        for lane in self._lanes.values():
+            keep = [i for i, r in enumerate(lane.rows) if r.call is not call]
+            if len(keep) < len(lane.rows):
+                self._drop(lane, keep)
+        if not call.done.is_set():
+            call.error = exc
+            call.done.set()

@@ -1,0 +1,202 @@
+"""The llama.cpp engine on the real embedded GGUF and the shipped House adapter (converted to
+a GGUF LoRA): it is the same model as the PyTorch one, rows join a running batch and a short
+request leaves before a long one, base and House rows run side by side, the key/value budget
+makes calls wait instead of failing, and the worker serves through it."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from harness import worker_settings
+
+from base.protocol import Request
+from engine.generation import GenerationJob
+from engine.worker import Worker
+from persona.prompt import render_prompt, system_block
+
+llama_cpp = pytest.importorskip("llama_cpp", reason="make install builds llama-cpp-python")
+
+from engine.gguf_lora import convert_adapter  # noqa: E402
+from engine.llamacpp_engine import build_llamacpp_generator  # noqa: E402
+from engine.model_loading import find_embedded_gguf  # noqa: E402
+
+pytestmark = [pytest.mark.model, pytest.mark.timeout(900)]
+
+QUESTIONS = ["Do I need surgery?", "Is it lupus?", "Why are you so rude?",
+             "My head hurts every morning and my left hand goes numb when I type."]
+
+
+def make_engine(embedded_model, persona, **fields):  # type: ignore[no-untyped-def]
+    settings = worker_settings("llama", **fields)
+    return build_llamacpp_generator(settings, embedded_model, persona.other_speakers,
+                                    system_block(embedded_model.tokenizer, persona))
+
+
+@pytest.fixture(scope="module")
+def engine(embedded_model, persona):  # type: ignore[no-untyped-def]
+    if "house" not in embedded_model.adapters:
+        pytest.skip("the House adapter is not in models/")
+    generator = make_engine(embedded_model, persona)
+    yield generator
+    generator.close()
+
+
+def jobs_for(engine, persona, tokens: int, adapters, start: int = 0,  # type: ignore[no-untyped-def]
+             **controls):
+    merged = persona.controls.merged({"max_new_tokens": tokens, "sentence_cap": 10, **controls})
+    return [GenerationJob(render_prompt(engine.tokenizer, persona, [], q), adapter, merged,
+                          start + i, q)
+            for i, (q, adapter) in enumerate(zip(QUESTIONS, adapters, strict=False))]
+
+
+def first_scores(engine, job):  # type: ignore[no-untyped-def]
+    """The scores of a job's first token, from a prefill of its lane."""
+    from engine.scheduler import Call
+
+    lane = engine._lane(job.adapter)
+    call = Call([job], None, frozenset(), threading.Event(), [None], 1)
+    rows, state = engine._prefill(lane, [(call, 0)])
+    engine._join(lane, rows, state, [])
+    return torch.log_softmax(rows[0].logits.float().flatten(), -1)
+
+
+def test_the_house_lane_is_the_pytorch_house_model(engine, embedded_model, persona) -> None:
+    """The GGUF LoRA (lora_B of the query and key projections permuted as the GGUF
+    conversion permutes their weights) gives llama.cpp the adapter transformers applies:
+    the same most likely first token and log-probabilities within the weights' 8-bit
+    re-encoding; without it the base lane differs from House as PyTorch's base does."""
+    from engine.model_loading import plain_copy
+
+    # merged copies: the shared model may carry another engine's per-row adapter hooks
+    house_model = plain_copy(embedded_model.model, "house")
+    base_model = plain_copy(embedded_model.model, "__base__")
+    for question in QUESTIONS[:3]:
+        job = jobs_for(engine, persona, 1, ["house"])[0]
+        job = GenerationJob(render_prompt(engine.tokenizer, persona, [], question), "house",
+                            job.controls, 0, question)
+        ids = torch.tensor([embedded_model.tokenizer(job.prompt,
+                                                     add_special_tokens=False)["input_ids"]])
+        with torch.inference_mode():
+            house = torch.log_softmax(house_model(input_ids=ids).logits[0, -1].float(), -1)
+            base = torch.log_softmax(base_model(input_ids=ids).logits[0, -1].float(), -1)
+        ours_house = first_scores(engine, job)
+        ours_base = first_scores(engine, GenerationJob(job.prompt, "__base__", job.controls, 0))
+        top = torch.topk(house, 20).indices
+        assert int(ours_house.argmax()) == int(house.argmax())
+        assert (ours_house[top] - house[top]).abs().max() < 0.5
+        base_top = torch.topk(base, 20).indices
+        assert int(ours_base.argmax()) == int(base.argmax())
+        assert (ours_base[base_top] - base[base_top]).abs().max() < 0.5
+        assert (house[top] - base[top]).abs().max() > 1.0  # the adapter matters here
+
+
+def test_the_adapter_gguf_permutes_only_query_and_key(tmp_path: Path) -> None:
+    from gguf import GGUFReader
+    from safetensors.numpy import load_file
+
+    from base.config import ROOT
+
+    adapter = ROOT / "models" / "house-smollm2"
+    if not (adapter / "adapter_config.json").is_file():
+        pytest.skip("the House adapter is not in models/")
+    out = convert_adapter(adapter, find_embedded_gguf("smollm2-135m"), tmp_path / "a.gguf")
+    written = {t.name: np.asarray(t.data) for t in GGUFReader(str(out)).tensors}
+    peft = load_file(str(adapter / "adapter_model.safetensors"))
+    prefix = "base_model.model.model.layers.0."
+    v_b = peft[prefix + "self_attn.v_proj.lora_B.weight"].astype(np.float32)
+    q_b = peft[prefix + "self_attn.q_proj.lora_B.weight"].astype(np.float32)
+    assert np.array_equal(written["blk.0.attn_v.weight.lora_b"], v_b)
+    assert not np.array_equal(written["blk.0.attn_q.weight.lora_b"], q_b)
+    assert np.array_equal(np.sort(written["blk.0.attn_q.weight.lora_b"], axis=None),
+                          np.sort(q_b, axis=None))  # the same rows, reordered
+    assert len(written) == len(peft)
+
+
+def test_rows_join_a_running_batch_and_a_short_one_leaves_first(engine, persona) -> None:
+    long_jobs = jobs_for(engine, persona, 48, ["house", "__base__"], temperature=0.0)
+    late_jobs = jobs_for(engine, persona, 4, ["__base__", "house"], start=10)
+    results: dict[str, list] = {}  # type: ignore[type-arg]
+    finished_at: dict[str, float] = {}
+
+    def run(name: str, jobs) -> None:  # type: ignore[no-untyped-def]
+        results[name] = engine.generate(jobs)
+        finished_at[name] = time.monotonic()
+
+    steps_before = engine.steps
+    first = threading.Thread(target=run, args=("long", long_jobs))
+    first.start()
+    while engine.steps < steps_before + 3:  # the long rows are decoding
+        time.sleep(0.005)
+    run("late", late_jobs)
+    first.join(120)
+    assert all(g.tokens > 0 for g in results["long"] + results["late"])
+    assert all(g.tokens <= 4 for g in results["late"])
+    assert engine.most_rows >= 3  # they ran in one batch
+    assert finished_at["late"] < finished_at["long"]
+    # greedy: the House and base rows of one call differ, and a row alone is reproducible
+    assert results["long"][0].text != results["long"][1].text
+    again = engine.generate(long_jobs[:1])[0].text
+    assert engine.generate(long_jobs[:1])[0].text == again
+
+
+def test_calls_wait_for_room_in_the_key_value_cache(embedded_model, persona) -> None:
+    """Four calls of 96 tokens each in a 256-cell cache: at most two rows run at once, and
+    every call is answered (none fails for want of cells)."""
+    small = make_engine(embedded_model, persona, llamacpp_kv_tokens=256)
+    try:
+        jobs = jobs_for(small, persona, 96, ["house"] * 4)
+        out: list = []  # type: ignore[type-arg]
+        threads = [threading.Thread(target=lambda j=j: out.extend(small.generate([j])))
+                   for j in jobs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        assert len(out) == 4 and all(g.tokens > 0 for g in out)
+        assert small.most_rows <= 2
+    finally:
+        small.close()
+
+
+async def test_the_worker_serves_through_it(engine, persona, redis, keys, queue) -> None:  # type: ignore[no-untyped-def]
+    worker = Worker(redis, keys, engine, persona, worker_settings("llama-worker",
+                                                                  reply_mode="generated"))
+    running = asyncio.create_task(worker.run())
+    requests = [Request(frontend="test-frontend", conversation=f"c{i}", user=f"u{i}", text=q,
+                        settings={"max_new_tokens": 24, "candidates": 1, "seed": i})
+                for i, q in enumerate(QUESTIONS)]
+    for request in requests:
+        await queue.submit(request)
+    replies = [await queue.wait_reply(r.id, 120) for r in requests]
+    worker.stop.set()
+    await running
+    assert all(reply is not None and reply.text for reply in replies)
+
+
+def test_its_listener_scores_replies_as_the_pytorch_listener_does(engine, embedded_model,
+                                                                  persona) -> None:
+    """The llama.cpp listener (the engine's weights, its own context): log P(reply | prompt)
+    within the 8-bit weights' error of PyTorch's, and the same order of the replies."""
+    from engine.listener import Listener
+    from engine.llamacpp_listener import LlamaCppListener
+    from engine.model_loading import plain_copy
+
+    replies = ["Amputate.", "It's not lupus. It's never lupus.", "Yeah.",
+               "Take two aspirin and stop calling me."]
+    tokenizer = embedded_model.tokenizer
+    empty = render_prompt(tokenizer, persona, [], "")
+    prompt = render_prompt(tokenizer, persona, [], "Is it lupus?")
+    ours = LlamaCppListener(engine, "house", empty)
+    theirs = Listener(plain_copy(embedded_model.model, "house"), tokenizer, empty)
+    mine, reference = ours.logprobs(prompt, replies), theirs.logprobs(prompt, replies)
+    for a, b in zip(mine, reference, strict=True):
+        assert a == pytest.approx(b, abs=1.0)
+    assert np.argsort(mine).tolist() == np.argsort(reference).tolist()
+    assert ours.logprobs(prompt, replies) == mine  # the context is left clean
+    assert len(ours.pmi(prompt, replies)) == len(replies)
