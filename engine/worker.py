@@ -1,7 +1,8 @@
-"""The inference worker: intake (read the request stream, per-conversation order, leases,
-stale claims, dead letters, lost requests) and the serving loop around the engine
-(`engine.continuous` or `engine.generation`); the output side, replies and partial events, is
-`engine.output`. Each reply is written with its ACK in one MULTI.
+"""The inference worker: the serving loop that joins intake (`engine.intake`: reading the
+request stream, per-conversation order, leases, stale claims, lost requests), the engine
+(`engine.scheduler` and its lanes, or `engine.generation`) and output (`engine.output`:
+replies and partial events), and decides each request's outcome (dead letters, control
+requests answered at once, outages). Each reply is written with its ACK in one MULTI.
 
 Outcomes per request:
 - answered: reply + history + ACK in one transaction;
@@ -26,13 +27,13 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from base.commands import CHAT, CONTROL_KINDS, HISTORY_KINDS
+from base.commands import HISTORY_KINDS
 from base.config import Settings
 from base.keys import BASE_VARIANT, HEALTH_WINDOW_S, HYBRID_VARIANT, WORKERS_GROUP, Keys
 from base.metrics import WorkerMetrics
@@ -42,6 +43,7 @@ from base.redis_conn import REDIS_DOWN
 from base.signals import on_stop_signals
 from engine.generation import BackendUnavailable, Generated, GenerationJob, Generator, OnText
 from engine.history import HistoryStore
+from engine.intake import Intake, conversation_of, needs_no_model, remove_commands, split_quick
 from engine.listener import Listener
 from engine.output import PartialEvents, ReplyBuilder
 from engine.task import Task
@@ -56,26 +58,6 @@ CONTROL_LANE_BLOCK_MS = 50
 # Seconds between tries of a batch while the inference server is unavailable.
 BACKEND_RETRY_S = 2.0
 
-# Of the entry ids in ARGV, those whose entry is gone from the stream: envelopes removed and
-# returned (id, envelope, ...). Atomic, so two workers never apologise for the same request,
-# and an entry still in the stream is never taken for lost.
-_TAKE_LOST = """
-local lost = {}
-for i = 1, #ARGV do
-  local id = ARGV[i]
-  if #redis.call('XRANGE', KEYS[1], id, id) == 0 then
-    local envelope = redis.call('HGET', KEYS[2], id)
-    if envelope then
-      redis.call('HDEL', KEYS[2], id)
-      table.insert(lost, id)
-      table.insert(lost, envelope)
-    end
-  end
-end
-return lost
-"""
-
-
 def selector_context(history: Sequence[Turn]) -> tuple[str, ...]:
     """The exchange before the new message (user turn, House's reply), as the selector was
     trained to read it; nothing when the conversation starts."""
@@ -84,41 +66,8 @@ def selector_context(history: Sequence[Turn]) -> tuple[str, ...]:
     return ()
 
 
-def _conversation_of(fields: dict[str, str]) -> str | None:
-    try:
-        return Request.loads(fields).conversation
-    except ProtocolError:
-        return None
-
-
 class GenerationFailed(RuntimeError):
     """generate() raised (not a timeout)."""
-
-
-def _stream_order(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
-def split_quick(entries: list[tuple[str, dict[str, str]]]
-                ) -> tuple[list[tuple[str, dict[str, str]]], list[tuple[str, dict[str, str]]]]:
-    """The entries that need no model, and the others."""
-    quick: list[tuple[str, dict[str, str]]] = []
-    rest: list[tuple[str, dict[str, str]]] = []
-    for entry in entries:
-        (quick if needs_no_model(entry[1]) else rest).append(entry)
-    return quick, rest
-
-
-def needs_no_model(fields: dict[str, str]) -> bool:
-    """A request answered without the model: /reset, /forget, a message without words."""
-    try:
-        request = Request.loads(fields)
-    except ProtocolError:
-        return True  # dead-lettered at once
-    # A message whose raw text has no words has none after cleaning either: prepare() jabs it.
-    return request.kind in CONTROL_KINDS or (request.kind == CHAT
-                                             and not has_words(request.text))
 
 
 def alone_ok(outputs: Sequence[Generated | None], tasks: Sequence[Task]) -> bool:
@@ -171,19 +120,13 @@ class Worker:
         self.stop = asyncio.Event()
         self.batches = 0
         self.replies = 0
-        self._last_generation_s = 0.0
         self._signals = 0
-        # Requests whose conversation already had a request in the same batch: they wait for
-        # the next batch so they see the earlier reply in their history (per-chat order).
-        self._carry: list[tuple[str, dict[str, str]]] = []
+        self.intake = Intake(redis, keys, self.settings, self.metrics, self.name, self.stop,
+                             self.joins, self._apologise)
         self._told_outage: set[str] = set()  # entries told "House is out" (server down)
-        self._dropped: dict[str, None] = {}  # entries dead-lettered lately: never carried
         self._model_lock = threading.Lock()
-        self._busy: dict[str, int] = {}  # conversations with a request in a running batch
         self._in_flight = 0  # requests in running batches
         self._backoff = 0.1  # seconds before the next read after a Redis failure
-        self._take_lost = redis.register_script(_TAKE_LOST)
-        self._next_sweep = 0.0
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -215,11 +158,6 @@ class Worker:
         log.info("worker %s stopped after %d batches, %d replies", self.name,
                  self.batches, self.replies)
 
-    def _drop(self, entry_id: str) -> None:
-        self._dropped[entry_id] = None
-        while len(self._dropped) > 10_000:
-            del self._dropped[next(iter(self._dropped))]
-
     @property
     def joins(self) -> bool:
         """The generator lets concurrent calls join one running batch (continuous batching)."""
@@ -229,20 +167,20 @@ class Worker:
         if self.joins:
             await self._serve_continuously(burst)
             return
-        while not self.stop.is_set() or self._carry:
+        while not self.stop.is_set() or self.intake.carry:
             self.metrics.beat()
-            entries = await self._guarded(self.read_batch(block=not burst))
+            entries = await self._guarded(self.intake.read_batch(block=not burst))
             if entries is None:
                 continue
             if not entries:
-                if burst and not self._carry:
+                if burst and not self.intake.carry:
                     return
                 continue
             answered = 0
             for part in split_quick(entries):  # a /reset never waits for a chat's reply
                 if part:
                     answered += await self.process_batch(part)
-            if answered == 0 and self._carry:
+            if answered == 0 and self.intake.carry:
                 await asyncio.sleep(0.02)  # only waiting requests: let their turn come
 
     async def _serve_continuously(self, burst: bool) -> None:
@@ -254,28 +192,26 @@ class Worker:
         running: set[asyncio.Task[int]] = set()
         size = self.settings.worker.batch_size
         renew_at = 0.0
-        while not self.stop.is_set() or self._carry or running:
+        while not self.stop.is_set() or self.intake.carry or running:
             self.metrics.beat()
             room = size - self._in_flight
-            if running and (self.stop.is_set() or (room <= 0 and len(self._carry) >= size)):
+            if running and (self.stop.is_set() or (room <= 0 and len(self.intake.carry) >= size)):
                 await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 continue
             if room > 0:
-                entries = await self._guarded(self.read_batch(
+                entries = await self._guarded(self.intake.read_batch(
                     block=not burst, size=room,
                     block_ms=CONTROL_LANE_BLOCK_MS if running else None))
             else:  # full: read on for what needs no model; the rest waits, carried
-                entries = await self._guarded(self._read_new(
-                    size - len(self._carry), None if burst else CONTROL_LANE_BLOCK_MS))
+                entries = await self._guarded(self.intake.read_new(
+                    size - len(self.intake.carry), None if burst else CONTROL_LANE_BLOCK_MS))
                 if entries:
                     quick, rest = split_quick(entries)
-                    self._carry += rest
+                    self.intake.carry += rest
                     entries = quick
-                if self._carry and time.monotonic() >= renew_at:  # leased while waiting
+                if self.intake.carry and time.monotonic() >= renew_at:  # leased while waiting
                     renew_at = time.monotonic() + self.settings.worker.claim_idle_ms / 3000
-                    await self._guarded(self.redis.xclaim(
-                        self.keys.requests, WORKERS_GROUP, self.name, 0,
-                        [eid for eid, _ in self._carry], justid=True))
+                    await self._guarded(self.intake.renew([eid for eid, _ in self.intake.carry]))
             if entries is None:
                 continue
             if not entries:
@@ -283,9 +219,9 @@ class Worker:
                     if burst:
                         await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                     continue
-                if burst and not self._carry:
+                if burst and not self.intake.carry:
                     return
-                if self._carry:
+                if self.intake.carry:
                     await asyncio.sleep(0.02)  # only waiting requests: let their turn come
                 continue
             for part in (p for p in split_quick(entries) if p):  # /reset never waits for chats
@@ -313,18 +249,18 @@ class Worker:
         return result
 
     async def _run_batch(self, entries: list[tuple[str, dict[str, str]]]) -> int:
-        conversations = [c for c in (_conversation_of(f) for _, f in entries) if c]
+        conversations = [c for c in (conversation_of(f) for _, f in entries) if c]
         self._in_flight += len(entries)
         for c in conversations:
-            self._busy[c] = self._busy.get(c, 0) + 1
+            self.intake.busy[c] = self.intake.busy.get(c, 0) + 1
         try:
             return await self.process_batch(entries)
         finally:
             self._in_flight -= len(entries)
             for c in conversations:
-                self._busy[c] -= 1
-                if not self._busy[c]:
-                    del self._busy[c]
+                self.intake.busy[c] -= 1
+                if not self.intake.busy[c]:
+                    del self.intake.busy[c]
 
     async def _heartbeat(self, every_s: float = 5.0) -> None:
         """Refresh the health key while the process lives, generation in flight included (the
@@ -343,102 +279,6 @@ class Worker:
 
     # ---- reading ---------------------------------------------------------------------------
 
-    async def read_batch(self, block: bool = True, size: int | None = None,
-                         block_ms: int | None = None) -> list[tuple[str, dict[str, str]]]:
-        """Claimed stale requests first, then new ones, up to ``size`` (``batch_size``);
-        ``block_ms`` overrides how long to wait for new ones."""
-        size = self.settings.worker.batch_size if size is None else size
-        entries, self._carry = self._carry_heads(size)
-        if entries or self._carry:
-            # Still ours: reset their idle time so no other worker claims them meanwhile.
-            await self.redis.xclaim(self.keys.requests, WORKERS_GROUP, self.name, 0,
-                                    [eid for eid, _ in entries + self._carry], justid=True)
-        if self.stop.is_set():  # stopping: finish what was already read, take nothing new
-            return entries
-        # Always look for stale requests, even when carried ones fill the batch: a request
-        # this worker was handed but never received (Redis died mid-reply) may be what they
-        # wait for. What does not fit is carried.
-        entries += await self.claim_stale(max(size - len(entries), 1))
-        if time.monotonic() >= self._next_sweep:
-            self._next_sweep = (time.monotonic()
-                                + max(self.settings.worker.claim_idle_ms / 1000, 1.0))
-            await self.answer_lost()
-        if len(entries) < size:
-            wait = self.settings.worker.read_block_ms if block_ms is None else block_ms
-            entries += await self._read_new(size - len(entries),
-                                            wait if block and not entries else None)
-        # A busy conversation's backlog takes one place in a batch: read past it (a few
-        # batches' worth at most) so other conversations fill the rest.
-        for _ in range(3):
-            if len({_conversation_of(f) for _, f in entries}) >= size or len(entries) < size:
-                break
-            more = await self._read_new(size, None)
-            if not more:
-                break
-            entries += more
-        # Under load a short wait fills the batch; it costs little next to a generate().
-        # (Not with continuous batching: what arrives later joins the running batch anyway.)
-        wait_ms = 0 if self.joins else self.settings.worker.batch_wait_ms
-        if (entries and len(entries) < size and wait_ms
-                and self._last_generation_s * 1000 > 10 * wait_ms):
-            await asyncio.sleep(wait_ms / 1000)
-            entries += await self._read_new(size - len(entries), None)
-        return entries
-
-    def _carry_heads(self, size: int) -> tuple[list[tuple[str, dict[str, str]]],
-                                               list[tuple[str, dict[str, str]]]]:
-        """At most one carried request per conversation (only its oldest can be answered in
-        a batch), so one busy conversation's backlog never fills the batch and starves the
-        others: the rest of the batch is read from the stream."""
-        taken: list[tuple[str, dict[str, str]]] = []
-        kept: list[tuple[str, dict[str, str]]] = []
-        seen: set[str] = set()
-        # Oldest first: carried entries come from several batches (and the control lane), and
-        # only a conversation's oldest can be its next.
-        for entry in sorted(self._carry, key=lambda e: _stream_order(e[0])):
-            conversation = _conversation_of(entry[1])
-            if len(taken) < size and (conversation is None or (conversation not in seen
-                                      and conversation not in self._busy)):
-                taken.append(entry)
-                if conversation is not None:
-                    seen.add(conversation)
-            else:
-                kept.append(entry)
-        return taken, kept
-
-    async def _read_new(self, count: int, block_ms: int | None) -> list[tuple[str, dict]]:
-        streams = await self.redis.xreadgroup(WORKERS_GROUP, self.name,
-                                              {self.keys.requests: ">"}, count=count,
-                                              block=block_ms)
-        return list(streams[0][1]) if streams else []
-
-    async def claim_stale(self, count: int) -> list[tuple[str, dict[str, str]]]:
-        """Take over requests another (dead) worker held longer than ``claim_idle_ms``."""
-        result = await self.redis.xautoclaim(self.keys.requests, WORKERS_GROUP, self.name,
-                                             min_idle_time=self.settings.worker.claim_idle_ms,
-                                             start_id="0-0", count=count)
-        claimed = [(eid, fields) for eid, fields in result[1] if fields]
-        if claimed:
-            self.metrics.claimed.inc(len(claimed))
-            log.warning("claimed %d stale requests", len(claimed))
-        return claimed
-
-    async def answer_lost(self) -> int:
-        """Apologise for requests whose entry vanished from the stream (an operator's XDEL or
-        XTRIM) at least ``claim_idle_ms`` ago; returns how many."""
-        seconds, micros = await self.redis.time()
-        before_ms = int(seconds * 1000 + micros // 1000) - self.settings.worker.claim_idle_ms
-        old = [eid async for eid, _ in self.redis.hscan_iter(self.keys.envelopes)
-               if int(eid.split("-", 1)[0]) < before_ms]
-        found = 0
-        for start in range(0, len(old), 100):
-            taken = await self._take_lost(keys=[self.keys.requests, self.keys.envelopes],
-                                          args=old[start:start + 100])
-            for entry_id, envelope in zip(taken[::2], taken[1::2], strict=True):
-                found += 1
-                await self._apologise(entry_id, envelope)
-        return found
-
     async def _apologise(self, entry_id: str, envelope: str) -> None:
         try:
             request = Request.model_validate_json(envelope)
@@ -452,7 +292,7 @@ class Worker:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.xadd(self.keys.replies(request.frontend), reply.dumps(),
                       maxlen=self.settings.redis.stream_maxlen, approximate=True)
-            self._remove_commands(pipe, entry_id, request.conversation)
+            remove_commands(pipe, self.keys, entry_id, request.conversation)
             pipe.hincrby(self.keys.stats, "lost", 1)
             await pipe.execute()
 
@@ -472,15 +312,6 @@ class Worker:
                 await self.redis.xadd(self.keys.replies(request.frontend), notice.dumps(),
                                       maxlen=self.settings.redis.stream_maxlen, approximate=True)
 
-    async def delivery_counts(self, entry_ids: list[str]) -> list[int]:
-        """How many times each entry was delivered (XPENDING), in one round trip."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for entry_id in entry_ids:
-                pipe.xpending_range(self.keys.requests, WORKERS_GROUP, min=entry_id,
-                                    max=entry_id, count=1)
-            infos = await pipe.execute()
-        return [int(info[0]["times_delivered"]) if info else 1 for info in infos]
-
     # ---- processing ------------------------------------------------------------------------
 
     async def process_batch(self, entries: list[tuple[str, dict[str, str]]]) -> int:
@@ -490,9 +321,9 @@ class Worker:
         started = time.perf_counter()
         finished: set[str] = set()
         # The lease covers the batch and what is carried (the control lane adds what it reads).
-        held = [eid for eid, _ in entries + self._carry]
+        held = [eid for eid, _ in entries + self.intake.carry]
         try:
-            async with self._leased(held):
+            async with self.intake.leased(held):
                 await self._answer(entries, finished, held)
         except REDIS_DOWN as exc:
             log.warning("Redis unavailable mid-batch (%s); the batch is retried",
@@ -503,10 +334,7 @@ class Worker:
             await self._tell_outage(entries)
             await asyncio.sleep(BACKEND_RETRY_S)
         self._told_outage.difference_update(finished)
-        carried = {eid for eid, _ in self._carry}
-        self._carry += [(eid, f) for eid, f in entries
-                        if eid not in finished and eid not in carried
-                        and eid not in self._dropped]
+        self.intake.keep_for_later(entries, finished)
         log.info("batch of %d requests answered %d in %.0f ms", len(entries), len(finished),
                  (time.perf_counter() - started) * 1000)
         return len(finished)
@@ -570,11 +398,11 @@ class Worker:
         of its conversation) wait, leased, for the next batch. So a control request is
         answered in milliseconds, never behind someone else's generation."""
         while not running.done() and not self.stop.is_set():
-            if len(self._carry) >= self.settings.worker.batch_size:  # enough read ahead
+            if len(self.intake.carry) >= self.settings.worker.batch_size:  # enough read ahead
                 await asyncio.wait([running], timeout=CONTROL_LANE_BLOCK_MS / 1000)
                 continue
             try:
-                entries = await self._read_new(self.settings.worker.batch_size,
+                entries = await self.intake.read_new(self.settings.worker.batch_size,
                                                CONTROL_LANE_BLOCK_MS)
             except REDIS_DOWN:
                 await asyncio.wait([running], timeout=0.5)
@@ -590,13 +418,13 @@ class Worker:
                 except REDIS_DOWN as exc:
                     log.warning("Redis unavailable in the control lane (%s)",
                                 type(exc).__name__)
-            self._carry += [(eid, f) for eid, f in entries
-                            if eid not in answered and eid not in self._dropped]
+            self.intake.carry += [(eid, f) for eid, f in entries
+                            if eid not in answered and eid not in self.intake.dropped]
 
     async def _admit(self, entries: list[tuple[str, dict[str, str]]]) -> list[Task]:
         """Parse the entries, dead-letter the bad ones, and keep one request per conversation,
         the oldest unanswered one (the head of its order list)."""
-        counts = await self.delivery_counts([eid for eid, _ in entries])
+        counts = await self.intake.delivery_counts([eid for eid, _ in entries])
         parsed: list[tuple[str, Request]] = []
         for (entry_id, fields), delivered in zip(entries, counts, strict=True):
             try:
@@ -604,42 +432,26 @@ class Worker:
             except ProtocolError as exc:
                 log.error("malformed request %s: %s", entry_id, exc)
                 await self._dead_letter(entry_id, fields, None, "malformed")
-                self._drop(entry_id)
+                self.intake.drop(entry_id)
                 continue
             if delivered > self.settings.worker.max_deliveries:
                 await self._dead_letter(entry_id, fields, request, "too many deliveries")
-                self._drop(entry_id)
+                self.intake.drop(entry_id)
                 continue
             parsed.append((entry_id, request))
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for _, request in parsed:
-                pipe.lindex(self.keys.order(request.conversation), 0)
-            heads = await pipe.execute()
+        heads = await self.intake.heads([request.conversation for _, request in parsed])
         tasks: list[Task] = []
         conversations: set[str] = set()
         for (entry_id, request), head in zip(parsed, heads, strict=True):
             full = len(tasks) >= self.settings.worker.batch_size
             if full or request.conversation in conversations or (
                     head not in (None, entry_id)
-                    and not await self._is_next(entry_id, request.conversation)):
+                    and not await self.intake.is_next(entry_id, request.conversation)):
                 continue  # carried: answered after the older request of its conversation
             conversations.add(request.conversation)
             self.metrics.queue_seconds.observe(max(0.0, time.time() - request.created_at))
             tasks.append(Task(entry_id, request))
         return tasks
-
-    async def _is_next(self, entry_id: str, conversation: str) -> bool:
-        """True when ``entry_id`` is its conversation's oldest unanswered request. A head whose
-        request no longer exists (trimmed from the stream) is dropped from the list."""
-        key = self.keys.order(conversation)
-        for _ in range(16):
-            head = await self.redis.lindex(key, 0)
-            if head is None or head == entry_id:
-                return True
-            if await self.redis.xrange(self.keys.requests, head, head, count=1):
-                return False
-            await self.redis.lrem(key, 1, head)
-        return False
 
     async def prepare(self, task: Task, jobs: list[GenerationJob]) -> None:
         """Answer control requests at once; add generation rows for the others."""
@@ -732,7 +544,7 @@ class Worker:
         batch-mates go on."""
         log.error("request %s: %s; dead-lettered alone", task.request.id, reason)
         await self._dead_letter(task.entry_id, task.request.dumps(), task.request, reason)
-        self._drop(task.entry_id)
+        self.intake.drop(task.entry_id)
         tasks.remove(task)
 
     async def _generate_isolated(self, tasks: list[Task], jobs: list[GenerationJob],
@@ -760,27 +572,6 @@ class Worker:
         if not alone_ok(outputs, tasks):
             return []
         return [o if o is not None else Generated("", 0, True, 0.0) for o in outputs]
-
-    @contextlib.asynccontextmanager
-    async def _leased(self, entry_ids: list[str]) -> AsyncIterator[None]:
-        renewal = asyncio.create_task(self._renew_lease(entry_ids), name="lease")
-        try:
-            yield
-        finally:
-            renewal.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewal
-
-    async def _renew_lease(self, entry_ids: list[str]) -> None:
-        """Renew the lease on a batch's requests (XCLAIM to ourselves every third of
-        CLAIM_IDLE_MS) from reading to answering, so a generation (or a canon choice) longer
-        than the claim time is not taken over by another worker and answered twice."""
-        every_s = max(self.settings.worker.claim_idle_ms / 3000, 0.05)
-        while True:
-            await asyncio.sleep(every_s)
-            with contextlib.suppress(*REDIS_DOWN):
-                await self.redis.xclaim(self.keys.requests, WORKERS_GROUP, self.name,
-                                        0, entry_ids, justid=True)
 
     def _generate_alone(self, jobs: list[GenerationJob], on_text: OnText | None = None,
                         stream_rows: Sequence[int] = (), stop: threading.Event | None = None
@@ -829,7 +620,7 @@ class Worker:
             self.metrics.errors.labels("generation").inc(len(jobs))
             raise GenerationFailed(str(exc)) from exc
         elapsed = time.perf_counter() - started
-        self._last_generation_s = elapsed
+        self.intake.last_generation_s = elapsed
         tokens = sum(o.tokens for o in outputs)
         self.metrics.generation_seconds.observe(elapsed)
         self.metrics.tokens.inc(tokens)
@@ -883,7 +674,7 @@ class Worker:
                                                     self.settings.reply_choice.canon_repeat_window)
                 pipe.xadd(self.keys.replies(request.frontend), reply.dumps(),
                           maxlen=self.settings.redis.stream_maxlen, approximate=True)
-                self._remove_commands(pipe, task.entry_id, request.conversation)
+                remove_commands(pipe, self.keys, task.entry_id, request.conversation)
                 pipe.hincrby(self.keys.stats, "errors" if reply.error else "replies", 1)
                 await pipe.execute()
         except REDIS_DOWN as exc:
@@ -898,16 +689,6 @@ class Worker:
                  len(request.text), reply.queued_ms)
         return True
 
-    def _remove_commands(self, pipe: aioredis.client.Pipeline, entry_id: str,
-                         conversation: str | None) -> None:
-        """ACK and delete an answered request (its text leaves Redis with it) and take it off
-        its conversation's order list."""
-        pipe.xack(self.keys.requests, WORKERS_GROUP, entry_id)
-        pipe.xdel(self.keys.requests, entry_id)
-        pipe.hdel(self.keys.envelopes, entry_id)
-        if conversation is not None:
-            pipe.lrem(self.keys.order(conversation), 1, entry_id)
-
     async def _dead_letter(self, entry_id: str, fields: dict[str, str], request: Request | None,
                            reason: str) -> None:
         log.error("dead letter %s (%s)", entry_id, reason)
@@ -919,7 +700,7 @@ class Worker:
                 reply = self.reply(request, error=self.persona.line("dead_letter"))
                 pipe.xadd(self.keys.replies(request.frontend), reply.dumps(),
                           maxlen=self.settings.redis.stream_maxlen, approximate=True)
-            self._remove_commands(pipe, entry_id,
+            remove_commands(pipe, self.keys, entry_id,
                                   request.conversation if request is not None else None)
             pipe.hincrby(self.keys.stats, "dead_letters", 1)
             await pipe.execute()

@@ -425,12 +425,12 @@ async def test_one_busy_conversation_does_not_starve_the_others(
     for r in busy:
         await queue.submit(r)
     # One batch reads four of the busy conversation's requests: one answered, three carried.
-    await worker.process_batch(await worker.read_batch(block=False))
+    await worker.process_batch(await worker.intake.read_batch(block=False))
     others = [chat(f"other {i}", conversation=f"o{i}", settings={"candidates": 1})
               for i in range(3)]
     for r in others:
         await queue.submit(r)
-    await worker.process_batch(await worker.read_batch(block=False))
+    await worker.process_batch(await worker.intake.read_batch(block=False))
     second = {job.message for job in generator.jobs[1:]}
     assert {r.text for r in others} <= second, second
     await worker.run(burst=True)
@@ -534,8 +534,8 @@ async def test_a_request_read_but_never_received_does_not_stall_its_conversation
     worker = Worker(redis, keys, FakeGenerator(), persona,
                     worker_settings("w", batch_size=1,
                                   claim_idle_ms=200))
-    entries = await worker._read_new(2, None)  # both pending for "w" ...
-    worker._carry = entries[1:]  # ... but only the newer one reached the worker
+    entries = await worker.intake.read_new(2, None)  # both pending for "w" ...
+    worker.intake.carry = entries[1:]  # ... but only the newer one reached the worker
     await asyncio.wait_for(worker.run(burst=True), 10)
     for request in (first, second):
         assert (await queue.wait_reply(request.id, 5)).text.startswith("Diagnosis")
