@@ -118,7 +118,7 @@ class ContinuousGenerator(RowScheduler):
         ``[prefix][padding][rest]``, or left-padded whole) and take each row's scores."""
         jobs = [call.jobs[index] for call, index in owners]
         adapters = [j.adapter if j.adapter in self.adapters else BASE_VARIANT for j in jobs]
-        prompts = self.tokenizer([j.prompt for j in jobs], add_special_tokens=False)["input_ids"]
+        prompts = [call.prompt_ids(self.tokenizer)[index] for call, index in owners]
         start, past = 0, None
         if lane.prefix.covers(prompts):
             start = len(lane.prefix.ids)

@@ -12,12 +12,11 @@ cells back at once; rows are admitted while their prompts and token limits fit t
 (``LLAMACPP_KV_TOKENS``) and ``MAX_RUNNING_ROWS``.
 
 Weights (``LLAMACPP_WEIGHTS``): ``q8_0`` (default) is the embedded GGUF re-encoded to 8-bit
-blocks (llama.cpp's own quantiser; the Q4_1 values it holds are kept to within 0.4 % of a
-block's largest weight), which llama.cpp multiplies for many rows at once much faster than
-Q4_1 on these CPUs; ``source`` runs the file as it ships. Flash attention is on: it keeps a
-row's first scores the same whether it is prefilled alone or with others. Later steps are
-not bit-identical to the row alone (llama.cpp's kernels differ with the batch's width), so
-unlike the PyTorch engine a sampled row's text may differ from its text alone;
+blocks (llama.cpp's own quantiser; each weight rounded to 1/127 of its block's largest), which
+stepped 16 rows faster than the Q4_1 file in our runs on an AVX2 CPU (146–205 against 126–174
+tokens/s, a noisy VM); ``source`` runs the file as it ships. Scores are not bit-identical to
+the row alone: llama.cpp's kernels change with the number of tokens in a decode (from about
+64), so unlike the PyTorch engine a sampled row's text may differ from its text alone;
 docs/engine.md has the figures.
 """
 
@@ -218,19 +217,21 @@ class LlamaCppGenerator(RowScheduler):
 
     # ---- the scheduler's lane operations ---------------------------------------------------
 
-    def _cells(self, job: Any) -> int:
-        ids = self.tokenizer(job.prompt, add_special_tokens=False)["input_ids"]
+    def _cells(self, call: Call, index: int) -> int:
+        """Key/value cells the job may use beside the shared persona block."""
+        ids = call.prompt_ids(self.tokenizer)[index]
         shared = self.prefix_ids and ids[: len(self.prefix_ids)] == self.prefix_ids
-        return len(ids) - (len(self.prefix_ids) if shared else 0) + job.controls.max_new_tokens
+        return (len(ids) - (len(self.prefix_ids) if shared else 0)
+                + call.jobs[index].controls.max_new_tokens)
 
     def _fits(self, running: int, admitted: Sequence[Call], call: Call) -> bool:
         if not super()._fits(running, admitted, call):
             return False
         needs: dict[str, int] = {}
         for waiting in [*admitted, call]:
-            for job in waiting.jobs:
+            for index, job in enumerate(waiting.jobs):
                 name = self._lane(job.adapter).adapter
-                needs[name] = needs.get(name, 0) + self._cells(job)
+                needs[name] = needs.get(name, 0) + self._cells(waiting, index)
         return all(lane.prefix_len + sum(lane.reserved.values()) + needs.get(name, 0)
                    <= lane.capacity for name, lane in self._lanes.items())
 
@@ -242,14 +243,14 @@ class LlamaCppGenerator(RowScheduler):
         try:
             for call, index in owners:
                 job = call.jobs[index]
-                prompt = self.tokenizer(job.prompt, add_special_tokens=False)["input_ids"]
+                prompt = call.prompt_ids(self.tokenizer)[index]
                 if not lane.free_slots:
                     raise RuntimeError("no free sequence in the llama.cpp context")
                 row = Row(call, index, list(prompt), lane.adapter,
                           PerRowSampler([job.controls], [job.seed]), length=len(prompt),
                           slot=lane.free_slots.pop(0))
                 rows.append(row)
-                lane.reserved[row.slot] = self._cells(job)
+                lane.reserved[row.slot] = self._cells(call, index)
                 start = 0
                 if lane.prefix_len and prompt[: lane.prefix_len] == self.prefix_ids:
                     self.llama.llama_memory_seq_cp(memory, PREFIX_SEQ, row.slot, -1, -1)
@@ -335,10 +336,9 @@ def build_llamacpp_generator(settings: Any, loaded: Any, speakers: Sequence[str]
     from engine.gguf_lora import cached_adapter_gguf
 
     model = settings.model
-    source = find_embedded_gguf(model.base_model) if model.base_model in EMBEDDED_MODELS \
-        else None
     gguf = weights_file(model.base_model, model.llamacpp_weights, model.cache_dir)
-    loras = {name: cached_adapter_gguf(Path(model.adapter_paths[name]), source or gguf,
+    source = find_embedded_gguf(model.base_model)  # the adapter's shapes come from it
+    loras = {name: cached_adapter_gguf(Path(model.adapter_paths[name]), source,
                                        model.cache_dir)
              for name in loaded.adapters}
     return LlamaCppGenerator(loaded, gguf, loras, speakers, shared_prefix,

@@ -47,6 +47,14 @@ class Call:
     error: BaseException | None = None
     started: float = field(default_factory=time.perf_counter)
     prefilled: bool = False
+    _ids: list[list[int]] | None = None
+
+    def prompt_ids(self, tokenizer: Any) -> list[list[int]]:
+        """Each job's prompt as token ids, tokenised once (admission asks at every step)."""
+        if self._ids is None:
+            self._ids = tokenizer([j.prompt for j in self.jobs],
+                                  add_special_tokens=False)["input_ids"]
+        return self._ids
 
 
 @dataclass(eq=False)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import threading
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -118,3 +120,25 @@ async def expected_replies(generator: FakeGenerator, text: str, adapter: str = "
              for job in generator.jobs if job.message == text and job.adapter == adapter}
     assert found, f"no request with text {text!r} was generated for"
     return found
+
+
+def join_while_decoding(engine: Any, long_jobs: Sequence[GenerationJob],
+                        late_jobs: Sequence[GenerationJob]
+                        ) -> tuple[dict[str, list[Generated]], dict[str, float]]:
+    """Start ``long_jobs`` on a joining engine, send ``late_jobs`` once those decode; each
+    call's results and the monotonic time it returned, by "long" and "late"."""
+    results: dict[str, list[Generated]] = {}
+    finished_at: dict[str, float] = {}
+
+    def run(name: str, jobs: Sequence[GenerationJob]) -> None:
+        results[name] = engine.generate(jobs)
+        finished_at[name] = time.monotonic()
+
+    steps_before = engine.steps
+    first = threading.Thread(target=run, args=("long", long_jobs))
+    first.start()
+    while engine.steps < steps_before + 3:  # the long rows are decoding
+        time.sleep(0.005)
+    run("late", late_jobs)
+    first.join(120)
+    return results, finished_at

@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from harness import worker_settings
+from harness import join_while_decoding, worker_settings
 
 from base.protocol import Request
 from engine.continuous import ContinuousGenerator
@@ -50,20 +50,7 @@ def test_rows_joining_a_running_batch_get_their_text_alone(engine, persona,  # t
     plain = HFGenerator(embedded_model, persona.other_speakers)
     assert [plain.generate([j])[0].text for j in long_jobs[:1]] == [alone[0].text]
 
-    results: dict[str, list] = {}  # type: ignore[type-arg]
-    finished_at: dict[str, float] = {}
-
-    def run(name: str, jobs) -> None:  # type: ignore[no-untyped-def]
-        results[name] = engine.generate(jobs)
-        finished_at[name] = time.monotonic()
-
-    steps_before = engine.steps
-    first = threading.Thread(target=run, args=("long", long_jobs))
-    first.start()
-    while engine.steps < steps_before + 3:  # the long rows are decoding
-        time.sleep(0.01)
-    run("late", late_jobs)
-    first.join(120)
+    results, finished_at = join_while_decoding(engine, long_jobs, late_jobs)
     assert [g.text for g in results["long"] + results["late"]] == [g.text for g in alone]
     assert engine.most_rows >= 3  # they ran in one batch
     assert finished_at["late"] < finished_at["long"]  # the short ones left first

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from harness import worker_settings
+from harness import join_while_decoding, worker_settings
 
 from base.protocol import Request
 from engine.generation import GenerationJob
@@ -121,20 +120,7 @@ def test_the_adapter_gguf_permutes_only_query_and_key(tmp_path: Path) -> None:
 def test_rows_join_a_running_batch_and_a_short_one_leaves_first(engine, persona) -> None:
     long_jobs = jobs_for(engine, persona, 48, ["house", "__base__"], temperature=0.0)
     late_jobs = jobs_for(engine, persona, 4, ["__base__", "house"], start=10)
-    results: dict[str, list] = {}  # type: ignore[type-arg]
-    finished_at: dict[str, float] = {}
-
-    def run(name: str, jobs) -> None:  # type: ignore[no-untyped-def]
-        results[name] = engine.generate(jobs)
-        finished_at[name] = time.monotonic()
-
-    steps_before = engine.steps
-    first = threading.Thread(target=run, args=("long", long_jobs))
-    first.start()
-    while engine.steps < steps_before + 3:  # the long rows are decoding
-        time.sleep(0.005)
-    run("late", late_jobs)
-    first.join(120)
+    results, finished_at = join_while_decoding(engine, long_jobs, late_jobs)
     assert all(g.tokens > 0 for g in results["long"] + results["late"])
     assert all(g.tokens <= 4 for g in results["late"])
     assert engine.most_rows >= 3  # they ran in one batch
