@@ -65,10 +65,16 @@ def first_scores(engine, job):  # type: ignore[no-untyped-def]
     return torch.log_softmax(rows[0].logits.float().flatten(), -1)
 
 
+def near_best(ours: torch.Tensor, theirs: torch.Tensor) -> bool:
+    """``ours``' most likely token is one ``theirs`` rates within 0.2 nats of its best (the
+    8-bit re-encoding may swap two nearly tied tokens: 0.08 nats apart in one of our runs)."""
+    return bool(theirs[ours.argmax()] >= theirs.max() - 0.2)
+
+
 def test_the_house_lane_is_the_pytorch_house_model(engine, embedded_model, persona) -> None:
     """The GGUF LoRA (lora_B of the query and key projections permuted as the GGUF
     conversion permutes their weights) gives llama.cpp the adapter transformers applies:
-    the same most likely first token and log-probabilities within the weights' 8-bit
+    the same most likely first token (or one tied with it) and log-probabilities within the weights' 8-bit
     re-encoding; without it the base lane differs from House as PyTorch's base does."""
     from engine.model_loading import plain_copy
 
@@ -87,10 +93,10 @@ def test_the_house_lane_is_the_pytorch_house_model(engine, embedded_model, perso
         ours_house = first_scores(engine, job)
         ours_base = first_scores(engine, GenerationJob(job.prompt, "__base__", job.controls, 0))
         top = torch.topk(house, 20).indices
-        assert int(ours_house.argmax()) == int(house.argmax())
+        assert near_best(ours_house, house) and near_best(house, ours_house)
         assert (ours_house[top] - house[top]).abs().max() < 0.5
         base_top = torch.topk(base, 20).indices
-        assert int(ours_base.argmax()) == int(base.argmax())
+        assert near_best(ours_base, base) and near_best(base, ours_base)
         assert (ours_base[base_top] - base[base_top]).abs().max() < 0.5
         assert (house[top] - base[top]).abs().max() > 1.0  # the adapter matters here
 
