@@ -178,9 +178,12 @@ class ModelSettings(SettingsGroup):
     # The continuous engine on a CPU float model: one merged copy of the model per adapter
     # (its rows run without peft's per-row LoRA path; same text; +1 model copy per adapter).
     merge_adapters: bool = Field(True, validation_alias="MERGE_ADAPTERS")
-    # The llama.cpp engine: which GGUF weights (the embedded file as it ships, or its Q8_0
-    # re-encoding), and the key/value cells of each adapter's context (the admission budget).
-    llamacpp_weights: Literal["q8_0", "source"] = Field("q8_0", validation_alias="LLAMACPP_WEIGHTS")
+    # The llama.cpp engine: which GGUF weights ("auto": bf16 on a CPU with native bf16, else
+    # q8_0; "source": the embedded file's own type), each adapter merged into its own file or
+    # applied at run time, and the key/value cells of each adapter's context (admission).
+    llamacpp_weights: Literal["auto", "q8_0", "bf16", "f16", "f32", "source"] = Field(
+        "auto", validation_alias="LLAMACPP_WEIGHTS")
+    llamacpp_lora: Literal["merged", "runtime"] = Field("merged", validation_alias="LLAMACPP_LORA")
     llamacpp_kv_tokens: int = Field(8192, ge=256, validation_alias="LLAMACPP_KV_TOKENS")
 
     @field_validator("adapters")

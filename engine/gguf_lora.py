@@ -61,9 +61,9 @@ def _permute(rows: np.ndarray, heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(shape))
 
 
-def convert_adapter(adapter_dir: Path, base_gguf: Path, out: Path) -> Path:
-    """Write the PEFT adapter in ``adapter_dir`` as a GGUF LoRA for ``base_gguf`` to ``out``."""
-    import gguf
+def lora_tensors(adapter_dir: Path, base_gguf: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """The adapter's config and its tensors under llama.cpp's names (``….weight.lora_a`` /
+    ``lora_b``, float32, ``lora_b`` of the query and key projections permuted)."""
     from safetensors.numpy import load_file
 
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
@@ -75,10 +75,7 @@ def convert_adapter(adapter_dir: Path, base_gguf: Path, out: Path) -> Path:
     arch, heads, kv_heads = _base_shape(base_gguf)
     if arch != "llama":
         raise AdapterConversionError(f"{base_gguf.name} is a {arch} model; only llama is mapped")
-    writer = gguf.GGUFWriter(str(out), arch)
-    writer.add_string("general.type", "adapter")
-    writer.add_string("adapter.type", "lora")
-    writer.add_float32("adapter.lora.alpha", float(config["lora_alpha"]))
+    out: dict[str, np.ndarray] = {}
     tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
     for key in sorted(tensors):
         match = _KEY.search(key)
@@ -90,8 +87,22 @@ def convert_adapter(adapter_dir: Path, base_gguf: Path, out: Path) -> Path:
             data = _permute(data, heads)
         elif side == "B" and module == "self_attn.k_proj":
             data = _permute(data, kv_heads)
-        name = f"blk.{layer}.{MODULE_NAMES[module]}.weight.lora_{side.lower()}"
-        writer.add_tensor(name, np.ascontiguousarray(data))
+        out[f"blk.{layer}.{MODULE_NAMES[module]}.weight.lora_{side.lower()}"] = \
+            np.ascontiguousarray(data)
+    return config, out
+
+
+def convert_adapter(adapter_dir: Path, base_gguf: Path, out: Path) -> Path:
+    """Write the PEFT adapter in ``adapter_dir`` as a GGUF LoRA for ``base_gguf`` to ``out``."""
+    import gguf
+
+    config, tensors = lora_tensors(adapter_dir, base_gguf)
+    writer = gguf.GGUFWriter(str(out), "llama")
+    writer.add_string("general.type", "adapter")
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", float(config["lora_alpha"]))
+    for name, data in tensors.items():
+        writer.add_tensor(name, data)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -99,17 +110,21 @@ def convert_adapter(adapter_dir: Path, base_gguf: Path, out: Path) -> Path:
     return out
 
 
-def cached_adapter_gguf(adapter_dir: Path, base_gguf: Path, cache_dir: Path) -> Path:
-    """The adapter's GGUF in ``cache_dir``, written on first use (keyed by the adapter's
-    weights, so a retrained adapter gets a new file)."""
-    weights = adapter_dir / "adapter_model.safetensors"
+def adapter_digest(adapter_dir: Path, base_gguf: Path) -> str:
+    """A key of the adapter's weights and config and the base file's name (a retrained
+    adapter gets new converted files)."""
     digest = hashlib.sha1()
     digest.update(f"{CONVERSION_VERSION}:{base_gguf.name}".encode())
     digest.update((adapter_dir / "adapter_config.json").read_bytes())
-    with weights.open("rb") as f:
+    with (adapter_dir / "adapter_model.safetensors").open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
-    path = cache_dir / f"lora-{adapter_dir.name}-{digest.hexdigest()[:12]}.gguf"
+    return digest.hexdigest()[:12]
+
+
+def cached_adapter_gguf(adapter_dir: Path, base_gguf: Path, cache_dir: Path) -> Path:
+    """The adapter's GGUF in ``cache_dir``, written on first use."""
+    path = cache_dir / f"lora-{adapter_dir.name}-{adapter_digest(adapter_dir, base_gguf)}.gguf"
     if not path.is_file():
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")

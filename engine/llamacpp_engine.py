@@ -22,11 +22,12 @@ docs/engine.md has the figures.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ from engine.scheduler import Call, Row, RowScheduler
 log = logging.getLogger(__name__)
 
 PREFIX_SEQ = 0  # the sequence that holds the persona's system block in every lane
-Q8_0 = 7  # llama_ftype LLAMA_FTYPE_MOSTLY_Q8_0
+FTYPES = {"q8_0": 7, "bf16": 32, "f16": 1, "f32": 0}  # LLAMACPP_WEIGHTS -> llama_ftype
 
 
 def _llama() -> Any:
@@ -71,14 +72,21 @@ def _route_logs(llama: Any) -> None:
     llama.llama_log_set(_log_callback, ctypes.c_void_p(0))
 
 
-def weights_file(base_model: str, weights: str, cache_dir: Path) -> Path:
-    """The GGUF the engine runs: the embedded model's file, or its Q8_0 re-encoding (made on
-    first use with llama.cpp's quantiser, cached in ``cache_dir``)."""
-    if base_model not in EMBEDDED_MODELS:
-        raise ModelLoadError(f"LOCAL_ENGINE=llamacpp runs the embedded GGUF models "
-                             f"({', '.join(EMBEDDED_MODELS)}), not {base_model!r}")
-    source = find_embedded_gguf(base_model)
-    if weights == "source":
+def weights_kind(weights: str) -> str:
+    """``auto``: bf16 where the CPU has native bf16 (AVX512-BF16 or AMX), else q8_0."""
+    if weights != "auto":
+        return weights
+    from engine.model_loading import cpu_has_bf16
+
+    return "bf16" if cpu_has_bf16() else "q8_0"
+
+
+def encoded(source: Path, weights: str, cache_dir: Path, ships_as: Path | None = None) -> Path:
+    """``source`` re-encoded as ``weights`` by llama.cpp's quantiser (made on first use, cached
+    in ``cache_dir``); ``source`` is the file itself, or for a merged file (float32
+    projections) the type of the file the model ships as (``ships_as``)."""
+    weights = weights_kind(weights)
+    if weights == "source" and ships_as is None:
         return source
     stat = source.stat()
     key = hashlib.sha1(f"{source.name}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()
@@ -89,12 +97,22 @@ def weights_file(base_model: str, weights: str, cache_dir: Path) -> Path:
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")
         params = llama.llama_model_quantize_default_params()
-        params.ftype, params.allow_requantize, params.nthread = Q8_0, True, os.cpu_count() or 1
+        params.ftype = FTYPES[weights] if weights != "source" else _file_type(ships_as)
+        params.allow_requantize, params.nthread = True, os.cpu_count() or 1
         log.info("re-encoding %s as %s in %s (first start only)", source.name, weights, out)
         if llama.llama_model_quantize(str(source).encode(), str(tmp).encode(), params) != 0:
             raise ModelLoadError(f"llama.cpp could not re-encode {source} as {weights}")
         tmp.rename(out)
     return out
+
+
+def _file_type(gguf_file: Path | None) -> int:
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(gguf_file)).get_field("general.file_type")
+    if field is None:
+        raise ModelLoadError(f"{gguf_file} does not say its weights' type")
+    return int(field.contents())  # type: ignore[arg-type]
 
 
 @dataclass(eq=False)
@@ -116,43 +134,57 @@ class LlamaCppGenerator(RowScheduler):
 
     engine_name = "llamacpp"
 
-    def __init__(self, loaded: Any, gguf: Path, lora_files: dict[str, Path],
+    def __init__(self, loaded: Any, lanes: dict[str, tuple[Path, Path | None]],
                  speakers: Sequence[str] = (), shared_prefix: str = "", max_rows: int = 32,
                  kv_tokens: int = 8192, threads: int = 0, batch_tokens: int = 2048):
-        super().__init__(loaded.tokenizer, loaded.eos_token_ids, list(lora_files), speakers,
-                         max_rows)
+        """``lanes``: for each adapter and for ``__base__``, the GGUF it runs and the GGUF
+        LoRA applied on it at run time (None for a merged file or the base)."""
+        super().__init__(loaded.tokenizer, loaded.eos_token_ids,
+                         [name for name in lanes if name != BASE_VARIANT], speakers, max_rows)
         self.loaded = loaded  # the PyTorch model too: the listener and the tokenizer use it
         self.llama = _llama()
         _route_logs(self.llama)
         self.llama.llama_backend_init()
-        self.gguf = gguf
+        self.files = lanes
         self.threads = threads or os.cpu_count() or 1
         self.batch_tokens = max(batch_tokens, max_rows)
-        params = self.llama.llama_model_default_params()
-        params.n_gpu_layers = 0
-        self.model = self.llama.llama_model_load_from_file(str(gguf).encode(), params)
-        if not self.model:
-            raise ModelLoadError(f"llama.cpp could not load {gguf}")
-        vocab = self.llama.llama_model_get_vocab(self.model)
-        self.n_vocab = self.llama.llama_vocab_n_tokens(vocab)
-        self._loras = {}
-        for name, path in lora_files.items():
-            lora = self.llama.llama_adapter_lora_init(self.model, str(path).encode())
-            if not lora:
-                raise ModelLoadError(f"llama.cpp could not load the {name} adapter ({path})")
-            self._loras[name] = lora
-        self.prefix_ids = (self.tokenizer(shared_prefix, add_special_tokens=False)["input_ids"]
-                           if shared_prefix else [])
+        self._models: dict[Path, Any] = {}
+        self._loras: dict[Path, Any] = {}
         self._contexts: list[_Lane] = []  # every context made, freed by close()
-        self._lanes = {name: self._make_lane(name, kv_tokens)
-                       for name in [*self.adapters, BASE_VARIANT]}
+        self._lanes: dict[str, _Lane] = {}
+        try:
+            for gguf, lora in lanes.values():
+                self._load(gguf, lora)
+            first = self._models[lanes[BASE_VARIANT][0]]
+            self.n_vocab = self.llama.llama_vocab_n_tokens(self.llama.llama_model_get_vocab(first))
+            self.prefix_ids = (self.tokenizer(shared_prefix, add_special_tokens=False)
+                               ["input_ids"] if shared_prefix else [])
+            self._lanes = {name: self._make_lane(name, kv_tokens) for name in lanes}
+        except Exception:
+            self.close()
+            raise
+
+    def _load(self, gguf: Path, lora: Path | None) -> None:
+        llama = self.llama
+        if gguf not in self._models:
+            params = llama.llama_model_default_params()
+            params.n_gpu_layers = 0
+            model = llama.llama_model_load_from_file(str(gguf).encode(), params)
+            if not model:
+                raise ModelLoadError(f"llama.cpp could not load {gguf}")
+            self._models[gguf] = model
+        if lora is not None and lora not in self._loras:
+            adapter = llama.llama_adapter_lora_init(self._models[gguf], str(lora).encode())
+            if not adapter:
+                raise ModelLoadError(f"llama.cpp could not load the adapter {lora}")
+            self._loras[lora] = adapter
 
     def _make_lane(self, adapter: str, kv_tokens: int) -> _Lane:
         return self.make_context(adapter, kv_tokens, self.max_rows, self.batch_tokens)
 
     def make_context(self, adapter: str, kv_tokens: int, sequences: int, batch_tokens: int
                      ) -> _Lane:
-        """A context on the shared weights with ``adapter``'s LoRA (none for the base), room
+        """A context on ``adapter``'s weights (shared with every context on them), room
         for ``sequences`` rows beside the persona's block (sequence 0, computed here)."""
         llama = self.llama
         params = llama.llama_context_default_params()
@@ -164,11 +196,12 @@ class LlamaCppGenerator(RowScheduler):
         params.kv_unified = True
         params.flash_attn_type = 1  # LLAMA_FLASH_ATTN_TYPE_ENABLED
         params.no_perf = True
-        ctx = llama.llama_init_from_model(self.model, params)
+        gguf, lora = self.files.get(adapter, self.files[BASE_VARIANT])
+        ctx = llama.llama_init_from_model(self._models[gguf], params)
         if not ctx:
             raise ModelLoadError(f"llama.cpp could not make a context of {kv_tokens} tokens")
-        if adapter in self._loras:
-            loras = (llama.llama_adapter_lora_p_ctypes * 1)(self._loras[adapter])
+        if lora is not None:
+            loras = (llama.llama_adapter_lora_p_ctypes * 1)(self._loras[lora])
             scales = (ctypes.c_float * 1)(1.0)
             if llama.llama_set_adapters_lora(ctx, loras, 1, scales) != 0:
                 raise ModelLoadError(f"llama.cpp could not apply the {adapter} adapter")
@@ -183,6 +216,15 @@ class LlamaCppGenerator(RowScheduler):
 
     def _lane(self, adapter: str) -> _Lane:
         return self._lanes.get(adapter, self._lanes[BASE_VARIANT])
+
+    @contextlib.contextmanager
+    def _engine_context(self) -> Iterator[None]:
+        """The engine thread samples with one torch thread: llama.cpp's threads have the cores,
+        and a torch team spinning after each tiny sampling op competes with them (the gain
+        is within this VM's noise: 16 rows 130-138 against 111-131 tokens/s in 6-round
+        medians). Other threads keep their torch threads."""
+        torch.set_num_threads(1)
+        yield
 
     # ---- llama.cpp calls -------------------------------------------------------------------
 
@@ -310,10 +352,9 @@ class LlamaCppGenerator(RowScheduler):
         self._lanes, self._contexts = {}, []
         for lora in self._loras.values():
             self.llama.llama_adapter_lora_free(lora)
-        self._loras = {}
-        if self.model:
-            self.llama.llama_model_free(self.model)
-            self.model = None
+        for model in self._models.values():
+            self.llama.llama_model_free(model)
+        self._loras, self._models = {}, {}
 
 
 def llamacpp_can_run(settings: Any, loaded: Any) -> str | None:
@@ -332,16 +373,29 @@ def llamacpp_can_run(settings: Any, loaded: Any) -> str | None:
 
 def build_llamacpp_generator(settings: Any, loaded: Any, speakers: Sequence[str],
                              shared_prefix: str) -> LlamaCppGenerator:
-    """The llama.cpp engine for these settings, on the adapters ``loaded`` has."""
+    """The llama.cpp engine for these settings, on the adapters ``loaded`` has: each adapter
+    merged into its own file (``LLAMACPP_LORA=merged``) or applied at run time on the base's."""
     from engine.gguf_lora import cached_adapter_gguf
+    from engine.gguf_merge import cached_merged_gguf
 
     model = settings.model
-    gguf = weights_file(model.base_model, model.llamacpp_weights, model.cache_dir)
-    source = find_embedded_gguf(model.base_model)  # the adapter's shapes come from it
-    loras = {name: cached_adapter_gguf(Path(model.adapter_paths[name]), source,
-                                       model.cache_dir)
-             for name in loaded.adapters}
-    return LlamaCppGenerator(loaded, gguf, loras, speakers, shared_prefix,
+    if model.base_model not in EMBEDDED_MODELS:
+        raise ModelLoadError(f"LOCAL_ENGINE=llamacpp runs the embedded GGUF models "
+                             f"({', '.join(EMBEDDED_MODELS)}), not {model.base_model!r}")
+    source = find_embedded_gguf(model.base_model)
+    weights = model.llamacpp_weights
+    base = encoded(source, weights, model.cache_dir)
+    lanes: dict[str, tuple[Path, Path | None]] = {BASE_VARIANT: (base, None)}
+    for name in loaded.adapters:
+        adapter = Path(model.adapter_paths[name])
+        if model.llamacpp_lora == "merged":
+            merged = cached_merged_gguf(adapter, source, model.cache_dir)
+            lanes[name] = (encoded(merged, weights, model.cache_dir, ships_as=source), None)
+        else:
+            lanes[name] = (base, cached_adapter_gguf(adapter, source, model.cache_dir))
+    log.info("llama.cpp engine: %s weights, adapters %s", weights_kind(weights),
+             model.llamacpp_lora)
+    return LlamaCppGenerator(loaded, lanes, speakers, shared_prefix,
                              max_rows=model.max_running_rows,
                              kv_tokens=model.llamacpp_kv_tokens,
                              threads=model.torch_threads)

@@ -71,16 +71,21 @@ def near_best(ours: torch.Tensor, theirs: torch.Tensor) -> bool:
     return bool(theirs[ours.argmax()] >= theirs.max() - 0.2)
 
 
-def test_the_house_lane_is_the_pytorch_house_model(engine, embedded_model, persona) -> None:
-    """The GGUF LoRA (lora_B of the query and key projections permuted as the GGUF
-    conversion permutes their weights) gives llama.cpp the adapter transformers applies:
-    the same most likely first token (or one tied with it) and log-probabilities within the weights' 8-bit
-    re-encoding; without it the base lane differs from House as PyTorch's base does."""
+@pytest.mark.parametrize("lora", ["merged", "runtime"])
+def test_the_house_lane_is_the_pytorch_house_model(engine, embedded_model, persona, lora
+                                                   ) -> None:
+    """The House lane, with the adapter merged into its own GGUF (the default) or as a GGUF
+    LoRA applied at run time (lora_B of the query and key projections permuted as the GGUF
+    conversion permutes their weights), is the model transformers runs: the same most likely
+    first token (or one tied with it) and log-probabilities within the weights' re-encoding;
+    the base lane differs from House as PyTorch's base does."""
     from engine.model_loading import plain_copy
 
     # merged copies: the shared model may carry another engine's per-row adapter hooks
     house_model = plain_copy(embedded_model.model, "house")
     base_model = plain_copy(embedded_model.model, "__base__")
+    lane_engine = engine if lora == "merged" else make_engine(embedded_model, persona,
+                                                              llamacpp_lora=lora)
     for question in QUESTIONS[:3]:
         job = jobs_for(engine, persona, 1, ["house"])[0]
         job = GenerationJob(render_prompt(engine.tokenizer, persona, [], question), "house",
@@ -90,8 +95,9 @@ def test_the_house_lane_is_the_pytorch_house_model(engine, embedded_model, perso
         with torch.inference_mode():
             house = torch.log_softmax(house_model(input_ids=ids).logits[0, -1].float(), -1)
             base = torch.log_softmax(base_model(input_ids=ids).logits[0, -1].float(), -1)
-        ours_house = first_scores(engine, job)
-        ours_base = first_scores(engine, GenerationJob(job.prompt, "__base__", job.controls, 0))
+        ours_house = first_scores(lane_engine, job)
+        ours_base = first_scores(lane_engine, GenerationJob(job.prompt, "__base__",
+                                                            job.controls, 0))
         top = torch.topk(house, 20).indices
         assert near_best(ours_house, house) and near_best(house, ours_house)
         assert (ours_house[top] - house[top]).abs().max() < 0.5
@@ -99,6 +105,8 @@ def test_the_house_lane_is_the_pytorch_house_model(engine, embedded_model, perso
         assert near_best(ours_base, base) and near_best(base, ours_base)
         assert (ours_base[base_top] - base[base_top]).abs().max() < 0.5
         assert (house[top] - base[top]).abs().max() > 1.0  # the adapter matters here
+    if lane_engine is not engine:
+        lane_engine.close()
 
 
 def test_the_adapter_gguf_permutes_only_query_and_key(tmp_path: Path) -> None:
@@ -121,6 +129,32 @@ def test_the_adapter_gguf_permutes_only_query_and_key(tmp_path: Path) -> None:
     assert np.array_equal(np.sort(written["blk.0.attn_q.weight.lora_b"], axis=None),
                           np.sort(q_b, axis=None))  # the same rows, reordered
     assert len(written) == len(peft)
+
+
+def test_the_merged_gguf_adds_the_adapter_to_the_projections_only(tmp_path: Path) -> None:
+    import gguf
+
+    from base.config import ROOT
+    from engine.gguf_lora import lora_tensors
+    from engine.gguf_merge import merge_adapter
+
+    adapter = ROOT / "models" / "house-smollm2"
+    if not (adapter / "adapter_config.json").is_file():
+        pytest.skip("the House adapter is not in models/")
+    source = find_embedded_gguf("smollm2-135m")
+    out = merge_adapter(adapter, source, tmp_path / "m.gguf")
+    before = {t.name: t for t in gguf.GGUFReader(str(source)).tensors}
+    after = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
+    config, loras = lora_tensors(adapter, source)
+    assert after.keys() == before.keys()
+    name = "blk.3.attn_q.weight"
+    weight = gguf.quants.dequantize(before[name].data, before[name].tensor_type)
+    delta = config["lora_alpha"] / config["r"] * (loras[name + ".lora_b"] @ loras[name + ".lora_a"])
+    assert np.allclose(np.asarray(after[name].data), weight + delta, atol=1e-6)
+    assert np.abs(delta).max() > 1e-3  # the adapter changes it
+    untouched = "blk.3.attn_norm.weight"
+    assert np.array_equal(np.asarray(after[untouched].data), np.asarray(before[untouched].data))
+    assert after["token_embd.weight"].tensor_type == before["token_embd.weight"].tensor_type
 
 
 def test_rows_join_a_running_batch_and_a_short_one_leaves_first(engine, persona) -> None:
