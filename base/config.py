@@ -268,6 +268,8 @@ class ReplyChoiceSettings(SettingsGroup):
     listener: Literal["pmi", "none"] = Field("pmi", validation_alias="LISTENER")
     listener_weight: float = Field(1.0, validation_alias="LISTENER_WEIGHT")
     canon_shortlist: int = Field(10, validation_alias="CANON_SHORTLIST")
+    # The listener scores only a reply's first LISTENER_TOKENS tokens (its cost is their sum).
+    listener_tokens: int = Field(64, ge=1, validation_alias="LISTENER_TOKENS")
     refine_examples: int = Field(0, validation_alias="REFINE_EXAMPLES")
 
 

@@ -4,13 +4,14 @@ for, or disturbs, the running batch's cache.
 
 The prompt runs once as one sequence (on the persona's block, shared); each reply is a
 sequence that shares the prompt's cells (``llama_memory_seq_cp``), and all the replies run in
-one ``llama_decode`` with scores kept for every token of theirs.
+one ``llama_decode`` with scores kept for every token of theirs. The scoring runs on the
+engine's thread between two of its decode steps (`RowScheduler.run_on_engine`): run beside a
+step, the two sets of llama.cpp threads would share the same cores.
 """
 
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,7 +34,6 @@ class LlamaCppListener(Listener):
         self.empty_prompt = empty_prompt
         self.max_reply_tokens = max_reply_tokens
         self._empty_cache: dict[str, float] = {}
-        self._lock = threading.Lock()  # one scoring at a time on the context
         self.context = engine.make_context(adapter, kv_tokens, MAX_REPLIES + 1,
                                            batch_tokens=(MAX_REPLIES + 1) * max_reply_tokens)
 
@@ -41,10 +41,13 @@ class LlamaCppListener(Listener):
         """``log P(reply + end of turn | prompt)`` for each reply."""
         rows = [self.tokenizer(r.strip() + REPLY_END, add_special_tokens=False)["input_ids"]
                 [: self.max_reply_tokens] for r in replies]
-        scores: list[float] = []
-        with self._lock:
+        def score() -> list[float]:
+            scores: list[float] = []
             for first in range(0, len(rows), MAX_REPLIES):
                 scores += self._score(prompt, rows[first : first + MAX_REPLIES])
+            return scores
+
+        scores = self.engine.run_on_engine(score)  # one scoring at a time, never beside a step
         return [s if math.isfinite(s) else -1e9 for s in scores]
 
     def _score(self, prompt: str, rows: list[list[int]]) -> list[float]:

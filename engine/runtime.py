@@ -157,15 +157,18 @@ def listener_for(settings: Settings, loaded: LoadedModel, persona: Persona,
     empty = loaded.tokenizer.apply_chat_template(
         [{"role": "system", "content": persona.system_prompt}, {"role": "user", "content": ""}],
         tokenize=False, add_generation_prompt=True)
+    tokens = settings.reply_choice.listener_tokens
     if getattr(generator, "engine_name", "") == "llamacpp":
         from engine.llamacpp_listener import LlamaCppListener
 
-        return LlamaCppListener(generator, adapter, empty)  # type: ignore[arg-type]
+        return LlamaCppListener(generator, adapter, empty,  # type: ignore[arg-type]
+                                max_reply_tokens=tokens)
     model = plain_copy(loaded.model, adapter)
     if loaded.dtype == torch.float32:  # it need not match float32 bit for bit: bf16 if fast
         model = model.to(fast_dtype(loaded.device))
     return Listener(model, loaded.tokenizer, empty,
-                    system_block(loaded.tokenizer, persona) if settings.model.prefix_cache else "")
+                    system_block(loaded.tokenizer, persona) if settings.model.prefix_cache else "",
+                    max_reply_tokens=tokens)
 
 
 async def build_worker(settings: Settings, redis: aioredis.Redis, fake: bool = False,

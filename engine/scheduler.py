@@ -20,7 +20,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +58,24 @@ class Call:
 
 
 @dataclass(eq=False)
+class SideJob:
+    """Other work on the engine's model (the listener's scoring), run by the engine thread
+    between two decode steps: on a CPU it then never runs beside a step on the same cores."""
+
+    work: Callable[[], Any]
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Any = None
+    error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = self.work()
+        except Exception as exc:
+            self.error = exc
+        self.done.set()
+
+
+@dataclass(eq=False)
 class Row:
     call: Call
     index: int  # the job's index in its call
@@ -89,7 +107,7 @@ class RowScheduler:
         self.steps = 0  # decode steps run, all lanes (for tests and benchmarks)
         self.most_rows = 0  # the most rows running at once
         self._lanes: dict[str, Any] = {}
-        self._incoming: queue.Queue[Call | None] = queue.Queue()
+        self._incoming: queue.Queue[Call | SideJob | None] = queue.Queue()
         self._calls: list[Call] = []
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -142,19 +160,36 @@ class RowScheduler:
                     [None] * len(jobs), len(jobs))
         with self._lock:
             self._calls.append(call)
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
-                self._thread.start()
-        self._incoming.put(call)
-        while not call.done.wait(1.0):
-            if self._thread is None or not self._thread.is_alive():  # it failed: say so
-                call.error = call.error or RuntimeError("the engine thread stopped")
-                break
-        with self._lock:
-            self._calls.remove(call)
+        try:
+            self._wait(call)
+        finally:
+            with self._lock:
+                self._calls.remove(call)
         if call.error is not None:
             raise call.error
         return [r for r in call.results if r is not None]
+
+    def run_on_engine(self, work: Callable[[], Any]) -> Any:
+        """``work()`` on the engine thread, between two decode steps (blocking)."""
+        if threading.current_thread() is self._thread:
+            return work()
+        job = SideJob(work)
+        self._wait(job)
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def _wait(self, item: Call | SideJob) -> None:
+        """Hand ``item`` to the engine thread (starting it if needed) and wait until done."""
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+                self._thread.start()
+        self._incoming.put(item)
+        while not item.done.wait(1.0):
+            if self._thread is None or not self._thread.is_alive():  # it failed: say so
+                item.error = item.error or RuntimeError("the engine thread stopped")
+                break
 
     def cancel(self) -> None:
         """Stop every call in flight at its next step (the worker gave up on them)."""
@@ -184,9 +219,12 @@ class RowScheduler:
                         call.done.set()
             while True:
                 try:
-                    self._incoming.get_nowait()
+                    item = self._incoming.get_nowait()
                 except queue.Empty:
                     break
+                if isinstance(item, SideJob):
+                    item.error = exc
+                    item.done.set()
 
     def _running(self) -> int:
         return sum(len(lane.rows) for lane in self._lanes.values())
@@ -196,10 +234,10 @@ class RowScheduler:
         closing = False
         while True:
             if not self._running() and not backlog:
-                backlog.append(self._incoming.get())  # type: ignore[arg-type]
+                self._take(self._incoming.get(), backlog)
             while True:
                 try:
-                    backlog.append(self._incoming.get_nowait())  # type: ignore[arg-type]
+                    self._take(self._incoming.get_nowait(), backlog)
                 except queue.Empty:
                     break
             if None in backlog:
@@ -228,6 +266,14 @@ class RowScheduler:
                         self._fail(call, exc)
                     self._drop(lane, [])
             self.most_rows = max(self.most_rows, self._running())
+
+    @staticmethod
+    def _take(item: Call | SideJob | None, backlog: list[Any]) -> None:
+        """A side job runs now; a call (or None, closing) joins the backlog."""
+        if isinstance(item, SideJob):
+            item.run()
+        else:
+            backlog.append(item)
 
     def _admit(self, calls: list[Call]) -> None:
         """Prefill the calls that arrived together, one pass per lane; if that fails, each

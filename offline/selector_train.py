@@ -326,6 +326,8 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
                         "re-ranked with the House model's PMI (engine/listener.py)")
     e.add_argument("--shortlist", type=int, default=10)
     e.add_argument("--listener-weight", type=float, default=1.0)
+    e.add_argument("--listener-tokens", type=int, default=64,
+                   help="score only each reply's first this many tokens (LISTENER_TOKENS)")
     e.add_argument("--limit", type=int, default=0,
                    help="--listener on this many messages of the split (0 = all)")
 
@@ -361,19 +363,22 @@ def run(args: argparse.Namespace) -> int:
     if args.listener:
         from base.config import Settings
         from engine.model_loading import load_model
-        from engine.runtime import listener_for
+        from engine.runtime import listener_for, local_engine
         from persona.pack import load_persona
 
-        settings = Settings()
+        settings = Settings().with_overrides(listener="pmi", canon_shortlist=args.shortlist,
+                                             listener_tokens=args.listener_tokens)
         persona = load_persona(settings.generation.persona)
         model_settings = settings.model
         loaded = load_model(model_settings.base_model, model_settings.adapter_paths,
                             model_settings.device, model_settings.dtype,
                             model_settings.cache_dir)
-        listener = listener_for(settings.with_overrides(listener="pmi"), loaded, persona)
+        engine = local_engine(settings, loaded, persona)  # the bot's listener runs on it
+        listener = listener_for(settings, loaded, persona, engine)
         if listener is None:
             raise SystemExit(f"no {model_settings.default_adapter} adapter for the listener")
-        print(f"selector {args.shortlist} best + listener (weight {args.listener_weight:g}):",
+        print(f"selector {args.shortlist} best + listener (weight {args.listener_weight:g}, "
+              f"{args.listener_tokens} tokens, {getattr(engine, 'engine_name', '?')}):",
               listener_ranking_metrics(model, chosen, scenes, listener, persona,
                                        args.shortlist, args.listener_weight,
                                        limit=args.limit))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -226,3 +227,40 @@ def test_its_listener_scores_replies_as_the_pytorch_listener_does(engine, embedd
     assert np.argsort(mine).tolist() == np.argsort(reference).tolist()
     assert ours.logprobs(prompt, replies) == mine  # the context is left clean
     assert len(ours.pmi(prompt, replies)) == len(replies)
+
+
+def test_listener_scoring_runs_on_the_engine_thread_between_steps(engine, embedded_model,
+                                                                  persona) -> None:
+    """While a long batch decodes, the listener's scoring runs on the engine's thread (never
+    beside a decode step on the same cores) and returns before the batch ends."""
+    from engine.llamacpp_listener import LlamaCppListener
+
+    tokenizer = embedded_model.tokenizer
+    ours = LlamaCppListener(engine, "house", render_prompt(tokenizer, persona, [], ""))
+    prompt = render_prompt(tokenizer, persona, [], "Is it lupus?")
+    alone = ours.logprobs(prompt, ["Yeah."])
+    threads: list[str] = []
+    running: list[bool] = []
+    original = ours._score
+
+    def score(*args):  # type: ignore[no-untyped-def]
+        threads.append(threading.current_thread().name)
+        running.append("long" not in done and bool(engine._running()))
+        return original(*args)
+
+    ours._score = score  # type: ignore[method-assign]
+    long_jobs = jobs_for(engine, persona, 64, ["__base__"], temperature=0.0)[:1]  # it rambles
+    done: dict[str, float] = {}
+    runner = threading.Thread(target=lambda: (engine.generate(long_jobs),
+                                              done.setdefault("long", time.monotonic())))
+    steps = engine.steps
+    runner.start()
+    while engine.steps < steps + 3 and runner.is_alive():
+        time.sleep(0.005)
+    scored = ours.logprobs(prompt, ["Yeah."])
+    done["scored"] = time.monotonic()
+    runner.join(120)
+    assert threads == ["engine"]
+    assert running == [True]  # between two steps of the running batch
+    assert done["scored"] < done["long"]
+    assert scored == pytest.approx(alone, abs=0.5)  # its own context: the batch is untouched
