@@ -41,6 +41,9 @@ class WorkerMetrics:
                               registry=r)
         self.winners = Counter("house_reply_winner", "Chat replies by the kind that won "
                                "(generated or canon)", ["kind"], registry=r)
+        self.listener_skipped = Counter("house_listener_skipped", "Replies chosen without "
+                                        "the listener because the engine was busy",
+                                        registry=r)
         self.dead_letters = Counter("house_dead_letters", "Requests moved to dead letters",
                                     registry=r)
         self.lost = Counter("house_lost_requests", "Requests that vanished from the stream "

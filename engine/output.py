@@ -33,7 +33,8 @@ class ReplyBuilder:
                  canon_candidates: int, metrics: WorkerMetrics,
                  scorer: Callable[[Sequence[str]], Sequence[float]] | None = None,
                  canon: CanonPool | None = None, listener: Listener | None = None,
-                 shortlist: int = 10, listener_weight: float = 1.0):
+                 shortlist: int = 10, listener_weight: float = 1.0,
+                 busy: Callable[[Task], bool] | None = None):
         self.persona = persona
         self.defaults = defaults
         self.worker = worker
@@ -45,6 +46,7 @@ class ReplyBuilder:
         self.listener = listener
         self.shortlist = shortlist
         self.listener_weight = listener_weight
+        self.busy = busy  # True: too many rows generating to wait for the listener
 
     def generated_candidates(self, task: Task, variant: int, outputs: list[Generated]
                              ) -> list[Candidate]:
@@ -61,7 +63,10 @@ class ReplyBuilder:
     def pick(self, task: Task, generated: list[Candidate], mode: str) -> Candidate | None:
         controls = task.controls or self.defaults
         listener = None
-        if self.listener is not None and task.prompt:
+        if self.listener is not None and task.prompt and self.busy is not None \
+                and self.busy(task):
+            self.metrics.listener_skipped.inc()
+        elif self.listener is not None and task.prompt:
             prompt, scorer = task.prompt, self.listener
 
             def listener(texts: Sequence[str]) -> Sequence[float]:

@@ -326,7 +326,7 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
                         "re-ranked with the House model's PMI (engine/listener.py)")
     e.add_argument("--shortlist", type=int, default=10)
     e.add_argument("--listener-weight", type=float, default=1.0)
-    e.add_argument("--listener-tokens", type=int, default=64,
+    e.add_argument("--listener-tokens", type=int, default=24,
                    help="score only each reply's first this many tokens (LISTENER_TOKENS)")
     e.add_argument("--limit", type=int, default=0,
                    help="--listener on this many messages of the split (0 = all)")

@@ -201,6 +201,7 @@ class PersonaClassifier:
         self.meta = meta or {}
         self._model = _Model(config, weights)
         self._model.merge()
+        self._known: dict[str, float] = {}  # score() of texts seen (canon lines recur)
 
     def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
         """P(House) for each text."""
@@ -218,8 +219,16 @@ class PersonaClassifier:
         return 1.0 / (1.0 + np.exp(-logits))
 
     def score(self, texts: Sequence[str]) -> list[float]:
-        """The reranker interface of `persona.reply_choice` (the voice score)."""
-        return [float(p) for p in self.predict_proba(list(texts))]
+        """The reranker interface of `persona.reply_choice` (the voice score). A text's score
+        does not depend on the message, so the scores of texts seen before (House's canon
+        lines come back across conversations) are kept, up to 50,000."""
+        new = [t for t in dict.fromkeys(texts) if t not in self._known]
+        if new:
+            if len(self._known) + len(new) > 50_000:
+                self._known.clear()
+            self._known.update(zip(new, (float(p) for p in self.predict_proba(new)),
+                                   strict=True))
+        return [self._known[t] for t in texts]
 
     def save(self, directory: Path) -> None:
         from safetensors.torch import save_file
