@@ -93,7 +93,7 @@ def test_save_and_load_without_pickle(classifier: PersonaClassifier, tmp_path: P
     assert (tmp_path / "classifier.safetensors").stat().st_size < 10 * 2**20
     loaded = PersonaClassifier.load(tmp_path)
     texts = ["It's not lupus.", "The labs are normal.", "Everybody lies, and you're bad at it."]
-    assert loaded.score(texts) == classifier.score(texts)
+    assert loaded.score(texts) == pytest.approx(classifier.score(texts), abs=1e-6)  # batching
     assert loaded.meta["test_auc"] == 0.9 and loaded.config == classifier.config
 
 
