@@ -73,12 +73,15 @@ def _route_logs(llama: Any) -> None:
 
 
 def weights_kind(weights: str) -> str:
-    """``auto``: bf16 where the CPU has native bf16 (AVX512-BF16 or AMX), else q8_0."""
+    """``auto``: bf16 where the CPU has native bf16 (AVX512-BF16 or AMX) and llama.cpp was
+    built to use it (the Docker image's portable AVX2 build is not), else q8_0."""
     if weights != "auto":
         return weights
     from engine.model_loading import cpu_has_bf16
 
-    return "bf16" if cpu_has_bf16() else "q8_0"
+    built = _llama().llama_print_system_info().decode()
+    native = "AVX512_BF16 = 1" in built or "AMX_BF16 = 1" in built
+    return "bf16" if native and cpu_has_bf16() else "q8_0"
 
 
 def encoded(source: Path, weights: str, cache_dir: Path, ships_as: Path | None = None) -> Path:
