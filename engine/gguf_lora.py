@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -122,12 +123,18 @@ def adapter_digest(adapter_dir: Path, base_gguf: Path) -> str:
     return digest.hexdigest()[:12]
 
 
+def written_once(path: Path, write: Callable[[Path], object]) -> Path:
+    """``path``, made by ``write(temporary path)`` and renamed into place when missing (so a
+    crash mid-write never leaves a half file under the cached name)."""
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        write(tmp)
+        tmp.rename(path)
+    return path
+
+
 def cached_adapter_gguf(adapter_dir: Path, base_gguf: Path, cache_dir: Path) -> Path:
     """The adapter's GGUF in ``cache_dir``, written on first use."""
     path = cache_dir / f"lora-{adapter_dir.name}-{adapter_digest(adapter_dir, base_gguf)}.gguf"
-    if not path.is_file():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        convert_adapter(adapter_dir, base_gguf, tmp)
-        tmp.rename(path)
-    return path
+    return written_once(path, lambda tmp: convert_adapter(adapter_dir, base_gguf, tmp))

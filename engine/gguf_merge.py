@@ -13,12 +13,11 @@ are copied as they are. llama.cpp's quantiser then re-encodes the file as the en
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
-from engine.gguf_lora import AdapterConversionError, adapter_digest, lora_tensors
+from engine.gguf_lora import AdapterConversionError, adapter_digest, lora_tensors, written_once
 
 MERGE_VERSION = 1
 
@@ -64,12 +63,7 @@ def merge_adapter(adapter_dir: Path, base_gguf: Path, out: Path) -> Path:
 
 
 def cached_merged_gguf(adapter_dir: Path, base_gguf: Path, cache_dir: Path) -> Path:
-    """The merged float32-projection file in ``cache_dir``, written on first use (about 1 s)."""
+    """The merged float32-projection file in ``cache_dir``, written on first use (7.5 s here)."""
     key = f"{adapter_digest(adapter_dir, base_gguf)}-m{MERGE_VERSION}"
     path = cache_dir / f"{base_gguf.stem}-{adapter_dir.name}-{key}.gguf"
-    if not path.is_file():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        merge_adapter(adapter_dir, base_gguf, tmp)
-        tmp.rename(path)
-    return path
+    return written_once(path, lambda tmp: merge_adapter(adapter_dir, base_gguf, tmp))
