@@ -270,10 +270,10 @@ class ReplyChoiceSettings(SettingsGroup):
     canon_shortlist: int = Field(10, validation_alias="CANON_SHORTLIST")
     # The listener scores only a reply's first LISTENER_TOKENS tokens (its cost is their sum).
     listener_tokens: int = Field(24, ge=1, validation_alias="LISTENER_TOKENS")
-    # Under load the listener steps aside: with at least this many rows generating plus other
-    # replies waiting to be chosen, the selector's cosine alone ranks the canon lines (0: always
-    # listen).
-    listener_busy_rows: int = Field(8, ge=0, validation_alias="LISTENER_BUSY_ROWS")
+    # Under load the listener steps aside: with at least this many other requests in the
+    # worker's hands (being answered, or read and waiting), the selector's cosine alone ranks
+    # the canon lines (0: always listen).
+    listener_busy_requests: int = Field(8, ge=0, validation_alias="LISTENER_BUSY_REQUESTS")
     refine_examples: int = Field(0, validation_alias="REFINE_EXAMPLES")
 
 

@@ -42,7 +42,7 @@ class WorkerMetrics:
         self.winners = Counter("house_reply_winner", "Chat replies by the kind that won "
                                "(generated or canon)", ["kind"], registry=r)
         self.listener_skipped = Counter("house_listener_skipped", "Replies chosen without "
-                                        "the listener because the engine was busy",
+                                        "the listener because the worker was busy",
                                         registry=r)
         self.dead_letters = Counter("house_dead_letters", "Requests moved to dead letters",
                                     registry=r)

@@ -11,10 +11,11 @@ system block is computed once per lane as sequence 0 and shared with every row
 cells back at once; rows are admitted while their prompts and token limits fit the cache
 (``LLAMACPP_KV_TOKENS``) and ``MAX_RUNNING_ROWS``.
 
-Weights (``LLAMACPP_WEIGHTS``): ``q8_0`` (default) is the embedded GGUF re-encoded to 8-bit
-blocks (llama.cpp's own quantiser; each weight rounded to 1/127 of its block's largest), which
-stepped 16 rows faster than the Q4_1 file in our runs on an AVX2 CPU (146–205 against 126–174
-tokens/s, a noisy VM); ``source`` runs the file as it ships. Scores are not bit-identical to
+Each adapter's lane runs its own GGUF with the adapter merged in (``LLAMACPP_LORA=merged``,
+`engine.gguf_merge`) or the base GGUF with the GGUF LoRA applied at run time (``runtime``).
+Weights (``LLAMACPP_WEIGHTS``): ``auto`` is bf16 where the CPU and this llama.cpp build have
+native bf16, else q8_0 (8-bit blocks); every file is re-encoded once by llama.cpp's quantiser
+and cached; ``source`` keeps the embedded file's own Q4_1. Scores are not bit-identical to
 the row alone: llama.cpp's kernels change with the number of tokens in a decode (from about
 64), so unlike the PyTorch engine a sampled row's text may differ from its text alone;
 docs/engine.md has the figures.
@@ -37,6 +38,7 @@ import torch
 
 from base.keys import BASE_VARIANT
 from engine.generation import PerRowSampler
+from engine.gguf_lora import written_once
 from engine.model_loading import EMBEDDED_MODELS, ModelLoadError, find_embedded_gguf
 from engine.scheduler import Call, Row, RowScheduler
 
@@ -94,19 +96,18 @@ def encoded(source: Path, weights: str, cache_dir: Path, ships_as: Path | None =
     stat = source.stat()
     key = hashlib.sha1(f"{source.name}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()
     out = cache_dir / f"{source.stem}-{weights}-{key[:10]}.gguf"
-    if not out.is_file():
+
+    def quantize(tmp: Path) -> None:
         llama = _llama()
         _route_logs(llama)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
         params = llama.llama_model_quantize_default_params()
         params.ftype = FTYPES[weights] if weights != "source" else _file_type(ships_as)
         params.allow_requantize, params.nthread = True, os.cpu_count() or 1
         log.info("re-encoding %s as %s in %s (first start only)", source.name, weights, out)
         if llama.llama_model_quantize(str(source).encode(), str(tmp).encode(), params) != 0:
             raise ModelLoadError(f"llama.cpp could not re-encode {source} as {weights}")
-        tmp.rename(out)
-    return out
+
+    return written_once(out, quantize)
 
 
 def _file_type(gguf_file: Path | None) -> int:

@@ -46,7 +46,7 @@ class ReplyBuilder:
         self.listener = listener
         self.shortlist = shortlist
         self.listener_weight = listener_weight
-        self.busy = busy  # True: too many rows generating to wait for the listener
+        self.busy = busy  # True: too many other requests in hand to wait for the listener
 
     def generated_candidates(self, task: Task, variant: int, outputs: list[Generated]
                              ) -> list[Candidate]:
@@ -65,7 +65,7 @@ class ReplyBuilder:
         listener = None
         if self.listener is not None and task.prompt and self.busy is not None \
                 and self.busy(task):
-            self.metrics.listener_skipped.inc()
+            self.metrics.listener_skipped.inc()  # the selector's cosine alone
         elif self.listener is not None and task.prompt:
             prompt, scorer = task.prompt, self.listener
 

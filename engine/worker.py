@@ -114,7 +114,7 @@ class Worker:
                                         scorer, canon, listener,
                                         self.settings.reply_choice.canon_shortlist,
                                         self.settings.reply_choice.listener_weight,
-                                        self._engine_busy)
+                                        self._too_busy_to_listen)
         self.partials = PartialEvents(redis, keys, self.output,
                                       self.settings.frontend.stream_replies,
                                       self.settings.redis.stream_maxlen)
@@ -647,11 +647,11 @@ class Worker:
         threaded = self.scorer is not None or self.canon is not None
         return await asyncio.to_thread(build) if threaded else build()
 
-    def _engine_busy(self, task: Task) -> bool:
-        """Whether LISTENER_BUSY_ROWS or more other requests are in this worker's hands (being
+    def _too_busy_to_listen(self, task: Task) -> bool:
+        """Whether LISTENER_BUSY_REQUESTS or more other requests are in this worker's hands (being
         answered, or read and waiting): the listener then steps aside, since its scoring runs
         one reply at a time on the engine's thread and replies would queue behind it."""
-        limit = self.settings.reply_choice.listener_busy_rows
+        limit = self.settings.reply_choice.listener_busy_requests
         held = sum(self.intake.busy.values()) + len(self.intake.carry)
         own = 1 if task.request.conversation in self.intake.busy else 0
         return bool(limit) and held - own >= limit

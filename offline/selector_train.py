@@ -366,7 +366,7 @@ def run(args: argparse.Namespace) -> int:
         from engine.runtime import listener_for, local_engine
         from persona.pack import load_persona
 
-        settings = Settings().with_overrides(listener="pmi", canon_shortlist=args.shortlist,
+        settings = Settings().with_overrides(listener="pmi",
                                              listener_tokens=args.listener_tokens)
         persona = load_persona(settings.generation.persona)
         model_settings = settings.model

@@ -346,14 +346,14 @@ async def test_the_listener_reranks_the_shortlist_with_the_conversation_prompt(
 @pytest.mark.parametrize(("others", "listens"), [(8, False), (7, True)])
 async def test_the_listener_steps_aside_while_the_worker_is_busy(
         redis, keys, persona, queue, others, listens) -> None:  # type: ignore[no-untyped-def]
-    """With LISTENER_BUSY_ROWS other requests or more in the worker's hands, the canon lines
+    """With LISTENER_BUSY_REQUESTS other requests or more in the worker's hands, the canon lines
     are ranked by the selector alone (counted in house_listener_skipped); below it the
     listener re-ranks."""
     message = "I have a headache and took painkillers with beer"
     listener = PreferringListener("Everybody lies")
     worker = Worker(redis, keys, FakeGenerator(), persona,
                     worker_settings("w", reply_mode="canon", canon_candidates=1,
-                                    canon_shortlist=5, listener_busy_rows=8),
+                                    canon_shortlist=5, listener_busy_requests=8),
                     canon=pool(), listener=listener)  # type: ignore[arg-type]
     worker.intake.busy.update({f"t:other:{i}": 1 for i in range(others)})  # being answered
     request = chat(message)
