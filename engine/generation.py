@@ -88,6 +88,13 @@ class PerRowSampler:
             self.generators.append(g)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        chosen = self.choose(scores)
+        out = torch.full_like(scores, float("-inf"))
+        out[torch.arange(scores.shape[0]), chosen.to(scores.device)] = 0.0
+        return out
+
+    def choose(self, scores: torch.Tensor) -> torch.Tensor:
+        """Each row's token (the one `__call__` leaves allowed)."""
         k = min(self.top_k, scores.shape[-1])
         top_logits, top_ids = torch.topk(scores.detach().float().cpu(), k, dim=-1)
         probs = torch.softmax(top_logits / self.temperatures[:, None], dim=-1)
@@ -101,9 +108,7 @@ class PerRowSampler:
             else:
                 pick = torch.multinomial(probs[row], 1, generator=self.generators[row])
                 chosen[row] = top_ids[row, pick]
-        out = torch.full_like(scores, float("-inf"))
-        out[torch.arange(scores.shape[0]), chosen.to(scores.device)] = 0.0
-        return out
+        return chosen
 
 
 class RowStops:

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from engine.generation import Generated, GenerationJob, OnText, PerRowSampler
+from engine.penalties import RowPenalties
 from persona.postprocess import speaker_tag_pattern, split_sentences
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ class Row:
     finished: bool = False  # ended by EOS or a stop, not cut off at max_new_tokens
     logits: Any = None  # the scores its next token is picked from ([1, vocab])
     slot: int = -1  # where the lane keeps its cache (llama.cpp: the sequence id)
+    penalties: RowPenalties | None = None  # made at its first step, from the prompt
 
 
 class RowScheduler:
@@ -304,21 +306,17 @@ class RowScheduler:
 
     def _step_row(self, row: Row) -> bool:
         """Pick the row's next token from its logits; False when it ended (and left)."""
-        from transformers import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
-
         controls = row.call.jobs[row.index].controls
-        scores = row.logits.float()
-        seen = torch.tensor([row.prompt + row.tokens])
-        if controls.repetition_penalty != 1.0:
-            scores = RepetitionPenaltyLogitsProcessor(controls.repetition_penalty)(seen, scores)
-        if controls.no_repeat_ngram_size > 0:
-            scores = NoRepeatNGramLogitsProcessor(controls.no_repeat_ngram_size)(seen, scores)
-        token = int(torch.argmax(row.sampler(seen, scores), dim=-1))
+        if row.penalties is None:
+            row.penalties = RowPenalties(row.prompt, controls.repetition_penalty,
+                                         controls.no_repeat_ngram_size)
+        token = int(row.sampler.choose(row.penalties(row.logits.float()))[0])
         if token in self.eos or row.call.stop.is_set():
             row.finished = token in self.eos
             self._leave(row)
             return False
         row.tokens.append(token)
+        row.penalties.push(token)
         text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
         if self.tag.search(text) or len(split_sentences(text + " x")) > controls.sentence_cap + 1:
             row.finished = True  # stopped early, as RowStops does: the reply is complete

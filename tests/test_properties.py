@@ -310,3 +310,32 @@ def test_fit_message_keeps_the_longest_prefix_within_the_budget(text: str,
         rest = text[len(fitted):]
         gap = len(rest) - len(rest.lstrip())
         assert cost(text[: len(fitted) + gap + 1]) > budget
+
+
+@PROPS
+@given(st.lists(st.integers(0, 11), min_size=0, max_size=60), st.integers(1, 8),
+       st.sampled_from([1.0, 1.15, 1.5]), st.integers(0, 4))
+def test_row_penalties_score_as_transformers_processors(
+        prompt: list[int], generated: int, penalty: float, ngram: int) -> None:
+    """The scheduler's incremental penalties give the scores transformers' processors give
+    on the whole sequence, at every step of a growing sequence."""
+    import torch
+    from transformers import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+
+    from engine.penalties import RowPenalties
+
+    rows = RowPenalties(prompt, penalty, ngram)
+    gen = torch.Generator().manual_seed(len(prompt) * 31 + generated)
+    seq = list(prompt)
+    for _ in range(generated):
+        scores = torch.randn((1, 12), generator=gen) * 3
+        expected = scores.clone()
+        seen = torch.tensor([seq], dtype=torch.long)
+        if penalty != 1.0 and seq:
+            expected = RepetitionPenaltyLogitsProcessor(penalty)(seen, expected)
+        if ngram > 0 and seq:
+            expected = NoRepeatNGramLogitsProcessor(ngram)(seen, expected)
+        assert torch.equal(rows(scores), expected)
+        token = int(torch.randint(0, 12, (1,), generator=gen))
+        seq.append(token)
+        rows.push(token)
