@@ -49,13 +49,20 @@ class Listener:
             return []
         conditional = self.logprobs(prompt, replies)
         unknown = [r for r in dict.fromkeys(replies) if r not in self._empty_cache]
-        if unknown:
-            for reply, value in zip(unknown, self.logprobs(self.empty_prompt, unknown),
-                                    strict=True):
-                self._empty_cache[reply] = value
-            if len(self._empty_cache) > 50_000:
-                self._empty_cache.clear()
-        return [c - self._empty_cache[r] for c, r in zip(conditional, replies, strict=True)]
+        empty = self._empty_scores(replies, unknown,
+                                   self.logprobs(self.empty_prompt, unknown) if unknown else [])
+        return [c - empty[r] for c, r in zip(conditional, replies, strict=True)]
+
+    def _empty_scores(self, replies: Sequence[str], unknown: Sequence[str],
+                      values: Sequence[float]) -> dict[str, float]:
+        """``log P(reply | empty message)`` of each reply: kept from earlier calls, or just
+        scored (``values``, for ``unknown``); it never changes, so up to 50,000 are kept."""
+        scores = {r: self._empty_cache[r] for r in replies if r in self._empty_cache}
+        scores.update(zip(unknown, values, strict=True))
+        if len(self._empty_cache) + len(unknown) > 50_000:
+            self._empty_cache.clear()
+        self._empty_cache.update(zip(unknown, values, strict=True))
+        return scores
 
     @torch.no_grad()
     def logprobs(self, prompt: str, replies: Sequence[str]) -> list[float]:

@@ -37,17 +37,32 @@ class LlamaCppListener(Listener):
         self.context = engine.make_context(adapter, kv_tokens, MAX_REPLIES + 1,
                                            batch_tokens=(MAX_REPLIES + 1) * max_reply_tokens)
 
+    def pmi(self, prompt: str, replies: Sequence[str]) -> list[float]:
+        """As `Listener.pmi`, with both terms in one turn of the engine thread (the replies
+        the empty message has not scored yet are scored with the conversation's)."""
+        if not replies:
+            return []
+        unknown = [r for r in dict.fromkeys(replies) if r not in self._empty_cache]
+
+        def score() -> tuple[list[float], list[float]]:
+            return (self._logprobs(prompt, replies),
+                    self._logprobs(self.empty_prompt, unknown) if unknown else [])
+
+        conditional, values = self.engine.run_on_engine(score)
+        empty = self._empty_scores(replies, unknown, values)
+        return [c - empty[r] for c, r in zip(conditional, replies, strict=True)]
+
     def logprobs(self, prompt: str, replies: Sequence[str]) -> list[float]:
         """``log P(reply + end of turn | prompt)`` for each reply."""
+        # one scoring at a time, never beside a step
+        return self.engine.run_on_engine(lambda: self._logprobs(prompt, replies))
+
+    def _logprobs(self, prompt: str, replies: Sequence[str]) -> list[float]:
         rows = [self.tokenizer(r.strip() + REPLY_END, add_special_tokens=False)["input_ids"]
                 [: self.max_reply_tokens] for r in replies]
-        def score() -> list[float]:
-            scores: list[float] = []
-            for first in range(0, len(rows), MAX_REPLIES):
-                scores += self._score(prompt, rows[first : first + MAX_REPLIES])
-            return scores
-
-        scores = self.engine.run_on_engine(score)  # one scoring at a time, never beside a step
+        scores: list[float] = []
+        for first in range(0, len(rows), MAX_REPLIES):
+            scores += self._score(prompt, rows[first : first + MAX_REPLIES])
         return [s if math.isfinite(s) else -1e9 for s in scores]
 
     def _score(self, prompt: str, rows: list[list[int]]) -> list[float]:

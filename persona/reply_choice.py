@@ -122,13 +122,20 @@ def pick(mode: str, message: str, generated: Sequence[Candidate], canon: CanonPo
     if canon is not None:
         weight = listener_weight / COSINE_SCALE
         known: dict[str, float] = {}  # fit of canon lines already scored for the shortlist
+        pmi_of: dict[str, float] = {}  # the listener's PMI of texts it has heard
         if mode != GENERATED:
             hits = canon.search(message, context, max(k, shortlist) if listener else k,
                                 heard, mentioned, sentence_cap)
             if listener is not None and hits:
-                pmi = listener([h.line.text for h in hits])
+                # the generated candidates are heard in the same call: the conversation's
+                # prompt runs once for all of them
+                texts = [h.line.text for h in hits]
+                heard_too = list(dict.fromkeys(c.text for c in candidates if c.text.strip()
+                                               and c.text not in texts))
+                pmi = list(listener(texts + heard_too))
                 known = {h.line.text: h.score + weight * float(v)
-                         for h, v in zip(hits, pmi, strict=True)}
+                         for h, v in zip(hits, pmi, strict=False)}
+                pmi_of = dict(zip(heard_too, pmi[len(texts):], strict=True))
                 hits = sorted(hits, key=lambda h: -known[h.line.text])[:k]
             candidates += [Candidate(h.line.text, CANON, row=h.line.row) for h in hits]
 
@@ -136,7 +143,10 @@ def pick(mode: str, message: str, generated: Sequence[Candidate], canon: CanonPo
             new = [t for t in texts if t not in known]
             if new:
                 cosines = canon.fit(message, context, new)
-                pmi = listener(new) if listener is not None else [0.0] * len(new)
+                unheard = [t for t in new if t not in pmi_of]
+                if listener is not None and unheard:
+                    pmi_of.update(zip(unheard, listener(unheard), strict=True))
+                pmi = [pmi_of.get(t, 0.0) for t in new]
                 known.update({t: c + weight * float(v)
                               for t, c, v in zip(new, cosines, pmi, strict=True)})
             return [known[t] for t in texts]

@@ -374,3 +374,21 @@ def test_without_a_listener_pick_ranks_canon_lines_by_the_selector() -> None:
     heard = pick(CANON, message, [], canon, None, k=1,
                  listener=lambda texts: [30.0 if "Lupus" in t else 0.0 for t in texts])
     assert heard is not None and "Lupus" in heard.text
+
+
+def test_hybrid_hears_the_canon_shortlist_and_the_generated_candidates_in_one_call() -> None:
+    """The conversation's prompt runs once through the listener for a hybrid reply: the
+    generated candidates are scored with the shortlist, and the winner is the same."""
+    message = "I have a headache and took painkillers with beer"
+    calls: list[list[str]] = []
+
+    def listener(texts: Sequence[str]) -> list[float]:
+        calls.append(list(texts))
+        return [30.0 if "painkillers" in t else 0.0 for t in texts]
+
+    generated = [Candidate("Stop mixing painkillers with beer, idiot.", GENERATED, source=0),
+                 Candidate("Go away.", GENERATED, source=1)]
+    winner = pick("hybrid", message, generated, pool(), None, k=2, shortlist=5,
+                  listener=listener)
+    assert len(calls) == 1 and {c.text for c in generated} <= set(calls[0])
+    assert winner is not None and winner.text == generated[0].text

@@ -226,7 +226,8 @@ def test_its_listener_scores_replies_as_the_pytorch_listener_does(engine, embedd
         assert a == pytest.approx(b, abs=1.0)
     assert np.argsort(mine).tolist() == np.argsort(reference).tolist()
     assert ours.logprobs(prompt, replies) == mine  # the context is left clean
-    assert len(ours.pmi(prompt, replies)) == len(replies)
+    alone = ours.logprobs(empty, replies)  # both terms in one engine turn: the same PMI
+    assert ours.pmi(prompt, replies) == [c - e for c, e in zip(mine, alone, strict=True)]
 
 
 def test_listener_scoring_runs_on_the_engine_thread_between_steps(engine, embedded_model,
