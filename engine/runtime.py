@@ -116,8 +116,8 @@ def ensure_prepared(settings: Settings) -> Path:
 def build_canon(settings: Settings) -> CanonPool | None:
     """House's real lines and the response selector, for the canon and hybrid modes; None
     (logged, the worker then answers in generated mode) when the selector or the data set
-    is missing."""
-    if settings.reply_choice.mode == "generated":
+    is missing. Generated mode needs them only for retrieve and refine (REFINE_EXAMPLES)."""
+    if settings.reply_choice.mode == "generated" and settings.reply_choice.refine_examples <= 0:
         return None
     from persona.canon import CanonPool
     from persona.selector import Selector, SelectorError

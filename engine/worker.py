@@ -517,10 +517,9 @@ class Worker:
         refined = prompt
         if self.canon is not None and self.settings.reply_choice.refine_examples > 0:
             # retrieve and refine: House's real exchanges for the message in the adapter's prompt
-            hits = await asyncio.to_thread(self.canon.search, text, task.context,
-                                           self.settings.reply_choice.refine_examples, (),
-                                           task.mentioned)
-            examples = [(h.line.anchor, h.line.text) for h in hits if h.line.anchor]
+            examples = await asyncio.to_thread(self.canon.examples, text, task.context,
+                                               self.settings.reply_choice.refine_examples,
+                                               task.mentioned)
             refined = render_prompt(self.generator.tokenizer, persona, history, text, speaker,
                                     self.settings.history.token_budget, examples=examples)
         seed = request_seed(request, task.controls)

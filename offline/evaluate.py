@@ -34,6 +34,7 @@ from base.config import ROOT, Settings
 if TYPE_CHECKING:
     from engine.generation import Generator
     from offline.quality import Sample
+    from persona.canon import CanonPool
     from persona.pack import Controls, Persona
 
 log = logging.getLogger(__name__)
@@ -155,10 +156,12 @@ def generate_replies(
     token_budget: int,
     progress: Any = None,
     deadline: float | None = None,
+    examples: Callable[[str], Sequence[tuple[str, str]]] | None = None,
 ) -> tuple[list[Sample], dict[str, float]]:
     """Answer every prompt the way the worker would; returns samples and timing totals.
 
-    With ``deadline`` (a `time.monotonic` value), stops after the batch that passes it."""
+    With ``deadline`` (a `time.monotonic` value), stops after the batch that passes it;
+    ``examples`` gives House's real exchanges for a message (retrieve and refine)."""
     from engine.generation import GenerationJob
     from offline.quality import Sample
     from persona.postprocess import reply_candidate
@@ -176,7 +179,8 @@ def generate_replies(
         jobs = []
         for offset, item in enumerate(batch):
             prompt = render_prompt(generator.tokenizer, persona, [], item.message, "",
-                                   token_budget)
+                                   token_budget,
+                                   examples=examples(item.message) if examples else ())
             first = prompt_seed(seed, start + offset)
             jobs.extend(GenerationJob(prompt, adapter, controls, first + k, item.message)
                         for k in range(n))
@@ -319,6 +323,12 @@ def run(args: argparse.Namespace) -> int:
         samples.update(more)
         timing.update(more_timing)
     deadline = (time.monotonic() + args.time_budget_min * 60) if args.time_budget_min else None
+    refine = settings.reply_choice.refine_examples
+    canon = None
+    if derived or refine > 0:
+        from engine.runtime import build_canon
+
+        canon = build_canon(settings.with_overrides(reply_mode="hybrid"))
     to_generate = [s for s in model_systems if s not in samples]
     adapters = {k: v for k, v in settings.model.adapter_paths.items() if k in to_generate}
     generator = load_generator(settings, persona, adapters) if to_generate else None
@@ -340,16 +350,21 @@ def run(args: argparse.Namespace) -> int:
         if generator is None or (adapter != BASE_VARIANT and adapter not in generator.adapters):
             log.warning("adapter %s is not loaded; skipped", system)
             continue
+        examples = None
+        if adapter != BASE_VARIANT and refine > 0 and canon is not None:
+            def examples(message: str) -> Sequence[tuple[str, str]]:
+                return canon.examples(message, (), refine)
+            info["refine_examples"] = refine
         with tqdm(total=len(prompts), desc=system, unit="prompt", file=sys.stderr) as bar:
             samples[system], totals = generate_replies(
                 generator, persona, prompts, adapter, controls, args.seed, args.batch_size,
-                scorer, settings.history.token_budget, bar, deadline)
+                scorer, settings.history.token_budget, bar, deadline, examples)
         timing[system] = {**info, **totals, "controls": controls.__dict__,
                           "reranker": reranker_name,
                           "load_after": round(os.getloadavg()[0], 2)}
     if derived:
         derive_systems(samples, timing, derived, adapter_name, prompts, persona, scorer,
-                       settings, controls.sentence_cap)
+                       settings, canon, controls.sentence_cap)
     # what was asked for, and what earlier runs brought (--reuse)
     samples = {s: v for s, v in samples.items()
                if s in systems or s in reused or s.endswith("-norerank")}
@@ -432,18 +447,17 @@ def modes_need_canon(system: str, settings: Settings) -> bool:
 def derive_systems(samples: dict[str, list[Sample]], timing: dict[str, dict[str, Any]],
                    systems: Sequence[str], adapter: str, prompts: Sequence[Prompt],
                    persona: Persona, scorer: Callable[[Sequence[str]], Sequence[float]] | None,
-                   settings: Settings, sentence_cap: int = 3) -> None:
+                   settings: Settings, canon: CanonPool | None, sentence_cap: int = 3) -> None:
     """The systems the bot's reply choice makes from the adapter's generations (kept with
     their candidates) and the canon pool, through `persona.reply_choice.pick` as the worker
     calls it (no history: every prompt opens a conversation)."""
     from engine.model_loading import load_model
-    from engine.runtime import build_canon, listener_for
+    from engine.runtime import listener_for
     from offline.quality import Sample
     from persona.prompt import has_words, render_prompt
     from persona.reply_choice import GENERATED, Candidate, pick
 
     generated = samples.get(adapter)
-    canon = build_canon(settings.with_overrides(reply_mode="hybrid"))
     listener = None
     if canon is None:
         log.warning("no selector or canon pool: canon and hybrid systems skipped")

@@ -184,6 +184,13 @@ class CanonPool:
         return self.search_many([(message, tuple(context), tuple(exclude_rows), mentioned)],
                                 k, max_sentences)[0]
 
+    def examples(self, message: str, context: Sequence[str] = (), k: int = 2,
+                 mentioned: str = "") -> list[tuple[str, str]]:
+        """``k`` of House's real exchanges (what was said to him, his line) for ``message``,
+        for the adapter's prompt in retrieve and refine (`persona.prompt.examples_message`)."""
+        hits = self.search(message, context, k, (), mentioned)
+        return [(h.line.anchor, h.line.text) for h in hits if h.line.anchor]
+
     def search_many(self, queries: Sequence[tuple[str, Sequence[str], Collection[int], str]],
                     k: int = 4, max_sentences: int = 3) -> list[list[CanonHit]]:
         import numpy as np

@@ -193,6 +193,28 @@ def test_generation_goes_through_the_serving_path(persona, fake_generator) -> No
     assert timing["tokens"] > 0
 
 
+def test_refine_examples_go_into_the_adapters_prompt_as_the_worker_puts_them(
+        persona, fake_generator) -> None:  # type: ignore[no-untyped-def]
+    from persona.prompt import EXAMPLES_INTRO
+
+    shown = [("Can I mix beer?", "Beer and painkillers: your liver says hi.")]
+    asked: list[str] = []
+
+    def examples(message: str) -> list[tuple[str, str]]:
+        asked.append(message)
+        return shown
+
+    generate_replies(fake_generator, persona, [Prompt("beer and painkillers?")], "house",
+                     persona.controls, seed=0, batch_size=1, scorer=None, token_budget=384,
+                     examples=examples)
+    generate_replies(fake_generator, persona, [Prompt("beer and painkillers?")], "house",
+                     persona.controls, seed=0, batch_size=1, scorer=None, token_budget=384)
+    refined, plain = fake_generator.jobs[0].prompt, fake_generator.jobs[-1].prompt
+    assert asked == ["beer and painkillers?"]
+    assert EXAMPLES_INTRO in refined and "your liver says hi" in refined
+    assert EXAMPLES_INTRO not in plain
+
+
 def test_outputs_can_be_reused_by_a_later_run(tmp_path, detector: SceneDetector) -> None:
     from offline.eval_report import compute_metrics, write_outputs
     from offline.evaluate import order_systems, reuse_run
