@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.gguf_lora import AdapterConversionError, adapter_digest, lora_tensors, written_once
+from engine.gguf_lora import AdapterConversionError, adapter_digest, lora_tensors
 
 MERGE_VERSION = 1
 
@@ -62,8 +62,6 @@ def merge_adapter(adapter_dir: Path, base_gguf: Path, out: Path) -> Path:
     return out
 
 
-def cached_merged_gguf(adapter_dir: Path, base_gguf: Path, cache_dir: Path) -> Path:
-    """The merged float32-projection file in ``cache_dir``, written on first use (7.5 s here)."""
-    key = f"{adapter_digest(adapter_dir, base_gguf)}-m{MERGE_VERSION}"
-    path = cache_dir / f"{base_gguf.stem}-{adapter_dir.name}-{key}.gguf"
-    return written_once(path, lambda tmp: merge_adapter(adapter_dir, base_gguf, tmp))
+def merged_key(adapter_dir: Path, base_gguf: Path) -> str:
+    """What a merged file is made from: the adapter, the model, this merge's version."""
+    return f"{adapter_digest(adapter_dir, base_gguf)}-m{MERGE_VERSION}"

@@ -28,6 +28,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,28 +87,49 @@ def weights_kind(weights: str) -> str:
     return "bf16" if native and cpu_has_bf16() else "q8_0"
 
 
-def encoded(source: Path, weights: str, cache_dir: Path, ships_as: Path | None = None) -> Path:
+def encoded(source: Path, weights: str, cache_dir: Path) -> Path:
     """``source`` re-encoded as ``weights`` by llama.cpp's quantiser (made on first use, cached
-    in ``cache_dir``); ``source`` is the file itself, or for a merged file (float32
-    projections) the type of the file the model ships as (``ships_as``)."""
+    in ``cache_dir``), or ``source`` itself for ``LLAMACPP_WEIGHTS=source``."""
     weights = weights_kind(weights)
-    if weights == "source" and ships_as is None:
+    if weights == "source":
         return source
     stat = source.stat()
     key = hashlib.sha1(f"{source.name}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()
     out = cache_dir / f"{source.stem}-{weights}-{key[:10]}.gguf"
+    return written_once(out, lambda tmp: _quantize(source, tmp, FTYPES[weights]))
 
-    def quantize(tmp: Path) -> None:
-        llama = _llama()
-        _route_logs(llama)
-        params = llama.llama_model_quantize_default_params()
-        params.ftype = FTYPES[weights] if weights != "source" else _file_type(ships_as)
-        params.allow_requantize, params.nthread = True, os.cpu_count() or 1
-        log.info("re-encoding %s as %s in %s (first start only)", source.name, weights, out)
-        if llama.llama_model_quantize(str(source).encode(), str(tmp).encode(), params) != 0:
-            raise ModelLoadError(f"llama.cpp could not re-encode {source} as {weights}")
 
-    return written_once(out, quantize)
+def merged_encoded(adapter_dir: Path, source: Path, weights: str, cache_dir: Path) -> Path:
+    """The adapter merged into ``source`` and re-encoded as ``weights`` (``source``: the type
+    the model ships as), made on first use and cached in ``cache_dir``. The float32 merge in
+    between (457 MB for SmolLM2-135M) lives in a scratch folder only while it is encoded; the
+    file's name carries the merge's key (the adapter's and the model's digest)."""
+    from engine.gguf_merge import merge_adapter, merged_key
+
+    weights = weights_kind(weights)
+    ftype = FTYPES[weights] if weights != "source" else _file_type(source)
+    out = cache_dir / f"{source.stem}-{adapter_dir.name}-{merged_key(adapter_dir, source)}-" \
+                      f"{weights}.gguf"
+
+    def merge_and_quantize(tmp: Path) -> None:
+        with tempfile.TemporaryDirectory(dir=cache_dir, prefix="merge-") as scratch:
+            merged = Path(scratch) / "merged-f32.gguf"
+            merge_adapter(adapter_dir, source, merged)
+            _quantize(merged, tmp, ftype)
+
+    return written_once(out, merge_and_quantize)
+
+
+def _quantize(source: Path, out: Path, ftype: int) -> None:
+    llama = _llama()
+    _route_logs(llama)
+    params = llama.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.allow_requantize, params.nthread = True, os.cpu_count() or 1
+    log.info("re-encoding %s as llama_ftype %d in %s (first start only)", source.name, ftype,
+             out.name)
+    if llama.llama_model_quantize(str(source).encode(), str(out).encode(), params) != 0:
+        raise ModelLoadError(f"llama.cpp could not re-encode {source} (llama_ftype {ftype})")
 
 
 def _file_type(gguf_file: Path | None) -> int:
@@ -380,7 +402,6 @@ def build_llamacpp_generator(settings: Any, loaded: Any, speakers: Sequence[str]
     """The llama.cpp engine for these settings, on the adapters ``loaded`` has: each adapter
     merged into its own file (``LLAMACPP_LORA=merged``) or applied at run time on the base's."""
     from engine.gguf_lora import cached_adapter_gguf
-    from engine.gguf_merge import cached_merged_gguf
 
     model = settings.model
     if model.base_model not in EMBEDDED_MODELS:
@@ -393,8 +414,7 @@ def build_llamacpp_generator(settings: Any, loaded: Any, speakers: Sequence[str]
     for name in loaded.adapters:
         adapter = Path(model.adapter_paths[name])
         if model.llamacpp_lora == "merged":
-            merged = cached_merged_gguf(adapter, source, model.cache_dir)
-            lanes[name] = (encoded(merged, weights, model.cache_dir, ships_as=source), None)
+            lanes[name] = (merged_encoded(adapter, source, weights, model.cache_dir), None)
         else:
             lanes[name] = (base, cached_adapter_gguf(adapter, source, model.cache_dir))
     log.info("llama.cpp engine: %s weights, adapters %s", weights_kind(weights),

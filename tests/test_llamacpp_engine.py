@@ -158,6 +158,27 @@ def test_the_merged_gguf_adds_the_adapter_to_the_projections_only(tmp_path: Path
     assert after["token_embd.weight"].tensor_type == before["token_embd.weight"].tensor_type
 
 
+def test_the_merged_lane_is_cached_encoded_without_its_float32_merge(
+        tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import engine.gguf_merge
+    from base.config import ROOT
+    from engine.llamacpp_engine import merged_encoded
+
+    adapter = ROOT / "models" / "house-smollm2"
+    if not (adapter / "adapter_config.json").is_file():
+        pytest.skip("the House adapter is not in models/")
+    source = find_embedded_gguf("smollm2-135m")
+    out = merged_encoded(adapter, source, "q8_0", tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no float32 merge left behind
+    assert out.stat().st_size < source.stat().st_size * 2
+
+    def no_merge(*_):  # type: ignore[no-untyped-def]
+        raise AssertionError("merged again")
+
+    monkeypatch.setattr(engine.gguf_merge, "merge_adapter", no_merge)
+    assert merged_encoded(adapter, source, "q8_0", tmp_path) == out  # a later start reads it
+
+
 def test_rows_join_a_running_batch_and_a_short_one_leaves_first(engine, persona) -> None:
     long_jobs = jobs_for(engine, persona, 48, ["house", "__base__"], temperature=0.0)
     late_jobs = jobs_for(engine, persona, 4, ["__base__", "house"], start=10)
