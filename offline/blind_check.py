@@ -28,6 +28,7 @@ bootstrap 95% intervals and writes ``result.json``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 from collections.abc import Sequence
@@ -84,11 +85,17 @@ def sample_pairs(first: Sequence[dict[str, Any]], second: Sequence[dict[str, Any
     return items
 
 
+def message_digest(message: str) -> str:
+    """What a key keeps of a message (the text quotes the data set): the same message in
+    another eval run, of other prompts, has the same digest."""
+    return hashlib.sha1(" ".join(message.split()).encode()).hexdigest()[:16]
+
+
 def sample_many(rows: dict[str, Sequence[dict[str, Any]]], n: int, seed: int,
-                exclude: frozenset[int] = frozenset()) -> list[dict[str, Any]]:
-    """``n`` messages every system answered (none whose index is in ``exclude``: an earlier
-    reading's); per message the distinct replies, shuffled, each with the systems that gave
-    it."""
+                exclude: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+    """``n`` messages every system answered (none whose `message_digest` is in ``exclude``:
+    an earlier reading's); per message the distinct replies, shuffled, each with the systems
+    that gave it."""
     names = list(rows)
     messages = [r["message"] for r in rows[names[0]]]
     for name in names[1:]:
@@ -96,7 +103,7 @@ def sample_many(rows: dict[str, Sequence[dict[str, Any]]], n: int, seed: int,
             raise BlindError(f"{name} answered other messages than {names[0]}")
     rng = random.Random(seed)
     items = []
-    free = [i for i in range(len(messages)) if i not in exclude]
+    free = [i for i in range(len(messages)) if message_digest(messages[i]) not in exclude]
     for i in rng.sample(free, min(n, len(free))):
         options: dict[str, list[str]] = {}
         for name in names:
@@ -104,6 +111,7 @@ def sample_many(rows: dict[str, Sequence[dict[str, Any]]], n: int, seed: int,
         shown = list(options.items())
         rng.shuffle(shown)
         items.append({"index": i, "message": messages[i],
+                      "message_sha": message_digest(messages[i]),
                       "options": [{"text": t, "systems": s} for t, s in shown]})
     return items
 
@@ -310,11 +318,25 @@ def write_task(out: Path, kind: str, items: list[dict[str, Any]], source: dict[s
         task = out / PAIRS_FILE
     task.write_text(text, encoding="utf-8")
     if kind == "many":  # the key names systems only: the texts (the data set's) stay in the task
-        items = [{"index": it["index"], "options": [{"systems": o["systems"]}
+        items = [{"index": it["index"], "message_sha": it["message_sha"],
+                  "options": [{"systems": o["systems"]}
                                                     for o in it["options"]]} for it in items]
     (out / KEY_FILE).write_text(json.dumps({"kind": kind, **source, "items": items},
                                            indent=1) + "\n", encoding="utf-8")
     return task
+
+
+def read_digests(directories: Sequence[Path]) -> frozenset[str]:
+    """The messages of earlier ``many`` readings, by `message_digest` (an item's index is its
+    place in one eval run's prompts, which another run's --limit or --seed changes)."""
+    digests = set()
+    for directory in directories:
+        for item in read_key(directory)["items"]:
+            if "message_sha" not in item:
+                raise BlindError(f"{directory / KEY_FILE} names its messages by index only; "
+                                 "add their message_sha to exclude them")
+            digests.add(item["message_sha"])
+    return frozenset(digests)
 
 
 def read_key(directory: Path) -> dict[str, Any]:
@@ -406,8 +428,7 @@ def _run(args: argparse.Namespace) -> int:
             if folder is None:
                 raise BlindError(f"no samples/{name}.jsonl in {', '.join(map(str, args.run))}")
             rows[name] = _read_records(folder / "samples", name)
-        seen = frozenset(it["index"] for d in args.exclude for it in read_key(d)["items"])
-        items = sample_many(rows, args.n, args.seed, seen)
+        items = sample_many(rows, args.n, args.seed, read_digests(args.exclude))
         task = write_task(args.out, "many", items, {"runs": [str(r) for r in args.run],
                                                     "seed": args.seed})
     else:

@@ -150,7 +150,22 @@ def test_many_command_writes_a_task_without_system_names(tmp_path: Path) -> None
             for i in range(5)))
     out = tmp_path / "task"
     assert main(["blind", "many", "--run", str(tmp_path / "run"), "--systems",
-                 "base,default", "--n", "5", "--out", str(out)]) == 0
+                 "base,default", "--n", "3", "--out", str(out)]) == 0
     shown = (out / "many.txt").read_text()
     assert "MESSAGE: m" in shown and "base reply" in shown
     assert "base\n" not in shown and "default\n" not in shown and "systems" not in shown
+    assert "MESSAGE: m" not in (out / "key.json").read_text()
+    # another run asks the same messages in another order: an earlier reading's are left out
+    other = tmp_path / "other" / "samples"
+    other.mkdir(parents=True)
+    for name in ("base", "default"):
+        (other / f"{name}.jsonl").write_text("".join(
+            json.dumps({"message": f"m{i}", "reply": f"{name} again {i}"}) + "\n"
+            for i in reversed(range(5))))
+    again = tmp_path / "again"
+    assert main(["blind", "many", "--run", str(tmp_path / "other"), "--systems",
+                 "base,default", "--n", "5", "--exclude", str(out), "--out", str(again)]) == 0
+    first = {ln for ln in shown.splitlines() if "MESSAGE" in ln}
+    second = {ln.split("] ", 1)[1] for ln in (again / "many.txt").read_text().splitlines()
+              if "MESSAGE" in ln}
+    assert len(second) == 2 and not second & {ln.split("] ", 1)[1] for ln in first}
