@@ -129,8 +129,11 @@ def written_once(path: Path, write: Callable[[Path], object]) -> Path:
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        write(tmp)
-        tmp.rename(path)
+        try:
+            write(tmp)
+            tmp.rename(path)
+        finally:
+            tmp.unlink(missing_ok=True)
     return path
 
 

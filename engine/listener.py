@@ -48,21 +48,33 @@ class Listener:
         if not replies:
             return []
         conditional = self.logprobs(prompt, replies)
-        unknown = [r for r in dict.fromkeys(replies) if r not in self._empty_cache]
-        empty = self._empty_scores(replies, unknown,
-                                   self.logprobs(self.empty_prompt, unknown) if unknown else [])
+        empty, unknown = self._known_empty(replies)
+        if unknown:
+            empty.update(self._remember_empty(unknown, self.logprobs(self.empty_prompt,
+                                                                     unknown)))
         return [c - empty[r] for c, r in zip(conditional, replies, strict=True)]
 
-    def _empty_scores(self, replies: Sequence[str], unknown: Sequence[str],
-                      values: Sequence[float]) -> dict[str, float]:
-        """``log P(reply | empty message)`` of each reply: kept from earlier calls, or just
-        scored (``values``, for ``unknown``); it never changes, so up to 50,000 are kept."""
-        scores = {r: self._empty_cache[r] for r in replies if r in self._empty_cache}
-        scores.update(zip(unknown, values, strict=True))
-        if len(self._empty_cache) + len(unknown) > 50_000:
+    def _known_empty(self, replies: Sequence[str]) -> tuple[dict[str, float], list[str]]:
+        """``log P(reply | empty message)`` of the replies scored before (it never changes),
+        read once here (another thread may clear the cache meanwhile), and the others."""
+        known: dict[str, float] = {}
+        unknown = []
+        for reply in dict.fromkeys(replies):
+            value = self._empty_cache.get(reply)
+            if value is None:
+                unknown.append(reply)
+            else:
+                known[reply] = value
+        return known, unknown
+
+    def _remember_empty(self, unknown: Sequence[str], values: Sequence[float]
+                        ) -> dict[str, float]:
+        """The just-scored empty-message terms, kept for later calls (up to 50,000)."""
+        scored = dict(zip(unknown, values, strict=True))
+        if len(self._empty_cache) + len(scored) > 50_000:
             self._empty_cache.clear()
-        self._empty_cache.update(zip(unknown, values, strict=True))
-        return scores
+        self._empty_cache.update(scored)
+        return scored
 
     @torch.no_grad()
     def logprobs(self, prompt: str, replies: Sequence[str]) -> list[float]:

@@ -107,7 +107,6 @@ def merged_encoded(adapter_dir: Path, source: Path, weights: str, cache_dir: Pat
     from engine.gguf_merge import merge_adapter, merged_key
 
     weights = weights_kind(weights)
-    ftype = FTYPES[weights] if weights != "source" else _file_type(source)
     out = cache_dir / f"{source.stem}-{adapter_dir.name}-{merged_key(adapter_dir, source)}-" \
                       f"{weights}.gguf"
 
@@ -115,7 +114,7 @@ def merged_encoded(adapter_dir: Path, source: Path, weights: str, cache_dir: Pat
         with tempfile.TemporaryDirectory(dir=cache_dir, prefix="merge-") as scratch:
             merged = Path(scratch) / "merged-f32.gguf"
             merge_adapter(adapter_dir, source, merged)
-            _quantize(merged, tmp, ftype)
+            _quantize(merged, tmp, FTYPES[weights] if weights != "source" else _file_type(source))
 
     return written_once(out, merge_and_quantize)
 
@@ -149,6 +148,7 @@ class _Lane:
     ctx: Any
     batch: Any
     capacity: int  # key/value cells
+    batch_tokens: int  # most tokens one llama_decode of this context takes
     prefix_len: int = 0
     rows: list[Row] = field(default_factory=list)
     free_slots: list[int] = field(default_factory=list)
@@ -174,6 +174,7 @@ class LlamaCppGenerator(RowScheduler):
         self.files = lanes
         self.threads = threads or os.cpu_count() or 1
         self.batch_tokens = max(batch_tokens, max_rows)
+        self.prompt_tokens = 0  # prompt tokens computed (after the persona block), for tests
         self._models: dict[Path, Any] = {}
         self._loras: dict[Path, Any] = {}
         self._contexts: list[_Lane] = []  # every context made, freed by close()
@@ -232,7 +233,8 @@ class LlamaCppGenerator(RowScheduler):
             if llama.llama_set_adapters_lora(ctx, loras, 1, scales) != 0:
                 raise ModelLoadError(f"llama.cpp could not apply the {adapter} adapter")
         lane = _Lane(adapter, ctx, llama.llama_batch_init(batch_tokens, 0, 1),
-                     llama.llama_n_ctx(ctx), free_slots=list(range(1, sequences + 1)))
+                     llama.llama_n_ctx(ctx), batch_tokens,
+                     free_slots=list(range(1, sequences + 1)))
         if self.prefix_ids:
             self.run_batch(lane, [(t, p, PREFIX_SEQ, False)
                                   for p, t in enumerate(self.prefix_ids)])
@@ -255,7 +257,11 @@ class LlamaCppGenerator(RowScheduler):
     # ---- llama.cpp calls -------------------------------------------------------------------
 
     def run_batch(self, lane: _Lane, items: Sequence[tuple[int, int, int, bool]]) -> None:
-        """One ``llama_decode`` of (token, position, sequence, wants scores) items."""
+        """One ``llama_decode`` of (token, position, sequence, wants scores) items, at most
+        the lane's ``batch_tokens`` (`run_chunked` splits more)."""
+        if len(items) > lane.batch_tokens:
+            raise ValueError(f"{len(items)} tokens in one decode of a {lane.batch_tokens}-token "
+                             "batch")
         batch = lane.batch
         batch.n_tokens = len(items)
         for i, (token, position, seq, wants) in enumerate(items):
@@ -268,6 +274,14 @@ class LlamaCppGenerator(RowScheduler):
         if status != 0:
             raise RuntimeError(f"llama_decode returned {status} (1: no room in the key/value "
                                "cache)")
+
+    def run_chunked(self, lane: _Lane, items: Sequence[tuple[int, int, int, bool]]) -> int:
+        """``items`` in as many decodes as the lane's batch needs; returns the last item's
+        index in the last decode (where its scores are read)."""
+        size = lane.batch_tokens
+        for first in range(0, len(items), size):
+            self.run_batch(lane, items[first : first + size])
+        return (len(items) - 1) % size
 
     def _scores(self, lane: _Lane, index: int) -> torch.Tensor:
         pointer = self.llama.llama_get_logits_ith(lane.ctx, index)
@@ -304,10 +318,14 @@ class LlamaCppGenerator(RowScheduler):
                    <= lane.capacity for name, lane in self._lanes.items())
 
     def _prefill(self, lane: _Lane, owners: Sequence[tuple[Call, int]]) -> tuple[list[Row], Any]:
-        """Every row's prompt after the shared system block, in as few decodes as fit."""
+        """Every row's prompt after the shared system block, in as few decodes as fit. Rows
+        with the same prompt (a reply's candidates) compute it once: the others get its
+        cells (``llama_memory_seq_cp``) and its scores."""
         memory = self.llama.llama_get_memory(lane.ctx)
         rows: list[Row] = []
         items: list[tuple[int, int, int, bool]] = []
+        computed: dict[tuple[int, ...], Row] = {}
+        copies: list[tuple[Row, Row]] = []  # (row that computes the prompt, row that shares it)
         try:
             for call, index in owners:
                 job = call.jobs[index]
@@ -319,6 +337,10 @@ class LlamaCppGenerator(RowScheduler):
                           slot=lane.free_slots.pop(0))
                 rows.append(row)
                 lane.reserved[row.slot] = self._cells(call, index)
+                same = computed.setdefault(tuple(prompt), row)
+                if same is not row:
+                    copies.append((same, row))
+                    continue
                 start = 0
                 if lane.prefix_len and prompt[: lane.prefix_len] == self.prefix_ids:
                     self.llama.llama_memory_seq_cp(memory, PREFIX_SEQ, row.slot, -1, -1)
@@ -328,7 +350,8 @@ class LlamaCppGenerator(RowScheduler):
                     self.llama.llama_memory_seq_rm(memory, row.slot, start, -1)
                 items += [(prompt[p], p, row.slot, p == len(prompt) - 1)
                           for p in range(start, len(prompt))]
-            waiting = rows.copy()
+            self.prompt_tokens += len(items)
+            waiting = [row for row in rows if computed[tuple(row.prompt)] is row]
             for first in range(0, len(items), self.batch_tokens):
                 chunk = items[first : first + self.batch_tokens]
                 self.run_batch(lane, chunk)
@@ -337,6 +360,9 @@ class LlamaCppGenerator(RowScheduler):
                         row = next(r for r in waiting if r.slot == seq)
                         row.logits = self._scores(lane, i)
                         waiting.remove(row)
+            for source, row in copies:
+                self.llama.llama_memory_seq_cp(memory, source.slot, row.slot, -1, -1)
+                row.logits = source.logits.clone()
         except Exception:
             for row in rows:
                 self._release(lane, row)

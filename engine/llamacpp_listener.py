@@ -42,14 +42,14 @@ class LlamaCppListener(Listener):
         the empty message has not scored yet are scored with the conversation's)."""
         if not replies:
             return []
-        unknown = [r for r in dict.fromkeys(replies) if r not in self._empty_cache]
+        empty, unknown = self._known_empty(replies)
 
         def score() -> tuple[list[float], list[float]]:
             return (self._logprobs(prompt, replies),
                     self._logprobs(self.empty_prompt, unknown) if unknown else [])
 
         conditional, values = self.engine.run_on_engine(score)
-        empty = self._empty_scores(replies, unknown, values)
+        empty.update(self._remember_empty(unknown, values))
         return [c - empty[r] for c, r in zip(conditional, replies, strict=True)]
 
     def logprobs(self, prompt: str, replies: Sequence[str]) -> list[float]:
@@ -75,11 +75,10 @@ class LlamaCppListener(Listener):
             llama.llama_memory_seq_cp(memory, PREFIX_SEQ, PROMPT_SEQ, -1, -1)
             start = lane.prefix_len
         try:
-            engine.run_batch(lane, [(ids[p], p, PROMPT_SEQ, p == len(ids) - 1)
-                                    for p in range(start, len(ids))])
+            last = engine.run_chunked(lane, [(ids[p], p, PROMPT_SEQ, p == len(ids) - 1)
+                                             for p in range(start, len(ids))])
             first = _log_softmax(np.ctypeslib.as_array(
-                llama.llama_get_logits_ith(lane.ctx, len(ids) - start - 1),
-                shape=(engine.n_vocab,)))
+                llama.llama_get_logits_ith(lane.ctx, last), shape=(engine.n_vocab,)))
             items, wanted = [], []
             for i, row in enumerate(rows):
                 seq = PROMPT_SEQ + 1 + i

@@ -193,6 +193,21 @@ def test_rows_join_a_running_batch_and_a_short_one_leaves_first(engine, persona)
     assert engine.generate(long_jobs[:1])[0].text == again
 
 
+def test_the_candidates_of_one_reply_compute_their_prompt_once(engine, persona) -> None:
+    import dataclasses
+
+    job = jobs_for(engine, persona, 12, ["house"], temperature=0.0)[0]
+    twin, other = dataclasses.replace(job), dataclasses.replace(job, prompt=job.prompt + " ")
+    ids = engine.tokenizer(job.prompt, add_special_tokens=False)["input_ids"]
+    before = engine.prompt_tokens
+    first, second = engine.generate([job, twin])
+    assert engine.prompt_tokens - before == len(ids) - len(engine.prefix_ids)
+    assert first.tokens > 0 and first.text == second.text  # the same cells and scores
+    before = engine.prompt_tokens
+    engine.generate([job, other])  # another prompt is computed for itself
+    assert engine.prompt_tokens - before > 2 * (len(ids) - len(engine.prefix_ids)) - 2
+
+
 def test_calls_wait_for_room_in_the_key_value_cache(embedded_model, persona) -> None:
     """Four calls of 96 tokens each in a 256-cell cache: at most two rows run at once, and
     every call is answered (none fails for want of cells)."""
@@ -249,6 +264,18 @@ def test_its_listener_scores_replies_as_the_pytorch_listener_does(engine, embedd
     assert ours.logprobs(prompt, replies) == mine  # the context is left clean
     alone = ours.logprobs(empty, replies)  # both terms in one engine turn: the same PMI
     assert ours.pmi(prompt, replies) == [c - e for c, e in zip(mine, alone, strict=True)]
+    # a conversation longer than the listener's decode batch runs in chunks
+    from persona.prompt import Turn
+
+    history = [Turn("user" if i % 2 == 0 else "assistant",
+                    "My left knee hurts when it rains and the pain goes up to my hip. " * 3)
+               for i in range(8)]
+    long_prompt = render_prompt(tokenizer, persona, history, "Is it lupus?", "", 4096)
+    shipped = LlamaCppListener(engine, "house", empty, max_reply_tokens=24)  # LISTENER_TOKENS
+    assert len(tokenizer(long_prompt)["input_ids"]) > shipped.context.batch_tokens
+    long_mine = shipped.logprobs(long_prompt, replies[:2])
+    long_reference = theirs.logprobs(long_prompt, replies[:2])
+    assert long_mine == pytest.approx(long_reference, abs=1.0)
 
 
 def test_listener_scoring_runs_on_the_engine_thread_between_steps(engine, embedded_model,
