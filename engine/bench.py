@@ -18,6 +18,8 @@
   builds) on the very GGUF file the embedded model comes from, the same rendered prompts and
   token limit, one request at a time: our aggregate tokens/s ÷ its single-stream tokens/s.
   ``--json`` adds ``peer`` and ``ratio_vs_peer`` beside ``serve``.
+- ``bench decode``: the llama.cpp engine's decode step alone, on the adapter's lane as it
+  serves: median ms of one ``llama_decode`` of R rows (``--rows``) and of a 512-token prefill.
 - ``bench precision`` (training, registered by ``cli/bench.py`` because ``engine/`` does not
   import ``offline/``): fp32 vs bf16-autocast LoRA training steps, tokens/s.
 - ``bench all``: batching and queue. ``--json PATH`` writes ``{"batching": {...}, "queue": {...}}``.
@@ -62,7 +64,8 @@ def configure(parser: argparse.ArgumentParser, name: str,
               more: tuple[str, ...] = ()) -> None:
     """The serving benchmarks' options; ``more``: further benchmark names that the caller
     (``cli.bench``: ``precision``) runs itself."""
-    parser.add_argument("which", choices=["batching", "queue", "serve", "peer", "all", *more],
+    parser.add_argument("which", choices=["batching", "queue", "serve", "peer", "decode", "all",
+                                          *more],
                         nargs="?", default="all")
     parser.add_argument("--peer-python", type=Path, default=None,
                         help="for 'peer': the Python that has llama_cpp (make bench-peer)")
@@ -93,6 +96,8 @@ def configure(parser: argparse.ArgumentParser, name: str,
                         help="messages per conversation for 'serve' (default 2)")
     parser.add_argument("--candidates", type=int, default=1,
                         help="candidates per reply for 'serve' (default 1)")
+    parser.add_argument("--rows", default="1,4,16,32",
+                        help="rows per decode step for 'decode' (default 1,4,16,32)")
     parser.add_argument("--mode", choices=["generated", "hybrid", "canon"], default=None,
                         help="reply mode for 'serve' and 'peer' (default: REPLY_MODE); hybrid "
                              "and canon need the selector and the data set")
@@ -119,6 +124,15 @@ def run(args: argparse.Namespace) -> int:
                   "with llama-cpp-python (`make bench-peer` builds one)", file=sys.stderr)
             return 2
         results.update(asyncio.run(bench_peer(settings, args)))
+    if args.which == "decode":
+        rows = [int(r) for r in args.rows.split(",") if r.strip()]
+        if not rows or min(rows) < 1 or max(rows) > 255:
+            print("drhouse bench decode: --rows takes row counts from 1 to 255, e.g. 1,16,32",
+                  file=sys.stderr)
+            return 2
+        results["decode"] = bench_decode(settings, rows,
+                                         args.adapter or settings.model.default_adapter,
+                                         args.rounds)
     if args.which == "serve":
         results["serve"] = asyncio.run(bench_serve(
             settings, engines_of(args, settings),
@@ -324,6 +338,99 @@ async def bench_queue(settings: Any, n: int) -> dict[str, Any]:
                   f"{figures['mean_ms']:.2f}", f"{rps:.0f}")
     Console().print(table)
     return figures
+
+
+def bench_decode(settings: Any, rows: list[int], adapter: str, rounds: int = 3,
+                 steps: int = 12, prompt_tokens: int = 60, prefill_tokens: int = 512
+                 ) -> dict[str, Any]:
+    """The llama.cpp engine's step alone, on ``adapter``'s lane as the worker runs it
+    (LLAMACPP_WEIGHTS, LLAMACPP_LORA): the median ms of one ``llama_decode`` of R rows of
+    one token each (each row a ``prompt_tokens`` prompt after the persona block), and of
+    one ``prefill_tokens`` prefill; ``rounds`` times each, interleaved. What a scheduler
+    step cannot beat: R rows cost ``ms(R)``, so a reply's latency among R running rows is at
+    least ``ms(R) / ms(1)`` times its latency alone."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from engine.llamacpp_engine import PREFIX_SEQ, build_llamacpp_generator, weights_kind
+    from engine.model_loading import load_model
+    from persona.pack import load_persona
+    from persona.prompt import system_block
+
+    persona = load_persona(settings.generation.persona)
+    loaded = load_model(settings.model.base_model,
+                        {adapter: settings.model.adapter_paths[adapter]}, "cpu",
+                        settings.model.dtype, settings.model.cache_dir)
+    engine = build_llamacpp_generator(
+        settings.with_overrides(max_running_rows=max(rows)), loaded, persona.other_speakers,
+        system_block(loaded.tokenizer, persona))
+    try:
+        lane = engine._lane(adapter)
+        memory = engine.llama.llama_get_memory(lane.ctx)
+        start = lane.prefix_len
+        vocab = engine.n_vocab
+
+        def clear(seqs: range) -> None:
+            for seq in seqs:
+                engine.llama.llama_memory_seq_rm(memory, seq, -1, -1)
+
+        def fresh(seqs: range) -> None:
+            clear(seqs)
+            for seq in seqs:
+                if start:
+                    engine.llama.llama_memory_seq_cp(memory, PREFIX_SEQ, seq, -1, -1)
+
+        def token(i: int) -> int:
+            return 1000 + (i * 7919) % (vocab - 2000)
+
+        def decode_ms(r: int) -> float:
+            seqs = range(1, r + 1)
+            fresh(seqs)
+            engine.run_chunked(lane, [(token(p + s), start + p, s, p == prompt_tokens - 1)
+                                      for s in seqs for p in range(prompt_tokens)])
+            times = []
+            for k in range(steps):  # each step one token of every row (≤ max_running_rows)
+                position = start + prompt_tokens + k
+                began = time.perf_counter()
+                engine.run_batch(lane, [(token(k + s), position, s, True) for s in seqs])
+                times.append((time.perf_counter() - began) * 1000)
+            clear(seqs)
+            return statistics.median(times)
+
+        def prefill_ms() -> float:
+            fresh(range(1, 2))
+            began = time.perf_counter()
+            engine.run_chunked(lane, [(token(p), start + p, 1, p == prefill_tokens - 1)
+                                      for p in range(prefill_tokens)])
+            took = (time.perf_counter() - began) * 1000
+            clear(range(1, 2))
+            return took
+
+        runs: dict[str, list[float]] = {f"r{r}": [] for r in rows}
+        runs["prefill"] = []
+        for _ in range(rounds):
+            for r in rows:
+                runs[f"r{r}"].append(decode_ms(r))
+            runs["prefill"].append(prefill_ms())
+    finally:
+        engine.close()
+    ms = {name: statistics.median(v) for name, v in runs.items()}
+    one = ms[f"r{rows[0]}"]
+    table = Table(title=f"llama.cpp decode step, {adapter} lane, "
+                        f"{weights_kind(settings.model.llamacpp_weights)} weights, "
+                        f"LoRA {settings.model.llamacpp_lora}; median of {rounds} rounds")
+    for column in ("rows", "ms per step", "tokens/s", f"x rows={rows[0]}"):
+        table.add_column(column, justify="right")
+    for r in rows:
+        table.add_row(str(r), f"{ms[f'r{r}']:.1f}", f"{1000 * r / ms[f'r{r}']:.0f}",
+                      f"{ms[f'r{r}'] / one:.2f}")
+    table.add_row(f"prefill {prefill_tokens}", f"{ms['prefill']:.0f}",
+                  f"{1000 * prefill_tokens / ms['prefill']:.0f}", "")
+    Console().print(table)
+    return {"adapter": adapter, "weights": weights_kind(settings.model.llamacpp_weights),
+            "lora": settings.model.llamacpp_lora, "rounds": rounds, "steps": steps,
+            "prompt_tokens": prompt_tokens, "ms": ms, "runs": runs,
+            "prefill_tokens": prefill_tokens}
 
 
 async def bench_serve(settings: Any, engines: list[str], levels: list[int], messages: int,

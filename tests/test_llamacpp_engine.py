@@ -313,3 +313,17 @@ def test_listener_scoring_runs_on_the_engine_thread_between_steps(engine, embedd
     assert running == [True]  # between two steps of the running batch
     assert done["scored"] < done["long"]
     assert scored == pytest.approx(alone, abs=0.5)  # its own context: the batch is untouched
+
+
+def test_bench_decode_times_the_lane_the_worker_serves(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """A benchmark prints figures, it asserts none: here only that it runs and says what."""
+    import json
+
+    from cli.main import main
+
+    out = tmp_path / "decode.json"
+    assert main(["bench", "decode", "--rows", "1,3", "--rounds", "1", "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())["decode"]
+    assert set(figures["ms"]) == {"r1", "r3", "prefill"} and figures["adapter"] == "house"
+    assert "llama.cpp decode step, house lane" in capsys.readouterr().out
+    assert main(["bench", "decode", "--rows", "0,4"]) == 2
