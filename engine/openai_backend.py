@@ -91,20 +91,26 @@ class AdapterGate:
     applies a LoRA adapter to every row of a batch that mixes it with base-model rows (a
     `/compare` base row answered with the House adapter; found by the tests). Rows of the
     model in use enter at once; a row of another model waits until they are done, and while
-    it waits no new row of the model in use enters, so neither side starves."""
+    it waits no new row of the model in use enters, so neither side starves; when the gate
+    comes free, the model that just had it goes after the others that waited."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._model: str | None = None
+        self._last: str | None = None  # the model that had the gate before it came free
         self._active = 0
         self._waiting: dict[str, int] = {}
+
+    def _may_enter(self, model: str) -> bool:
+        others_wait = any(n for m, n in self._waiting.items() if m != model)
+        if self._model is None:
+            return not (others_wait and model == self._last)
+        return self._model == model and not others_wait
 
     def acquire(self, model: str) -> None:
         with self._cond:
             self._waiting[model] = self._waiting.get(model, 0) + 1
-            while not (self._model is None or (
-                    self._model == model
-                    and not any(n for m, n in self._waiting.items() if m != model))):
+            while not self._may_enter(model):
                 self._cond.wait()
             self._waiting[model] -= 1
             self._model = model
@@ -114,7 +120,7 @@ class AdapterGate:
         with self._cond:
             self._active -= 1
             if self._active == 0:
-                self._model = None
+                self._last, self._model = self._model, None
                 self._cond.notify_all()
 
 

@@ -255,13 +255,18 @@ def test_the_adapter_gate_lets_one_model_in_at_a_time_without_starving_either() 
         gate.acquire(model)
         entered.append(model)
 
+    def waiting(model: str) -> None:  # until the thread waits at the gate (load: no sleeps)
+        deadline = time.monotonic() + 10
+        while gate._waiting.get(model, 0) < 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+
     gate.acquire("house")
     base = threading.Thread(target=enter, args=("__base__",))
     base.start()
-    time.sleep(0.1)
+    waiting("__base__")
     late_house = threading.Thread(target=enter, args=("house",))
     late_house.start()
-    time.sleep(0.1)
+    waiting("house")
     assert entered == []  # base waits for the house row; the later house row waits for base
     gate.release()
     base.join(2)
