@@ -374,11 +374,10 @@ def bench_decode(settings: Any, rows: list[int], adapter: str, rounds: int = 3,
             for seq in seqs:
                 engine.llama.llama_memory_seq_rm(memory, seq, -1, -1)
 
-        def fresh(seqs: range) -> None:
+        def fresh(seqs: range) -> None:  # empty rows on the persona's block, as served
             clear(seqs)
-            for seq in seqs:
-                if start:
-                    engine.llama.llama_memory_seq_cp(memory, PREFIX_SEQ, seq, -1, -1)
+            for seq in seqs if start else ():
+                engine.llama.llama_memory_seq_cp(memory, PREFIX_SEQ, seq, -1, -1)
 
         def token(i: int) -> int:
             return 1000 + (i * 7919) % (vocab - 2000)

@@ -47,12 +47,17 @@ class Listener:
         """``log P(reply | prompt) - log P(reply | empty message)`` for each reply (nats)."""
         if not replies:
             return []
-        conditional = self.logprobs(prompt, replies)
         empty, unknown = self._known_empty(replies)
-        if unknown:
-            empty.update(self._remember_empty(unknown, self.logprobs(self.empty_prompt,
-                                                                     unknown)))
+        conditional, values = self._both_terms(prompt, replies, unknown)
+        empty.update(self._remember_empty(unknown, values))
         return [c - empty[r] for c, r in zip(conditional, replies, strict=True)]
+
+    def _both_terms(self, prompt: str, replies: Sequence[str], unknown: Sequence[str]
+                    ) -> tuple[list[float], list[float]]:
+        """``log P(reply | prompt)`` of the replies and ``log P(reply | empty message)`` of
+        ``unknown`` (an engine may run both in one turn)."""
+        return (self.logprobs(prompt, replies),
+                self.logprobs(self.empty_prompt, unknown) if unknown else [])
 
     def _known_empty(self, replies: Sequence[str]) -> tuple[dict[str, float], list[str]]:
         """``log P(reply | empty message)`` of the replies scored before (it never changes),

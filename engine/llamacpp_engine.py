@@ -326,6 +326,7 @@ class LlamaCppGenerator(RowScheduler):
         items: list[tuple[int, int, int, bool]] = []
         computed: dict[tuple[int, ...], Row] = {}
         copies: list[tuple[Row, Row]] = []  # (row that computes the prompt, row that shares it)
+        waiting: list[Row] = []  # rows that compute their prompt, until their scores are read
         try:
             for call, index in owners:
                 job = call.jobs[index]
@@ -341,6 +342,7 @@ class LlamaCppGenerator(RowScheduler):
                 if same is not row:
                     copies.append((same, row))
                     continue
+                waiting.append(row)
                 start = 0
                 if lane.prefix_len and prompt[: lane.prefix_len] == self.prefix_ids:
                     self.llama.llama_memory_seq_cp(memory, PREFIX_SEQ, row.slot, -1, -1)
@@ -351,7 +353,6 @@ class LlamaCppGenerator(RowScheduler):
                 items += [(prompt[p], p, row.slot, p == len(prompt) - 1)
                           for p in range(start, len(prompt))]
             self.prompt_tokens += len(items)
-            waiting = [row for row in rows if computed[tuple(row.prompt)] is row]
             for first in range(0, len(items), self.batch_tokens):
                 chunk = items[first : first + self.batch_tokens]
                 self.run_batch(lane, chunk)

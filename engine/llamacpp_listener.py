@@ -37,20 +37,12 @@ class LlamaCppListener(Listener):
         self.context = engine.make_context(adapter, kv_tokens, MAX_REPLIES + 1,
                                            batch_tokens=(MAX_REPLIES + 1) * max_reply_tokens)
 
-    def pmi(self, prompt: str, replies: Sequence[str]) -> list[float]:
-        """As `Listener.pmi`, with both terms in one turn of the engine thread (the replies
-        the empty message has not scored yet are scored with the conversation's)."""
-        if not replies:
-            return []
-        empty, unknown = self._known_empty(replies)
-
-        def score() -> tuple[list[float], list[float]]:
-            return (self._logprobs(prompt, replies),
-                    self._logprobs(self.empty_prompt, unknown) if unknown else [])
-
-        conditional, values = self.engine.run_on_engine(score)
-        empty.update(self._remember_empty(unknown, values))
-        return [c - empty[r] for c, r in zip(conditional, replies, strict=True)]
+    def _both_terms(self, prompt: str, replies: Sequence[str], unknown: Sequence[str]
+                    ) -> tuple[list[float], list[float]]:
+        """Both terms of `Listener.pmi` in one turn of the engine thread."""
+        return self.engine.run_on_engine(lambda: (
+            self._logprobs(prompt, replies),
+            self._logprobs(self.empty_prompt, unknown) if unknown else []))
 
     def logprobs(self, prompt: str, replies: Sequence[str]) -> list[float]:
         """``log P(reply + end of turn | prompt)`` for each reply."""

@@ -42,7 +42,7 @@ class RowPenalties:
     def __call__(self, scores: torch.Tensor) -> torch.Tensor:
         """``scores`` ([1, vocab], float32) penalised for the sequence so far (a new tensor
         where anything changes)."""
-        if self.penalty != 1.0 and (self._seen or self._new):
+        if self.penalty != 1.0 and self._seen:
             if self._new:
                 self._seen_ids = torch.cat([self._seen_ids, torch.tensor(self._new)])
                 self._new = []

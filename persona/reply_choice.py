@@ -134,7 +134,7 @@ def pick(mode: str, message: str, generated: Sequence[Candidate], canon: CanonPo
                                                and c.text not in texts))
                 pmi = list(listener(texts + heard_too))
                 known = {h.line.text: h.score + weight * float(v)
-                         for h, v in zip(hits, pmi, strict=False)}
+                         for h, v in zip(hits, pmi[: len(texts)], strict=True)}
                 pmi_of = dict(zip(heard_too, pmi[len(texts):], strict=True))
                 hits = sorted(hits, key=lambda h: -known[h.line.text])[:k]
             candidates += [Candidate(h.line.text, CANON, row=h.line.row) for h in hits]
