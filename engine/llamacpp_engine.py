@@ -7,9 +7,12 @@ weights, with one adapter's LoRA applied at run time (the House adapter converte
 LoRA by `engine.gguf_lora`) or none for the base rows of ``/compare``. Each row is a
 sequence of the context's key/value cache (one cache for all, ``kv_unified``); the persona's
 system block is computed once per lane as sequence 0 and shared with every row
-(``llama_memory_seq_cp`` shares the cells, nothing is copied). A row that ends gives its
-cells back at once; rows are admitted while their prompts and token limits fit the cache
-(``LLAMACPP_KV_TOKENS``) and ``MAX_RUNNING_ROWS``.
+(``llama_memory_seq_cp`` shares the cells, nothing is copied). A row that ends keeps its
+cells (its prompt and reply) while no one needs its sequence or cells: a conversation's next
+prompt starts with the last one and that reply, so it computes only what is new after the
+longest such start (the kept row's sequence becomes the new row's). Kept rows give way, oldest
+first, to a row that needs a sequence or cells; rows are admitted while their prompts and
+token limits fit the cache (``LLAMACPP_KV_TOKENS``) and ``MAX_RUNNING_ROWS``.
 
 Each adapter's lane runs its own GGUF with the adapter merged in (``LLAMACPP_LORA=merged``,
 `engine.gguf_merge`) or the base GGUF with the GGUF LoRA applied at run time (``runtime``).
@@ -46,6 +49,7 @@ from engine.scheduler import Call, Row, RowScheduler
 log = logging.getLogger(__name__)
 
 PREFIX_SEQ = 0  # the sequence that holds the persona's system block in every lane
+KEEP_MIN_TOKENS = 8  # a row that ends keeps its cells when it has this many past the block
 FTYPES = {"q8_0": 7, "bf16": 32, "f16": 1, "f32": 0}  # LLAMACPP_WEIGHTS -> llama_ftype
 
 
@@ -153,6 +157,25 @@ class _Lane:
     rows: list[Row] = field(default_factory=list)
     free_slots: list[int] = field(default_factory=list)
     reserved: dict[int, int] = field(default_factory=dict)  # slot -> cells it may use
+    kept: dict[int, list[int]] = field(default_factory=dict)  # ended rows: slot -> its tokens
+
+    def kept_cells(self) -> int:
+        """Cells the kept rows hold beside the persona's block."""
+        return sum(len(tokens) - self.prefix_len for tokens in self.kept.values())
+
+    def longest_kept(self, prompt: list[int]) -> tuple[int, int] | None:
+        """The kept row whose tokens start ``prompt`` furthest, at least ``KEEP_MIN_TOKENS``
+        past the persona's block (every prompt shares the turn's opening tokens with every
+        kept row), and how far (always short of the prompt's last token, whose scores the
+        row needs)."""
+        best: tuple[int, int] | None = None
+        for slot, tokens in self.kept.items():
+            n, most = 0, min(len(tokens), len(prompt) - 1)
+            while n < most and tokens[n] == prompt[n]:
+                n += 1
+            if n >= self.prefix_len + KEEP_MIN_TOKENS and n > (best[1] if best else 0):
+                best = (slot, n)
+        return best
 
 
 class LlamaCppGenerator(RowScheduler):
@@ -288,14 +311,36 @@ class LlamaCppGenerator(RowScheduler):
         return torch.from_numpy(np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)).copy()
                                 )[None]
 
-    def _release(self, lane: _Lane, row: Row) -> None:
+    def _release(self, lane: _Lane, row: Row, keep: bool = False) -> None:
+        """Give the row's sequence back; ``keep``: its cells stay, kept for a prompt that
+        starts with its tokens (a row that ended well, not one whose decode failed)."""
         if row.slot < 0:
             return
-        memory = self.llama.llama_get_memory(lane.ctx)
-        self.llama.llama_memory_seq_rm(memory, row.slot, -1, -1)
         lane.reserved.pop(row.slot, None)
-        lane.free_slots.append(row.slot)
+        cells = (row.prompt + row.tokens)[: row.length]  # the last sampled token has no cell
+        if keep and len(cells) - lane.prefix_len >= KEEP_MIN_TOKENS:
+            lane.kept[row.slot] = cells
+        else:
+            self.llama.llama_memory_seq_rm(self.llama.llama_get_memory(lane.ctx), row.slot,
+                                           -1, -1)
+            lane.free_slots.append(row.slot)
         row.slot = -1
+
+    def _forget_oldest(self, lane: _Lane) -> bool:
+        """Free the longest-kept row's sequence and cells; False when none is kept."""
+        if not lane.kept:
+            return False
+        slot = next(iter(lane.kept))
+        del lane.kept[slot]
+        self.llama.llama_memory_seq_rm(self.llama.llama_get_memory(lane.ctx), slot, -1, -1)
+        lane.free_slots.append(slot)
+        return True
+
+    def _reset_lanes(self) -> None:
+        super()._reset_lanes()
+        for lane in self._lanes.values():
+            while self._forget_oldest(lane):
+                pass
 
     # ---- the scheduler's lane operations ---------------------------------------------------
 
@@ -314,8 +359,12 @@ class LlamaCppGenerator(RowScheduler):
             for index, job in enumerate(waiting.jobs):
                 name = self._lane(job.adapter).adapter
                 needs[name] = needs.get(name, 0) + self._cells(waiting, index)
-        return all(lane.prefix_len + sum(lane.reserved.values()) + needs.get(name, 0)
-                   <= lane.capacity for name, lane in self._lanes.items())
+        for name, lane in self._lanes.items():
+            while (lane.prefix_len + sum(lane.reserved.values()) + lane.kept_cells()
+                   + needs.get(name, 0) > lane.capacity):
+                if not self._forget_oldest(lane):  # kept rows give way to a new one
+                    return False
+        return True
 
     def _prefill(self, lane: _Lane, owners: Sequence[tuple[Call, int]]) -> tuple[list[Row], Any]:
         """Every row's prompt after the shared system block, in as few decodes as fit. Rows
@@ -331,11 +380,21 @@ class LlamaCppGenerator(RowScheduler):
             for call, index in owners:
                 job = call.jobs[index]
                 prompt = call.prompt_ids(self.tokenizer)[index]
-                if not lane.free_slots:
-                    raise RuntimeError("no free sequence in the llama.cpp context")
+                twin = tuple(prompt) in computed
+                kept = None if twin else lane.longest_kept(prompt)
+                if kept is not None:  # its cells hold the start of this prompt
+                    slot, start = kept
+                    del lane.kept[slot]
+                    self.llama.llama_memory_seq_rm(memory, slot, start, -1)
+                else:
+                    if not lane.free_slots:
+                        self._forget_oldest(lane)
+                    if not lane.free_slots:
+                        raise RuntimeError("no free sequence in the llama.cpp context")
+                    slot = lane.free_slots.pop(0)
                 row = Row(call, index, list(prompt), lane.adapter,
                           PerRowSampler([job.controls], [job.seed]), length=len(prompt),
-                          slot=lane.free_slots.pop(0))
+                          slot=slot)
                 rows.append(row)
                 lane.reserved[row.slot] = self._cells(call, index)
                 same = computed.setdefault(tuple(prompt), row)
@@ -343,15 +402,19 @@ class LlamaCppGenerator(RowScheduler):
                     copies.append((same, row))
                     continue
                 waiting.append(row)
-                start = 0
-                if lane.prefix_len and prompt[: lane.prefix_len] == self.prefix_ids:
-                    self.llama.llama_memory_seq_cp(memory, PREFIX_SEQ, row.slot, -1, -1)
-                    start = lane.prefix_len
+                if kept is None:
+                    start = 0
+                    if lane.prefix_len and prompt[: lane.prefix_len] == self.prefix_ids:
+                        self.llama.llama_memory_seq_cp(memory, PREFIX_SEQ, row.slot, -1, -1)
+                        start = lane.prefix_len
                 if start == len(prompt):  # nothing after the block: score its last token
                     start -= 1
                     self.llama.llama_memory_seq_rm(memory, row.slot, start, -1)
                 items += [(prompt[p], p, row.slot, p == len(prompt) - 1)
                           for p in range(start, len(prompt))]
+            while (lane.prefix_len + sum(lane.reserved.values()) + lane.kept_cells()
+                   > lane.capacity and self._forget_oldest(lane)):
+                pass  # a call admitted into an idle engine: the kept rows make room
             self.prompt_tokens += len(items)
             for first in range(0, len(items), self.batch_tokens):
                 chunk = items[first : first + self.batch_tokens]
@@ -375,7 +438,7 @@ class LlamaCppGenerator(RowScheduler):
             if i in alive:
                 lane.rows.append(row)
             else:
-                self._release(lane, row)
+                self._release(lane, row, keep=True)
 
     def _decode(self, lane: _Lane) -> None:
         rows = lane.rows
@@ -388,13 +451,14 @@ class LlamaCppGenerator(RowScheduler):
             if self._step_row(row):
                 keep.append(i)
         if len(keep) < len(rows):
-            self._drop(lane, keep)
+            self._drop(lane, keep, ended=True)
 
-    def _drop(self, lane: _Lane, keep: list[int]) -> None:
-        kept = set(keep)
+    def _drop(self, lane: _Lane, keep: list[int], ended: bool = False) -> None:
+        """Keep only these rows; ``ended``: the others ended well (their cells are kept)."""
+        staying = set(keep)
         for i, row in enumerate(lane.rows):
-            if i not in kept:
-                self._release(lane, row)
+            if i not in staying:
+                self._release(lane, row, keep=ended)
         lane.rows = [lane.rows[i] for i in keep]
 
     def close(self) -> None:

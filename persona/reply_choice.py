@@ -7,7 +7,8 @@ prompt injection, not in another script than English) is
 scored **fit × voice**: fit is the response selector's cosine to the message with its
 context — plus, with a *listener* (the engine's House model, `engine/listener.py`),
 ``listener_weight / 20`` × the PMI of the reply given the conversation, which sees message and
-reply together — and voice the persona classifier's P(House). With a listener the canon lines
+reply together — and voice the persona classifier's P(House) for a generated candidate, 1 for
+a canon line (House's own). With a listener the canon lines
 are first short-listed by the selector (``shortlist`` of them) and the listener picks the ``k``
 that compete. The worker and ``drhouse eval`` both
 choose through `choose`, so the evaluation measures what the bot answers.
@@ -92,7 +93,7 @@ def choose(candidates: Sequence[Candidate], message: str, voice: Scorer | None,
     scores = [0.0] * len(candidates)
     if len(ok) > 1 and (voice is not None or fit is not None):
         texts = [candidates[i].text for i in ok]
-        voices = list(voice(texts)) if voice is not None else [1.0] * len(ok)
+        voices = _voices([candidates[i] for i in ok], voice)
         fits = list(fit(texts)) if fit is not None else [1.0] * len(ok)
         for i, v, f in zip(ok, voices, fits, strict=True):
             scores[i] = max(float(f), 0.0) * float(v)
@@ -100,6 +101,23 @@ def choose(candidates: Sequence[Candidate], message: str, voice: Scorer | None,
     else:
         best = ok[0]
     return Choice(best, candidates, tuple(scores))
+
+
+def _voices(candidates: Sequence[Candidate], voice: Scorer | None) -> list[float]:
+    """P(House) of each candidate: the classifier's for a generated one; a canon line is
+    House's by construction and counts 1, so among canon lines the fit alone decides.
+
+    Measured on 300 validation messages (the selector's 10 best of 100 candidates re-ranked by
+    the listener, the best 4 then chosen as the bot chooses): the pick is House's real reply
+    in 24.7 % by fit alone and in 15.3 % by fit x the classifier's voice — all of them are
+    House's lines, and the classifier's differences among them are noise to the reader."""
+    generated = [i for i, c in enumerate(candidates) if c.kind != CANON]
+    voices = [1.0] * len(candidates)
+    if voice is not None and generated:
+        for i, v in zip(generated, voice([candidates[i].text for i in generated]),
+                        strict=True):
+            voices[i] = float(v)
+    return voices
 
 
 def best_generated(texts: Sequence[str], message: str, voice: Scorer | None = None) -> int:

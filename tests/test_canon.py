@@ -91,9 +91,32 @@ def test_choose_scores_fit_times_voice_and_skips_echoes() -> None:
                     fit=lambda t: [0.1 if "running" in x else 0.5 for x in t])
     assert choice.winner == candidates[2]
     assert choice.scores[0] == 0.0
-    only_voice = choose(candidates[1:], message, voice=lambda t: [0.9, 0.2], fit=None)
+    only_voice = choose([candidates[1], Candidate("Run less.", GENERATED)], message,
+                        voice=lambda t: [0.9 if "Stop" in x else 0.2 for x in t], fit=None)
     assert only_voice.winner == candidates[1]
     assert choose([Candidate("", GENERATED)], message, None, None).winner is None
+
+
+def test_a_canon_line_is_houses_own_voice_and_only_generated_ones_are_classified() -> None:
+    """Among House's real lines the fit decides (the classifier's preferences among them
+    lowered the pick's Recall@1 from 0.247 to 0.153 on validation); a generated candidate
+    still pays for sounding less like him."""
+    message = "my knee hurts when I run"
+    classified: list[str] = []
+
+    def voice(texts: Sequence[str]) -> list[float]:
+        classified.extend(texts)
+        return [0.2 if "Stop" in t else 0.9 for t in texts]
+
+    fits = {"Stop running.": 0.6, "Knees are overrated.": 0.5, "Run less.": 0.4,
+            "Then stop running, genius.": 0.45}
+    lines = [Candidate("Knees are overrated.", CANON, row=7),
+             Candidate("Then stop running, genius.", CANON, row=8)]
+    generated = [Candidate("Stop running.", GENERATED), Candidate("Run less.", GENERATED)]
+    choice = choose([*generated, *lines], message, voice, lambda t: [fits[x] for x in t])
+    assert choice.winner == lines[0]  # 0.5 x 1 beats "Stop running." 0.6 x 0.2 and 0.4 x 0.9
+    assert sorted(classified) == ["Run less.", "Stop running."]
+    assert choice.scores == (0.6 * 0.2, 0.4 * 0.9, 0.5, 0.45)
 
 
 def test_selector_context_is_the_exchange_before_the_message() -> None:

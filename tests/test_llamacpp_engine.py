@@ -197,15 +197,54 @@ def test_the_candidates_of_one_reply_compute_their_prompt_once(engine, persona) 
     import dataclasses
 
     job = jobs_for(engine, persona, 12, ["house"], temperature=0.0)[0]
-    twin, other = dataclasses.replace(job), dataclasses.replace(job, prompt=job.prompt + " ")
+    job = dataclasses.replace(  # a prompt no other test sent: nothing kept starts it
+        job, prompt=render_prompt(engine.tokenizer, persona, [], "Twins, doctor?"))
+    twin = dataclasses.replace(job)
     ids = engine.tokenizer(job.prompt, add_special_tokens=False)["input_ids"]
     before = engine.prompt_tokens
     first, second = engine.generate([job, twin])
     assert engine.prompt_tokens - before == len(ids) - len(engine.prefix_ids)
     assert first.tokens > 0 and first.text == second.text  # the same cells and scores
+    others = [dataclasses.replace(job, prompt=render_prompt(engine.tokenizer, persona, [], q))
+              for q in ("Triplets, doctor?", "Quadruplets, then?")]
+    tails = sum(len(engine.tokenizer(o.prompt, add_special_tokens=False)["input_ids"])
+                - len(engine.prefix_ids) for o in others)
     before = engine.prompt_tokens
-    engine.generate([job, other])  # another prompt is computed for itself
-    assert engine.prompt_tokens - before > 2 * (len(ids) - len(engine.prefix_ids)) - 2
+    engine.generate(others)  # other prompts are computed each for itself
+    assert engine.prompt_tokens - before == tails
+
+
+def test_a_conversations_next_prompt_computes_only_what_is_new(engine, embedded_model,
+                                                               persona) -> None:
+    """A row that ended keeps its cells: the conversation's next prompt (the last one, the
+    reply, the new message) computes only the tokens after the longest kept start, with the
+    scores a fresh engine gives it."""
+    import dataclasses
+
+    from persona.prompt import Turn
+
+    question = "Is my liver failing, doctor?"
+    job = dataclasses.replace(jobs_for(engine, persona, 8, ["house"], temperature=0.0)[0],
+                              prompt=render_prompt(engine.tokenizer, persona, [], question))
+    reply = engine.generate([job])[0].text
+    follow = dataclasses.replace(job, prompt=render_prompt(
+        engine.tokenizer, persona, [Turn("user", question), Turn("assistant", reply)],
+        "And my kidneys?"))
+    first = engine.tokenizer(job.prompt, add_special_tokens=False)["input_ids"]
+    second = engine.tokenizer(follow.prompt, add_special_tokens=False)["input_ids"]
+    assert second[: len(first)] == first
+    before = engine.prompt_tokens
+    reused = first_scores(engine, follow)
+    assert 0 < engine.prompt_tokens - before <= len(second) - len(first)
+    fresh_engine = make_engine(embedded_model, persona)
+    try:
+        fresh = first_scores(fresh_engine, follow)
+        assert fresh_engine.prompt_tokens == len(second) - len(engine.prefix_ids)
+    finally:
+        fresh_engine.close()
+    assert near_best(reused, fresh)
+    top = fresh.topk(20).indices
+    assert torch.allclose(reused[top], fresh[top], atol=0.5)
 
 
 def test_calls_wait_for_room_in_the_key_value_cache(embedded_model, persona) -> None:
