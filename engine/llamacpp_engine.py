@@ -12,7 +12,8 @@ cells (its prompt and reply) while no one needs its sequence or cells: a convers
 prompt starts with the last one and that reply, so it computes only what is new after the
 longest such start (the kept row's sequence becomes the new row's). Kept rows give way, oldest
 first, to a row that needs a sequence or cells; rows are admitted while their prompts and
-token limits fit the cache (``LLAMACPP_KV_TOKENS``) and ``MAX_RUNNING_ROWS``.
+token limits fit the cache (``LLAMACPP_KV_TOKENS``) and ``MAX_RUNNING_ROWS``. A joining row's
+prompt runs in the running rows' next step, one ``llama_decode`` for both.
 
 Each adapter's lane runs its own GGUF with the adapter merged in (``LLAMACPP_LORA=merged``,
 `engine.gguf_merge`) or the base GGUF with the GGUF LoRA applied at run time (``runtime``).
@@ -145,6 +146,15 @@ def _file_type(gguf_file: Path | None) -> int:
 
 
 @dataclass(eq=False)
+class _Prompts:
+    """The prompts of rows admitted together, run with the lane's next decode step."""
+
+    rows: list[Row]
+    items: list[tuple[int, int, int, bool]]  # (token, position, sequence, wants scores)
+    copies: list[tuple[Row, Row]]  # (row that computes a prompt, a row with the same prompt)
+
+
+@dataclass(eq=False)
 class _Lane:
     """One llama.cpp context (one adapter) and the rows that run on it."""
 
@@ -158,6 +168,7 @@ class _Lane:
     free_slots: list[int] = field(default_factory=list)
     reserved: dict[int, int] = field(default_factory=dict)  # slot -> cells it may use
     kept: dict[int, list[int]] = field(default_factory=dict)  # ended rows: slot -> its tokens
+    joining: list[_Prompts] = field(default_factory=list)  # to run with the next step
 
     def kept_cells(self) -> int:
         """Cells the kept rows hold beside the persona's block."""
@@ -182,6 +193,7 @@ class LlamaCppGenerator(RowScheduler):
     """The llama.cpp engine (see the module docstring)."""
 
     engine_name = "llamacpp"
+    prefill_in_step = True  # joining rows' prompts run in the next step's llama_decode
 
     def __init__(self, loaded: Any, lanes: dict[str, tuple[Path, Path | None]],
                  speakers: Sequence[str] = (), shared_prefix: str = "", max_rows: int = 32,
@@ -367,15 +379,15 @@ class LlamaCppGenerator(RowScheduler):
         return True
 
     def _prefill(self, lane: _Lane, owners: Sequence[tuple[Call, int]]) -> tuple[list[Row], Any]:
-        """Every row's prompt after the shared system block, in as few decodes as fit. Rows
-        with the same prompt (a reply's candidates) compute it once: the others get its
-        cells (``llama_memory_seq_cp``) and its scores."""
+        """Every row's prompt after the shared system block (or after the longest start a
+        kept row holds), to run with the lane's next step (`_decode`). Rows with the same
+        prompt (a reply's candidates) compute it once: the others get its cells
+        (``llama_memory_seq_cp``) and its scores."""
         memory = self.llama.llama_get_memory(lane.ctx)
         rows: list[Row] = []
         items: list[tuple[int, int, int, bool]] = []
         computed: dict[tuple[int, ...], Row] = {}
         copies: list[tuple[Row, Row]] = []  # (row that computes the prompt, row that shares it)
-        waiting: list[Row] = []  # rows that compute their prompt, until their scores are read
         try:
             for call, index in owners:
                 job = call.jobs[index]
@@ -401,7 +413,6 @@ class LlamaCppGenerator(RowScheduler):
                 if same is not row:
                     copies.append((same, row))
                     continue
-                waiting.append(row)
                 if kept is None:
                     start = 0
                     if lane.prefix_len and prompt[: lane.prefix_len] == self.prefix_ids:
@@ -416,42 +427,90 @@ class LlamaCppGenerator(RowScheduler):
                    > lane.capacity and self._forget_oldest(lane)):
                 pass  # a call admitted into an idle engine: the kept rows make room
             self.prompt_tokens += len(items)
-            for first in range(0, len(items), self.batch_tokens):
-                chunk = items[first : first + self.batch_tokens]
-                self.run_batch(lane, chunk)
-                for i, (_, _, seq, wants) in enumerate(chunk):
-                    if wants:
-                        row = next(r for r in waiting if r.slot == seq)
-                        row.logits = self._scores(lane, i)
-                        waiting.remove(row)
-            for source, row in copies:
-                self.llama.llama_memory_seq_cp(memory, source.slot, row.slot, -1, -1)
-                row.logits = source.logits.clone()
         except Exception:
             for row in rows:
                 self._release(lane, row)
             raise
-        return rows, None
+        return rows, _Prompts(rows, items, copies)
+
+    def _run_rows(self, lane: _Lane, prompts: Sequence[_Prompts], steps: Sequence[Row]) -> None:
+        """The prompts (their rows' ``logits`` set, same-prompt rows given the cells) and one
+        step of ``steps`` (each row's last token), in one ``llama_decode`` when they fit the
+        lane's batch, else the prompts in chunks first."""
+        items = [item for group in prompts for item in group.items]
+        stepping = [(r.tokens[-1], r.length, r.slot, True) for r in steps]
+        together = len(items) + len(stepping) <= lane.batch_tokens
+        chunks = ([items + stepping] if together else
+                  [items[i : i + lane.batch_tokens] for i in range(0, len(items),
+                                                                   lane.batch_tokens)])
+        by_slot = {row.slot: row for group in prompts for row in group.rows}
+        for chunk in chunks:
+            if not chunk:
+                continue
+            self.run_batch(lane, chunk)
+            for i, (_, _, seq, wants) in enumerate(chunk):
+                if wants and seq in by_slot and i < len(chunk) - (len(stepping) * together):
+                    by_slot[seq].logits = self._scores(lane, i)
+        if not together and stepping:
+            self.run_batch(lane, stepping)
+        offset = len(items) if together else 0
+        for i, row in enumerate(steps):
+            row.logits = self._scores(lane, offset + i)
+        memory = self.llama.llama_get_memory(lane.ctx)
+        for group in prompts:
+            for source, row in group.copies:
+                self.llama.llama_memory_seq_cp(memory, source.slot, row.slot, -1, -1)
+                row.logits = source.logits.clone()
 
     def _join(self, lane: _Lane, rows: list[Row], state: Any, alive: list[int]) -> None:
-        for i, row in enumerate(rows):
-            if i in alive:
-                lane.rows.append(row)
-            else:
-                self._release(lane, row, keep=True)
+        """The rows join now; their prompts (``state``) run with the next step."""
+        lane.rows += rows
+        lane.joining.append(state)
 
     def _decode(self, lane: _Lane) -> None:
-        rows = lane.rows
-        self.run_batch(lane, [(r.tokens[-1], r.length, r.slot, True) for r in rows])
-        self.steps += 1
+        """One step of the running rows and the joining rows' prompts, in one decode (a
+        joining row then picks its first token). If that decode fails, each joining call's
+        prompt runs once more alone, so only a prompt that fails by itself fails its call."""
+        prompts, lane.joining = lane.joining, []
+        joining = {id(row) for group in prompts for row in group.rows}
+        running = [row for row in lane.rows if id(row) not in joining]
+        try:
+            self._run_rows(lane, prompts, running)
+        except Exception:
+            if not prompts:
+                raise
+            log.exception("a step with %d joining prompts failed; each alone", len(prompts))
+            self._clear_attempt(lane, prompts, running)
+            for group in prompts:
+                try:
+                    self._run_rows(lane, [group], [])
+                except Exception as exc:
+                    self._clear_attempt(lane, [group], [])
+                    for call in {id(r.call): r.call for r in group.rows}.values():
+                        self._fail(call, exc)
+            running = [row for row in running if row in lane.rows]
+            self._run_rows(lane, [], running)
+        if running:
+            self.steps += 1
         keep = []
-        for i, row in enumerate(rows):
-            row.length += 1
-            row.logits = self._scores(lane, i)
+        for i, row in enumerate(lane.rows):
+            if id(row) not in joining:
+                row.length += 1
             if self._step_row(row):
                 keep.append(i)
-        if len(keep) < len(rows):
+        if len(keep) < len(lane.rows):
             self._drop(lane, keep, ended=True)
+
+    def _clear_attempt(self, lane: _Lane, prompts: Sequence[_Prompts], steps: Sequence[Row]
+                       ) -> None:
+        """Remove the cells a failed decode may have left: the prompts' (from their first
+        position) and the step's."""
+        memory = self.llama.llama_get_memory(lane.ctx)
+        for group in prompts:
+            for _, position, seq, _ in group.items:
+                self.llama.llama_memory_seq_rm(memory, seq, position, -1)
+        for row in steps:
+            self.llama.llama_memory_seq_rm(memory, row.slot, row.length, -1)
 
     def _drop(self, lane: _Lane, keep: list[int], ended: bool = False) -> None:
         """Keep only these rows; ``ended``: the others ended well (their cells are kept)."""

@@ -98,6 +98,7 @@ class RowScheduler:
     `_decode` and `_drop`, and set ``self._lanes`` (a dict of lanes)."""
 
     joins = True  # concurrent generate() calls share one running batch
+    prefill_in_step = False  # True: `_prefill` only prepares; the next `_decode` runs it
 
     def __init__(self, tokenizer: Any, eos_ids: Collection[int], adapters: Sequence[str],
                  speakers: Sequence[str] = (), max_rows: int = 32):
@@ -301,6 +302,9 @@ class RowScheduler:
             for call in group:
                 call.prefilled = True
             for lane, (joining, state) in prefilled:
+                if self.prefill_in_step:  # the rows pick their first token after it runs
+                    self._join(lane, joining, state, list(range(len(joining))))
+                    continue
                 alive = [i for i, row in enumerate(joining) if self._step_row(row)]
                 self._join(lane, joining, state, alive)
 

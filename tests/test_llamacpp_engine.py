@@ -6,6 +6,7 @@ makes calls wait instead of failing, and the worker serves through it."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from pathlib import Path
@@ -61,8 +62,10 @@ def first_scores(engine, job):  # type: ignore[no-untyped-def]
 
     lane = engine._lane(job.adapter)
     call = Call([job], None, frozenset(), threading.Event(), [None], 1)
-    rows, state = engine._prefill(lane, [(call, 0)])
-    engine._join(lane, rows, state, [])
+    rows, prompts = engine._prefill(lane, [(call, 0)])
+    engine._run_rows(lane, [prompts], [])
+    for row in rows:
+        engine._release(lane, row, keep=True)
     return torch.log_softmax(rows[0].logits.float().flatten(), -1)
 
 
@@ -245,6 +248,43 @@ def test_a_conversations_next_prompt_computes_only_what_is_new(engine, embedded_
     assert near_best(reused, fresh)
     top = fresh.topk(20).indices
     assert torch.allclose(reused[top], fresh[top], atol=0.5)
+
+
+def test_a_prompt_that_fails_in_a_step_fails_only_its_call(embedded_model, persona) -> None:
+    """A joining call's prompt runs in the running rows' step; when that decode fails, each
+    prompt runs once more alone: only the call whose prompt fails by itself gets the error,
+    and the running rows go on."""
+    engine = make_engine(embedded_model, persona)
+    try:
+        long_job = jobs_for(engine, persona, 48, ["house"] * 4, temperature=0.9)[3]
+        bad_job = dataclasses.replace(long_job, prompt=render_prompt(
+            engine.tokenizer, persona, [], "Zyzzyva quixotically?"), seed=5)
+        long_ids = set(engine.tokenizer(long_job.prompt, add_special_tokens=False)["input_ids"])
+        poison = next(t for t in engine.tokenizer(bad_job.prompt, add_special_tokens=False)
+                      ["input_ids"] if t not in long_ids)
+        real = engine.run_batch
+
+        def run_batch(lane, items):  # type: ignore[no-untyped-def]
+            if any(token == poison for token, *_ in items):
+                raise RuntimeError("poisoned prompt")
+            real(lane, items)
+
+        engine.run_batch = run_batch  # type: ignore[method-assign]
+        results: list = []  # type: ignore[type-arg]
+        first = threading.Thread(target=lambda: results.extend(engine.generate([long_job])))
+        first.start()
+        deadline = time.monotonic() + 60
+        while engine.steps < 3 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert first.is_alive()  # the long row is decoding
+        with pytest.raises(RuntimeError, match="poisoned"):
+            engine.generate([bad_job])
+        first.join(120)
+        assert len(results) == 1 and results[0].tokens > 3
+        engine.run_batch = real  # type: ignore[method-assign]
+        assert all(g.tokens > 0 for g in engine.generate([long_job, bad_job]))  # the lane is sound
+    finally:
+        engine.close()
 
 
 def test_calls_wait_for_room_in_the_key_value_cache(embedded_model, persona) -> None:
