@@ -492,6 +492,10 @@ class LlamaCppGenerator(RowScheduler):
             self._run_rows(lane, [], running)
         if running:
             self.steps += 1
+        # a row that shared another call's prompt, and that call failed before it ran
+        orphans = {id(r.call): r.call for r in lane.rows if id(r) in joining and r.logits is None}
+        for call in orphans.values():
+            self._fail(call, RuntimeError("the prompt this request shared did not run"))
         keep = []
         for i, row in enumerate(lane.rows):
             if id(row) not in joining:
@@ -515,10 +519,27 @@ class LlamaCppGenerator(RowScheduler):
     def _drop(self, lane: _Lane, keep: list[int], ended: bool = False) -> None:
         """Keep only these rows; ``ended``: the others ended well (their cells are kept)."""
         staying = set(keep)
-        for i, row in enumerate(lane.rows):
-            if i not in staying:
-                self._release(lane, row, keep=ended)
+        leaving = [row for i, row in enumerate(lane.rows) if i not in staying]
+        self._unjoin(lane, leaving)
+        for row in leaving:
+            self._release(lane, row, keep=ended)
         lane.rows = [lane.rows[i] for i in keep]
+
+    @staticmethod
+    def _unjoin(lane: _Lane, leaving: Sequence[Row]) -> None:
+        """Take rows that leave before their prompt ran (their call failed in another lane)
+        out of the prompts still to run, so no cells are written for a freed sequence."""
+        slots = {row.slot for row in leaving}
+        gone = {id(row) for row in leaving}
+        kept = []
+        for group in lane.joining:
+            group.rows = [r for r in group.rows if id(r) not in gone]
+            group.items = [item for item in group.items if item[2] not in slots]
+            group.copies = [(a, b) for a, b in group.copies if id(a) not in gone
+                            and id(b) not in gone]
+            if group.rows:
+                kept.append(group)
+        lane.joining = kept
 
     def close(self) -> None:
         super().close()
