@@ -371,11 +371,13 @@ class LlamaCppGenerator(RowScheduler):
             for index, job in enumerate(waiting.jobs):
                 name = self._lane(job.adapter).adapter
                 needs[name] = needs.get(name, 0) + self._cells(waiting, index)
+        used = {name: lane.prefix_len + sum(lane.reserved.values()) + needs.get(name, 0)
+                for name, lane in self._lanes.items()}
+        if any(used[name] > lane.capacity for name, lane in self._lanes.items()):
+            return False  # it waits for running rows; the kept ones stay until it can join
         for name, lane in self._lanes.items():
-            while (lane.prefix_len + sum(lane.reserved.values()) + lane.kept_cells()
-                   + needs.get(name, 0) > lane.capacity):
-                if not self._forget_oldest(lane):  # kept rows give way to a new one
-                    return False
+            while used[name] + lane.kept_cells() > lane.capacity:
+                self._forget_oldest(lane)  # kept rows give way to a new one
         return True
 
     def _prefill(self, lane: _Lane, owners: Sequence[tuple[Call, int]]) -> tuple[list[Row], Any]:
@@ -392,8 +394,8 @@ class LlamaCppGenerator(RowScheduler):
             for call, index in owners:
                 job = call.jobs[index]
                 prompt = call.prompt_ids(self.tokenizer)[index]
-                twin = tuple(prompt) in computed
-                kept = None if twin else lane.longest_kept(prompt)
+                key = tuple(prompt)
+                kept = None if key in computed else lane.longest_kept(prompt)
                 if kept is not None:  # its cells hold the start of this prompt
                     slot, start = kept
                     del lane.kept[slot]
@@ -409,7 +411,7 @@ class LlamaCppGenerator(RowScheduler):
                           slot=slot)
                 rows.append(row)
                 lane.reserved[row.slot] = self._cells(call, index)
-                same = computed.setdefault(tuple(prompt), row)
+                same = computed.setdefault(key, row)
                 if same is not row:
                     copies.append((same, row))
                     continue
@@ -449,7 +451,7 @@ class LlamaCppGenerator(RowScheduler):
                 continue
             self.run_batch(lane, chunk)
             for i, (_, _, seq, wants) in enumerate(chunk):
-                if wants and seq in by_slot and i < len(chunk) - (len(stepping) * together):
+                if wants and seq in by_slot:  # a prompt's last token (a step's row is not there)
                     by_slot[seq].logits = self._scores(lane, i)
         if not together and stepping:
             self.run_batch(lane, stepping)
@@ -510,11 +512,12 @@ class LlamaCppGenerator(RowScheduler):
         """Remove the cells a failed decode may have left: the prompts' (from their first
         position) and the step's."""
         memory = self.llama.llama_get_memory(lane.ctx)
+        first: dict[int, int] = {row.slot: row.length for row in steps}
         for group in prompts:
             for _, position, seq, _ in group.items:
-                self.llama.llama_memory_seq_rm(memory, seq, position, -1)
-        for row in steps:
-            self.llama.llama_memory_seq_rm(memory, row.slot, row.length, -1)
+                first[seq] = min(position, first.get(seq, position))
+        for seq, position in first.items():
+            self.llama.llama_memory_seq_rm(memory, seq, position, -1)
 
     def _drop(self, lane: _Lane, keep: list[int], ended: bool = False) -> None:
         """Keep only these rows; ``ended``: the others ended well (their cells are kept)."""
