@@ -156,39 +156,55 @@ class RowScheduler:
                  stream_rows: Collection[int] = (), stop: threading.Event | None = None
                  ) -> list[Generated]:
         """Generate every job (blocking); ``stop`` ends this call's rows at their next step
-        (their text so far is returned, not finished)."""
+        (their text so far is returned, not finished).
+
+        More jobs than ``max_rows`` go to the engine as several calls of at most that many
+        rows (a reply's candidates stay together where they fit), so no call can be larger
+        than the running batch may be; they run side by side as room allows."""
         if not jobs:
             return []
-        call = Call(jobs, on_text, frozenset(stream_rows), stop or threading.Event(),
-                    [None] * len(jobs), len(jobs))
+        stop = stop or threading.Event()
+        calls = [Call(part, _shifted(on_text, start),
+                      frozenset(r - start for r in stream_rows if start <= r < start + len(part)),
+                      stop, [None] * len(part), len(part))
+                 for start, part in _parts(jobs, self.max_rows)]
         with self._lock:
-            self._calls.append(call)
+            self._calls.extend(calls)
         try:
-            self._wait(call)
+            for call in calls:
+                self._submit(call)
+            for call in calls:
+                self._wait(call)
         finally:
             with self._lock:
-                self._calls.remove(call)
-        if call.error is not None:
-            raise call.error
-        return [r for r in call.results if r is not None]
+                for call in calls:
+                    self._calls.remove(call)
+        for call in calls:
+            if call.error is not None:
+                raise call.error
+        return [r for call in calls for r in call.results if r is not None]
 
     def run_on_engine(self, work: Callable[[], Any]) -> Any:
         """``work()`` on the engine thread, between two decode steps (blocking)."""
         if threading.current_thread() is self._thread:
             return work()
         job = SideJob(work)
+        self._submit(job)
         self._wait(job)
         if job.error is not None:
             raise job.error
         return job.result
 
-    def _wait(self, item: Call | SideJob) -> None:
-        """Hand ``item`` to the engine thread (starting it if needed) and wait until done."""
+    def _submit(self, item: Call | SideJob) -> None:
+        """Hand ``item`` to the engine thread, starting the thread if needed."""
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
                 self._thread.start()
         self._incoming.put(item)
+
+    def _wait(self, item: Call | SideJob) -> None:
+        """Wait until the engine thread is done with ``item`` (submitted first)."""
         while not item.done.wait(1.0):
             if self._thread is None or not self._thread.is_alive():  # it failed: say so
                 item.error = item.error or RuntimeError("the engine thread stopped")
@@ -351,3 +367,30 @@ class RowScheduler:
         if not call.done.is_set():
             call.error = exc
             call.done.set()
+
+
+def _parts(jobs: Sequence[GenerationJob], size: int
+           ) -> list[tuple[int, Sequence[GenerationJob]]]:
+    """``jobs`` in runs of at most ``size``, each with the index of its first job; a run ends
+    where a prompt's jobs (a reply's candidates, side by side) end when one fits."""
+    parts: list[tuple[int, Sequence[GenerationJob]]] = []
+    start = 0
+    while start < len(jobs):
+        end = min(start + size, len(jobs))
+        if end < len(jobs):
+            cut = end
+            while cut > start and jobs[cut].prompt == jobs[cut - 1].prompt:
+                cut -= 1
+            if cut > start:  # else one prompt's jobs outnumber the rows: split them
+                end = cut
+        parts.append((start, jobs[start:end]))
+        start = end
+    return parts
+
+
+def _shifted(on_text: OnText | None, offset: int) -> OnText | None:
+    """``on_text`` for a part of a call's jobs: its rows are numbered within the whole."""
+    if on_text is None or offset == 0:
+        return on_text
+    return lambda row, text: on_text(row + offset, text)
+
