@@ -438,10 +438,11 @@ def check_data(args: argparse.Namespace, settings: Settings) -> None:
                      f"prepare --out {args.data_dir}` or pass --data-dir")
 
 
-def modes_need_canon(system: str, settings: Settings) -> bool:
-    """Whether ``system`` answers with canon lines (so the listener re-ranks them)."""
-    return system in (CANON, HYBRID) or (system == DEFAULT
-                                         and settings.reply_choice.mode != "generated")
+def hears_listener(system: str) -> bool:
+    """Whether the bot's reply choice for ``system`` asks the listener: the worker's does in
+    every mode (canon lines and generated candidates alike, `engine.output`); only the
+    classifier-only system (the bot before the selector) does not."""
+    return system != CLASSIC
 
 
 def derive_systems(samples: dict[str, list[Sample]], timing: dict[str, dict[str, Any]],
@@ -461,8 +462,7 @@ def derive_systems(samples: dict[str, list[Sample]], timing: dict[str, dict[str,
     listener = None
     if canon is None:
         log.warning("no selector or canon pool: canon and hybrid systems skipped")
-    elif settings.reply_choice.listener == "pmi" and any(modes_need_canon(s, settings)
-                                                          for s in systems):
+    elif settings.reply_choice.listener == "pmi" and any(map(hears_listener, systems)):
         model = settings.model
         loaded = load_model(model.base_model, {adapter: model.adapter_paths[adapter]},
                             model.device, model.dtype, model.cache_dir)
