@@ -4,7 +4,12 @@ for, or disturbs, the running batch's cache.
 
 The prompt runs once as one sequence (on the persona's block, shared); each reply is a
 sequence that shares the prompt's cells (``llama_memory_seq_cp``), and all the replies run in
-one ``llama_decode`` with scores kept for every token of theirs. The scoring runs on the
+one ``llama_decode`` with scores kept for every token of theirs. A scored prompt keeps its
+cells afterwards (up to ``KEPT_PROMPTS``, oldest given up first), as the engine's ended rows
+do: the empty-message prompt of the second term is computed once, and a conversation's next
+prompt computes only what is new since its last (the history it starts with is already
+there). Profiled on an AVX2-only EPYC, recomputing the conversation's prompt was 30 % of the
+listener's time in a conversation with history (docs/reply-choice.md). The scoring runs on the
 engine's thread between two of its decode steps (`RowScheduler.run_on_engine`): run beside a
 step, the two sets of llama.cpp threads would share the same cores.
 """
@@ -20,8 +25,8 @@ import numpy as np
 from engine.listener import REPLY_END, Listener
 from engine.llamacpp_engine import PREFIX_SEQ, LlamaCppGenerator
 
-PROMPT_SEQ = 1
-MAX_REPLIES = 16  # replies per decode (a context's sequences beside the prompt's)
+MAX_REPLIES = 16  # replies per decode
+KEPT_PROMPTS = 8  # scored prompts whose cells stay for the next call (room allowing)
 
 
 class LlamaCppListener(Listener):
@@ -34,8 +39,10 @@ class LlamaCppListener(Listener):
         self.empty_prompt = empty_prompt
         self.max_reply_tokens = max_reply_tokens
         self._empty_cache: dict[str, float] = {}
-        self.context = engine.make_context(adapter, kv_tokens, MAX_REPLIES + 1,
+        self.context = engine.make_context(adapter, kv_tokens, MAX_REPLIES + KEPT_PROMPTS + 1,
                                            batch_tokens=(MAX_REPLIES + 1) * max_reply_tokens)
+        self._firsts: dict[int, np.ndarray] = {}  # kept prompt's sequence -> its next-token scores
+        self.prompt_tokens = 0  # prompt tokens computed (past the persona's block), for tests
 
     def _both_terms(self, prompt: str, replies: Sequence[str], unknown: Sequence[str]
                     ) -> tuple[list[float], list[float]]:
@@ -61,23 +68,16 @@ class LlamaCppListener(Listener):
         llama, engine, lane = self.engine.llama, self.engine, self.context
         memory = llama.llama_get_memory(lane.ctx)
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        start = 0
-        if lane.prefix_len and ids[: lane.prefix_len] == engine.prefix_ids \
-                and len(ids) > lane.prefix_len:
-            llama.llama_memory_seq_cp(memory, PREFIX_SEQ, PROMPT_SEQ, -1, -1)
-            start = lane.prefix_len
+        seq, first = self._prompt(ids, sum(len(row) for row in rows))
+        replies: list[int] = []
         try:
-            last = engine.run_chunked(lane, [(ids[p], p, PROMPT_SEQ, p == len(ids) - 1)
-                                             for p in range(start, len(ids))])
-            first = _log_softmax(np.ctypeslib.as_array(
-                llama.llama_get_logits_ith(lane.ctx, last), shape=(engine.n_vocab,)))
             items, wanted = [], []
             for i, row in enumerate(rows):
-                seq = PROMPT_SEQ + 1 + i
-                llama.llama_memory_seq_cp(memory, PROMPT_SEQ, seq, -1, -1)
+                replies.append(self._free_sequence())
+                llama.llama_memory_seq_cp(memory, seq, replies[-1], -1, -1)
                 for j, token in enumerate(row):
                     scored = j < len(row) - 1  # its scores pick the next token of the row
-                    items.append((token, len(ids) + j, seq, scored))
+                    items.append((token, len(ids) + j, replies[-1], scored))
                     if scored:
                         wanted.append((i, row[j + 1]))
             totals = [float(first[row[0]]) for row in rows]
@@ -89,10 +89,77 @@ class LlamaCppListener(Listener):
                                               [token for _, token in wanted]]
                 for (i, _), value in zip(wanted, picked, strict=True):
                     totals[i] += float(value)
-            return totals
+        except Exception:
+            self._drop(seq)  # its cells may hold a failed decode's tokens
+            raise
         finally:
-            for seq in range(PROMPT_SEQ, PROMPT_SEQ + 1 + len(rows)):
-                llama.llama_memory_seq_rm(memory, seq, -1, -1)
+            for reply in replies:
+                llama.llama_memory_seq_rm(memory, reply, -1, -1)
+                lane.free_slots.append(reply)
+        lane.kept[seq] = ids  # the newest kept prompt (given up last)
+        self._firsts[seq] = first
+        while len(lane.kept) > KEPT_PROMPTS:
+            self._forget_oldest()
+        return totals
+
+    def _prompt(self, ids: list[int], reply_cells: int) -> tuple[int, np.ndarray]:
+        """The sequence holding ``ids`` and the scores of the token after them: a kept
+        prompt that is ``ids`` (nothing to compute), the one that starts it furthest (only
+        the rest computed) or a new one on the persona's block; kept prompts are given up,
+        oldest first, for the cells this call needs."""
+        llama, engine, lane = self.engine.llama, self.engine, self.context
+        memory = llama.llama_get_memory(lane.ctx)
+        same = next((s for s, kept in lane.kept.items() if kept == ids), None)
+        found = (same, len(ids)) if same is not None else lane.longest_kept(ids)
+        if found is not None:
+            seq, start = found
+            del lane.kept[seq]
+            first = self._firsts.pop(seq, None)
+            if start < len(ids):
+                llama.llama_memory_seq_rm(memory, seq, start, -1)
+        else:
+            seq, start, first = self._free_sequence(), 0, None
+            if lane.prefix_len and ids[: lane.prefix_len] == engine.prefix_ids \
+                    and len(ids) > lane.prefix_len:
+                llama.llama_memory_seq_cp(memory, PREFIX_SEQ, seq, -1, -1)
+                start = lane.prefix_len
+        while (lane.kept_cells() + len(ids) + reply_cells > lane.capacity
+               and self._forget_oldest()):
+            pass
+        if start == len(ids) and first is not None:
+            return seq, first
+        try:
+            last = engine.run_chunked(lane, [(ids[p], p, seq, p == len(ids) - 1)
+                                             for p in range(start, len(ids))])
+        except Exception:
+            self._drop(seq)
+            raise
+        self.prompt_tokens += len(ids) - start
+        return seq, _log_softmax(np.ctypeslib.as_array(
+            llama.llama_get_logits_ith(lane.ctx, last), shape=(engine.n_vocab,)))
+
+    def _free_sequence(self) -> int:
+        """A sequence id with no cells, giving up the oldest kept prompt when none is free."""
+        lane = self.context
+        if not lane.free_slots:
+            self._forget_oldest()
+        return lane.free_slots.pop(0)
+
+    def _forget_oldest(self) -> bool:
+        """Give up the oldest kept prompt; False when none is kept."""
+        if not self.context.kept:
+            return False
+        self._drop(next(iter(self.context.kept)))
+        return True
+
+    def _drop(self, seq: int) -> None:
+        """Free ``seq``: its cells, its kept prompt, its scores."""
+        lane = self.context
+        lane.kept.pop(seq, None)
+        self._firsts.pop(seq, None)
+        self.engine.llama.llama_memory_seq_rm(self.engine.llama.llama_get_memory(lane.ctx), seq,
+                                              -1, -1)
+        lane.free_slots.append(seq)
 
 
 def _log_softmax(logits: Any) -> np.ndarray:

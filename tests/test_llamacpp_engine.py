@@ -380,6 +380,38 @@ def test_its_listener_scores_replies_as_the_pytorch_listener_does(engine, embedd
     assert long_mine == pytest.approx(long_reference, abs=1.0)
 
 
+def test_the_listener_computes_only_what_is_new_in_a_conversations_prompt(
+        engine, embedded_model, persona) -> None:
+    """A scored prompt keeps its cells: the empty-message prompt is computed once, the same
+    prompt again costs nothing, and a conversation's next prompt (its history the last prompt
+    plus a reply and a new message) computes only its new tokens, with the scores of a fresh
+    listener (within the 8-bit weights' error, as a kept row's are)."""
+    from engine.llamacpp_listener import LlamaCppListener
+    from persona.prompt import Turn
+
+    tokenizer = embedded_model.tokenizer
+
+    def tokens(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    empty = render_prompt(tokenizer, persona, [], "")
+    replies = ["It's not lupus.", "Yeah.", "Take two aspirin and stop calling me."]
+    ours = LlamaCppListener(engine, "house", empty, max_reply_tokens=24)
+    first = render_prompt(tokenizer, persona, [], "My knee hurts when it rains.")
+    ours.pmi(first, replies)
+    before = ours.prompt_tokens
+    assert ours.pmi(first, replies[:1]) == ours.pmi(first, replies[:1])
+    assert ours.pmi(first, ["Something new to say."]) and ours.prompt_tokens == before
+    history = [Turn("user", "My knee hurts when it rains."),
+               Turn("assistant", "So does everyone's. Move somewhere dry.")]
+    second = render_prompt(tokenizer, persona, history, "It hurts in the sun too.")
+    mine = ours.logprobs(second, replies)
+    assert 0 < ours.prompt_tokens - before < tokens(second) - tokens(first) + 8
+    fresh = LlamaCppListener(engine, "house", empty, max_reply_tokens=24)
+    assert mine == pytest.approx(fresh.logprobs(second, replies), abs=0.5)
+    assert fresh.prompt_tokens == tokens(second) - len(engine.prefix_ids)
+
+
 def test_listener_scoring_runs_on_the_engine_thread_between_steps(engine, embedded_model,
                                                                   persona) -> None:
     """While a long batch decodes, the listener's scoring runs on the engine's thread (never
