@@ -393,4 +393,3 @@ def _shifted(on_text: OnText | None, offset: int) -> OnText | None:
     if on_text is None or offset == 0:
         return on_text
     return lambda row, text: on_text(row + offset, text)
-
