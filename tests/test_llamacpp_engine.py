@@ -401,7 +401,8 @@ def test_the_listener_computes_only_what_is_new_in_a_conversations_prompt(
     ours.pmi(first, replies)
     before = ours.prompt_tokens
     assert ours.pmi(first, replies[:1]) == ours.pmi(first, replies[:1])
-    assert ours.pmi(first, ["Something new to say."]) and ours.prompt_tokens == before
+    assert ours.pmi(first, ["Something new to say."])  # its empty-message term too
+    assert ours.prompt_tokens == before
     history = [Turn("user", "My knee hurts when it rains."),
                Turn("assistant", "So does everyone's. Move somewhere dry.")]
     second = render_prompt(tokenizer, persona, history, "It hurts in the sun too.")
