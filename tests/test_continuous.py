@@ -100,6 +100,26 @@ async def test_the_worker_answers_a_short_request_before_a_long_one_that_started
     assert order == ["short", "long"]
 
 
+def test_a_call_with_more_rows_than_the_batch_is_answered_in_parts(embedded_model,
+                                                                  persona) -> None:
+    """Ten rows through an engine that runs four at once (replies of 3, 3, 3 and 1
+    candidates, as eval and a full micro-batch send them): the call goes to the engine in
+    parts of whole replies, and every row gets its text alone, streamed rows numbered within
+    the whole call."""
+    small = ContinuousGenerator(embedded_model, persona.other_speakers, max_rows=4)
+    try:
+        replies = jobs_for(small, persona, 6, ["house"] * 4)
+        jobs = [job for job in replies[:3] for _ in range(3)] + replies[3:]
+        streamed: dict[int, str] = {}
+        out = small.generate(jobs, lambda row, text: streamed.__setitem__(row, text), {0, 9})
+        assert len(out) == 10 and small.most_rows <= 4
+        alone = [small.generate([job])[0].text for job in replies]
+        assert [g.text for g in out] == [alone[i // 3] for i in range(9)] + [alone[3]]
+        assert set(streamed) == {0, 9}
+    finally:
+        small.close()
+
+
 def test_a_failing_engine_thread_fails_its_calls_and_the_next_call_starts_afresh(
         embedded_model, persona, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """A bug in the engine loop used to leave every caller waiting forever (and the worker's

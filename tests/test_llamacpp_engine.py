@@ -312,9 +312,12 @@ def test_calls_wait_for_room_in_the_key_value_cache(embedded_model, persona) -> 
 def test_a_call_with_more_rows_than_the_batch_is_answered_in_parts(embedded_model,
                                                                   persona) -> None:
     """Ten rows through an engine that runs four at once (four replies of 3, 3, 3 and 1
-    candidates, as eval and a full micro-batch send them): every row answered with its text
-    alone, streamed rows numbered within the whole call. Before, the llama.cpp engine failed
-    the whole call with "no free sequence"."""
+    candidates, as eval and a full micro-batch send them): every row answered, never more
+    than four running, streamed rows numbered within the whole call. Before, the llama.cpp
+    engine failed the whole call with "no free sequence". (Each row's text equal to its text
+    alone is tested on the batch-invariant PyTorch engine, tests/test_continuous.py: here a
+    near-tie, such as "No." then the end against "No. It's a virus.", may fall either way
+    with the rows beside it.)"""
     small = make_engine(embedded_model, persona, max_running_rows=4)
     try:
         replies = jobs_for(small, persona, 8, ["house"] * 4, temperature=0.0)
@@ -322,8 +325,7 @@ def test_a_call_with_more_rows_than_the_batch_is_answered_in_parts(embedded_mode
         streamed: dict[int, str] = {}
         out = small.generate(jobs, lambda row, text: streamed.__setitem__(row, text), {0, 9})
         assert len(out) == 10 and small.most_rows <= 4
-        alone = [small.generate([job])[0].text for job in replies]
-        assert [g.text for g in out] == [alone[i // 3] for i in range(9)] + [alone[3]]
+        assert all(g.tokens > 0 and g.text for g in out)
         assert set(streamed) == {0, 9}
     finally:
         small.close()
