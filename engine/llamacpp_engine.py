@@ -333,19 +333,20 @@ class LlamaCppGenerator(RowScheduler):
         if keep and len(cells) - lane.prefix_len >= KEEP_MIN_TOKENS:
             lane.kept[row.slot] = cells
         else:
-            self.llama.llama_memory_seq_rm(self.llama.llama_get_memory(lane.ctx), row.slot,
-                                           -1, -1)
-            lane.free_slots.append(row.slot)
+            self.free_sequence(lane, row.slot)
         row.slot = -1
+
+    def free_sequence(self, lane: _Lane, slot: int) -> None:
+        """Give ``slot``'s cells back and the sequence to the free ones (kept or not)."""
+        lane.kept.pop(slot, None)
+        self.llama.llama_memory_seq_rm(self.llama.llama_get_memory(lane.ctx), slot, -1, -1)
+        lane.free_slots.append(slot)
 
     def _forget_oldest(self, lane: _Lane) -> bool:
         """Free the longest-kept row's sequence and cells; False when none is kept."""
         if not lane.kept:
             return False
-        slot = next(iter(lane.kept))
-        del lane.kept[slot]
-        self.llama.llama_memory_seq_rm(self.llama.llama_get_memory(lane.ctx), slot, -1, -1)
-        lane.free_slots.append(slot)
+        self.free_sequence(lane, next(iter(lane.kept)))
         return True
 
     def _reset_lanes(self) -> None:

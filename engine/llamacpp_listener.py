@@ -94,8 +94,7 @@ class LlamaCppListener(Listener):
             raise
         finally:
             for reply in replies:
-                llama.llama_memory_seq_rm(memory, reply, -1, -1)
-                lane.free_slots.append(reply)
+                engine.free_sequence(lane, reply)
         lane.kept[seq] = ids  # the newest kept prompt (given up last)
         self._firsts[seq] = first
         while len(lane.kept) > KEPT_PROMPTS:
@@ -154,12 +153,8 @@ class LlamaCppListener(Listener):
 
     def _drop(self, seq: int) -> None:
         """Free ``seq``: its cells, its kept prompt, its scores."""
-        lane = self.context
-        lane.kept.pop(seq, None)
         self._firsts.pop(seq, None)
-        self.engine.llama.llama_memory_seq_rm(self.engine.llama.llama_get_memory(lane.ctx), seq,
-                                              -1, -1)
-        lane.free_slots.append(seq)
+        self.engine.free_sequence(self.context, seq)
 
 
 def _log_softmax(logits: Any) -> np.ndarray:
