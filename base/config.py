@@ -178,12 +178,16 @@ class ModelSettings(SettingsGroup):
     # The continuous engine on a CPU float model: one merged copy of the model per adapter
     # (its rows run without peft's per-row LoRA path; same text; +1 model copy per adapter).
     merge_adapters: bool = Field(True, validation_alias="MERGE_ADAPTERS")
-    # The llama.cpp engine: which GGUF weights ("auto": bf16 on a CPU with native bf16, else
-    # q8_0; "source": the embedded file's own type), each adapter merged into its own file or
-    # applied at run time, and the key/value cells of each adapter's context (admission).
+    # The llama.cpp engine: which GGUF weights ("auto": bf16 on a CPU with native bf16 and no
+    # AMX, else q8_0; "source": the embedded file's own type), each adapter merged into its own
+    # file or applied at run time, and the key/value cells of each adapter's context.
     llamacpp_weights: Literal["auto", "q8_0", "bf16", "f16", "f32", "source"] = Field(
         "auto", validation_alias="LLAMACPP_WEIGHTS")
     llamacpp_lora: Literal["merged", "runtime"] = Field("merged", validation_alias="LLAMACPP_LORA")
+    # Whether llama.cpp repacks the weights for its AMX / interleaved kernels at load ("auto":
+    # not where the build uses AMX, whose path segfaults on this project's Xeon VMs).
+    llamacpp_repack: Literal["auto", "on", "off"] = Field(
+        "auto", validation_alias="LLAMACPP_REPACK")
     llamacpp_kv_tokens: int = Field(8192, ge=256, validation_alias="LLAMACPP_KV_TOKENS")
 
     @field_validator("adapters")

@@ -646,6 +646,7 @@ async def bench_peer(settings: Any, args: argparse.Namespace) -> dict[str, Any]:
     prompts, in one run."""
     from rich.table import Table
 
+    from engine.llamacpp_engine import repacks_weights
     from engine.model_loading import find_embedded_gguf, load_model
     from persona.pack import load_persona
     from persona.prompt import render_prompt
@@ -663,6 +664,7 @@ async def bench_peer(settings: Any, args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = loaded.tokenizer
     controls = persona.controls
     spec = {"gguf": str(find_embedded_gguf(settings.model.base_model)), "threads": 2,
+            "repack": repacks_weights(settings.model.llamacpp_repack),
             "max_tokens": args.max_new_tokens, "temperature": controls.temperature,
             "top_p": controls.top_p, "repeat_penalty": controls.repetition_penalty,
             "prompts": [render_prompt(tokenizer, persona, [], p) for p in BENCH_PROMPTS]}
@@ -680,6 +682,7 @@ async def bench_peer(settings: Any, args: argparse.Namespace) -> dict[str, Any]:
                     "p50_ms": percentile(latencies, 50),
                     "ttft_p50_ms": percentile([r["ttft_ms"] for r in peer["replies"]], 50),
                     "threads": peer["threads"], "gguf": Path(spec["gguf"]).name,
+                    "repacked": peer["repack"],
                     "samples": [r["text"] for r in peer["replies"][:3]]}
     ratio = serve["c16"]["tokens_per_s"] / peer["tokens_per_s"]
     ratio_all_active = serve["c16"]["all_active_tokens_per_s"] / peer["tokens_per_s"]

@@ -18,8 +18,8 @@ prompt runs in the running rows' next step, one ``llama_decode`` for both.
 Each adapter's lane runs its own GGUF with the adapter merged in (``LLAMACPP_LORA=merged``,
 `engine.gguf_merge`) or the base GGUF with the GGUF LoRA applied at run time (``runtime``).
 Weights (``LLAMACPP_WEIGHTS``): ``auto`` is bf16 where the CPU and this llama.cpp build have
-native bf16, else q8_0 (8-bit blocks); every file is re-encoded once by llama.cpp's quantiser
-and cached; ``source`` keeps the embedded file's own Q4_1. Scores are not bit-identical to
+native bf16 and no AMX, else q8_0 (8-bit blocks); every file is re-encoded once by llama.cpp's
+quantiser and cached; ``source`` keeps the embedded file's own Q4_1. Scores are not bit-identical to
 the row alone: llama.cpp's kernels change with the number of tokens in a decode (from about
 64), so unlike the PyTorch engine a sampled row's text may differ from its text alone;
 docs/engine.md has the figures.
@@ -81,15 +81,29 @@ def _route_logs(llama: Any) -> None:
 
 
 def weights_kind(weights: str) -> str:
-    """``auto``: bf16 where the CPU has native bf16 (AVX512-BF16 or AMX) and llama.cpp was
-    built to use it (the Docker image's portable AVX2 build is not), else q8_0."""
+    """``auto``: bf16 where the CPU has native bf16 (AVX512-BF16) and llama.cpp was built to
+    use it (the Docker image's portable AVX2 build is not), else q8_0 — and q8_0 where the
+    build uses AMX: on the Intel Xeon (Sapphire Rapids) VM measured, unpacked q8_0 decoded
+    faster than bf16 at 1 to 32 rows (12.9 / 61.2 against 16.7 / 76.0 ms at 1 / 16 rows),
+    while on AMD Zen 4 bf16 was the faster (docs/engine.md)."""
     if weights != "auto":
         return weights
     from engine.model_loading import cpu_has_bf16
 
     built = _llama().llama_print_system_info().decode()
-    native = "AVX512_BF16 = 1" in built or "AMX_BF16 = 1" in built
+    native = "AVX512_BF16 = 1" in built and "AMX_INT8 = 1" not in built
     return "bf16" if native and cpu_has_bf16() else "q8_0"
+
+
+def repacks_weights(repack: str) -> bool:
+    """Whether llama.cpp may repack the weights at load into its "extra" buffer types (AMX
+    tiles where the build uses AMX, interleaved blocks elsewhere). ``auto``: not where this
+    build uses AMX — on the Intel Xeon (Sapphire Rapids) VMs of this project the AMX path
+    segfaults in the first ``llama_decode`` (q8_0 and Q4_1 alike; llama.cpp issue #20824,
+    open), while the same weights unpacked run (docs/engine.md)."""
+    if repack != "auto":
+        return repack == "on"
+    return "AMX_INT8 = 1" not in _llama().llama_print_system_info().decode()
 
 
 def encoded(source: Path, weights: str, cache_dir: Path) -> Path:
@@ -197,7 +211,8 @@ class LlamaCppGenerator(RowScheduler):
 
     def __init__(self, loaded: Any, lanes: dict[str, tuple[Path, Path | None]],
                  speakers: Sequence[str] = (), shared_prefix: str = "", max_rows: int = 32,
-                 kv_tokens: int = 8192, threads: int = 0, batch_tokens: int = 2048):
+                 kv_tokens: int = 8192, threads: int = 0, batch_tokens: int = 2048,
+                 repack: bool = True):
         """``lanes``: for each adapter and for ``__base__``, the GGUF it runs and the GGUF
         LoRA applied on it at run time (None for a merged file or the base)."""
         super().__init__(loaded.tokenizer, loaded.eos_token_ids,
@@ -209,6 +224,7 @@ class LlamaCppGenerator(RowScheduler):
         self.files = lanes
         self.threads = threads or os.cpu_count() or 1
         self.batch_tokens = max(batch_tokens, max_rows)
+        self.repack = repack  # llama.cpp's extra buffer types for the weights (`repacks_weights`)
         self.prompt_tokens = 0  # prompt tokens computed (after the persona block), for tests
         self._models: dict[Path, Any] = {}
         self._loras: dict[Path, Any] = {}
@@ -231,6 +247,7 @@ class LlamaCppGenerator(RowScheduler):
         if gguf not in self._models:
             params = llama.llama_model_default_params()
             params.n_gpu_layers = 0
+            params.use_extra_bufts = self.repack
             model = llama.llama_model_load_from_file(str(gguf).encode(), params)
             if not model:
                 raise ModelLoadError(f"llama.cpp could not load {gguf}")
@@ -592,9 +609,10 @@ def build_llamacpp_generator(settings: Any, loaded: Any, speakers: Sequence[str]
             lanes[name] = (merged_encoded(adapter, source, weights, model.cache_dir), None)
         else:
             lanes[name] = (base, cached_adapter_gguf(adapter, source, model.cache_dir))
-    log.info("llama.cpp engine: %s weights, adapters %s", weights_kind(weights),
-             model.llamacpp_lora)
+    repack = repacks_weights(model.llamacpp_repack)
+    log.info("llama.cpp engine: %s weights%s, adapters %s", weights_kind(weights),
+             "" if repack else " (not repacked)", model.llamacpp_lora)
     return LlamaCppGenerator(loaded, lanes, speakers, shared_prefix,
                              max_rows=model.max_running_rows,
                              kv_tokens=model.llamacpp_kv_tokens,
-                             threads=model.torch_threads)
+                             threads=model.torch_threads, repack=repack)

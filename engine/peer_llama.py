@@ -13,10 +13,20 @@ import time
 
 
 def main(spec_path: str) -> int:
+    import llama_cpp.llama_cpp as low
     from llama_cpp import Llama
 
     with open(spec_path) as f:
         spec = json.load(f)
+    if not spec.get("repack", True):  # as our engine: AMX repacking segfaults on some CPUs
+        defaults = low.llama_model_default_params
+
+        def unpacked() -> object:
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        low.llama_model_default_params = unpacked
     started = time.perf_counter()
     llm = Llama(model_path=spec["gguf"], n_ctx=2048, n_threads=spec["threads"],
                 n_batch=512, verbose=False)
@@ -43,7 +53,7 @@ def main(spec_path: str) -> int:
     print(json.dumps({"load_s": load_s, "replies": replies,
                       "tokens": sum(r["tokens"] for r in replies),
                       "tokens_per_s": sum(r["tokens"] for r in replies) / total_s,
-                      "threads": spec["threads"]}))
+                      "threads": spec["threads"], "repack": spec.get("repack", True)}))
     return 0
 
 

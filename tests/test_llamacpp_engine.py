@@ -182,6 +182,31 @@ def test_the_merged_lane_is_cached_encoded_without_its_float32_merge(
     assert merged_encoded(adapter, source, "q8_0", tmp_path) == out  # a later start reads it
 
 
+@pytest.mark.parametrize(("built", "weights", "repacks"), [
+    ("AVX2 = 1 | AVX512 = 0 | AMX_INT8 = 0", "q8_0", True),
+    ("AVX512 = 1 | AVX512_BF16 = 1 | AMX_INT8 = 0", "bf16", True),  # AMD Zen 4
+    ("AVX512 = 1 | AVX512_BF16 = 1 | AMX_INT8 = 1", "q8_0", False),  # Sapphire Rapids
+])
+def test_auto_weights_and_repacking_follow_the_build(built: str, weights: str, repacks: bool,
+                                                     monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Where llama.cpp uses AMX its repacked weights segfaulted in the first decode on this
+    project's Xeon VMs, and unpacked q8_0 decoded faster than bf16 there."""
+    import engine.llamacpp_engine as module
+    import engine.model_loading
+
+    class Built:
+        @staticmethod
+        def llama_print_system_info() -> bytes:
+            return built.encode()
+
+    monkeypatch.setattr(module, "_llama", lambda: Built)
+    monkeypatch.setattr(engine.model_loading, "cpu_has_bf16", lambda: "BF16 = 1" in built)
+    assert module.weights_kind("auto") == weights
+    assert module.repacks_weights("auto") is repacks
+    assert module.repacks_weights("on") is True and module.repacks_weights("off") is False
+    assert module.weights_kind("f32") == "f32"
+
+
 def test_rows_join_a_running_batch_and_a_short_one_leaves_first(engine, persona) -> None:
     long_jobs = jobs_for(engine, persona, 48, ["house", "__base__"], temperature=0.0)
     late_jobs = jobs_for(engine, persona, 4, ["__base__", "house"], start=10)
