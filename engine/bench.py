@@ -493,6 +493,9 @@ async def bench_serve(settings: Any, engines: list[str], levels: list[int], mess
             listener = (await asyncio.to_thread(listener_for, chosen_settings, loaded, persona,
                                                 generator)
                         if canon is not None and engine != "openai" else None)
+            if listener is not None and mode != "generated" \
+                    and settings.reply_choice.listener_prime:
+                await asyncio.to_thread(_prime, listener, canon)
             figures = await _bench_engine(redis, generator, persona, settings, engine,
                                           controls, levels, messages, mode, scorer, canon,
                                           listener, arrival_gap_s)
@@ -516,6 +519,19 @@ async def bench_serve(settings: Any, engines: list[str], levels: list[int], mess
     return {"engine": chosen, **by_engine[chosen], "by_engine": by_engine, "mode": mode,
             "arrival_gap_s": arrival_gap_s, "max_new_tokens": max_new_tokens,
             "candidates": candidates, "adapter": adapter}
+
+
+def _prime(listener: Any, canon: Any) -> None:
+    """The listener primed as a running worker's is once its engine has been idle a while
+    (LISTENER_PRIME): every canon line's empty-message term scored, before anything is timed
+    (the first run on a machine only; the terms are kept in MODEL_CACHE_DIR)."""
+    from tqdm import tqdm
+
+    texts = [line.text for line in canon.lines]
+    with tqdm(total=len(texts), desc="listener: canon lines' empty-message terms",
+              unit="line") as bar:
+        bar.update(len(texts) - sum(1 for t in texts if t not in listener.primed))
+        listener.prime(texts, progress=bar.update, chunk=16)  # nothing waits: larger turns
 
 
 async def _bench_engine(redis: Any, generator: Any, persona: Any, settings: Any, engine: str,

@@ -15,16 +15,26 @@ candidates): Recall@1 0.175 by the selector's cosine, 0.225 by PMI, 0.24 by
 
 from __future__ import annotations
 
+import json
+import logging
 import math
-from collections.abc import Sequence
+import os
+import threading
+import time
+from collections.abc import Collection, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from engine.generation import PrefixCache
 
+log = logging.getLogger(__name__)
+
 REPLY_END = "<|im_end|>"
 GROUP = 4  # replies scored side by side (sorted by length: little padding)
+PRIME_CHUNK = 4  # lines scored per turn while priming (one short turn of the engine thread)
+SAVE_EVERY_S = 30.0  # a priming run writes what it has scored at most this often
 
 
 class Listener:
@@ -42,6 +52,8 @@ class Listener:
         # the persona's system block: its keys and values once, not in every prompt's forward
         self.prefix = PrefixCache(model, tokenizer, shared_prefix, [])
         self._empty_cache: dict[str, float] = {}
+        self._prior: dict[str, float] = {}  # primed empty-message terms (`prime`), never cleared
+        self.prior_path: Path | None = None  # where `prime` keeps them
 
     def pmi(self, prompt: str, replies: Sequence[str]) -> list[float]:
         """``log P(reply | prompt) - log P(reply | empty message)`` for each reply (nats)."""
@@ -59,13 +71,70 @@ class Listener:
         return (self.logprobs(prompt, replies),
                 self.logprobs(self.empty_prompt, unknown) if unknown else [])
 
+    def keep_prior(self, path: Path) -> int:
+        """Keep the empty-message terms in ``path`` (made by `prime`; its name must say which
+        model and prompt scored them): read what it holds now, write there later. Returns how
+        many terms it held."""
+        self.prior_path = path
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return 0
+        if not isinstance(stored, dict):
+            return 0
+        self._prior.update({str(k): float(v) for k, v in stored.items()})
+        return len(stored)
+
+    @property
+    def primed(self) -> Collection[str]:
+        """The texts whose empty-message term `prime` has scored."""
+        return self._prior.keys()
+
+    def prime(self, texts: Sequence[str], stop: threading.Event | None = None,
+              progress: Any = None, chunk: int = PRIME_CHUNK) -> int:
+        """Score ``log P(text | empty message)`` of the texts not yet known (a canon pool's
+        lines: it never changes, and it is half of what a reply's PMI costs), a few at a time
+        when the engine is idle (`_idle_logprobs`), and write them to the `keep_prior` file
+        every `SAVE_EVERY_S` and at the end. ``progress(n)`` is told each chunk's size
+        (``chunk`` lines: more run faster a line, and hold the engine longer).
+        Returns how many were scored; ``stop`` ends it early (what was scored is kept)."""
+        unknown = [t for t in dict.fromkeys(texts) if t not in self._prior]
+        scored, saved = 0, time.monotonic()
+        for first in range(0, len(unknown), chunk):
+            if stop is not None and stop.is_set():
+                break
+            lines = unknown[first : first + chunk]
+            self._prior.update(zip(lines, self._idle_logprobs(lines), strict=True))
+            scored += len(lines)
+            if progress is not None:
+                progress(len(lines))
+            if time.monotonic() - saved > SAVE_EVERY_S:
+                self._save_prior()
+                saved = time.monotonic()
+        if scored:
+            self._save_prior()
+        return scored
+
+    def _idle_logprobs(self, texts: Sequence[str]) -> list[float]:
+        """``log P(text | empty message)`` for priming (an engine runs it when idle)."""
+        return self.logprobs(self.empty_prompt, texts)
+
+    def _save_prior(self) -> None:
+        """Write the empty-message terms to the `keep_prior` file (atomically)."""
+        if self.prior_path is None:
+            return
+        self.prior_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.prior_path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self._prior))
+        tmp.replace(self.prior_path)
+
     def _known_empty(self, replies: Sequence[str]) -> tuple[dict[str, float], list[str]]:
         """``log P(reply | empty message)`` of the replies scored before (it never changes),
         read once here (another thread may clear the cache meanwhile), and the others."""
         known: dict[str, float] = {}
         unknown = []
         for reply in dict.fromkeys(replies):
-            value = self._empty_cache.get(reply)
+            value = self._prior.get(reply, self._empty_cache.get(reply))
             if value is None:
                 unknown.append(reply)
             else:
@@ -74,7 +143,8 @@ class Listener:
 
     def _remember_empty(self, unknown: Sequence[str], values: Sequence[float]
                         ) -> dict[str, float]:
-        """The just-scored empty-message terms, kept for later calls (up to 50,000)."""
+        """The just-scored empty-message terms, kept for later calls (up to 50,000: a
+        canon pool's 13,288 lines and what else the bot said)."""
         scored = dict(zip(unknown, values, strict=True))
         if len(self._empty_cache) + len(scored) > 50_000:
             self._empty_cache.clear()

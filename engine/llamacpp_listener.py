@@ -39,6 +39,8 @@ class LlamaCppListener(Listener):
         self.empty_prompt = empty_prompt
         self.max_reply_tokens = max_reply_tokens
         self._empty_cache: dict[str, float] = {}
+        self._prior: dict[str, float] = {}
+        self.prior_path = None
         self.context = engine.make_context(adapter, kv_tokens, MAX_REPLIES + KEPT_PROMPTS + 1,
                                            batch_tokens=(MAX_REPLIES + 1) * max_reply_tokens)
         self._firsts: dict[int, np.ndarray] = {}  # kept prompt's sequence -> its next-token scores
@@ -50,6 +52,11 @@ class LlamaCppListener(Listener):
         return self.engine.run_on_engine(lambda: (
             self._logprobs(prompt, replies),
             self._logprobs(self.empty_prompt, unknown) if unknown else []))
+
+    def _idle_logprobs(self, texts: Sequence[str]) -> list[float]:
+        """Priming's scoring, only while the engine has no rows (`RowScheduler.run_when_idle`):
+        it never stalls a step."""
+        return self.engine.run_when_idle(lambda: self._logprobs(self.empty_prompt, texts))
 
     def logprobs(self, prompt: str, replies: Sequence[str]) -> list[float]:
         """``log P(reply + end of turn | prompt)`` for each reply."""

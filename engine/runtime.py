@@ -5,6 +5,7 @@ in `base.logging_setup`; they are re-exported here for the worker's callers."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -14,6 +15,7 @@ import redis.asyncio as aioredis
 import torch
 
 from base.config import Settings
+from base.keys import BASE_VARIANT
 from base.logging_setup import SecretMaskingFilter, keys_for, redis_for, setup_logging
 from base.metrics import WorkerMetrics
 from engine.continuous import ContinuousGenerator
@@ -158,17 +160,31 @@ def listener_for(settings: Settings, loaded: LoadedModel, persona: Persona,
         [{"role": "system", "content": persona.system_prompt}, {"role": "user", "content": ""}],
         tokenize=False, add_generation_prompt=True)
     tokens = settings.reply_choice.listener_tokens
+    listener: Listener
     if getattr(generator, "engine_name", "") == "llamacpp":
         from engine.llamacpp_listener import LlamaCppListener
 
-        return LlamaCppListener(generator, adapter, empty,  # type: ignore[arg-type]
-                                max_reply_tokens=tokens)
-    model = plain_copy(loaded.model, adapter)
-    if loaded.dtype == torch.float32:  # it need not match float32 bit for bit: bf16 if fast
-        model = model.to(fast_dtype(loaded.device))
-    return Listener(model, loaded.tokenizer, empty,
-                    system_block(loaded.tokenizer, persona) if settings.model.prefix_cache else "",
-                    max_reply_tokens=tokens)
+        listener = LlamaCppListener(generator, adapter, empty,  # type: ignore[arg-type]
+                                    max_reply_tokens=tokens)
+        gguf, lora = generator.files.get(adapter, generator.files[BASE_VARIANT])  # type: ignore[union-attr]
+        scored_by = f"llama.cpp {gguf.name} {lora.name if lora else ''} " \
+                    f"repack={generator.repack}"  # type: ignore[union-attr]
+    else:
+        model = plain_copy(loaded.model, adapter)
+        if loaded.dtype == torch.float32:  # it need not match float32 bit for bit: bf16 if fast
+            model = model.to(fast_dtype(loaded.device))
+        listener = Listener(model, loaded.tokenizer, empty,
+                            system_block(loaded.tokenizer, persona)
+                            if settings.model.prefix_cache else "", max_reply_tokens=tokens)
+        weights = Path(settings.model.adapter_paths[adapter]) / "adapter_model.safetensors"
+        stamp = weights.stat().st_mtime_ns if weights.is_file() else 0
+        scored_by = f"torch {settings.model.base_model} {weights} {stamp} " \
+                    f"{next(model.parameters()).dtype}"
+    if settings.reply_choice.listener_prime:
+        key = hashlib.sha1(f"{scored_by}|{empty}|{tokens}".encode()).hexdigest()[:16]
+        held = listener.keep_prior(settings.model.cache_dir / "listener" / f"empty-{key}.json")
+        log.info("listener: %d canon lines' empty-message terms already scored", held)
+    return listener
 
 
 async def build_worker(settings: Settings, redis: aioredis.Redis, fake: bool = False,

@@ -64,6 +64,7 @@ class SideJob:
     between two decode steps: on a CPU it then never runs beside a step on the same cores."""
 
     work: Callable[[], Any]
+    idle: bool = False  # run only while no row runs and nothing else waits
     done: threading.Event = field(default_factory=threading.Event)
     result: Any = None
     error: BaseException | None = None
@@ -111,6 +112,7 @@ class RowScheduler:
         self.most_rows = 0  # the most rows running at once
         self._lanes: dict[str, Any] = {}
         self._incoming: queue.Queue[Call | SideJob | None] = queue.Queue()
+        self._idle: list[SideJob] = []  # side jobs that wait for an idle engine
         self._calls: list[Call] = []
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -195,6 +197,18 @@ class RowScheduler:
             raise job.error
         return job.result
 
+    def run_when_idle(self, work: Callable[[], Any]) -> Any:
+        """``work()`` on the engine thread when it has no rows and nothing else waits
+        (blocking): background work that must never delay a request by more than itself."""
+        if threading.current_thread() is self._thread:
+            return work()
+        job = SideJob(work, idle=True)
+        self._submit(job)
+        self._wait(job)
+        if job.error is not None:
+            raise job.error
+        return job.result
+
     def _submit(self, item: Call | SideJob) -> None:
         """Hand ``item`` to the engine thread, starting the thread if needed."""
         with self._lock:
@@ -244,6 +258,14 @@ class RowScheduler:
                 if isinstance(item, SideJob):
                     item.error = exc
                     item.done.set()
+            self._fail_idle(exc)
+
+    def _fail_idle(self, exc: BaseException) -> None:
+        """End the side jobs that waited for an idle engine with ``exc``."""
+        idle, self._idle = self._idle, []
+        for job in idle:
+            job.error = exc
+            job.done.set()
 
     def _running(self) -> int:
         return sum(len(lane.rows) for lane in self._lanes.values())
@@ -253,7 +275,7 @@ class RowScheduler:
         closing = False
         while True:
             if not self._running() and not backlog:
-                self._take(self._incoming.get(), backlog)
+                self._take(self._next_when_idle(), backlog)
             while True:
                 try:
                     self._take(self._incoming.get_nowait(), backlog)
@@ -272,6 +294,7 @@ class RowScheduler:
             self._admit(admitted)
             if not self._running():
                 if closing and not backlog:
+                    self._fail_idle(RuntimeError("the engine closed"))
                     return
                 continue
             for lane in self._lanes.values():
@@ -286,10 +309,21 @@ class RowScheduler:
                     self._drop(lane, [])
             self.most_rows = max(self.most_rows, self._running())
 
-    @staticmethod
-    def _take(item: Call | SideJob | None, backlog: list[Any]) -> None:
-        """A side job runs now; a call (or None, closing) joins the backlog."""
-        if isinstance(item, SideJob):
+    def _next_when_idle(self) -> Call | SideJob | None:
+        """The next item handed in; until one comes, the idle side jobs run one by one."""
+        while self._idle:
+            try:
+                return self._incoming.get_nowait()
+            except queue.Empty:
+                self._idle.pop(0).run()
+        return self._incoming.get()
+
+    def _take(self, item: Call | SideJob | None, backlog: list[Any]) -> None:
+        """A side job runs now (an idle one waits for an idle engine); a call (or None,
+        closing) joins the backlog."""
+        if isinstance(item, SideJob) and item.idle:
+            self._idle.append(item)
+        elif isinstance(item, SideJob):
             item.run()
         else:
             backlog.append(item)

@@ -149,15 +149,38 @@ class Worker:
         log.info("worker %s serving %s (batch %d)", self.name, self.keys.requests,
                  self.settings.worker.batch_size)
         heartbeat = asyncio.create_task(self._heartbeat(), name="heartbeat")
+        done_priming = threading.Event()
+        priming = threading.Thread(target=self._prime_listener, args=(done_priming,),
+                                   name="listener-prime", daemon=True)
+        priming.start()
         try:
             await self._serve(burst)
         finally:
+            done_priming.set()
+            await asyncio.to_thread(priming.join, 10)
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError, *REDIS_DOWN):
                 await heartbeat
                 await self.redis.delete(self.keys.health(self.name))
         log.info("worker %s stopped after %d batches, %d replies", self.name,
                  self.batches, self.replies)
+
+    def _prime_listener(self, stop: threading.Event) -> None:
+        """Score the listener's empty-message term of every canon line while the engine is
+        idle (`Listener.prime`, LISTENER_PRIME), so that later replies' PMI costs half."""
+        listener = self.output.listener
+        if not isinstance(listener, Listener) or self.canon is None \
+                or not self.settings.reply_choice.listener_prime:
+            return
+        started = time.perf_counter()
+        try:
+            scored = listener.prime([line.text for line in self.canon.lines], stop)
+        except Exception:
+            log.warning("the listener stopped priming", exc_info=True)
+            return
+        if scored:
+            log.info("listener: scored %d canon lines' empty-message terms in %.0f s", scored,
+                     time.perf_counter() - started)
 
     @property
     def joins(self) -> bool:

@@ -477,6 +477,56 @@ def test_listener_scoring_runs_on_the_engine_thread_between_steps(engine, embedd
     assert scored == pytest.approx(alone, abs=0.5)  # its own context: the batch is untouched
 
 
+def test_priming_waits_for_an_idle_engine_and_is_kept_for_the_next_start(
+        engine, embedded_model, persona, tmp_path: Path) -> None:
+    """`Listener.prime` scores the lines' empty-message terms only while the engine has no
+    rows (a running batch never waits for it), the same terms `pmi` would compute, written
+    to its file; a listener started later reads them and computes no empty-message term."""
+    from engine.llamacpp_listener import LlamaCppListener
+
+    tokenizer = embedded_model.tokenizer
+    empty = render_prompt(tokenizer, persona, [], "")
+    lines = ["It's not lupus.", "Everybody lies.", "Take two aspirin and stop calling me.",
+             "Yeah.", "You're boring me."]
+    ours = LlamaCppListener(engine, "house", empty, max_reply_tokens=24)
+    assert ours.keep_prior(tmp_path / "empty.json") == 0
+    running: list[int] = []
+    original = ours._logprobs
+
+    def logprobs(prompt, replies):  # type: ignore[no-untyped-def]
+        running.append(engine._running())
+        return original(prompt, replies)
+
+    ours._logprobs = logprobs  # type: ignore[method-assign]
+    long_jobs = jobs_for(engine, persona, 48, ["__base__"], temperature=0.0)[:1]
+    done: dict[str, float] = {}
+    runner = threading.Thread(target=lambda: (engine.generate(long_jobs),
+                                              done.setdefault("long", time.monotonic())))
+    steps = engine.steps
+    runner.start()
+    while engine.steps < steps + 3 and runner.is_alive():
+        time.sleep(0.005)
+    assert ours.prime(lines, chunk=2) == len(lines)
+    runner.join(120)
+    assert running == [0, 0, 0] and done["long"]  # three turns, none beside a running row
+    ours._logprobs = original  # type: ignore[method-assign]
+    assert set(ours.primed) == set(lines)
+    assert ours.prime(lines) == 0  # nothing left to score
+    expected = ours.logprobs(empty, lines)
+    later = LlamaCppListener(engine, "house", empty, max_reply_tokens=24)
+    assert later.keep_prior(tmp_path / "empty.json") == len(lines)
+
+    def no_empty(prompt, replies):  # type: ignore[no-untyped-def]
+        assert prompt != empty, "an empty-message term was computed"
+        return original(prompt, replies)
+
+    later._logprobs = no_empty  # type: ignore[method-assign]
+    prompt = render_prompt(tokenizer, persona, [], "Is it lupus?")
+    conditional = later.logprobs(prompt, lines)
+    assert later.pmi(prompt, lines) == pytest.approx(
+        [c - e for c, e in zip(conditional, expected, strict=True)], abs=0.5)
+
+
 def test_bench_decode_times_the_lane_the_worker_serves(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     """A benchmark prints figures, it asserts none: here only that it runs and says what."""
     import json
