@@ -278,6 +278,9 @@ class ReplyChoiceSettings(SettingsGroup):
     # worker's hands (being answered, or read and waiting), the selector's cosine alone ranks
     # the canon lines (0: always listen).
     listener_busy_requests: int = Field(8, ge=0, validation_alias="LISTENER_BUSY_REQUESTS")
+    # With fewer other requests in hand, but some, it re-ranks only this many of the shortlist
+    # (0: the whole CANON_SHORTLIST).
+    listener_busy_shortlist: int = Field(5, ge=0, validation_alias="LISTENER_BUSY_SHORTLIST")
     # A worker scores the listener's "empty message" term of every canon line while its engine
     # is idle, kept in MODEL_CACHE_DIR/listener (a reply's PMI then costs half).
     listener_prime: bool = Field(True, validation_alias="LISTENER_PRIME")

@@ -363,12 +363,18 @@ def bench_decode(settings: Any, rows: list[int], adapter: str, rounds: int = 3,
     least ``ms(R) / ms(1)`` times its latency alone."""
     from rich.table import Table
 
-    from engine.llamacpp_engine import PREFIX_SEQ, build_llamacpp_generator, weights_kind
+    from engine.llamacpp_engine import (
+        PREFIX_SEQ,
+        build_llamacpp_generator,
+        settle_torch_threads,
+        weights_kind,
+    )
     from engine.model_loading import load_model
     from persona.pack import load_persona
     from persona.prompt import system_block
 
     persona = load_persona(settings.generation.persona)
+    settle_torch_threads(settings, "llamacpp")
     loaded = load_model(settings.model.base_model,
                         {adapter: settings.model.adapter_paths[adapter]}, "cpu",
                         settings.model.dtype, settings.model.cache_dir)
@@ -453,11 +459,13 @@ async def bench_serve(settings: Any, engines: list[str], levels: list[int], mess
     from rich.table import Table
 
     from base.logging_setup import redis_for
+    from engine.llamacpp_engine import settle_torch_threads
     from engine.model_loading import load_model
     from engine.runtime import build_canon, build_scorer, listener_for, local_engine
     from persona.pack import load_persona
 
     persona = load_persona(settings.generation.persona)
+    settle_torch_threads(settings, engines[0])  # the first engine's (see its doc)
     if loaded is None:
         loaded = await asyncio.to_thread(load_model, settings.model.base_model,
                                          {adapter: settings.model.adapter_paths[adapter]}, "cpu",
@@ -662,13 +670,14 @@ async def bench_peer(settings: Any, args: argparse.Namespace) -> dict[str, Any]:
     prompts, in one run."""
     from rich.table import Table
 
-    from engine.llamacpp_engine import repacks_weights
+    from engine.llamacpp_engine import repacks_weights, settle_torch_threads
     from engine.model_loading import find_embedded_gguf, load_model
     from persona.pack import load_persona
     from persona.prompt import render_prompt
 
     levels = sorted({1, 16, *[int(c) for c in args.levels.split(",") if c.strip()]})
     adapter = args.adapter or settings.model.default_adapter
+    settle_torch_threads(settings, engines_of(args, settings)[0])
     loaded = await asyncio.to_thread(load_model, settings.model.base_model,
                                      {adapter: settings.model.adapter_paths[adapter]}, "cpu",
                                      settings.model.dtype, settings.model.cache_dir)

@@ -33,6 +33,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -299,10 +300,9 @@ class LlamaCppGenerator(RowScheduler):
 
     @contextlib.contextmanager
     def _engine_context(self) -> Iterator[None]:
-        """The engine thread samples with one torch thread: llama.cpp's threads have the cores,
-        and a torch team spinning after each tiny sampling op competes with them (the gain
-        is within this VM's noise: 16 rows 130-138 against 111-131 tokens/s in 6-round
-        medians). Other threads keep their torch threads."""
+        """The engine samples with one torch thread: llama.cpp's threads have the cores. torch's
+        setting is the process's, so this holds for every thread from here on; what matters
+        more is that torch made no team of threads before (`settle_torch_threads`)."""
         torch.set_num_threads(1)
         yield
 
@@ -310,7 +310,13 @@ class LlamaCppGenerator(RowScheduler):
 
     def run_batch(self, lane: _Lane, items: Sequence[tuple[int, int, int, bool]]) -> None:
         """One ``llama_decode`` of (token, position, sequence, wants scores) items, at most
-        the lane's ``batch_tokens`` (`run_chunked` splits more)."""
+        the lane's ``batch_tokens`` (`run_chunked` splits more). It always runs on the engine
+        thread (called from another, it waits for a turn there): llama.cpp's OpenMP gives each
+        calling thread its own team of threads, and once two such threads lived, every decode
+        took twice as long — one row 26-28 ms against 13-14 on the Xeon VM, both for the engine
+        thread and for the thread that had made the contexts (docs/engine.md)."""
+        if threading.current_thread() is not self._thread:
+            return self.run_on_engine(lambda: self.run_batch(lane, items))
         if len(items) > lane.batch_tokens:
             raise ValueError(f"{len(items)} tokens in one decode of a {lane.batch_tokens}-token "
                              "batch")
@@ -573,6 +579,30 @@ class LlamaCppGenerator(RowScheduler):
         for model in self._models.values():
             self.llama.llama_model_free(model)
         self._loras, self._models = {}, {}
+
+
+def settle_torch_threads(settings: Any, engine: str | None = None) -> None:
+    """Set torch's threads before a model loads: one where the llama.cpp engine will serve
+    (``engine``, default ``LOCAL_ENGINE``), else ``TORCH_THREADS`` when set. torch and
+    llama.cpp share one OpenMP runtime, and a team of torch's threads made on another thread
+    (loading the model on two threads was enough) put it in its throttled mode beside the
+    engine's team: llama.cpp's barriers between ops then sleep and wake, and every decode took
+    twice as long — one row 30 against 14 ms in serving, one conversation 27 against 51
+    tokens/s on the Xeon VM (docs/engine.md). The selector and the classifier then run on one
+    thread too."""
+    import importlib.util
+
+    from engine.model_loading import pick_device
+
+    model = settings.model
+    engine = engine or model.local_engine
+    serves = (engine in ("auto", "llamacpp") and model.base_model in EMBEDDED_MODELS
+              and not model.load_in_4bit and importlib.util.find_spec("llama_cpp") is not None
+              and pick_device(model.device).type == "cpu")
+    if serves:
+        torch.set_num_threads(1)
+    elif model.torch_threads:
+        torch.set_num_threads(model.torch_threads)
 
 
 def llamacpp_can_run(settings: Any, loaded: Any) -> str | None:

@@ -34,7 +34,8 @@ class ReplyBuilder:
                  scorer: Callable[[Sequence[str]], Sequence[float]] | None = None,
                  canon: CanonPool | None = None, listener: Listener | None = None,
                  shortlist: int = 10, listener_weight: float = 1.0,
-                 busy: Callable[[Task], bool] | None = None):
+                 others: Callable[[Task], int] | None = None, busy_requests: int = 0,
+                 busy_shortlist: int = 0):
         self.persona = persona
         self.defaults = defaults
         self.worker = worker
@@ -46,7 +47,11 @@ class ReplyBuilder:
         self.listener = listener
         self.shortlist = shortlist
         self.listener_weight = listener_weight
-        self.busy = busy  # True: too many other requests in hand to wait for the listener
+        # Under load the listener does less: with ``others(task)`` other requests in hand it
+        # re-ranks only ``busy_shortlist`` lines, and none from ``busy_requests`` on (0: never)
+        self.others = others
+        self.busy_requests = busy_requests
+        self.busy_shortlist = busy_shortlist
 
     def generated_candidates(self, task: Task, variant: int, outputs: list[Generated]
                              ) -> list[Candidate]:
@@ -63,17 +68,21 @@ class ReplyBuilder:
     def pick(self, task: Task, generated: list[Candidate], mode: str) -> Candidate | None:
         controls = task.controls or self.defaults
         listener = None
-        if self.listener is not None and task.prompt and self.busy is not None \
-                and self.busy(task):
+        shortlist = self.shortlist
+        others = self.others(task) if self.others is not None and self.listener else 0
+        if self.listener is not None and task.prompt and self.busy_requests \
+                and others >= self.busy_requests:
             self.metrics.listener_skipped.inc()  # the selector's cosine alone
         elif self.listener is not None and task.prompt:
             prompt, scorer = task.prompt, self.listener
+            if others and self.busy_shortlist:
+                shortlist = min(shortlist, self.busy_shortlist)
 
             def listener(texts: Sequence[str]) -> Sequence[float]:
                 return scorer.pmi(prompt, texts)
         return pick(mode, task.text, generated, self.canon, self.scorer,
                     self.canon_candidates, task.context, task.heard, task.mentioned,
-                    controls.sentence_cap, listener, self.shortlist, self.listener_weight)
+                    controls.sentence_cap, listener, shortlist, self.listener_weight)
 
     def make_reply(self, task: Task, jobs: list[GenerationJob],
                    outputs: list[Generated]) -> Reply:

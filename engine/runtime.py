@@ -46,10 +46,9 @@ def build_generator(settings: Settings, persona: Persona, fake: bool = False,
         from engine.openai_backend import build_openai_generator
 
         return build_openai_generator(settings, persona.other_speakers)
-    if model.torch_threads:
-        import torch
+    from engine.llamacpp_engine import settle_torch_threads
 
-        torch.set_num_threads(model.torch_threads)
+    settle_torch_threads(settings)
     loaded = load_model(model.base_model, model.adapter_paths, model.device, model.dtype,
                         model.cache_dir, model.load_in_4bit)
     return local_engine(settings, loaded, persona)

@@ -114,7 +114,9 @@ class Worker:
                                         scorer, canon, listener,
                                         self.settings.reply_choice.canon_shortlist,
                                         self.settings.reply_choice.listener_weight,
-                                        self._too_busy_to_listen)
+                                        self._others_in_hand,
+                                        self.settings.reply_choice.listener_busy_requests,
+                                        self.settings.reply_choice.listener_busy_shortlist)
         self.partials = PartialEvents(redis, keys, self.output,
                                       self.settings.frontend.stream_replies,
                                       self.settings.redis.stream_maxlen)
@@ -669,14 +671,14 @@ class Worker:
         threaded = self.scorer is not None or self.canon is not None
         return await asyncio.to_thread(build) if threaded else build()
 
-    def _too_busy_to_listen(self, task: Task) -> bool:
-        """Whether LISTENER_BUSY_REQUESTS or more other requests are in this worker's hands (being
-        answered, or read and waiting): the listener then steps aside, since its scoring runs
-        one reply at a time on the engine's thread and replies would queue behind it."""
-        limit = self.settings.reply_choice.listener_busy_requests
+    def _others_in_hand(self, task: Task) -> int:
+        """How many other requests this worker holds (being answered, or read and waiting):
+        the listener's scoring runs one reply at a time on the engine's thread, so with others
+        it scores fewer lines (LISTENER_BUSY_SHORTLIST), and from LISTENER_BUSY_REQUESTS on it
+        steps aside, or their replies would queue behind it."""
         held = sum(self.intake.busy.values()) + len(self.intake.carry)
         own = 1 if task.request.conversation in self.intake.busy else 0
-        return bool(limit) and held - own >= limit
+        return held - own
 
     def make_reply(self, task: Task, jobs: list[GenerationJob],
                    outputs: list[Generated]) -> Reply:

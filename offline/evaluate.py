@@ -219,14 +219,12 @@ def generate_replies(
 def load_generator(settings: Settings, persona: Persona, adapters: dict[str, str]) -> Generator:
     """The serving model and engine (`load_model` + the worker's `LOCAL_ENGINE`) with only
     the adapters evaluated."""
+    from engine.llamacpp_engine import settle_torch_threads
     from engine.model_loading import load_model
     from engine.runtime import local_engine
 
     model = settings.model
-    if model.torch_threads:
-        import torch
-
-        torch.set_num_threads(model.torch_threads)
+    settle_torch_threads(settings)
     loaded = load_model(model.base_model, adapters, model.device, model.dtype, model.cache_dir,
                         model.load_in_4bit)
     return local_engine(settings, loaded, persona)

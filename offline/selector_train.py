@@ -370,6 +370,9 @@ def run(args: argparse.Namespace) -> int:
                                              listener_tokens=args.listener_tokens)
         persona = load_persona(settings.generation.persona)
         model_settings = settings.model
+        from engine.llamacpp_engine import settle_torch_threads
+
+        settle_torch_threads(settings)
         loaded = load_model(model_settings.base_model, model_settings.adapter_paths,
                             model_settings.device, model_settings.dtype,
                             model_settings.cache_dir)

@@ -207,6 +207,36 @@ def test_auto_weights_and_repacking_follow_the_build(built: str, weights: str, r
     assert module.weights_kind("f32") == "f32"
 
 
+def test_every_decode_runs_on_the_engine_thread(engine, persona, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """llama.cpp's decodes run on one thread whoever calls (a second thread with its own
+    OpenMP team made every decode twice as slow), and torch keeps one thread where llama.cpp
+    serves (a team of torch's threads did the same)."""
+    import engine.llamacpp_engine as module
+
+    where: list[str] = []
+    original = engine.llama
+
+    class Watched:
+        def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+            return getattr(original, name)
+
+        @staticmethod
+        def llama_decode(ctx, batch):  # type: ignore[no-untyped-def]
+            where.append(threading.current_thread().name)
+            return original.llama_decode(ctx, batch)
+
+    monkeypatch.setattr(engine, "llama", Watched())
+    first_scores(engine, jobs_for(engine, persona, 4, ["house"])[0])  # from this thread
+    engine.generate(jobs_for(engine, persona, 4, ["house", "__base__"]))
+    assert where and set(where) == {"engine"}
+
+    threads: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    module.settle_torch_threads(worker_settings("w", torch_threads=2))
+    module.settle_torch_threads(worker_settings("w", torch_threads=2), "continuous")
+    assert threads == [1, 2]
+
+
 def test_rows_join_a_running_batch_and_a_short_one_leaves_first(engine, persona) -> None:
     long_jobs = jobs_for(engine, persona, 48, ["house", "__base__"], temperature=0.0)
     late_jobs = jobs_for(engine, persona, 4, ["__base__", "house"], start=10)
