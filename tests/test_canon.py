@@ -366,17 +366,19 @@ async def test_the_listener_reranks_the_shortlist_with_the_conversation_prompt(
     assert len(shortlist) > 1 and by_cosine in shortlist
 
 
-@pytest.mark.parametrize(("others", "listens"), [(8, False), (7, True)])
+@pytest.mark.parametrize(("others", "listens"), [(8, False), (7, True), (0, True)])
 async def test_the_listener_steps_aside_while_the_worker_is_busy(
         redis, keys, persona, queue, others, listens) -> None:  # type: ignore[no-untyped-def]
     """With LISTENER_BUSY_REQUESTS other requests or more in the worker's hands, the canon lines
     are ranked by the selector alone (counted in house_listener_skipped); below it the
-    listener re-ranks."""
+    listener re-ranks — LISTENER_BUSY_SHORTLIST lines while others are in hand, the whole
+    CANON_SHORTLIST when none are."""
     message = "I have a headache and took painkillers with beer"
     listener = PreferringListener("Everybody lies")
     worker = Worker(redis, keys, FakeGenerator(), persona,
                     worker_settings("w", reply_mode="canon", canon_candidates=1,
-                                    canon_shortlist=5, listener_busy_requests=8),
+                                    canon_shortlist=5, listener_busy_requests=8,
+                                    listener_busy_shortlist=3),
                     canon=pool(), listener=listener)  # type: ignore[arg-type]
     worker.intake.busy.update({f"t:other:{i}": 1 for i in range(others)})  # being answered
     request = chat(message)
@@ -384,7 +386,14 @@ async def test_the_listener_steps_aside_while_the_worker_is_busy(
     await worker.run(burst=True)
     reply = await queue.wait_reply(request.id, 10)
     assert bool(listener.calls) is listens
-    assert (reply.text == "Everybody lies about their headache.") is listens
+    heard = [len(lines) for _, lines in listener.calls]
+    if not listens:
+        assert heard == []
+    elif others:
+        assert heard == [3]  # LISTENER_BUSY_SHORTLIST
+    else:  # the whole shortlist (what of its 5 the pool's filters leave)
+        assert len(heard) == 1 and heard[0] > 3
+        assert reply.text == "Everybody lies about their headache."
     assert worker.metrics.listener_skipped._value.get() == (0 if listens else 1)
 
 
