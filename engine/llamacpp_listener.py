@@ -54,9 +54,10 @@ class LlamaCppListener(Listener):
             self._logprobs(self.empty_prompt, unknown) if unknown else []))
 
     def _idle_logprobs(self, texts: Sequence[str]) -> list[float]:
-        """Priming's scoring, only while the engine has no rows (`RowScheduler.run_when_idle`):
-        it never stalls a step."""
-        return self.engine.run_when_idle(lambda: self._logprobs(self.empty_prompt, texts))
+        """Priming's scoring, only while the engine has no rows (`RowScheduler.run_on_engine`
+        ``when_idle``): it never stalls a step."""
+        return self.engine.run_on_engine(lambda: self._logprobs(self.empty_prompt, texts),
+                                         when_idle=True)
 
     def logprobs(self, prompt: str, replies: Sequence[str]) -> list[float]:
         """``log P(reply + end of turn | prompt)`` for each reply."""

@@ -186,23 +186,13 @@ class RowScheduler:
                 raise call.error
         return [r for call in calls for r in call.results if r is not None]
 
-    def run_on_engine(self, work: Callable[[], Any]) -> Any:
-        """``work()`` on the engine thread, between two decode steps (blocking)."""
+    def run_on_engine(self, work: Callable[[], Any], when_idle: bool = False) -> Any:
+        """``work()`` on the engine thread, between two decode steps (blocking); with
+        ``when_idle`` only while it has no rows and nothing else waits: background work that
+        never delays a request by more than itself."""
         if threading.current_thread() is self._thread:
             return work()
-        job = SideJob(work)
-        self._submit(job)
-        self._wait(job)
-        if job.error is not None:
-            raise job.error
-        return job.result
-
-    def run_when_idle(self, work: Callable[[], Any]) -> Any:
-        """``work()`` on the engine thread when it has no rows and nothing else waits
-        (blocking): background work that must never delay a request by more than itself."""
-        if threading.current_thread() is self._thread:
-            return work()
-        job = SideJob(work, idle=True)
+        job = SideJob(work, idle=when_idle)
         self._submit(job)
         self._wait(job)
         if job.error is not None:
