@@ -69,6 +69,21 @@ def first_scores(engine, job):  # type: ignore[no-untyped-def]
     return torch.log_softmax(rows[0].logits.float().flatten(), -1)
 
 
+def long_batch_running(engine, persona, tokens: int  # type: ignore[no-untyped-def]
+                       ) -> tuple[threading.Thread, dict[str, float]]:
+    """A greedy base-model row of ``tokens`` (it rambles) generating on another thread, three
+    steps in; ``done["long"]`` is when it ended."""
+    long_jobs = jobs_for(engine, persona, tokens, ["__base__"], temperature=0.0)[:1]
+    done: dict[str, float] = {}
+    runner = threading.Thread(target=lambda: (engine.generate(long_jobs),
+                                              done.setdefault("long", time.monotonic())))
+    steps = engine.steps
+    runner.start()
+    while engine.steps < steps + 3 and runner.is_alive():
+        time.sleep(0.005)
+    return runner, done
+
+
 def near_best(ours: torch.Tensor, theirs: torch.Tensor) -> bool:
     """``ours``' most likely token is one ``theirs`` rates within 0.2 nats of its best (the
     8-bit re-encoding may swap two nearly tied tokens: 0.08 nats apart in one of our runs)."""
@@ -490,14 +505,7 @@ def test_listener_scoring_runs_on_the_engine_thread_between_steps(engine, embedd
         return original(*args)
 
     ours._score = score  # type: ignore[method-assign]
-    long_jobs = jobs_for(engine, persona, 64, ["__base__"], temperature=0.0)[:1]  # it rambles
-    done: dict[str, float] = {}
-    runner = threading.Thread(target=lambda: (engine.generate(long_jobs),
-                                              done.setdefault("long", time.monotonic())))
-    steps = engine.steps
-    runner.start()
-    while engine.steps < steps + 3 and runner.is_alive():
-        time.sleep(0.005)
+    runner, done = long_batch_running(engine, persona, 64)
     scored = ours.logprobs(prompt, ["Yeah."])
     done["scored"] = time.monotonic()
     runner.join(120)
@@ -528,14 +536,7 @@ def test_priming_waits_for_an_idle_engine_and_is_kept_for_the_next_start(
         return original(prompt, replies)
 
     ours._logprobs = logprobs  # type: ignore[method-assign]
-    long_jobs = jobs_for(engine, persona, 48, ["__base__"], temperature=0.0)[:1]
-    done: dict[str, float] = {}
-    runner = threading.Thread(target=lambda: (engine.generate(long_jobs),
-                                              done.setdefault("long", time.monotonic())))
-    steps = engine.steps
-    runner.start()
-    while engine.steps < steps + 3 and runner.is_alive():
-        time.sleep(0.005)
+    runner, done = long_batch_running(engine, persona, 48)
     assert ours.prime(lines, chunk=2) == len(lines)
     runner.join(120)
     assert running == [0, 0, 0] and done["long"]  # three turns, none beside a running row
