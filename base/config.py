@@ -166,6 +166,7 @@ class ModelSettings(SettingsGroup):
         "auto", validation_alias="DTYPE")
     load_in_4bit: bool = Field(False, validation_alias="LOAD_IN_4BIT")
     cache_dir: RootPath = Field(ROOT / ".cache" / "models", validation_alias="MODEL_CACHE_DIR")
+    # llama.cpp's threads where it serves (torch keeps one: `settle_torch_threads`), else torch's
     torch_threads: int = Field(0, validation_alias="TORCH_THREADS")
     prefix_cache: bool = Field(True, validation_alias="PREFIX_CACHE")
     # "llamacpp": the continuous scheduler on llama.cpp (engine/llamacpp_engine.py);
