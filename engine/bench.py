@@ -465,8 +465,8 @@ async def bench_serve(settings: Any, engines: list[str], levels: list[int], mess
     from persona.pack import load_persona
 
     persona = load_persona(settings.generation.persona)
-    settle_torch_threads(settings, engines[0])  # the first engine's (see its doc)
     if loaded is None:
+        settle_torch_threads(settings, engines[0])  # the first engine's (see its doc)
         loaded = await asyncio.to_thread(load_model, settings.model.base_model,
                                          {adapter: settings.model.adapter_paths[adapter]}, "cpu",
                                          settings.model.dtype, settings.model.cache_dir)

@@ -51,6 +51,10 @@ class Listener:
         self.max_reply_tokens = max_reply_tokens
         # the persona's system block: its keys and values once, not in every prompt's forward
         self.prefix = PrefixCache(model, tokenizer, shared_prefix, [])
+        self._start_empty_terms()
+
+    def _start_empty_terms(self) -> None:
+        """No empty-message term known yet (every listener starts so)."""
         self._empty_cache: dict[str, float] = {}
         self._prior: dict[str, float] = {}  # primed empty-message terms (`prime`), never cleared
         self.prior_path: Path | None = None  # where `prime` keeps them
@@ -116,7 +120,9 @@ class Listener:
         return scored
 
     def _idle_logprobs(self, texts: Sequence[str]) -> list[float]:
-        """``log P(text | empty message)`` for priming (an engine runs it when idle)."""
+        """``log P(text | empty message)`` for priming. This listener has its own model copy
+        and no engine thread, so it runs here, beside whatever the engine does; the llama.cpp
+        listener waits for an idle engine."""
         return self.logprobs(self.empty_prompt, texts)
 
     def _save_prior(self) -> None:

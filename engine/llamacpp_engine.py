@@ -590,23 +590,19 @@ def settle_torch_threads(settings: Any, engine: str | None = None) -> None:
     twice as long — one row 30 against 14 ms in serving, one conversation 27 against 51
     tokens/s on the Xeon VM (docs/engine.md). The selector and the classifier then run on one
     thread too."""
-    import importlib.util
-
     from engine.model_loading import pick_device
 
     model = settings.model
-    engine = engine or model.local_engine
-    serves = (engine in ("auto", "llamacpp") and model.base_model in EMBEDDED_MODELS
-              and not model.load_in_4bit and importlib.util.find_spec("llama_cpp") is not None
-              and pick_device(model.device).type == "cpu")
-    if serves:
+    if (engine or model.local_engine) in ("auto", "llamacpp") \
+            and llamacpp_can_run(settings, pick_device(model.device)) is None:
         torch.set_num_threads(1)
     elif model.torch_threads:
         torch.set_num_threads(model.torch_threads)
 
 
-def llamacpp_can_run(settings: Any, loaded: Any) -> str | None:
-    """Why the llama.cpp engine cannot run this model here, or None when it can."""
+def llamacpp_can_run(settings: Any, device: torch.device) -> str | None:
+    """Why the llama.cpp engine cannot run this model on ``device`` (where the model loads),
+    or None when it can."""
     import importlib.util
 
     model = settings.model
@@ -614,8 +610,8 @@ def llamacpp_can_run(settings: Any, loaded: Any) -> str | None:
         return "llama-cpp-python is not installed"
     if model.base_model not in EMBEDDED_MODELS:
         return f"{model.base_model} is not an embedded GGUF model"
-    if loaded.device.type != "cpu" or model.load_in_4bit:
-        return f"the model runs on {loaded.device.type}"
+    if device.type != "cpu" or model.load_in_4bit:
+        return f"the model runs on {device.type}"
     return None
 
 

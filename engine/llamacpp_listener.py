@@ -38,9 +38,7 @@ class LlamaCppListener(Listener):
         self.tokenizer = engine.tokenizer
         self.empty_prompt = empty_prompt
         self.max_reply_tokens = max_reply_tokens
-        self._empty_cache: dict[str, float] = {}
-        self._prior: dict[str, float] = {}
-        self.prior_path = None
+        self._start_empty_terms()
         self.context = engine.make_context(adapter, kv_tokens, MAX_REPLIES + KEPT_PROMPTS + 1,
                                            batch_tokens=(MAX_REPLIES + 1) * max_reply_tokens)
         self._firsts: dict[int, np.ndarray] = {}  # kept prompt's sequence -> its next-token scores

@@ -69,9 +69,9 @@ class ReplyBuilder:
         controls = task.controls or self.defaults
         listener = None
         shortlist = self.shortlist
-        others = self.others(task) if self.others is not None and self.listener else 0
-        if self.listener is not None and task.prompt and self.busy_requests \
-                and others >= self.busy_requests:
+        others = self.others(task) if self.others is not None else 0
+        busy = bool(self.busy_requests) and others >= self.busy_requests
+        if self.listener is not None and task.prompt and busy:
             self.metrics.listener_skipped.inc()  # the selector's cosine alone
         elif self.listener is not None and task.prompt:
             prompt, scorer = task.prompt, self.listener

@@ -65,7 +65,7 @@ def local_engine(settings: Settings, loaded: LoadedModel, persona: Persona,
         from engine.gguf_lora import AdapterConversionError
         from engine.llamacpp_engine import build_llamacpp_generator, llamacpp_can_run
 
-        why_not = llamacpp_can_run(settings, loaded)
+        why_not = llamacpp_can_run(settings, loaded.device)
         if name == "llamacpp" or why_not is None:
             try:
                 return build_llamacpp_generator(settings, loaded, persona.other_speakers,
