@@ -16,7 +16,15 @@ from functools import cache, cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings.sources import DotenvType
@@ -54,6 +62,11 @@ def from_root(value: Path) -> Path:
 
 
 RootPath = Annotated[Path, AfterValidator(from_root)]
+
+
+def _none_word(value: Any) -> Any:
+    """ "none" or nothing (an environment variable can only be a string) means None."""
+    return None if isinstance(value, str) and value.strip().lower() in ("", "none") else value
 
 
 
@@ -286,6 +299,15 @@ class ReplyChoiceSettings(SettingsGroup):
     # is idle, kept in MODEL_CACHE_DIR/listener (a reply's PMI then costs half).
     listener_prime: bool = Field(True, validation_alias="LISTENER_PRIME")
     refine_examples: int = Field(0, validation_alias="REFINE_EXAMPLES")
+    # Hybrid replies generate only when House's best line is unsure: a canon line whose fit
+    # reaches HYBRID_SURE_FIT (cosine + the listener's term) or, while the listener steps
+    # aside, HYBRID_SURE_COSINE (the selector's cosine alone) is the reply before anything is
+    # generated. Each is the generated candidate's 99th percentile fit x voice on that scale
+    # (docs/reply-choice.md). "none": always generate and compete.
+    hybrid_sure_fit: Annotated[float | None, BeforeValidator(_none_word)] = Field(
+        0.85, validation_alias="HYBRID_SURE_FIT")
+    hybrid_sure_cosine: Annotated[float | None, BeforeValidator(_none_word)] = Field(
+        0.55, validation_alias="HYBRID_SURE_COSINE")
 
 
 class HistorySettings(SettingsGroup):

@@ -44,6 +44,9 @@ class WorkerMetrics:
         self.listener_skipped = Counter("house_listener_skipped", "Replies chosen without "
                                         "the listener because the worker was busy",
                                         registry=r)
+        self.canon_first = Counter("house_reply_canon_first", "Hybrid replies answered with "
+                                   "a canon line before anything was generated "
+                                   "(HYBRID_SURE_FIT)", registry=r)
         self.dead_letters = Counter("house_dead_letters", "Requests moved to dead letters",
                                     registry=r)
         self.lost = Counter("house_lost_requests", "Requests that vanished from the stream "

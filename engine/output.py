@@ -21,7 +21,15 @@ from engine.task import Task
 from persona.canon import CanonPool
 from persona.pack import Controls, Persona
 from persona.postprocess import reply_candidate
-from persona.reply_choice import CANON, GENERATED, Candidate, pick
+from persona.reply_choice import (
+    CANON,
+    GENERATED,
+    Candidate,
+    CanonScores,
+    pick,
+    sure_canon,
+)
+from persona.reply_choice import Listener as ReplyListener
 
 PARTIAL_EVERY_S = 0.3  # at most one partial event per streamed reply in this time
 
@@ -35,7 +43,8 @@ class ReplyBuilder:
                  canon: CanonPool | None = None, listener: Listener | None = None,
                  shortlist: int = 10, listener_weight: float = 1.0,
                  others: Callable[[Task], int] | None = None, busy_requests: int = 0,
-                 busy_shortlist: int = 0):
+                 busy_shortlist: int = 0, sure_fit: float | None = None,
+                 sure_cosine: float | None = None):
         self.persona = persona
         self.defaults = defaults
         self.worker = worker
@@ -52,6 +61,10 @@ class ReplyBuilder:
         self.others = others
         self.busy_requests = busy_requests
         self.busy_shortlist = busy_shortlist
+        # a hybrid reply is the best canon line, nothing generated, when its fit reaches
+        # ``sure_fit`` (with the listener) or ``sure_cosine`` (without); None: never
+        self.sure_fit = sure_fit
+        self.sure_cosine = sure_cosine
 
     def generated_candidates(self, task: Task, variant: int, outputs: list[Generated]
                              ) -> list[Candidate]:
@@ -65,24 +78,58 @@ class ReplyBuilder:
             candidates.append(Candidate(text, GENERATED, source=r))
         return candidates
 
+    def _choosing(self, task: Task) -> tuple[ReplyListener | None, int]:
+        """The listener (None: the selector's cosine alone) and shortlist of ``task``'s reply
+        choice, decided once per task: a hybrid reply's two steps (`sure_canon`, `pick`) must
+        score on one scale, whatever the load in between."""
+        if task.scores is None:
+            task.scores = CanonScores()
+            others = self.others(task) if self.others is not None else 0
+            busy = bool(self.busy_requests) and others >= self.busy_requests
+            task.listens = self.listener is not None and bool(task.prompt) and not busy
+            task.shortlist = self.shortlist
+            if self.listener is not None and task.prompt and busy:
+                self.metrics.listener_skipped.inc()  # the selector's cosine alone
+            elif task.listens and others and self.busy_shortlist:
+                task.shortlist = min(self.shortlist, self.busy_shortlist)
+        if not task.listens or self.listener is None:
+            return None, task.shortlist
+        prompt, scorer = task.prompt, self.listener
+
+        def listener(texts: Sequence[str]) -> Sequence[float]:
+            return scorer.pmi(prompt, texts)
+        return listener, task.shortlist
+
     def pick(self, task: Task, generated: list[Candidate], mode: str) -> Candidate | None:
         controls = task.controls or self.defaults
-        listener = None
-        shortlist = self.shortlist
-        others = self.others(task) if self.others is not None else 0
-        busy = bool(self.busy_requests) and others >= self.busy_requests
-        if self.listener is not None and task.prompt and busy:
-            self.metrics.listener_skipped.inc()  # the selector's cosine alone
-        elif self.listener is not None and task.prompt:
-            prompt, scorer = task.prompt, self.listener
-            if others and self.busy_shortlist:
-                shortlist = min(shortlist, self.busy_shortlist)
-
-            def listener(texts: Sequence[str]) -> Sequence[float]:
-                return scorer.pmi(prompt, texts)
+        listener, shortlist = self._choosing(task)
         return pick(mode, task.text, generated, self.canon, self.scorer,
                     self.canon_candidates, task.context, task.heard, task.mentioned,
-                    controls.sentence_cap, listener, shortlist, self.listener_weight)
+                    controls.sentence_cap, listener, shortlist, self.listener_weight,
+                    task.scores)
+
+    def sure_canon(self, task: Task) -> Reply | None:
+        """A hybrid request's reply before anything is generated, when the best canon line is
+        sure to win (`persona.reply_choice.sure_canon`; HYBRID_SURE_FIT with the listener,
+        HYBRID_SURE_COSINE without); None: generate."""
+        if self.canon is None:
+            return None
+        controls = task.controls or self.defaults
+        listener, shortlist = self._choosing(task)
+        threshold = self.sure_fit if listener is not None else self.sure_cosine
+        if threshold is None:
+            return None
+        assert task.scores is not None
+        winner = sure_canon(task.text, self.canon, threshold, task.scores,
+                            self.canon_candidates, task.context, task.heard, task.mentioned,
+                            controls.sentence_cap, listener, shortlist, self.listener_weight)
+        if winner is None:
+            return None
+        task.canon_row = winner.row
+        self.metrics.winners.labels(CANON).inc()
+        self.metrics.canon_first.inc()
+        return self.reply(task.request, text=winner.text, tokens=0, generation_ms=0.0,
+                          won=CANON)
 
     def make_reply(self, task: Task, jobs: list[GenerationJob],
                    outputs: list[Generated]) -> Reply:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from base.protocol import Reply, Request
 from persona.pack import Controls
-from persona.reply_choice import GENERATED
+from persona.reply_choice import GENERATED, CanonScores
 
 
 @dataclass
@@ -28,6 +28,9 @@ class Task:
     mentioned: str = ""  # the conversation's text: names a canon line may use
     heard: set[int] = field(default_factory=set)  # canon rows heard lately
     canon_row: int | None = None  # the canon line that won, to remember
+    scores: CanonScores | None = None  # the reply choice's scoring so far (ReplyBuilder)
+    listens: bool = False  # whether the listener scores this reply (decided with ``scores``)
+    shortlist: int = 0  # canon lines the listener re-ranks for it
     partials: int = 0  # partial events published (their sequence number)
     partial_text: str = ""
     partial_at: float = 0.0  # time.monotonic() of the last one

@@ -50,7 +50,7 @@ from engine.task import Task
 from persona.canon import CanonPool
 from persona.pack import Controls, Persona
 from persona.prompt import Turn, clean_user_text, has_words, render_prompt
-from persona.reply_choice import CANON, GENERATED, MODES
+from persona.reply_choice import CANON, GENERATED, HYBRID, MODES
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,9 @@ class Worker:
                                         self.settings.reply_choice.listener_weight,
                                         self._others_in_hand,
                                         self.settings.reply_choice.listener_busy_requests,
-                                        self.settings.reply_choice.listener_busy_shortlist)
+                                        self.settings.reply_choice.listener_busy_shortlist,
+                                        self.settings.reply_choice.hybrid_sure_fit,
+                                        self.settings.reply_choice.hybrid_sure_cosine)
         self.partials = PartialEvents(redis, keys, self.output,
                                       self.settings.frontend.stream_replies,
                                       self.settings.redis.stream_maxlen)
@@ -385,6 +387,9 @@ class Worker:
                 log.exception("preparing request %s failed", task.request.id)
                 del jobs[mark:]
                 await self._poisoned(task, "prepare failed", tasks)
+                continue
+            if task.reply is not None:  # answered already: it waits for no one's generation
+                await self._finish_answered(task, tasks, finished)
         streams = self.partials.streamed_rows(tasks)
         outputs: list[Generated] = []
         if jobs and self.joins:  # the serving loop reads on meanwhile
@@ -406,6 +411,17 @@ class Worker:
             task.reply.batch_size = len(tasks)
             if await asyncio.shield(self.finish(task)):
                 finished.add(task.entry_id)
+
+    async def _finish_answered(self, task: Task, tasks: list[Task], finished: set[str]
+                               ) -> None:
+        """Write the reply of a task answered while preparing (a control request, a sure canon
+        line; the only request of its conversation in the batch) and take it out of
+        ``tasks``, so it never waits for the others' generation or listening."""
+        assert task.reply is not None
+        task.reply.batch_size = len(tasks)
+        if await asyncio.shield(self.finish(task)):
+            finished.add(task.entry_id)
+        tasks.remove(task)
 
     async def _with_control_lane(self, generation: Awaitable[list[Generated]],
                                  held: list[str]) -> list[Generated]:
@@ -539,6 +555,11 @@ class Worker:
         task.prompt = prompt
         if task.mode == CANON and request.kind != "compare":
             return  # House's real lines only: nothing to generate
+        if task.mode == HYBRID and request.kind != "compare":
+            # a canon line sure to win is the reply: nothing generated, nothing waited for
+            task.reply = await asyncio.to_thread(self.output.sure_canon, task)
+            if task.reply is not None:
+                return
         refined = prompt
         if self.canon is not None and self.settings.reply_choice.refine_examples > 0:
             # retrieve and refine: House's real exchanges for the message in the adapter's prompt

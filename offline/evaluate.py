@@ -454,7 +454,7 @@ def derive_systems(samples: dict[str, list[Sample]], timing: dict[str, dict[str,
     from engine.runtime import listener_for
     from offline.quality import Sample
     from persona.prompt import has_words, render_prompt
-    from persona.reply_choice import GENERATED, Candidate, pick
+    from persona.reply_choice import GENERATED, Candidate, CanonScores, pick, sure_canon
 
     generated = samples.get(adapter)
     listener = None
@@ -480,7 +480,7 @@ def derive_systems(samples: dict[str, list[Sample]], timing: dict[str, dict[str,
         if generated is None and mode != "canon":
             log.warning("%s needs the %s adapter's generations; skipped", system, adapter)
             continue
-        out = []
+        out, picks = [], []
         for i, prompt in enumerate(prompts):
             source = generated[i] if generated is not None else None
             candidates = [Candidate(c[0], GENERATED, source=k)
@@ -496,28 +496,38 @@ def derive_systems(samples: dict[str, list[Sample]], timing: dict[str, dict[str,
 
                 def heard(texts: Sequence[str], rendered: str = rendered) -> Sequence[float]:
                     return listener.pmi(rendered, texts)
-            winner = pick(mode, prompt.message, candidates if mode != "canon" else [], canon,
-                          scorer, settings.reply_choice.canon_candidates,
-                          sentence_cap=sentence_cap, listener=heard,
+            choice = dict(sentence_cap=sentence_cap, listener=heard,
                           shortlist=settings.reply_choice.canon_shortlist,
                           listener_weight=settings.reply_choice.listener_weight)
+            scores = CanonScores()
+            sure = None  # as the worker: a canon line sure to win, nothing generated
+            threshold = (settings.reply_choice.hybrid_sure_fit if heard is not None
+                         else settings.reply_choice.hybrid_sure_cosine)
+            if mode == "hybrid" and threshold is not None:
+                sure = sure_canon(prompt.message, canon, threshold, scores,
+                                  settings.reply_choice.canon_candidates, **choice)
+            winner = sure or pick(mode, prompt.message, candidates if mode != "canon" else [],
+                                  canon, scorer, settings.reply_choice.canon_candidates,
+                                  scores=scores, **choice)
             pick_ms = (time.perf_counter() - started) * 1000
+            picks.append(pick_ms)
             text = winner.text if winner is not None else persona.line("fallback")
             chosen = (source.candidates[winner.source] if source and winner is not None
                       and winner.kind == GENERATED else None)
+            generated_too = source is not None and mode != "canon" and sure is None
             out.append(Sample(
                 message=prompt.message, reply=text, reference=prompt.reference,
                 raw=chosen[1] if chosen else text,
                 hit_cap=not chosen[2] if chosen else False,
-                fallback=winner is None, tokens=source.tokens if source else 0,
-                ms=(source.ms or 0.0) + pick_ms if source and mode != "canon" else pick_ms,
-                candidates=source.candidates if source else (),
+                fallback=winner is None, tokens=source.tokens if generated_too else 0,
+                ms=(source.ms or 0.0) + pick_ms if generated_too else pick_ms,
+                candidates=source.candidates if generated_too else (),
                 won=winner.kind if winner is not None else None))
         samples[system] = out
-        picks = [s.ms or 0.0 for s in out] if mode == "canon" else [
-            (s.ms or 0) - (g.ms or 0) for s, g in zip(out, generated or [], strict=False)]
         timing[system] = {**(timing.get(adapter, {}) if mode != "canon" else {}),
-                          "mode": mode, "pick_ms": round(sum(picks) / len(picks), 1)}
+                          "mode": mode, "pick_ms": round(sum(picks) / max(len(picks), 1), 1),
+                          "generated_share": round(sum(bool(s.candidates) for s in out)
+                                                   / max(len(out), 1), 3)}
 
 
 def add_fit_scores(metrics: dict[str, Any], samples: dict[str, list[Sample]],

@@ -24,7 +24,7 @@ Modes (``REPLY_MODE``, or a request's ``mode`` setting):
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from persona.patterns import LOOP_SEQ_REP
@@ -37,11 +37,11 @@ from persona.postprocess import (
 )
 
 if TYPE_CHECKING:
-    from persona.canon import CanonPool
+    from persona.canon import CanonHit, CanonPool
 
 Mode = Literal["generated", "canon", "hybrid"]
 MODES: tuple[str, ...] = ("generated", "canon", "hybrid")
-GENERATED, CANON = "generated", "canon"
+GENERATED, CANON, HYBRID = "generated", "canon", "hybrid"
 
 Scorer = Callable[[Sequence[str]], Sequence[float]]
 FitScorer = Callable[[Sequence[str]], Sequence[float]]
@@ -127,47 +127,103 @@ def best_generated(texts: Sequence[str], message: str, voice: Scorer | None = No
                   voice, None).index
 
 
+@dataclass
+class CanonScores:
+    """What one message's reply choice has scored: the canon lines found for it (ranked) and
+    the fit of every text, kept between a hybrid reply's two steps (`sure_canon` before
+    anything is generated, `pick` after) so nothing is searched or heard twice."""
+
+    hits: list[CanonHit] | None = None  # None until the pool is searched
+    known: dict[str, float] = field(default_factory=dict)  # fit of each text scored
+    pmi_of: dict[str, float] = field(default_factory=dict)  # the listener's PMI of texts
+
+
 def pick(mode: str, message: str, generated: Sequence[Candidate], canon: CanonPool | None,
          voice: Scorer | None, k: int = 4, context: Sequence[str] = (),
          heard: Collection[int] = (), mentioned: str = "",
          sentence_cap: int = 3, listener: Listener | None = None, shortlist: int = 10,
-         listener_weight: float = 1.0) -> Candidate | None:
+         listener_weight: float = 1.0, scores: CanonScores | None = None) -> Candidate | None:
     """The reply for ``mode``: the generated candidates and/or the ``k`` best canon lines for
     the message (none the conversation ``heard`` lately), chosen by fit x voice. Without a
-    canon pool (no selector) the generated candidates are ranked by voice alone."""
+    canon pool (no selector) the generated candidates are ranked by voice alone. ``scores``:
+    what `sure_canon` already scored for this message."""
     candidates = list(generated) if mode != CANON or canon is None else []
     fit: FitScorer | None = None
     if canon is not None:
-        weight = listener_weight / COSINE_SCALE
-        known: dict[str, float] = {}  # fit of canon lines already scored for the shortlist
-        pmi_of: dict[str, float] = {}  # the listener's PMI of texts it has heard
+        scores = scores if scores is not None else CanonScores()
         if mode != GENERATED:
-            hits = canon.search(message, context, max(k, shortlist) if listener else k,
-                                heard, mentioned, sentence_cap)
-            if listener is not None and hits:
-                # the generated candidates are heard in the same call: the conversation's
-                # prompt runs once for all of them
-                texts = [h.line.text for h in hits]
-                heard_too = list(dict.fromkeys(c.text for c in candidates if c.text.strip()
-                                               and c.text not in texts))
-                pmi = list(listener(texts + heard_too))
-                known = {h.line.text: h.score + weight * float(v)
-                         for h, v in zip(hits, pmi[: len(texts)], strict=True)}
-                pmi_of = dict(zip(heard_too, pmi[len(texts):], strict=True))
-                hits = sorted(hits, key=lambda h: -known[h.line.text])[:k]
+            # the generated candidates are heard in the same call: the conversation's prompt
+            # runs once for all of them
+            hits = _canon_hits(scores, message, canon, k, context, heard, mentioned,
+                               sentence_cap, listener, shortlist, listener_weight,
+                               [c.text for c in candidates])
             candidates += [Candidate(h.line.text, CANON, row=h.line.row) for h in hits]
-
-        def fit(texts: Sequence[str]) -> Sequence[float]:
-            new = [t for t in texts if t not in known]
-            if new:
-                cosines = canon.fit(message, context, new)
-                unheard = [t for t in new if t not in pmi_of]
-                if listener is not None and unheard:
-                    pmi_of.update(zip(unheard, listener(unheard), strict=True))
-                pmi = [pmi_of.get(t, 0.0) for t in new]
-                known.update({t: c + weight * float(v)
-                              for t, c, v in zip(new, cosines, pmi, strict=True)})
-            return [known[t] for t in texts]
+        fit = _fit_scorer(scores, message, context, canon, listener, listener_weight)
     if not candidates:
         return None
     return choose(candidates, message, voice, fit).winner
+
+
+def sure_canon(message: str, canon: CanonPool, threshold: float, scores: CanonScores,
+               k: int = 4, context: Sequence[str] = (), heard: Collection[int] = (),
+               mentioned: str = "", sentence_cap: int = 3, listener: Listener | None = None,
+               shortlist: int = 10, listener_weight: float = 1.0) -> Candidate | None:
+    """The canon line a hybrid reply is, decided before anything is generated: the best canon
+    line when its fit is at least ``threshold`` (a generated candidate would almost never beat
+    it: its fit x voice rarely reaches that; docs/reply-choice.md), else None (generate, then
+    `pick` with the same ``scores``)."""
+    hits = _canon_hits(scores, message, canon, k, context, heard, mentioned, sentence_cap,
+                       listener, shortlist, listener_weight)
+    fit = _fit_scorer(scores, message, context, canon, listener, listener_weight)
+    winner = choose([Candidate(h.line.text, CANON, row=h.line.row) for h in hits], message,
+                    None, fit).winner
+    if winner is None or not acceptable(winner.text, message):
+        return None
+    return winner if fit([winner.text])[0] >= threshold else None
+
+
+def _canon_hits(scores: CanonScores, message: str, canon: CanonPool, k: int,
+                context: Sequence[str], heard: Collection[int], mentioned: str,
+                sentence_cap: int, listener: Listener | None, shortlist: int,
+                listener_weight: float, heard_too: Sequence[str] = ()) -> list[CanonHit]:
+    """The ``k`` canon lines that compete for the message (searched once per ``scores``): the
+    selector's best, or with a listener its ``shortlist`` best re-ranked by cosine + PMI;
+    ``heard_too`` (generated candidates) is heard in the same listener call."""
+    if scores.hits is not None:
+        return scores.hits
+    hits = canon.search(message, context, max(k, shortlist) if listener else k,
+                        heard, mentioned, sentence_cap)
+    if listener is not None and hits:
+        weight = listener_weight / COSINE_SCALE
+        texts = [h.line.text for h in hits]
+        others = list(dict.fromkeys(t for t in heard_too if t.strip() and t not in texts))
+        pmi = list(listener(texts + others))
+        scores.known.update({h.line.text: h.score + weight * float(v)
+                             for h, v in zip(hits, pmi[: len(texts)], strict=True)})
+        scores.pmi_of.update(zip(others, pmi[len(texts):], strict=True))
+        hits = sorted(hits, key=lambda h: -scores.known[h.line.text])[:k]
+    else:  # the search's cosines are their fit: not encoded again
+        scores.known.update({h.line.text: h.score for h in hits})
+    scores.hits = hits
+    return hits
+
+
+def _fit_scorer(scores: CanonScores, message: str, context: Sequence[str], canon: CanonPool,
+                listener: Listener | None, listener_weight: float) -> FitScorer:
+    """Fit of texts to the message: the selector's cosine (+ the listener's weighted PMI),
+    remembered in ``scores``."""
+    weight = listener_weight / COSINE_SCALE
+
+    def fit(texts: Sequence[str]) -> Sequence[float]:
+        new = [t for t in dict.fromkeys(texts) if t not in scores.known]
+        if new:
+            cosines = canon.fit(message, context, new)
+            unheard = [t for t in new if t not in scores.pmi_of]
+            if listener is not None and unheard:
+                scores.pmi_of.update(zip(unheard, listener(unheard), strict=True))
+            pmi = [scores.pmi_of.get(t, 0.0) for t in new]
+            scores.known.update({t: c + weight * float(v)
+                                 for t, c, v in zip(new, cosines, pmi, strict=True)})
+        return [scores.known[t] for t in texts]
+
+    return fit

@@ -7,6 +7,7 @@ on real data at the end."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import itertools
 import re
@@ -25,7 +26,15 @@ from engine.worker import Worker, selector_context
 from persona.canon import CanonLine, CanonPool, named_people
 from persona.dialogue import Pair, Scenes, in_judge_fold, query_text
 from persona.prompt import Turn
-from persona.reply_choice import CANON, GENERATED, Candidate, choose, pick
+from persona.reply_choice import (
+    CANON,
+    GENERATED,
+    Candidate,
+    CanonScores,
+    choose,
+    pick,
+    sure_canon,
+)
 
 
 class BagOfWords:
@@ -424,3 +433,77 @@ def test_hybrid_hears_the_canon_shortlist_and_the_generated_candidates_in_one_ca
                   listener=listener)
     assert len(calls) == 1 and {c.text for c in generated} <= set(calls[0])
     assert winner is not None and winner.text == generated[0].text
+
+
+def test_a_sure_canon_line_is_the_hybrid_reply_and_the_later_pick_agrees() -> None:
+    """`sure_canon` answers before anything is generated when the best canon line's fit
+    reaches the threshold, and None below it; `pick` after generation, with the same scores,
+    chooses as a single hybrid pick would, and the listener hears each line once."""
+    message = "I have a headache and took painkillers with beer"
+    calls: list[list[str]] = []
+
+    def listener(texts: Sequence[str]) -> list[float]:
+        calls.append(list(texts))
+        return [30.0 if "painkillers" in t else 0.0 for t in texts]
+
+    canon = pool()
+    generated = [Candidate("Stop mixing painkillers with beer, idiot.", GENERATED, source=0)]
+    alone = pick("hybrid", message, generated, canon, None, k=2, shortlist=5, listener=listener)
+    calls.clear()
+    scores = CanonScores()
+    best_fit = max(scores_known(canon, message, listener))
+    sure = sure_canon(message, canon, best_fit - 1e-6, CanonScores(), k=2, shortlist=5,
+                      listener=listener)
+    assert sure is not None and sure.kind == CANON and "Painkillers and beer" in sure.text
+    calls.clear()
+    assert sure_canon(message, canon, best_fit + 1e-6, scores, k=2, shortlist=5,
+                      listener=listener) is None
+    lines = list(calls[0])
+    later = pick("hybrid", message, generated, canon, None, k=2, shortlist=5,
+                 listener=listener, scores=scores)
+    assert later == alone and later is not None and later.kind == GENERATED
+    assert calls == [lines, [generated[0].text]]  # the canon lines were not heard again
+
+
+def scores_known(canon: CanonPool, message: str, listener) -> list[float]:  # type: ignore[no-untyped-def]
+    """The fit of every canon line the hybrid's shortlist holds."""
+    scores = CanonScores()
+    sure_canon(message, canon, 1e9, scores, k=2, shortlist=5, listener=listener)
+    return [scores.known[h.line.text] for h in scores.hits or []]
+
+
+async def test_a_sure_canon_reply_generates_nothing_and_does_not_wait_for_its_batch(
+        redis, keys, persona, queue) -> None:  # type: ignore[no-untyped-def]
+    """HYBRID_SURE_COSINE (no listener here): a hybrid message whose best canon line is sure
+    is answered without a generation, and before the generation of a message read in the same
+    batch ends."""
+    generator = FakeGenerator(delay_s=1.5)
+    worker = Worker(redis, keys, generator, persona,
+                    worker_settings("w", hybrid_sure_cosine=0.3), canon=pool())
+    sure = chat("painkillers and beer for my headache")
+    unsure = chat("zebra", conversation="c2")  # no canon line shares a word with it
+    for r in (sure, unsure):
+        await queue.submit(r)
+    serving = asyncio.create_task(worker.run(burst=True))
+    first = await queue.wait_reply(sure.id, 1.0)  # within the other's 1.5 s generation
+    assert first.won == CANON and first.text in LINES and first.tokens == 0
+    assert not serving.done()
+    await serving
+    second = await queue.wait_reply(unsure.id, 10)
+    assert second.won == GENERATED and {j.message for j in generator.jobs} == {"zebra"}
+    assert worker.metrics.canon_first._value.get() == 1
+
+
+async def test_with_no_sure_threshold_hybrid_generates_and_competes(
+        redis, keys, persona, queue) -> None:  # type: ignore[no-untyped-def]
+    generator = FakeGenerator()
+    worker = Worker(redis, keys, generator, persona,
+                    worker_settings("w", hybrid_sure_fit=None, hybrid_sure_cosine=None),
+                    canon=pool())
+    request = chat("painkillers and beer for my headache")
+    await queue.submit(request)
+    await worker.run(burst=True)
+    reply = await queue.wait_reply(request.id, 10)
+    assert reply.won == CANON and reply.text in LINES
+    assert [j.message for j in generator.jobs][:1] == [request.text]
+    assert worker.metrics.canon_first._value.get() == 0
