@@ -262,10 +262,11 @@ class LlamaCppGenerator(RowScheduler):
     def _make_lane(self, adapter: str, kv_tokens: int) -> _Lane:
         return self.make_context(adapter, kv_tokens, self.max_rows, self.batch_tokens)
 
-    def make_context(self, adapter: str, kv_tokens: int, sequences: int, batch_tokens: int
-                     ) -> _Lane:
+    def make_context(self, adapter: str, kv_tokens: int, sequences: int, batch_tokens: int,
+                     shared_by: int = 1) -> _Lane:
         """A context on ``adapter``'s weights (shared with every context on them), room
-        for ``sequences`` rows beside the persona's block (sequence 0, computed here)."""
+        for ``sequences`` rows beside the persona's block (sequence 0, computed here); a token
+        of its batch may belong to up to ``shared_by`` sequences."""
         llama = self.llama
         params = llama.llama_context_default_params()
         params.n_ctx = kv_tokens
@@ -285,7 +286,7 @@ class LlamaCppGenerator(RowScheduler):
             scales = (ctypes.c_float * 1)(1.0)
             if llama.llama_set_adapters_lora(ctx, loras, 1, scales) != 0:
                 raise ModelLoadError(f"llama.cpp could not apply the {adapter} adapter")
-        lane = _Lane(adapter, ctx, llama.llama_batch_init(batch_tokens, 0, 1),
+        lane = _Lane(adapter, ctx, llama.llama_batch_init(batch_tokens, 0, shared_by),
                      llama.llama_n_ctx(ctx), batch_tokens,
                      free_slots=list(range(1, sequences + 1)))
         if self.prefix_ids:
@@ -308,9 +309,11 @@ class LlamaCppGenerator(RowScheduler):
 
     # ---- llama.cpp calls -------------------------------------------------------------------
 
-    def run_batch(self, lane: _Lane, items: Sequence[tuple[int, int, int, bool]]) -> None:
+    def run_batch(self, lane: _Lane, items: Sequence[tuple[int, int, int | Sequence[int], bool]]
+                  ) -> None:
         """One ``llama_decode`` of (token, position, sequence, wants scores) items, at most
-        the lane's ``batch_tokens`` (`run_chunked` splits more). It always runs on the engine
+        the lane's ``batch_tokens`` (`run_chunked` splits more); a token of several sequences
+        (up to the lane's ``shared_by``) names them all. It always runs on the engine
         thread (called from another, it waits for a turn there): llama.cpp's OpenMP gives each
         calling thread its own team of threads, and once two such threads lived, every decode
         took twice as long — one row 26-28 ms against 13-14 on the Xeon VM, both for the engine
@@ -325,8 +328,10 @@ class LlamaCppGenerator(RowScheduler):
         for i, (token, position, seq, wants) in enumerate(items):
             batch.token[i] = token
             batch.pos[i] = position
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = seq
+            seqs = (seq,) if isinstance(seq, int) else seq
+            batch.n_seq_id[i] = len(seqs)
+            for k, one in enumerate(seqs):
+                batch.seq_id[i][k] = one
             batch.logits[i] = wants
         status = self.llama.llama_decode(lane.ctx, batch)
         if status != 0:

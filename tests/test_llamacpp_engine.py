@@ -478,8 +478,16 @@ def test_the_listener_computes_only_what_is_new_in_a_conversations_prompt(
     history = [Turn("user", "My knee hurts when it rains."),
                Turn("assistant", "So does everyone's. Move somewhere dry.")]
     second = render_prompt(tokenizer, persona, history, "It hurts in the sun too.")
-    mine = ours.logprobs(second, replies)
+    decodes: list[int] = []
+    run_batch = engine.run_batch
+    engine.run_batch = lambda lane, items: (decodes.append(len(items)),  # type: ignore[method-assign]
+                                            run_batch(lane, items))
+    try:
+        mine = ours.logprobs(second, replies)
+    finally:
+        del engine.run_batch
     assert 0 < ours.prompt_tokens - before < tokens(second) - tokens(first) + 8
+    assert len(decodes) == 1  # the new turn and the replies in one decode
     fresh = LlamaCppListener(engine, "house", empty, max_reply_tokens=24)
     assert mine == pytest.approx(fresh.logprobs(second, replies), abs=0.5)
     assert fresh.prompt_tokens == tokens(second) - len(engine.prefix_ids)
