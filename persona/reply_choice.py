@@ -18,7 +18,8 @@ Modes (``REPLY_MODE``, or a request's ``mode`` setting):
 - ``generated``: the adapter's candidates only, best of ``n`` by fit x voice (without a
   selector: by the persona classifier alone, as before the selector existed);
 - ``canon``: the selector's best canon lines only;
-- ``hybrid`` (default): both compete.
+- ``hybrid`` (default): both compete — unless the best canon line is sure to win
+  (`sure_canon`, before anything is generated: the worker then generates nothing).
 """
 
 from __future__ import annotations
