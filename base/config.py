@@ -302,10 +302,11 @@ class ReplyChoiceSettings(SettingsGroup):
     # Hybrid replies generate only when House's best line is unsure: a canon line whose fit
     # reaches HYBRID_SURE_FIT (cosine + the listener's term) or, while the listener steps
     # aside, HYBRID_SURE_COSINE (the selector's cosine alone) is the reply before anything is
-    # generated. Each is the generated candidate's 99th percentile fit x voice on that scale
-    # (docs/reply-choice.md). "none": always generate and compete.
+    # generated. Each sits below the 5th percentile of the best line's fit on its scale, so
+    # about one message in fifty still generates and competes (docs/reply-choice.md).
+    # "none": always generate and compete.
     hybrid_sure_fit: Annotated[float | None, BeforeValidator(_none_word)] = Field(
-        0.85, validation_alias="HYBRID_SURE_FIT")
+        0.7, validation_alias="HYBRID_SURE_FIT")
     hybrid_sure_cosine: Annotated[float | None, BeforeValidator(_none_word)] = Field(
         0.55, validation_alias="HYBRID_SURE_COSINE")
 
