@@ -164,6 +164,36 @@ def in_english(text: str) -> bool:
     return mostly_latin(text) and (len(w) < 4 or any(x in _ENGLISH for x in w))
 
 
+# Function words of the languages written in Latin letters that users try (Spanish, French,
+# German, Italian, Portuguese): two of them and fewer than two common English words make a
+# message another language's. Of the 19,394 train and test messages one is so marked, and it
+# is Spanish ("Que es lo que quiere?").
+_OTHER = frozenset({
+    "la", "el", "los", "las", "del", "de", "que", "y", "por", "para", "con", "una", "es", "muy",
+    "pero", "como", "está", "estoy", "le", "les", "des", "et", "est", "je", "tu", "vous", "nous",
+    "une", "pas", "avec", "der", "die", "das", "und", "ist", "ich", "nicht", "ein", "eine",
+    "mit", "il", "di", "che", "per", "non", "sono", "o", "os", "não", "em", "um", "uma", "hola",
+    "bonjour", "hallo", "ciao", "gracias", "merci", "danke", "grazie", "obrigado", "buenos",
+    "buenas", "dias", "señor", "doctora",
+})
+
+
+def in_another_language(message: str) -> bool:
+    """A message House would not take for English: mostly another script, or written in Latin
+    letters with two of another language's function words and fewer than two English ones."""
+    w = words(message)
+    return not mostly_latin(message) or (sum(x in _OTHER for x in w) >= 2
+                                         and sum(x in _ENGLISH for x in w) < 2)
+
+
+def answers_in_english(reply: str, message: str) -> bool:
+    """`in_english`, and to a message in another language at least one common English word
+    however short the reply: a line in the message's language ("De nada." to "Hola doctor, me
+    duele la cabeza.") is not House answering in English."""
+    return in_english(reply) and (not in_another_language(message)
+                                  or any(x in _ENGLISH for x in words(reply)))
+
+
 def leaks_prompt(reply: str, prompt: str, span: int = 8) -> bool:
     """True when ``reply`` repeats ``span`` consecutive words of ``prompt`` (case and
     punctuation ignored): the model printing its system prompt because a message asked it to

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Literal
 
 from persona.patterns import LOOP_SEQ_REP
 from persona.postprocess import (
+    answers_in_english,
     in_english,
     is_echo,
     parrots,
@@ -71,10 +72,10 @@ class Choice:
 
 def acceptable(text: str, message: str) -> bool:
     """Not empty, not an echo (nor a short parrot of the message's words), not looping, not
-    assistant talk, in English."""
+    assistant talk, in English (`answers_in_english`)."""
     return (bool(text.strip()) and not is_echo(text, message) and not parrots(text, message)
             and seq_rep_n(text) <= LOOP_SEQ_REP and not sounds_like_assistant(text)
-            and in_english(text))
+            and answers_in_english(text, message))
 
 
 def choose(candidates: Sequence[Candidate], message: str, voice: Scorer | None,

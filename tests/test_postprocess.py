@@ -109,3 +109,22 @@ def test_house_answers_in_english_whatever_the_script() -> None:
     assert in_english("Russian Voydi moya malishka Come in my baby.")
     assert in_english("Lupus.") and in_english("Hola.")
     assert in_english("It's never lupus.")
+
+
+def test_a_message_in_another_language_gets_an_answer_in_english() -> None:
+    """A short line in the message's language passes `in_english` (too short to tell), but
+    not as the answer to a message in that language; English messages are never so marked."""
+    from persona.postprocess import answers_in_english, in_another_language
+    from persona.reply_choice import acceptable
+
+    spanish = "Hola doctor, me duele la cabeza."
+    assert in_another_language(spanish) and in_another_language("Привет! Как дела?")
+    for english in ("Tox screen was clean.", "Gallstones could cause a pancreatic cyst.",
+                    "Patient presents with fever, rash, arthralgia.", "La Jolla is nice.",
+                    "thanks", "ok", "???"):
+        assert not in_another_language(english), english
+    assert not acceptable("De nada.", spanish)
+    assert acceptable("Take two aspirin. And learn English.", spanish)
+    assert acceptable("De nada.", "Thank you so much, doctor.")  # his line, in English talk
+    assert answers_in_english("Sarcoidosis.", "Gallstones could cause a pancreatic cyst.")
+    assert answers_in_english("Russian Voydi moya malishka Come in my baby.", "Привет!")
