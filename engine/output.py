@@ -116,11 +116,8 @@ class ReplyBuilder:
             return None
         controls = task.controls or self.defaults
         listener, shortlist = self._choosing(task)
-        threshold = self.sure_fit if listener is not None else self.sure_cosine
-        if threshold is None:
-            return None
         assert task.scores is not None
-        winner = sure_canon(task.text, self.canon, threshold, task.scores,
+        winner = sure_canon(task.text, self.canon, self.sure_fit, self.sure_cosine, task.scores,
                             self.canon_candidates, task.context, task.heard, task.mentioned,
                             controls.sentence_cap, listener, shortlist, self.listener_weight)
         if winner is None:

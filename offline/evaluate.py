@@ -501,10 +501,9 @@ def derive_systems(samples: dict[str, list[Sample]], timing: dict[str, dict[str,
                           listener_weight=settings.reply_choice.listener_weight)
             scores = CanonScores()
             sure = None  # as the worker: a canon line sure to win, nothing generated
-            threshold = (settings.reply_choice.hybrid_sure_fit if heard is not None
-                         else settings.reply_choice.hybrid_sure_cosine)
-            if mode == "hybrid" and threshold is not None:
-                sure = sure_canon(prompt.message, canon, threshold, scores,
+            if mode == "hybrid":
+                sure = sure_canon(prompt.message, canon, settings.reply_choice.hybrid_sure_fit,
+                                  settings.reply_choice.hybrid_sure_cosine, scores,
                                   settings.reply_choice.canon_candidates, **choice)
             winner = sure or pick(mode, prompt.message, candidates if mode != "canon" else [],
                                   canon, scorer, settings.reply_choice.canon_candidates,

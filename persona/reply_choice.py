@@ -166,14 +166,19 @@ def pick(mode: str, message: str, generated: Sequence[Candidate], canon: CanonPo
     return choose(candidates, message, voice, fit).winner
 
 
-def sure_canon(message: str, canon: CanonPool, threshold: float, scores: CanonScores,
-               k: int = 4, context: Sequence[str] = (), heard: Collection[int] = (),
-               mentioned: str = "", sentence_cap: int = 3, listener: Listener | None = None,
-               shortlist: int = 10, listener_weight: float = 1.0) -> Candidate | None:
+def sure_canon(message: str, canon: CanonPool, sure_fit: float | None,
+               sure_cosine: float | None, scores: CanonScores, k: int = 4,
+               context: Sequence[str] = (), heard: Collection[int] = (), mentioned: str = "",
+               sentence_cap: int = 3, listener: Listener | None = None, shortlist: int = 10,
+               listener_weight: float = 1.0) -> Candidate | None:
     """The canon line a hybrid reply is, decided before anything is generated: the best canon
-    line when its fit is at least ``threshold`` (a generated candidate would almost never beat
-    it: its fit x voice rarely reaches that; docs/reply-choice.md), else None (generate, then
-    `pick` with the same ``scores``)."""
+    line when its fit is at least ``sure_fit`` (with a listener) or ``sure_cosine`` (the
+    selector's cosine alone, another scale) — a generated candidate seldom beats such a line
+    (docs/reply-choice.md) — else None (generate, then `pick` with the same ``scores``; and
+    always None when that threshold is None)."""
+    threshold = sure_fit if listener is not None else sure_cosine
+    if threshold is None:
+        return None
     hits = _canon_hits(scores, message, canon, k, context, heard, mentioned, sentence_cap,
                        listener, shortlist, listener_weight)
     fit = _fit_scorer(scores, message, context, canon, listener, listener_weight)

@@ -452,11 +452,11 @@ def test_a_sure_canon_line_is_the_hybrid_reply_and_the_later_pick_agrees() -> No
     calls.clear()
     scores = CanonScores()
     best_fit = max(scores_known(canon, message, listener))
-    sure = sure_canon(message, canon, best_fit - 1e-6, CanonScores(), k=2, shortlist=5,
+    sure = sure_canon(message, canon, best_fit - 1e-6, None, CanonScores(), k=2, shortlist=5,
                       listener=listener)
     assert sure is not None and sure.kind == CANON and "Painkillers and beer" in sure.text
     calls.clear()
-    assert sure_canon(message, canon, best_fit + 1e-6, scores, k=2, shortlist=5,
+    assert sure_canon(message, canon, best_fit + 1e-6, None, scores, k=2, shortlist=5,
                       listener=listener) is None
     lines = list(calls[0])
     later = pick("hybrid", message, generated, canon, None, k=2, shortlist=5,
@@ -468,7 +468,7 @@ def test_a_sure_canon_line_is_the_hybrid_reply_and_the_later_pick_agrees() -> No
 def scores_known(canon: CanonPool, message: str, listener) -> list[float]:  # type: ignore[no-untyped-def]
     """The fit of every canon line the hybrid's shortlist holds."""
     scores = CanonScores()
-    sure_canon(message, canon, 1e9, scores, k=2, shortlist=5, listener=listener)
+    sure_canon(message, canon, 1e9, None, scores, k=2, shortlist=5, listener=listener)
     return [scores.known[h.line.text] for h in scores.hits or []]
 
 
