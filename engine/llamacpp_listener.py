@@ -2,19 +2,19 @@
 own context on the engine's weights with the House LoRA, so scoring canon lines never waits
 for, or disturbs, the running batch's cache.
 
-The prompt runs once as one sequence (on the persona's block, shared); each reply is a
-sequence that shares the prompt's cells (``llama_memory_seq_cp``), and all the replies run in
-one ``llama_decode`` with scores kept for every token of theirs — the prompt's tokens still to
+The prompt runs once as one sequence (on the persona's block, shared); each reply is a sequence
+that shares the prompt's cells (``llama_memory_seq_cp``), and all the replies run in one
+``llama_decode`` with scores kept for every token of theirs — the prompt's tokens still to
 compute too, each in the prompt's sequence and every reply's (one decode, not two: 97–100 ms
-against 106 ms a call, same process, Zen 4 EPYC); a reply's last token is never fed (its
-scores would pick nothing, its cell is freed): 84–85 ms against 91–101 ms a call. A scored prompt keeps its
-cells afterwards (up to ``KEPT_PROMPTS``, oldest given up first), as the engine's ended rows
-do: the empty-message prompt of the second term is computed once, and a conversation's next
-prompt computes only what is new since its last (the history it starts with is already
-there). Profiled on an AVX2-only EPYC, recomputing the conversation's prompt was 30 % of the
-listener's time in a conversation with history (docs/reply-choice.md). The scoring runs on the
-engine's thread between two of its decode steps (`RowScheduler.run_on_engine`): run beside a
-step, the two sets of llama.cpp threads would share the same cores.
+against 106 ms a call, same process, Zen 4 EPYC); a reply's last token is never fed (its scores
+would pick nothing, its cell is freed): 84–85 ms against 91–101 ms a call. A scored prompt
+keeps its cells afterwards (up to ``KEPT_PROMPTS``, oldest given up first), as the engine's
+ended rows do: the empty-message prompt of the second term is computed once, and a
+conversation's next prompt computes only what is new since its last (the history it starts with
+is already there). Profiled on an AVX2-only EPYC, recomputing the conversation's prompt was
+30 % of the listener's time in a conversation with history (docs/reply-choice.md). The scoring
+runs on the engine's thread between two of its decode steps (`RowScheduler.run_on_engine`): run
+beside a step, the two sets of llama.cpp threads would share the same cores.
 """
 
 from __future__ import annotations
