@@ -269,5 +269,7 @@ class QueueClient:
         self._unacked.pop(reply_id, None)
 
     async def _remove(self, entry_id: str) -> None:
-        await self.redis.xack(self.reply_stream, FRONTEND_GROUP, entry_id)
-        await self.redis.xdel(self.reply_stream, entry_id)
+        async with self.redis.pipeline(transaction=False) as pipe:  # one round trip
+            pipe.xack(self.reply_stream, FRONTEND_GROUP, entry_id)
+            pipe.xdel(self.reply_stream, entry_id)
+            await pipe.execute()

@@ -187,13 +187,20 @@ class PartialEvents:
         return {task.rows[0]: task for task in tasks
                 if task.rows and task.reply is None and task.request.kind in ("chat", "retry")}
 
+    @staticmethod
+    def due(task: Task) -> bool:
+        """Whether the task's next partial event may go out (``PARTIAL_EVERY_S`` since its
+        last); asked on the generating thread at every step, so that the text of a step in
+        between never wakes the event loop."""
+        return time.monotonic() - task.partial_at >= PARTIAL_EVERY_S
+
     def heard(self, streams: dict[int, Task], row: int, text: str) -> None:
         """A streamed row's text so far (on the event loop): published as a partial event at
         most every ``PARTIAL_EVERY_S``, cleaned as a candidate is, from two words on."""
         task = streams[row]
-        now = time.monotonic()
-        if now - task.partial_at < PARTIAL_EVERY_S:
+        if not self.due(task):
             return
+        now = time.monotonic()
         controls = task.controls or self.replies.defaults
         persona = self.replies.persona
         shown = reply_candidate(text, True, persona.other_speakers, controls.sentence_cap,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -28,6 +29,7 @@ import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -130,7 +132,12 @@ class Worker:
                              self.joins, self._apologise)
         self._told_outage: set[str] = set()  # entries told "House is out" (server down)
         self._model_lock = threading.Lock()
-        self._in_flight = 0  # requests in running batches
+        # One thread per generate() call in flight: with a generator that joins calls, each
+        # request's call waits in its own thread while its rows run, and the event loop's
+        # default executor (cores + 4 threads) would cap the running batch at that many.
+        self._callers = ThreadPoolExecutor(2 * self.settings.worker.batch_size + 2,
+                                           thread_name_prefix="generate")
+        self._holding: dict[str, str | None] = {}  # entry → conversation, in running batches
         self._backoff = 0.1  # seconds before the next read after a Redis failure
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -222,7 +229,7 @@ class Worker:
         renew_at = 0.0
         while not self.stop.is_set() or self.intake.carry or running:
             self.metrics.beat()
-            room = size - self._in_flight
+            room = size - len(self._holding)
             if running and (self.stop.is_set() or (room <= 0 and len(self.intake.carry) >= size)):
                 await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 continue
@@ -277,18 +284,27 @@ class Worker:
         return result
 
     async def _run_batch(self, entries: list[tuple[str, dict[str, str]]]) -> int:
-        conversations = [c for c in (conversation_of(f) for _, f in entries) if c]
-        self._in_flight += len(entries)
-        for c in conversations:
-            self.intake.busy[c] = self.intake.busy.get(c, 0) + 1
+        for entry_id, fields in entries:
+            conversation = conversation_of(fields)
+            self._holding[entry_id] = conversation
+            if conversation:
+                self.intake.busy[conversation] = self.intake.busy.get(conversation, 0) + 1
         try:
             return await self.process_batch(entries)
         finally:
-            self._in_flight -= len(entries)
-            for c in conversations:
-                self.intake.busy[c] -= 1
-                if not self.intake.busy[c]:
-                    del self.intake.busy[c]
+            for entry_id, _ in entries:
+                self._release(entry_id)
+
+    def _release(self, entry_id: str) -> None:
+        """The request no longer holds a place among those in flight (answered, or its batch
+        ended): its conversation's next request may be read and answered."""
+        if entry_id not in self._holding:
+            return
+        conversation = self._holding.pop(entry_id)
+        if conversation:
+            self.intake.busy[conversation] -= 1
+            if not self.intake.busy[conversation]:
+                del self.intake.busy[conversation]
 
     async def _heartbeat(self, every_s: float = 5.0) -> None:
         """Refresh the health key while the process lives, generation in flight included (the
@@ -391,10 +407,11 @@ class Worker:
             if task.reply is not None:  # answered already: it waits for no one's generation
                 await self._finish_answered(task, tasks, finished)
         streams = self.partials.streamed_rows(tasks)
-        outputs: list[Generated] = []
         if jobs and self.joins:  # the serving loop reads on meanwhile
-            outputs = await self._generate_isolated(tasks, jobs, streams)
-        elif jobs:
+            await self._answer_each(tasks, jobs, streams, finished)
+            return
+        outputs: list[Generated] = []
+        if jobs:
             outputs = await self._with_control_lane(
                 self._generate_isolated(tasks, jobs, streams), held)
         await self.partials.written()
@@ -412,6 +429,43 @@ class Worker:
             if await asyncio.shield(self.finish(task)):
                 finished.add(task.entry_id)
 
+    async def _answer_each(self, tasks: list[Task], jobs: list[GenerationJob],
+                           streams: dict[int, Task], finished: set[str]) -> None:
+        """With a generator that joins calls (continuous batching): every request generates
+        its own rows, which join the running batch, and its reply is written the moment they
+        end, never after a batch-mate's longer one. A request whose generation fails is
+        dead-lettered alone."""
+        size = len(tasks)
+
+        async def answer(task: Task) -> None:
+            own = [jobs[r] for r in task.rows]
+            streamed = {0: task} if task.rows and task.rows[0] in streams else None
+            task.rows = list(range(len(own)))  # its rows, numbered in its own job list
+            outputs: list[Generated] = []
+            if own:
+                try:
+                    outputs = await self._generate(own, streamed)
+                except GenerationFailed:
+                    self.metrics.generation_failed()
+                    await self._poisoned(task, "generation failed", tasks)
+                    return
+                self.metrics.generation_ok()
+            await self.partials.written()
+            task.reply = (await self._make_replies([task], own, outputs))[0]
+            if task.reply is None:
+                await self._poisoned(task, "reply failed", tasks)
+                return
+            task.reply.batch_size = size
+            if await asyncio.shield(self.finish(task)):
+                finished.add(task.entry_id)
+                self._release(task.entry_id)
+
+        results = await asyncio.gather(*(answer(t) for t in tasks if t.reply is None),
+                                       return_exceptions=True)
+        for failure in results:  # raised once every request's answer has ended
+            if isinstance(failure, BaseException):
+                raise failure
+
     async def _finish_answered(self, task: Task, tasks: list[Task], finished: set[str]
                                ) -> None:
         """Write the reply of a task answered while preparing (a control request, a sure canon
@@ -421,6 +475,7 @@ class Worker:
         task.reply.batch_size = len(tasks)
         if await asyncio.shield(self.finish(task)):
             finished.add(task.entry_id)
+            self._release(task.entry_id)
         tasks.remove(task)
 
     async def _with_control_lane(self, generation: Awaitable[list[Generated]],
@@ -640,11 +695,12 @@ class Worker:
         if streams:
             loop = asyncio.get_running_loop()
 
-            def on_text(row: int, text: str) -> None:  # the generating thread
-                loop.call_soon_threadsafe(self.partials.heard, streams, row, text)
+            def on_text(row: int, text: str) -> None:  # the generating thread, every step
+                if self.partials.due(streams[row]):  # else no wake-up of the event loop
+                    loop.call_soon_threadsafe(self.partials.heard, streams, row, text)
 
         stop = threading.Event()
-        running = asyncio.ensure_future(asyncio.to_thread(
+        running = asyncio.get_running_loop().run_in_executor(self._callers, functools.partial(
             self._generate_alone, jobs, on_text, list(streams or ()), stop))
         try:
             outputs = await asyncio.wait_for(asyncio.shield(running),

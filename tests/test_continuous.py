@@ -11,7 +11,7 @@ import time
 import pytest
 from harness import join_while_decoding, worker_settings
 
-from base.protocol import Request
+from base.protocol import Reply, Request
 from engine.continuous import ContinuousGenerator
 from engine.generation import GenerationJob, HFGenerator
 from engine.worker import Worker
@@ -98,6 +98,32 @@ async def test_the_worker_answers_a_short_request_before_a_long_one_that_started
     worker.stop.set()
     await running
     assert order == ["short", "long"]
+
+
+async def test_requests_read_together_are_each_answered_when_their_own_rows_end(
+        engine, persona, redis, keys, queue) -> None:  # type: ignore[no-untyped-def]
+    """Two requests read in one batch: the short one's reply is written while the long one
+    still generates, not when the batch's longest row ends."""
+    worker = Worker(redis, keys, engine, persona,
+                    worker_settings("cb", reply_mode="generated", stream_replies=False))
+    long = Request(frontend="test-frontend", conversation="long", user="a",
+                   text=QUESTIONS[3], settings={"max_new_tokens": 48, "sentence_cap": 10,
+                                                "candidates": 1, "seed": 1})
+    short = Request(frontend="test-frontend", conversation="short", user="b",
+                    text=QUESTIONS[1], settings={"max_new_tokens": 4, "candidates": 1,
+                                                 "seed": 2})
+    for request in (long, short):
+        await queue.submit(request)
+    serving = asyncio.create_task(worker.run(burst=True))
+    heard: list[Reply] = []
+
+    async def wait(request: Request) -> None:
+        heard.append(await queue.wait_reply(request.id, 120))
+
+    await asyncio.gather(wait(long), wait(short))
+    await serving
+    assert [r.conversation for r in heard] == ["short", "long"]
+    assert [r.batch_size for r in heard] == [2, 2]  # read in one batch, written apart
 
 
 def test_a_call_with_more_rows_than_the_batch_is_answered_in_parts(embedded_model,
