@@ -484,7 +484,8 @@ async def bench_serve(settings: Any, engines: list[str], levels: list[int], mess
                            "per conversation)" if arrival_gap_s > 0 else "closed loop"))
     for column in ("engine", "conversations", "replies", "replies/s", "tokens/s",
                    "all talking tokens/s", "p50 ms", "p95 ms",
-                   "first text p50 ms", "p95 ms", "/reset p50 ms", "p95 ms"):
+                   "first text p50 ms", "p95 ms", "/reset p50 ms", "p95 ms",
+                   "no listener"):
         table.add_column(column, justify="right")
     try:
         for engine in engines:
@@ -517,7 +518,8 @@ async def bench_serve(settings: Any, engines: list[str], levels: list[int], mess
                               f"{f['all_active_tokens_per_s']:.1f}",
                               f"{f['p50_ms']:.0f}", f"{f['p95_ms']:.0f}",
                               f"{f['ttft_p50_ms']:.0f}", f"{f['ttft_p95_ms']:.0f}",
-                              f"{f['control_p50_ms']:.0f}", f"{f['control_p95_ms']:.0f}")
+                              f"{f['control_p50_ms']:.0f}", f"{f['control_p95_ms']:.0f}",
+                              f"{f['listener_skipped']}/{f['replies']}" if listener else "–")
             by_engine[engine] = figures
     finally:
         await redis.aclose()
@@ -550,7 +552,7 @@ async def _bench_engine(redis: Any, generator: Any, persona: Any, settings: Any,
     from base.keys import Keys
     from base.protocol import Reply, Request
     from base.queue_client import QueueClient
-    from engine.worker import Worker
+    from engine.worker import LOAD_WINDOW_S, Worker
 
     keys = Keys(f"bench-{uuid.uuid4().hex[:8]}")
     queue = QueueClient(redis, keys, "bench", max_queue_depth=10**6)
@@ -582,12 +584,20 @@ async def _bench_engine(redis: Any, generator: Any, persona: Any, settings: Any,
 
     try:
         await ask("warm", BENCH_PROMPTS[0])
-        alone = [(await ask(f"alone{i}", BENCH_PROMPTS[i]))[0] for i in range(3)]
+        alone = []
+        for i in range(3):  # alone: nothing else running, nor lately (the listener's rule)
+            await asyncio.sleep(LOAD_WINDOW_S)
+            alone.append((await ask(f"alone{i}", BENCH_PROMPTS[i]))[0])
         figures: dict[str, Any] = {"alone_p50_ms": percentile(alone, 50)}
+        skipped = worker.metrics.listener_skipped._value
         for level in levels:
+            await asyncio.sleep(LOAD_WINDOW_S)  # the level before is not this one's load
+            before = skipped.get()
             figures[f"c{level}"] = await _serve_level(
                 ask, level, messages, lambda: worker.metrics.tokens._value.get(),
                 arrival_gap_s)
+            # replies chosen without the listener: it steps aside under load
+            figures[f"c{level}"]["listener_skipped"] = int(skipped.get() - before)
         return figures
     finally:
         await _stop_serving(worker, stop, serving, reader, redis, keys)

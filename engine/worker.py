@@ -28,6 +28,7 @@ import signal
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -57,6 +58,8 @@ from persona.reply_choice import CANON, GENERATED, HYBRID, MODES
 log = logging.getLogger(__name__)
 
 CONTROL_LANE_BLOCK_MS = 50
+# Seconds in which the messages a worker took count as in hand for the listener's load rule.
+LOAD_WINDOW_S = 1.0
 # Seconds between tries of a batch while the inference server is unavailable.
 BACKEND_RETRY_S = 2.0
 
@@ -138,6 +141,7 @@ class Worker:
         self._callers = ThreadPoolExecutor(2 * self.settings.worker.batch_size + 2,
                                            thread_name_prefix="generate")
         self._holding: dict[str, str | None] = {}  # entry → conversation, in running batches
+        self._taken: deque[tuple[float, str]] = deque()  # messages taken lately: when, whose
         self._backoff = 0.1  # seconds before the next read after a Redis failure
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -582,6 +586,7 @@ class Worker:
                 request, self.defaults)))
             return
         task.text, task.speaker = text, speaker
+        self._taken.append((time.monotonic(), request.conversation))
         task.controls = self.defaults.merged(request.settings)
         task.mode = self.reply_mode(request)
         if request.kind == "compare":
@@ -749,13 +754,20 @@ class Worker:
         return await asyncio.to_thread(build) if threaded else build()
 
     def _others_in_hand(self, task: Task) -> int:
-        """How many other requests this worker holds (being answered, or read and waiting):
-        the listener's scoring runs one reply at a time on the engine's thread, so with others
-        it scores fewer lines (LISTENER_BUSY_SHORTLIST), and from LISTENER_BUSY_REQUESTS on it
-        steps aside, or their replies would queue behind it."""
+        """How many other requests this worker holds (being answered, or read and waiting),
+        or how many messages of other conversations it took within the last
+        ``LOAD_WINDOW_S``, whichever is more: the listener's scoring runs one reply at a time
+        on the engine's thread, so with others it scores fewer lines (LISTENER_BUSY_SHORTLIST),
+        and from LISTENER_BUSY_REQUESTS on it steps aside, or their replies would queue behind
+        it. Each reply is written the moment it is ready, so under a steady load few requests
+        are held at any instant: the other conversations' recent messages count too."""
         held = sum(self.intake.busy.values()) + len(self.intake.carry)
         own = 1 if task.request.conversation in self.intake.busy else 0
-        return held - own
+        since = time.monotonic() - LOAD_WINDOW_S
+        while self._taken and self._taken[0][0] < since:
+            self._taken.popleft()
+        recent = sum(1 for _, c in self._taken if c != task.request.conversation)
+        return max(held - own, recent)
 
     def make_reply(self, task: Task, jobs: list[GenerationJob],
                    outputs: list[Generated]) -> Reply:

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from harness import worker_settings
 
+import engine.worker
 from base.config import ROOT
 from base.keys import BASE_VARIANT, HYBRID_VARIANT
 from base.protocol import Request
@@ -404,6 +405,39 @@ async def test_the_listener_steps_aside_while_the_worker_is_busy(
         assert len(heard) == 1 and heard[0] > 3
         assert reply.text == "Everybody lies about their headache."
     assert worker.metrics.listener_skipped._value.get() == (0 if listens else 1)
+
+
+@pytest.mark.parametrize(("whose", "wait_s", "listens"),
+                         [("others", 0.0, False), ("others", 0.4, True), ("own", 0.0, True)])
+async def test_messages_of_other_conversations_taken_lately_count_as_load(
+        redis, keys, persona, queue, monkeypatch, whose, wait_s, listens
+) -> None:  # type: ignore[no-untyped-def]
+    """Replies are written the moment they are ready, so a loaded worker may hold few
+    requests at an instant: the messages of other conversations it took within the last
+    LOAD_WINDOW_S count as in hand too (not its own conversation's, not older ones)."""
+    monkeypatch.setattr(engine.worker, "LOAD_WINDOW_S", 0.3)
+    message = "I have a headache and took painkillers with beer"
+    listener = PreferringListener("Everybody lies")
+    worker = Worker(redis, keys, FakeGenerator(), persona,
+                    worker_settings("w", reply_mode="canon", canon_candidates=1,
+                                    canon_shortlist=5, listener_busy_requests=4,
+                                    listener_busy_shortlist=3),
+                    canon=pool(), listener=listener)  # type: ignore[arg-type]
+    for i in range(4):
+        await queue.submit(chat(f"hello number {i}",
+                                conversation=f"o{i}" if whose == "others" else "c1"))
+        await worker.run(burst=True)
+    await worker.history.reset("c1")  # what it heard is not what this test is about
+    await redis.delete(keys.canon_recent("c1"))
+    await asyncio.sleep(wait_s)
+    listener.calls.clear()
+    skipped = worker.metrics.listener_skipped._value.get()
+    request = chat(message)
+    await queue.submit(request)
+    await worker.run(burst=True)
+    await queue.wait_reply(request.id, 10)
+    assert bool(listener.calls) is listens
+    assert worker.metrics.listener_skipped._value.get() - skipped == (0 if listens else 1)
 
 
 def test_without_a_listener_pick_ranks_canon_lines_by_the_selector() -> None:
