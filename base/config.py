@@ -289,8 +289,9 @@ class ReplyChoiceSettings(SettingsGroup):
     # The listener scores only a reply's first LISTENER_TOKENS tokens (its cost is their sum).
     listener_tokens: int = Field(24, ge=1, validation_alias="LISTENER_TOKENS")
     # Under load the listener steps aside: with at least this many other requests in the
-    # worker's hands (being answered, or read and waiting), the selector's cosine alone ranks
-    # the canon lines (0: always listen).
+    # worker's hands (being answered, or read and waiting), or that many messages of other
+    # conversations taken within the last second, the selector's cosine alone ranks the canon
+    # lines (0: always listen).
     listener_busy_requests: int = Field(8, ge=0, validation_alias="LISTENER_BUSY_REQUESTS")
     # With fewer other requests in hand, but some, it re-ranks only this many of the shortlist
     # (0: the whole CANON_SHORTLIST).
