@@ -112,6 +112,44 @@ def parrots(reply: str, message: str, share: float = 0.55, max_words: int = 8) -
     return bool(r) and len(r) <= max_words and sum(w in m for w in r) / len(r) >= share
 
 
+# Words that say nothing back of their own (pronouns, articles, auxiliaries, "you know"): a
+# short reply made of the message's other words and these only mirrors it. Negations and
+# question words are not among them: "It's not lupus." answers "Is it lupus?".
+_MIRROR_FILLER = frozenset({
+    "a", "an", "the", "i", "i'm", "im", "me", "my", "you", "you're", "youre", "your", "it",
+    "it's", "its", "is", "are", "am", "was", "were", "be", "been", "to", "of", "and", "so", "oh",
+    "well", "by", "way", "for", "that", "this", "just", "do", "does", "did", "know", "then",
+    "again"})
+# Acknowledgements answer one another: "ok" → "Ok, sure." or "Yeah." is a mirror too.
+_ACKNOWLEDGEMENTS = frozenset({"ok", "okay", "k", "sure", "yeah", "yes", "yep", "fine", "alright",
+                               "right", "cool"})
+
+
+def _mirror_word(word: str, acknowledging: bool = True) -> str:
+    if acknowledging and word in _ACKNOWLEDGEMENTS:
+        return "ok"
+    if len(word) > 3 and word.endswith("s") and not word.endswith("ss"):
+        return word[:-1]  # "thanks" and "thank"
+    return word
+
+
+def mirrors(reply: str, message: str, max_words: int = 6, short_message: int = 5) -> bool:
+    """True for a short statement, to a short message, whose every word beyond pronouns,
+    articles and the like is one of the message's (a plural or an acknowledgement counted as
+    the same word): "Thank you." to "thanks", "Ok, sure..." to "ok", "You know, it's a joke."
+    to "Tell me a joke." — a mirror, not an answer, one word short of what `parrots` catches.
+    A question back is House's jab, not a mirror ("You guess?" to "I guess that's good.")."""
+    said = words(reply)
+    if not said or len(said) > max_words or reply.rstrip(" .!\"'").endswith("?"):
+        return False
+    if len(words(message)) > short_message:
+        return False
+    acknowledging = not message.rstrip(" .!\"'").endswith("?")  # "Yeah." answers "You okay?"
+    heard = {_mirror_word(w, acknowledging) for w in words(message)}
+    own = [_mirror_word(w, acknowledging) for w in said if w not in _MIRROR_FILLER]
+    return bool(own) and all(w in heard for w in own)
+
+
 def seq_rep_n(text: str, n: int = 4) -> float:
     """Share of repeated n-grams in a text (0 = no repetition)."""
     w = words(text)

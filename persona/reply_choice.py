@@ -33,6 +33,7 @@ from persona.postprocess import (
     answers_in_english,
     in_english,
     is_echo,
+    mirrors,
     parrots,
     seq_rep_n,
     sounds_like_assistant,
@@ -71,9 +72,10 @@ class Choice:
 
 
 def acceptable(text: str, message: str) -> bool:
-    """Not empty, not an echo (nor a short parrot of the message's words), not looping, not
-    assistant talk, in English (`answers_in_english`)."""
+    """Not empty, not an echo (nor a short parrot or mirror of the message's words), not
+    looping, not assistant talk, in English (`answers_in_english`)."""
     return (bool(text.strip()) and not is_echo(text, message) and not parrots(text, message)
+            and not mirrors(text, message)
             and seq_rep_n(text) <= LOOP_SEQ_REP and not sounds_like_assistant(text)
             and answers_in_english(text, message))
 

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -25,11 +26,21 @@ DRHOUSE = str(Path(sys.executable).with_name("drhouse"))
 
 def start_worker(prefix: str, name: str, delay_ms: int, claim_idle_ms: int = 2000,
                  batch: int = 8) -> subprocess.Popen[bytes]:
+    """A fake worker process; its log goes to a file (a pipe nobody reads would stop it once
+    full), read back by `log_tail` when a test fails."""
     env = {**os.environ, "REDIS_URL": REDIS_URL, "KEY_PREFIX": prefix, "WORKER_NAME": name,
            "CLAIM_IDLE_MS": str(claim_idle_ms), "BATCH_SIZE": str(batch),
            "WORKER_METRICS_PORT": "0", "LOG_LEVEL": "WARNING", "BATCH_WAIT_MS": "0"}
-    return subprocess.Popen([DRHOUSE, "worker", "--fake", "--fake-delay-ms", str(delay_ms)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    with tempfile.NamedTemporaryFile(prefix=f"chaos-{name}-", suffix=".log",
+                                     delete=False) as log:
+        proc = subprocess.Popen([DRHOUSE, "worker", "--fake", "--fake-delay-ms", str(delay_ms)],
+                                env=env, stdout=subprocess.DEVNULL, stderr=log)
+    proc.log_path = log.name  # type: ignore[attr-defined]
+    return proc
+
+
+def log_tail(proc: subprocess.Popen[bytes], chars: int = 3000) -> str:
+    return Path(proc.log_path).read_text(errors="replace")[-chars:]  # type: ignore[attr-defined]
 
 
 async def wait_until(predicate, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
@@ -75,7 +86,13 @@ async def test_kill_9_mid_batch_loses_and_duplicates_nothing(redis, keys, prefix
         async def all_answered() -> bool:
             return len(await final_replies()) >= len(requests)
 
-        await wait_until(all_answered, 120, "every request to be answered")
+        try:
+            await wait_until(all_answered, 120, "every request to be answered")
+        except AssertionError as exc:
+            raise AssertionError(
+                f"{exc}: {len(await final_replies())} of {len(requests)} answered; w2 "
+                f"{'runs' if workers['w2'].poll() is None else 'exited'}; its log:\n"
+                f"{log_tail(workers['w2'])}") from None
         await asyncio.sleep(1.0)  # a late duplicate would show up here
         counts = Counter(r.id for r in await final_replies())
         assert set(counts) == {r.id for r in requests}, "a request was lost"
@@ -87,6 +104,7 @@ async def test_kill_9_mid_batch_loses_and_duplicates_nothing(redis, keys, prefix
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
+            Path(proc.log_path).unlink(missing_ok=True)  # type: ignore[attr-defined]
 
 
 async def test_sigterm_finishes_the_batch_in_flight(redis, keys, prefix) -> None:  # type: ignore[no-untyped-def]
@@ -112,3 +130,4 @@ async def test_sigterm_finishes_the_batch_in_flight(redis, keys, prefix) -> None
         if worker.poll() is None:
             worker.kill()
             worker.wait(10)
+        Path(worker.log_path).unlink(missing_ok=True)  # type: ignore[attr-defined]

@@ -101,6 +101,27 @@ def test_a_short_parrot_of_the_message_is_not_an_answer() -> None:
     assert not parrots("It's not a cold. It's pneumonia.", "She never gets colds.")
 
 
+def test_a_short_statement_made_of_the_messages_words_is_a_mirror() -> None:
+    """The mirrors the 40 varied messages drew ("thanks" → "Thank you."), and what is not
+    one: an answer with a word of its own, a question back, a reply to a long message."""
+    from persona.postprocess import mirrors
+    from persona.reply_choice import acceptable
+
+    assert mirrors("Thank you.", "thanks") and mirrors("Thanks.", "thank you")
+    assert mirrors("Ok, sure...", "ok") and mirrors("Yeah.", "ok")
+    assert mirrors("You know, it's a joke.", "Tell me a joke.")
+    assert mirrors("I'm a doctor.", "Are you a doctor?")
+    assert not mirrors("It's not lupus.", "Is it lupus?")  # a negation is an answer
+    assert not mirrors("Imaginary friends.", "Do you have any friends?")
+    assert not mirrors("You're right.", "You're wrong.")
+    assert not mirrors("Yeah, fine.", "You okay?")  # yes to a question answers it
+    assert not mirrors("You guess?", "I guess that's good.")  # a question back is a jab
+    assert not mirrors("It's not that unusual.",
+                       "You're not having any side effects from your meds, which is unusual.")
+    assert not acceptable("Thank you.", "thanks")
+    assert acceptable("Thank you.", "I fixed your leg.")
+
+
 def test_house_answers_in_english_whatever_the_script() -> None:
     from persona.postprocess import in_english
 
