@@ -120,6 +120,9 @@ _MIRROR_FILLER = frozenset({
     "it's", "its", "is", "are", "am", "was", "were", "be", "been", "to", "of", "and", "so", "oh",
     "well", "by", "way", "for", "that", "this", "just", "do", "does", "did", "know", "then",
     "again"})
+_YOU_KNOW = re.compile(r"\byou know\b", re.IGNORECASE)
+_FIRST_PERSON = frozenset({"i", "i'm", "im", "me", "my", "mine", "i've", "i'll", "i'd"})
+_SECOND_PERSON = frozenset({"you", "you're", "youre", "your", "yours", "you've", "you'll"})
 # Acknowledgements answer one another: "ok" → "Ok, sure." or "Yeah." is a mirror too.
 _ACKNOWLEDGEMENTS = frozenset({"ok", "okay", "k", "sure", "yeah", "yes", "yep", "fine", "alright",
                                "right", "cool"})
@@ -138,14 +141,20 @@ def mirrors(reply: str, message: str, max_words: int = 6, short_message: int = 5
     articles and the like is one of the message's (a plural or an acknowledgement counted as
     the same word): "Thank you." to "thanks", "Ok, sure..." to "ok", "You know, it's a joke."
     to "Tell me a joke." — a mirror, not an answer, one word short of what `parrots` catches.
-    A question back is House's jab, not a mirror ("You guess?" to "I guess that's good.")."""
+    A question back is House's jab, not a mirror ("You guess?" to "I guess that's good."), nor
+    is the speaker's own claim turned on them ("You don't think that." to "I don't think
+    so.")."""
     said = words(reply)
     if not said or len(said) > max_words or reply.rstrip(" .!\"'").endswith("?"):
         return False
-    if len(words(message)) > short_message:
+    said = words(_YOU_KNOW.sub(" ", reply))  # a filler, not the speaker turned on
+    heard_words = words(message)
+    if len(heard_words) > short_message:
         return False
+    if _FIRST_PERSON & set(heard_words) and _SECOND_PERSON & set(said):
+        return False  # "I don't think so." → "You don't think that.": turned on the speaker
     acknowledging = not message.rstrip(" .!\"'").endswith("?")  # "Yeah." answers "You okay?"
-    heard = {_mirror_word(w, acknowledging) for w in words(message)}
+    heard = {_mirror_word(w, acknowledging) for w in heard_words}
     own = [_mirror_word(w, acknowledging) for w in said if w not in _MIRROR_FILLER]
     return bool(own) and all(w in heard for w in own)
 

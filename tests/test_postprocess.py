@@ -116,6 +116,7 @@ def test_a_short_statement_made_of_the_messages_words_is_a_mirror() -> None:
     assert not mirrors("You're right.", "You're wrong.")
     assert not mirrors("Yeah, fine.", "You okay?")  # yes to a question answers it
     assert not mirrors("You guess?", "I guess that's good.")  # a question back is a jab
+    assert not mirrors("You don't think that.", "I don't think so.")  # turned on the speaker
     assert not mirrors("It's not that unusual.",
                        "You're not having any side effects from your meds, which is unusual.")
     assert not acceptable("Thank you.", "thanks")
