@@ -376,6 +376,16 @@ async def test_the_listener_reranks_the_shortlist_with_the_conversation_prompt(
     assert len(shortlist) > 1 and by_cosine in shortlist
 
 
+def canon_worker(redis, keys, persona, listener, busy_requests: int) -> Worker:  # type: ignore[no-untyped-def]
+    """A canon-mode worker whose listener scores 5 lines, 3 while others are in hand, and
+    steps aside from ``busy_requests`` others on."""
+    return Worker(redis, keys, FakeGenerator(), persona,
+                  worker_settings("w", reply_mode="canon", canon_candidates=1,
+                                  canon_shortlist=5, listener_busy_requests=busy_requests,
+                                  listener_busy_shortlist=3),
+                  canon=pool(), listener=listener)
+
+
 @pytest.mark.parametrize(("others", "listens"), [(8, False), (7, True), (0, True)])
 async def test_the_listener_steps_aside_while_the_worker_is_busy(
         redis, keys, persona, queue, others, listens) -> None:  # type: ignore[no-untyped-def]
@@ -385,11 +395,7 @@ async def test_the_listener_steps_aside_while_the_worker_is_busy(
     CANON_SHORTLIST when none are."""
     message = "I have a headache and took painkillers with beer"
     listener = PreferringListener("Everybody lies")
-    worker = Worker(redis, keys, FakeGenerator(), persona,
-                    worker_settings("w", reply_mode="canon", canon_candidates=1,
-                                    canon_shortlist=5, listener_busy_requests=8,
-                                    listener_busy_shortlist=3),
-                    canon=pool(), listener=listener)  # type: ignore[arg-type]
+    worker = canon_worker(redis, keys, persona, listener, busy_requests=8)
     worker.intake.busy.update({f"t:other:{i}": 1 for i in range(others)})  # being answered
     request = chat(message)
     await queue.submit(request)
@@ -418,11 +424,7 @@ async def test_messages_of_other_conversations_taken_lately_count_as_load(
     monkeypatch.setattr(engine.worker, "LOAD_WINDOW_S", 0.3)
     message = "I have a headache and took painkillers with beer"
     listener = PreferringListener("Everybody lies")
-    worker = Worker(redis, keys, FakeGenerator(), persona,
-                    worker_settings("w", reply_mode="canon", canon_candidates=1,
-                                    canon_shortlist=5, listener_busy_requests=4,
-                                    listener_busy_shortlist=3),
-                    canon=pool(), listener=listener)  # type: ignore[arg-type]
+    worker = canon_worker(redis, keys, persona, listener, busy_requests=4)
     for i in range(4):
         await queue.submit(chat(f"hello number {i}",
                                 conversation=f"o{i}" if whose == "others" else "c1"))

@@ -72,17 +72,23 @@ def test_a_stopped_call_ends_alone(engine, persona) -> None:  # type: ignore[no-
     assert out["stopped"][0].finished is False and out["stopped"][0].tokens < 60
 
 
-async def test_the_worker_answers_a_short_request_before_a_long_one_that_started_first(
-        engine, persona, redis, keys, queue) -> None:  # type: ignore[no-untyped-def]
-    worker = Worker(redis, keys, engine, persona,
-                    worker_settings("cb", reply_mode="generated"))
-    running = asyncio.create_task(worker.run())
+def long_and_short() -> tuple[Request, Request]:
+    """A request of up to 48 new tokens and one of 4, in two conversations."""
     long = Request(frontend="test-frontend", conversation="long", user="a",
                    text=QUESTIONS[3], settings={"max_new_tokens": 48, "sentence_cap": 10,
                                                 "candidates": 1, "seed": 1})
     short = Request(frontend="test-frontend", conversation="short", user="b",
                     text=QUESTIONS[1], settings={"max_new_tokens": 4, "candidates": 1,
                                                  "seed": 2})
+    return long, short
+
+
+async def test_the_worker_answers_a_short_request_before_a_long_one_that_started_first(
+        engine, persona, redis, keys, queue) -> None:  # type: ignore[no-untyped-def]
+    worker = Worker(redis, keys, engine, persona,
+                    worker_settings("cb", reply_mode="generated"))
+    running = asyncio.create_task(worker.run())
+    long, short = long_and_short()
     await queue.submit(long)
     steps = engine.steps
     while engine.steps < steps + 2:
@@ -106,12 +112,7 @@ async def test_requests_read_together_are_each_answered_when_their_own_rows_end(
     still generates, not when the batch's longest row ends."""
     worker = Worker(redis, keys, engine, persona,
                     worker_settings("cb", reply_mode="generated", stream_replies=False))
-    long = Request(frontend="test-frontend", conversation="long", user="a",
-                   text=QUESTIONS[3], settings={"max_new_tokens": 48, "sentence_cap": 10,
-                                                "candidates": 1, "seed": 1})
-    short = Request(frontend="test-frontend", conversation="short", user="b",
-                    text=QUESTIONS[1], settings={"max_new_tokens": 4, "candidates": 1,
-                                                 "seed": 2})
+    long, short = long_and_short()
     for request in (long, short):
         await queue.submit(request)
     serving = asyncio.create_task(worker.run(burst=True))
