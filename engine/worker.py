@@ -138,8 +138,8 @@ class Worker:
         # One thread per generate() call in flight: with a generator that joins calls, each
         # request's call waits in its own thread while its rows run, and the event loop's
         # default executor (cores + 4 threads) would cap the running batch at that many.
-        self._callers = ThreadPoolExecutor(2 * self.settings.worker.batch_size + 2,
-                                           thread_name_prefix="generate")
+        # Made when first needed; `run` shuts it down when it returns.
+        self._callers: ThreadPoolExecutor | None = None
         self._holding: dict[str, str | None] = {}  # entry → conversation, in running batches
         self._taken: deque[tuple[float, str]] = deque()  # messages taken lately: when, whose
         self._backoff = 0.1  # seconds before the next read after a Redis failure
@@ -177,6 +177,9 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError, *REDIS_DOWN):
                 await heartbeat
                 await self.redis.delete(self.keys.health(self.name))
+            if self._callers is not None:  # a generation that timed out may still be ending
+                self._callers.shutdown(wait=False)
+                self._callers = None
         log.info("worker %s stopped after %d batches, %d replies", self.name,
                  self.batches, self.replies)
 
@@ -428,10 +431,7 @@ class Worker:
                 else:
                     task.reply = reply
         for task in tasks:
-            assert task.reply is not None
-            task.reply.batch_size = len(tasks)
-            if await asyncio.shield(self.finish(task)):
-                finished.add(task.entry_id)
+            await self._write(task, len(tasks), finished)
 
     async def _answer_each(self, tasks: list[Task], jobs: list[GenerationJob],
                            streams: dict[int, Task], finished: set[str]) -> None:
@@ -459,10 +459,7 @@ class Worker:
             if task.reply is None:
                 await self._poisoned(task, "reply failed", tasks)
                 return
-            task.reply.batch_size = size
-            if await asyncio.shield(self.finish(task)):
-                finished.add(task.entry_id)
-                self._release(task.entry_id)
+            await self._write(task, size, finished)
 
         results = await asyncio.gather(*(answer(t) for t in tasks if t.reply is None),
                                        return_exceptions=True)
@@ -475,12 +472,17 @@ class Worker:
         """Write the reply of a task answered while preparing (a control request, a sure canon
         line; the only request of its conversation in the batch) and take it out of
         ``tasks``, so it never waits for the others' generation or listening."""
+        await self._write(task, len(tasks), finished)
+        tasks.remove(task)
+
+    async def _write(self, task: Task, batch_size: int, finished: set[str]) -> None:
+        """Write the task's reply (`finish`); once written, its entry id joins ``finished``
+        and its place among the requests in flight frees."""
         assert task.reply is not None
-        task.reply.batch_size = len(tasks)
+        task.reply.batch_size = batch_size
         if await asyncio.shield(self.finish(task)):
             finished.add(task.entry_id)
             self._release(task.entry_id)
-        tasks.remove(task)
 
     async def _with_control_lane(self, generation: Awaitable[list[Generated]],
                                  held: list[str]) -> list[Generated]:
@@ -587,6 +589,7 @@ class Worker:
             return
         task.text, task.speaker = text, speaker
         self._taken.append((time.monotonic(), request.conversation))
+        self._forget_taken()
         task.controls = self.defaults.merged(request.settings)
         task.mode = self.reply_mode(request)
         if request.kind == "compare":
@@ -705,6 +708,9 @@ class Worker:
                     loop.call_soon_threadsafe(self.partials.heard, streams, row, text)
 
         stop = threading.Event()
+        if self._callers is None:
+            self._callers = ThreadPoolExecutor(2 * self.settings.worker.batch_size + 2,
+                                               thread_name_prefix="generate")
         running = asyncio.get_running_loop().run_in_executor(self._callers, functools.partial(
             self._generate_alone, jobs, on_text, list(streams or ()), stop))
         try:
@@ -763,11 +769,15 @@ class Worker:
         are held at any instant: the other conversations' recent messages count too."""
         held = sum(self.intake.busy.values()) + len(self.intake.carry)
         own = 1 if task.request.conversation in self.intake.busy else 0
+        self._forget_taken()
+        recent = sum(1 for _, c in self._taken if c != task.request.conversation)
+        return max(held - own, recent)
+
+    def _forget_taken(self) -> None:
+        """Drop the messages taken longer than ``LOAD_WINDOW_S`` ago."""
         since = time.monotonic() - LOAD_WINDOW_S
         while self._taken and self._taken[0][0] < since:
             self._taken.popleft()
-        recent = sum(1 for _, c in self._taken if c != task.request.conversation)
-        return max(held - own, recent)
 
     def make_reply(self, task: Task, jobs: list[GenerationJob],
                    outputs: list[Generated]) -> Reply:

@@ -144,8 +144,7 @@ def mirrors(reply: str, message: str, max_words: int = 6, short_message: int = 5
     A question back is House's jab, not a mirror ("You guess?" to "I guess that's good."), nor
     is the speaker's own claim turned on them ("You don't think that." to "I don't think
     so.")."""
-    said = words(reply)
-    if not said or len(said) > max_words or reply.rstrip(" .!\"'").endswith("?"):
+    if len(words(reply)) > max_words or reply.rstrip(" .!\"'").endswith("?"):
         return False
     said = words(_YOU_KNOW.sub(" ", reply))  # a filler, not the speaker turned on
     heard_words = words(message)
