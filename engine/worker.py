@@ -63,12 +63,17 @@ LOAD_WINDOW_S = 1.0
 # Seconds between tries of a batch while the inference server is unavailable.
 BACKEND_RETRY_S = 2.0
 
-def selector_context(history: Sequence[Turn]) -> tuple[str, ...]:
-    """The exchange before the new message (user turn, House's reply), as the selector was
-    trained to read it; nothing when the conversation starts."""
-    if len(history) >= 2 and history[-1].role == "assistant" and history[-2].role == "user":
-        return (history[-2].content, history[-1].content)
-    return ()
+def selector_context(history: Sequence[Turn], exchanges: int = 1) -> tuple[str, ...]:
+    """The last ``exchanges`` exchanges before the new message (user turn, House's reply;
+    older first), as the selector was trained to read them; nothing when the conversation
+    starts."""
+    turns: list[str] = []
+    end = len(history)
+    while len(turns) < 2 * exchanges and end >= 2 and history[end - 1].role == "assistant" \
+            and history[end - 2].role == "user":
+        turns[:0] = [history[end - 2].content, history[end - 1].content]
+        end -= 2
+    return tuple(turns)
 
 
 class GenerationFailed(RuntimeError):
@@ -608,7 +613,7 @@ class Worker:
         history = [] if request.kind == "compare" else await self.history.load(
             request.conversation)
         if self.canon is not None:
-            task.context = selector_context(history)
+            task.context = selector_context(history, self.canon.selector.context_exchanges)
             task.mentioned = " ".join(t.content for t in history if t.role == "user")
         if self.canon is not None and (task.mode != GENERATED or request.kind == "compare"):
             # the repeat window matters only where canon lines compete (one Redis read)

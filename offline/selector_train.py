@@ -53,6 +53,8 @@ class SelectorConfig:
     torch_threads: int = 0
     init_from: str = ""  # a stored selector to continue from (same LoRA rank)
     eval_every: int = 0  # steps between validation Recall@1 checks (0: none)
+    context_exchanges: int = 1  # exchanges before the message a query carries
+    cached_mini_batch: int = 0  # >0: CachedMultipleNegativesRankingLoss in chunks this size
 
 
 def training_rows(pairs: Sequence[Pair], scenes: Scenes, config: SelectorConfig
@@ -69,7 +71,8 @@ def training_rows(pairs: Sequence[Pair], scenes: Scenes, config: SelectorConfig
                      if n.response.strip().lower() != pair.response.strip().lower()]
         if config.hard_negatives and not negatives:
             continue
-        context = scenes.context(pair) if rng.random() < config.context_keep else ()
+        context = (scenes.context(pair, config.context_exchanges)
+                   if rng.random() < config.context_keep else ())
         rows["query"].append(query_text(pair.anchor, context))
         rows["positive"].append(pair.response)
         if config.hard_negatives:
@@ -78,10 +81,13 @@ def training_rows(pairs: Sequence[Pair], scenes: Scenes, config: SelectorConfig
 
 
 def ranking_metrics(model: Any, pairs: Sequence[Pair], scenes: Scenes, context: bool,
-                    seed: int = 0, batch_size: int = 64) -> dict[str, float]:
+                    seed: int = 0, batch_size: int = 64, exchanges: int = 1
+                    ) -> dict[str, float]:
     """Recall@1, Recall@10 and MRR of each pair's true reply among ``CANDIDATES`` (the true
-    one and 99 other replies of the same pairs, drawn with ``seed``)."""
-    queries = [query_text(p.anchor, scenes.context(p) if context else ()) for p in pairs]
+    one and 99 other replies of the same pairs, drawn with ``seed``); with ``context``, each
+    query carries the ``exchanges`` exchanges before it."""
+    queries = [query_text(p.anchor, scenes.context(p, exchanges) if context else ())
+               for p in pairs]
     q = model.encode(queries, batch_size=batch_size, normalize_embeddings=True)
     r = model.encode([p.response for p in pairs], batch_size=batch_size,
                      normalize_embeddings=True)
@@ -112,7 +118,8 @@ def rank_scores(scores: Any, seed: int = 0) -> dict[str, float]:
 
 def listener_ranking_metrics(model: Any, pairs: Sequence[Pair], scenes: Scenes,
                              listener: Any, persona: Any, shortlist: int, weight: float,
-                             seed: int = 0, limit: int = 0) -> dict[str, float]:
+                             seed: int = 0, limit: int = 0, exchanges: int = 1
+                             ) -> dict[str, float]:
     """The bot's two stages on the same 100-candidate sets as :func:`ranking_metrics`: the
     selector's ``shortlist`` best (message + exchange before), re-ranked by cosine + ``weight``
     / 20 x the listener's PMI with the serving prompt; a true reply outside the shortlist keeps
@@ -122,7 +129,7 @@ def listener_ranking_metrics(model: Any, pairs: Sequence[Pair], scenes: Scenes,
     from persona.prompt import Turn, render_prompt
     from persona.reply_choice import COSINE_SCALE
 
-    queries = [query_text(p.anchor, scenes.context(p)) for p in pairs]
+    queries = [query_text(p.anchor, scenes.context(p, exchanges)) for p in pairs]
     q = model.encode(queries, batch_size=64, normalize_embeddings=True)
     r = model.encode([p.response for p in pairs], batch_size=64, normalize_embeddings=True)
     scores = q @ r.T
@@ -136,8 +143,9 @@ def listener_ranking_metrics(model: Any, pairs: Sequence[Pair], scenes: Scenes,
         order = sorted(range(CANDIDATES), key=lambda c: -row[c])
         top = order[:shortlist]
         pair = pairs[i]
-        context = scenes.context(pair)
-        history = [Turn("user", context[0]), Turn("assistant", context[1])] if context else []
+        context = scenes.context(pair, exchanges)
+        history = [Turn("user" if t % 2 == 0 else "assistant", text)
+                   for t, text in enumerate(context)]
         prompt = render_prompt(listener.tokenizer, persona, history, pair.anchor)
         pmi = listener.pmi(prompt, [pairs[sets[i][c]].response for c in top])
         combined = {c: float(row[c]) + weight / COSINE_SCALE * v
@@ -149,11 +157,15 @@ def listener_ranking_metrics(model: Any, pairs: Sequence[Pair], scenes: Scenes,
     return summarise(ranks)
 
 
-def load_encoder(path: Path | str | None = None) -> Any:
-    """A stored selector's encoder, or frozen MiniLM when ``path`` is None."""
+def load_encoder(path: Path | str | None = None) -> tuple[Any, int]:
+    """A stored selector's encoder and how many exchanges before a message its queries
+    carry, or frozen MiniLM (and 1) when ``path`` is None."""
     from persona.selector import Selector, base_encoder
 
-    return Selector.load(path).model if path else base_encoder()
+    if not path:
+        return base_encoder(), 1
+    selector = Selector.load(path)
+    return selector.model, selector.context_exchanges
 
 
 def train(data_dir: Path, out: Path, config: SelectorConfig, work_dir: Path) -> dict[str, Any]:
@@ -163,7 +175,10 @@ def train(data_dir: Path, out: Path, config: SelectorConfig, work_dir: Path) -> 
         SentenceTransformerTrainer,
         SentenceTransformerTrainingArguments,
     )
-    from sentence_transformers.losses import MultipleNegativesRankingLoss
+    from sentence_transformers.losses import (
+        CachedMultipleNegativesRankingLoss,
+        MultipleNegativesRankingLoss,
+    )
     from sentence_transformers.training_args import BatchSamplers
 
     if config.torch_threads:
@@ -206,13 +221,17 @@ def train(data_dir: Path, out: Path, config: SelectorConfig, work_dir: Path) -> 
     )
     curve: list[dict[str, float]] = []
     callbacks = ([_validation_curve(model, [p for p in pairs if p.split == "validation"],
-                                   scenes, config.eval_every, curve)]
+                                   scenes, config.eval_every, curve,
+                                   config.context_exchanges)]
                  if config.eval_every else [])
+    # The cached loss (GradCache) spends one more forward pass to give a large batch's
+    # in-batch negatives at a small batch's memory.
+    loss = (CachedMultipleNegativesRankingLoss(model, mini_batch_size=config.cached_mini_batch)
+            if config.cached_mini_batch else MultipleNegativesRankingLoss(model))
     started = time.perf_counter()
     trainer = SentenceTransformerTrainer(
         model=model, args=args, train_dataset=Dataset.from_dict(rows),
-        loss=MultipleNegativesRankingLoss(model),
-        callbacks=callbacks)
+        loss=loss, callbacks=callbacks)
     trainer.train()
     train_s = time.perf_counter() - started
     model = model.to(torch.float32)
@@ -221,7 +240,8 @@ def train(data_dir: Path, out: Path, config: SelectorConfig, work_dir: Path) -> 
              for k, v in get_peft_model_state_dict(module.auto_model).items()}
     metrics = {
         split: {f"context={c}": ranking_metrics(model, [p for p in pairs if p.split == split],
-                                                scenes, c) for c in (False, True)}
+                                                scenes, c, exchanges=config.context_exchanges)
+                for c in (False, True)}
         for split in ("validation", "test")
     }
     if out.exists():
@@ -232,6 +252,7 @@ def train(data_dir: Path, out: Path, config: SelectorConfig, work_dir: Path) -> 
         "lora": {"r": config.lora_r, "alpha": config.lora_alpha,
                  "targets": list(module.auto_model.peft_config["default"].target_modules)},
         "max_seq_length": config.max_seq_length,
+        "context_exchanges": config.context_exchanges,
         "config": asdict(config),
         "train_pairs": len(rows["query"]),
         "train_minutes": round(train_s / 60, 1),
@@ -269,7 +290,7 @@ def _continue_from(peft_model: Any, directory: Path) -> None:
 
 
 def _validation_curve(model: Any, pairs: Sequence[Pair], scenes: Scenes, every: int,
-                     curve: list[dict[str, float]]) -> Any:
+                      curve: list[dict[str, float]], exchanges: int) -> Any:
     """A trainer callback that logs validation Recall@1 (message + exchange) every ``every``
     steps, so a run shows whether more steps still help."""
     from transformers import TrainerCallback
@@ -280,7 +301,8 @@ def _validation_curve(model: Any, pairs: Sequence[Pair], scenes: Scenes, every: 
                 return
             model.eval()
             point = {"step": state.global_step,
-                     **ranking_metrics(model, pairs, scenes, context=True)}
+                     **ranking_metrics(model, pairs, scenes, context=True,
+                                       exchanges=exchanges)}
             model.train()
             curve.append(point)
             log.info("validation at step %d: %s", state.global_step, point)
@@ -356,10 +378,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     pairs = read_pairs(args.data_dir)
     scenes = Scenes(pairs)
-    model = load_encoder(args.model_dir)
+    model, exchanges = load_encoder(args.model_dir)
     chosen = [p for p in pairs if p.split == args.split]
     for context in (False, True):
-        print(f"context={context}:", ranking_metrics(model, chosen, scenes, context))
+        print(f"context={context}:", ranking_metrics(model, chosen, scenes, context,
+                                                     exchanges=exchanges))
     if args.listener:
         from base.config import Settings
         from engine.model_loading import load_model
@@ -384,5 +407,5 @@ def run(args: argparse.Namespace) -> int:
               f"{args.listener_tokens} tokens, {getattr(engine, 'engine_name', '?')}):",
               listener_ranking_metrics(model, chosen, scenes, listener, persona,
                                        args.shortlist, args.listener_weight,
-                                       limit=args.limit))
+                                       limit=args.limit, exchanges=exchanges))
     return 0

@@ -89,10 +89,17 @@ class Scenes:
     def previous(self, pair: Pair) -> Pair | None:
         return self.by_row.get(pair.row - 1)
 
-    def context(self, pair: Pair) -> tuple[str, ...]:
-        """The exchange before ``pair`` (older turn first), or nothing."""
-        before = self.previous(pair)
-        return (before.anchor, before.response) if before else ()
+    def context(self, pair: Pair, exchanges: int = 1) -> tuple[str, ...]:
+        """The ``exchanges`` exchanges before ``pair`` (older turns first; fewer where the
+        rows before are missing), or nothing."""
+        turns: list[str] = []
+        before = pair
+        for _ in range(exchanges):
+            before = self.previous(before)
+            if before is None:
+                break
+            turns[:0] = [before.anchor, before.response]
+        return tuple(turns)
 
     def neighbours(self, pair: Pair, radius: int = SCENE_RADIUS) -> list[Pair]:
         return [self.by_row[r] for r in range(pair.row - radius, pair.row + radius + 1)

@@ -87,6 +87,11 @@ class Selector:
         model.eval()
         return cls(model, meta)
 
+    @property
+    def context_exchanges(self) -> int:
+        """How many exchanges before a message its queries carry (as it was trained)."""
+        return int(self.meta.get("context_exchanges", 1))
+
     def encode(self, texts: Sequence[str], progress: bool = False) -> Any:
         import numpy as np
 

@@ -51,10 +51,21 @@ def test_a_short_run_writes_a_loadable_selector_and_can_continue_from_it(
     second = train(data, tmp_path / "second", again, tmp_path / "work2")
     assert second["config"]["init_from"] == str(tmp_path / "first")
     assert second["validation_curve"] == []
+    assert Selector.load(tmp_path / "second").context_exchanges == 1
     with pytest.raises(SystemExit, match="does not fit"):
         train(data, tmp_path / "third",
               SelectorConfig(batch_size=16, max_steps=1, bf16=False, lora_r=8,
                              init_from=str(tmp_path / "first")), tmp_path / "work3")
+
+
+def test_the_cached_loss_with_longer_context_writes_a_selector_that_says_so(
+        tmp_path: Path) -> None:
+    write_splits(tmp_path / "data")
+    config = SelectorConfig(batch_size=16, cached_mini_batch=4, context_exchanges=2,
+                            max_steps=1, bf16=False)
+    report = train(tmp_path / "data", tmp_path / "out", config, tmp_path / "work")
+    assert report["context_exchanges"] == 2
+    assert Selector.load(tmp_path / "out").context_exchanges == 2
 
 
 class RandomEncoder:
