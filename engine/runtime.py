@@ -125,7 +125,8 @@ def build_canon(settings: Settings) -> CanonPool | None:
 
     try:
         selector = Selector.load(settings.reply_choice.selector_dir)
-        return CanonPool.from_data(ensure_prepared(settings), selector)
+        return CanonPool.from_data(ensure_prepared(settings), selector,
+                                   by_anchor=settings.reply_choice.canon_by_anchor)
     except (SelectorError, FileNotFoundError) as exc:
         log.warning("REPLY_MODE=%s needs House's lines and the selector; answering in "
                     "generated mode: %s", settings.reply_choice.mode, exc)

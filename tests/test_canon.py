@@ -41,6 +41,8 @@ from persona.reply_choice import (
 class BagOfWords:
     """A selector stand-in: hashed word counts, L2-normalised."""
 
+    context_exchanges = 1
+
     def __init__(self) -> None:
         self.meta: dict[str, str] = {}
 
@@ -85,6 +87,31 @@ def test_search_ranks_by_the_message_and_leaves_out_heard_lines_and_strangers() 
                                                                       k=5, exclude_rows=heard)}
     named = canon.search("Cameron says I have a headache", k=5)
     assert "Tell Cameron the headache can wait." in [h.line.text for h in named]
+
+
+def test_lines_found_by_what_was_said_to_house_join_only_a_re_ranked_shortlist() -> None:
+    """CANON_BY_ANCHOR: House's reply to the thing said to him most like the message joins
+    the listener's shortlist though its own words share nothing with the message; without a
+    listener (the selector's cosine alone) it does not."""
+    selector = BagOfWords()
+    said = ["My cat scratched me again.", "Is the coffee fresh?", "Why the cane?"]
+    replies = ["Eh, close enough for clinic.", "Decaf is for quitters.", "It matches my eyes."]
+    lines = [CanonLine(i + 1, r, a) for i, (a, r) in enumerate(zip(said, replies, strict=True))]
+    canon = CanonPool(lines, selector, selector.encode(replies), selector.encode(said),
+                      by_anchor=1)
+    found = canon.search("my cat scratched me", k=1, by_anchor=1)
+    assert [h.line.text for h in found][-1] == "Eh, close enough for clinic."
+    assert found[-1].score == pytest.approx(canon.fit("my cat scratched me", (),
+                                                      [found[-1].line.text])[0])
+    assert "Eh, close enough for clinic." not in [
+        h.line.text for h in canon.search("my cat scratched me", k=1, by_anchor=1,
+                                          exclude_rows={1})]
+    heard = pick(CANON, "my cat scratched me", [], canon, None, k=1, shortlist=1,
+                 listener=lambda texts: [30.0 if "clinic" in t else 0.0 for t in texts])
+    assert heard is not None and heard.text == "Eh, close enough for clinic."
+    plain = pick(CANON, "my cat scratched me", [], canon, None, k=1)
+    assert plain is not None and plain.text != "Eh, close enough for clinic."
+    assert CanonPool(lines, selector, selector.encode(replies), by_anchor=1).by_anchor == 0
 
 
 def test_named_people_reads_names_in_any_case_and_possessives() -> None:
@@ -135,6 +162,10 @@ def test_selector_context_is_the_exchange_before_the_message() -> None:
     assert selector_context(history) == ("my leg", "Amputate.")
     expected = "and now? [SEP] Amputate. [SEP] my leg"
     assert query_text("and now?", ("my leg", "Amputate.")) == expected
+    longer = [Turn("user", "hi"), Turn("assistant", "Go away."), *history]
+    assert selector_context(longer, 2) == ("hi", "Go away.", "my leg", "Amputate.")
+    assert selector_context(longer, 1) == ("my leg", "Amputate.")
+    assert selector_context(history, 2) == ("my leg", "Amputate.")
 
 
 def test_judge_fold_is_a_quarter_of_train_and_only_train() -> None:
@@ -144,6 +175,9 @@ def test_judge_fold_is_a_quarter_of_train_and_only_train() -> None:
     assert not any(in_judge_fold(Pair(i, "test", "a", "r")) for i in range(100))
     scenes = Scenes(pairs[:10])
     assert scenes.context(pairs[5]) == ("a", "r")
+    numbered = [Pair(i, "train", f"a{i}", f"r{i}") for i in range(3)]
+    assert Scenes(numbered).context(numbered[2], 2) == ("a0", "r0", "a1", "r1")
+    assert Scenes(numbered).context(numbered[1], 2) == ("a0", "r0")
     assert [p.row for p in scenes.neighbours(pairs[0], 2)] == [1, 2]
 
 
