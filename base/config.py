@@ -286,9 +286,9 @@ class ReplyChoiceSettings(SettingsGroup):
     listener: Literal["pmi", "none"] = Field("pmi", validation_alias="LISTENER")
     listener_weight: float = Field(1.0, validation_alias="LISTENER_WEIGHT")
     canon_shortlist: int = Field(10, validation_alias="CANON_SHORTLIST")
-    # With the listener, this many more lines join the shortlist: House's replies to the things
-    # said to him most like the message (the earlier retrieval bot's way); 0: none.
-    canon_by_anchor: int = Field(0, ge=0, validation_alias="CANON_BY_ANCHOR")
+    # A canon line's score adds this weight x the likeness of the message to what was said to
+    # House before the line (the earlier retrieval bot's signal); 0: the selector alone.
+    canon_anchor_weight: float = Field(0.5, ge=0, validation_alias="CANON_ANCHOR_WEIGHT")
     # The listener scores only a reply's first LISTENER_TOKENS tokens (its cost is their sum).
     listener_tokens: int = Field(24, ge=1, validation_alias="LISTENER_TOKENS")
     # Under load the listener steps aside: with at least this many other requests in the

@@ -126,7 +126,7 @@ def build_canon(settings: Settings) -> CanonPool | None:
     try:
         selector = Selector.load(settings.reply_choice.selector_dir)
         return CanonPool.from_data(ensure_prepared(settings), selector,
-                                   by_anchor=settings.reply_choice.canon_by_anchor)
+                                   anchor_weight=settings.reply_choice.canon_anchor_weight)
     except (SelectorError, FileNotFoundError) as exc:
         log.warning("REPLY_MODE=%s needs House's lines and the selector; answering in "
                     "generated mode: %s", settings.reply_choice.mode, exc)

@@ -119,17 +119,16 @@ class CanonHit:
 
 class CanonPool:
     def __init__(self, lines: Sequence[CanonLine], selector: Any, embeddings: Any,
-                 anchor_embeddings: Any = None, by_anchor: int = 0):
+                 anchor_embeddings: Any = None, anchor_weight: float = 0.0):
         if not lines:
             raise ValueError("an empty canon pool")
         self.lines = list(lines)
         self.selector = selector
         self.matrix = embeddings
-        # what was said to House before each line, for `search`'s ``by_anchor`` (None: not
-        # embedded, so no line is found that way), and how many lines a re-ranked search
-        # adds that way (CANON_BY_ANCHOR)
+        # what was said to House before each line (None: not embedded) and the weight of its
+        # likeness to the message in a line's score (CANON_ANCHOR_WEIGHT)
         self.anchor_matrix = anchor_embeddings
-        self.by_anchor = by_anchor if anchor_embeddings is not None else 0
+        self.anchor_weight = anchor_weight if anchor_embeddings is not None else 0.0
         self.by_row = {line.row: i for i, line in enumerate(self.lines)}
         self.names = [named_people(line.text) for line in self.lines]
         self.sentences = [len(split_sentences(line.text)) for line in self.lines]
@@ -151,10 +150,9 @@ class CanonPool:
 
     @classmethod
     def from_data(cls, data_dir: Path, selector: Any, cache_dir: Path | None = CACHE_DIR,
-                  progress: bool = False, by_anchor: int = 0) -> CanonPool:
-        """The pool of a prepared data set (train split, judge fold left out); with
-        ``by_anchor`` also what was said before each line, embedded (`search`'s
-        ``by_anchor``)."""
+                  progress: bool = False, anchor_weight: float = 0.0) -> CanonPool:
+        """The pool of a prepared data set (train split, judge fold left out); with an
+        ``anchor_weight`` also what was said before each line, embedded."""
         import numpy as np
 
         seen: set[str] = set()
@@ -168,13 +166,13 @@ class CanonPool:
             lines.append(CanonLine(pair.row, text, pair.anchor))
         model = str(selector.meta.get("trained_sha", selector.meta.get("train_minutes", "")))
 
-        def embedded(kind: str, texts: list[str]) -> Any:
+        def embedded(kind: str, what: str, texts: list[str]) -> Any:
             digest = hashlib.sha1("\x1e".join(texts).encode())
             digest.update(model.encode())
             path = cache_dir / f"{kind}-{digest.hexdigest()[:16]}.npy" if cache_dir else None
             if path is not None and path.is_file():
                 return np.load(path)
-            log.info("embedding %d canon %s (once; cached)", len(texts), kind)
+            log.info("embedding %d %s (once; cached)", len(texts), what)
             vectors = selector.encode(texts, progress=progress)
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -183,38 +181,23 @@ class CanonPool:
                 tmp.rename(path)
             return vectors
 
-        embeddings = embedded("canon", [line.text for line in lines])
-        anchors = embedded("anchors", [line.anchor for line in lines]) if by_anchor else None
-        return cls(lines, selector, embeddings, anchors, by_anchor)
+        embeddings = embedded("canon", "canon lines", [line.text for line in lines])
+        anchors = (embedded("anchors", "things said to House before a canon line",
+                            [line.anchor for line in lines]) if anchor_weight else None)
+        return cls(lines, selector, embeddings, anchors, anchor_weight)
 
     def search(self, message: str, context: Sequence[str] = (), k: int = 4,
                exclude_rows: Collection[int] = (), mentioned: str = "",
-               max_sentences: int = 3, by_anchor: int = 0) -> list[CanonHit]:
+               max_sentences: int = 3) -> list[CanonHit]:
         """The ``k`` best lines for ``message``. ``context`` is the exchange before it (older
         turn first); ``mentioned`` is the text whose names a line may use (the message and the
         conversation so far); lines longer than ``max_sentences`` (the persona's sentence cap)
-        are left out, since House's real lines are not cut. ``by_anchor``: that many more
-        lines, House's replies to the things said to him most like ``message`` (the earlier
-        retrieval bot's way), each with its cosine to the query like the rest."""
-        query = (message, tuple(context), tuple(exclude_rows), mentioned)
-        hits = self.search_many([query], k, max_sentences)[0]
-        if by_anchor and self.anchor_matrix is not None:
-            hits += self._by_anchor(query, by_anchor, max_sentences, {h.line.row for h in hits})
-        return hits
-
-    def _by_anchor(self, query: tuple[str, Sequence[str], Collection[int], str], n: int,
-                   max_sentences: int, found: set[int]) -> list[CanonHit]:
-        import numpy as np
-
-        message, context, exclude, mentioned = query
-        near = self.anchor_matrix @ self.query_vectors([message])[0]
-        cosines = self.matrix @ self.query_vectors([query_text(message, context)])[0]
-        return [CanonHit(self.lines[i], float(cosines[i]))
-                for i in self._allowed(np.argsort(-near), n, exclude, f"{message} {mentioned}",
-                                       max_sentences, found)]
+        are left out, since House's real lines are not cut."""
+        return self.search_many([(message, tuple(context), tuple(exclude_rows), mentioned)],
+                                k, max_sentences)[0]
 
     def _allowed(self, order: Any, n: int, exclude: Collection[int], mentioned: str,
-                 max_sentences: int, found: Collection[int] = ()) -> list[int]:
+                 max_sentences: int) -> list[int]:
         """The first ``n`` lines of ``order`` a reply may be: not heard lately (``exclude``),
         naming nobody the conversation did not mention, within the sentence cap, not one
         word."""
@@ -223,7 +206,7 @@ class CanonPool:
         for i in order[: 8 * n + 64]:
             i = int(i)
             line = self.lines[i]
-            if (line.row in exclude or line.row in found or not self.names[i] <= allowed
+            if (line.row in exclude or not self.names[i] <= allowed
                     or self.sentences[i] > max_sentences or self.short[i]):
                 continue
             chosen.append(i)
@@ -246,6 +229,11 @@ class CanonPool:
             return []
         vectors = self.query_vectors([query_text(m, c) for m, c, _, _ in queries])
         scores = vectors @ self.matrix.T
+        if self.anchor_weight:
+            # the earlier retrieval bot's signal: what was said to House before the line is
+            # like this message
+            said = self.query_vectors([m for m, _, _, _ in queries]) @ self.anchor_matrix.T
+            scores = scores + self.anchor_weight * said
         return [[CanonHit(self.lines[i], float(row[i]))
                  for i in self._allowed(np.argsort(-row), k, exclude, f"{message} {mentioned}",
                                         max_sentences)]

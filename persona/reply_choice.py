@@ -196,14 +196,12 @@ def _canon_hits(scores: CanonScores, message: str, canon: CanonPool, k: int,
                 sentence_cap: int, listener: Listener | None, shortlist: int,
                 listener_weight: float, heard_too: Sequence[str] = ()) -> list[CanonHit]:
     """The ``k`` canon lines that compete for the message (searched once per ``scores``): the
-    selector's best, or with a listener its ``shortlist`` best (and the pool's ``by_anchor``
-    lines found by what was said to House) re-ranked by cosine + PMI;
+    selector's best, or with a listener its ``shortlist`` best re-ranked by cosine + PMI;
     ``heard_too`` (generated candidates) is heard in the same listener call."""
     if scores.hits is not None:
         return scores.hits
     hits = canon.search(message, context, max(k, shortlist) if listener else k,
-                        heard, mentioned, sentence_cap,
-                        by_anchor=canon.by_anchor if listener is not None else 0)
+                        heard, mentioned, sentence_cap)
     if listener is not None and hits:
         weight = listener_weight / COSINE_SCALE
         texts = [h.line.text for h in hits]

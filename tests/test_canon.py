@@ -89,29 +89,25 @@ def test_search_ranks_by_the_message_and_leaves_out_heard_lines_and_strangers() 
     assert "Tell Cameron the headache can wait." in [h.line.text for h in named]
 
 
-def test_lines_found_by_what_was_said_to_house_join_only_a_re_ranked_shortlist() -> None:
-    """CANON_BY_ANCHOR: House's reply to the thing said to him most like the message joins
-    the listener's shortlist though its own words share nothing with the message; without a
-    listener (the selector's cosine alone) it does not."""
+def test_what_was_said_to_house_before_a_line_adds_to_its_score() -> None:
+    """CANON_ANCHOR_WEIGHT: House's reply to the thing said to him most like the message
+    rises though its own words share nothing with the message; at weight 0 it does not."""
     selector = BagOfWords()
     said = ["My cat scratched me again.", "Is the coffee fresh?", "Why the cane?"]
     replies = ["Eh, close enough for clinic.", "Decaf is for quitters.", "It matches my eyes."]
     lines = [CanonLine(i + 1, r, a) for i, (a, r) in enumerate(zip(said, replies, strict=True))]
-    canon = CanonPool(lines, selector, selector.encode(replies), selector.encode(said),
-                      by_anchor=1)
-    found = canon.search("my cat scratched me", k=1, by_anchor=1)
-    assert [h.line.text for h in found][-1] == "Eh, close enough for clinic."
-    assert found[-1].score == pytest.approx(canon.fit("my cat scratched me", (),
-                                                      [found[-1].line.text])[0])
-    assert "Eh, close enough for clinic." not in [
-        h.line.text for h in canon.search("my cat scratched me", k=1, by_anchor=1,
-                                          exclude_rows={1})]
-    heard = pick(CANON, "my cat scratched me", [], canon, None, k=1, shortlist=1,
-                 listener=lambda texts: [30.0 if "clinic" in t else 0.0 for t in texts])
-    assert heard is not None and heard.text == "Eh, close enough for clinic."
-    plain = pick(CANON, "my cat scratched me", [], canon, None, k=1)
-    assert plain is not None and plain.text != "Eh, close enough for clinic."
-    assert CanonPool(lines, selector, selector.encode(replies), by_anchor=1).by_anchor == 0
+    message = "my cat scratched me"
+    weighted = CanonPool(lines, selector, selector.encode(replies), selector.encode(said),
+                         anchor_weight=0.5)
+    best = weighted.search(message, k=1)[0]
+    assert best.line.text == "Eh, close enough for clinic."
+    said_like = float(selector.encode([message])[0] @ selector.encode([said[0]])[0])
+    assert best.score == pytest.approx(0.5 * said_like)  # its own words: cosine 0
+    assert weighted.search(message, k=1, exclude_rows={1})[0].line.text != best.line.text
+    plain = CanonPool(lines, selector, selector.encode(replies), selector.encode(said))
+    assert plain.search(message, k=1)[0].line.text == "It matches my eyes."  # shares "my"
+    assert CanonPool(lines, selector, selector.encode(replies),
+                     anchor_weight=0.5).anchor_weight == 0.0  # nothing embedded: no weight
 
 
 def test_named_people_reads_names_in_any_case_and_possessives() -> None:
