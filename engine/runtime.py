@@ -125,7 +125,8 @@ def build_canon(settings: Settings) -> CanonPool | None:
 
     try:
         selector = Selector.load(settings.reply_choice.selector_dir)
-        return CanonPool.from_data(ensure_prepared(settings), selector,
+        # the first start embeds the pool for minutes on a CPU: show it
+        return CanonPool.from_data(ensure_prepared(settings), selector, progress=True,
                                    anchor_weight=settings.reply_choice.canon_anchor_weight)
     except (SelectorError, FileNotFoundError) as exc:
         log.warning("REPLY_MODE=%s needs House's lines and the selector; answering in "
