@@ -164,11 +164,11 @@ class CanonPool:
                 continue
             seen.add(key)
             lines.append(CanonLine(pair.row, text, pair.anchor))
-        model = str(selector.meta.get("trained_sha", selector.meta.get("train_minutes", "")))
+        selector_key = str(selector.meta.get("trained_sha", selector.meta.get("train_minutes", "")))
 
         def embedded(kind: str, what: str, texts: list[str]) -> Any:
             digest = hashlib.sha1("\x1e".join(texts).encode())
-            digest.update(model.encode())
+            digest.update(selector_key.encode())
             path = cache_dir / f"{kind}-{digest.hexdigest()[:16]}.npy" if cache_dir else None
             if path is not None and path.is_file():
                 return np.load(path)
