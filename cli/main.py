@@ -24,7 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "data": ("persona.data", "prepare the House dialogue data set"),
     "train": ("offline.train", "train the House LoRA adapter"),
     "selector": ("offline.selector_train", "train or measure the response selector"),
-    "judge": ("offline.judge", "train the fit judge (evaluation only)"),
+    "judge": ("offline.judge", "the fit judge (evaluation only): train it, measure it"),
     "eval": ("offline.evaluate", "evaluate persona quality of base, adapters and baselines"),
     "blind": ("offline.blind_check", "a reader does the persona classifier's job blind"),
     "gpu-check": ("offline.gpu_check", "the GPU paths in one short run: 4-bit and bf16 "

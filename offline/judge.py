@@ -10,7 +10,8 @@ system's reply among 99 other House replies (of the same split, drawn with a fix
 the judge's score — 1.0 when the judge prefers it to all 99, 0.5 for a reply that fits like a
 random House line. Human (the line House really said) is the ceiling.
 
-    drhouse judge train        # ~20 min on 2 CPU cores, writes models/fit-judge
+    drhouse judge train        # writes models/fit-judge (see docs/evaluation.md for its time)
+    drhouse judge eval         # its ranking of held-out validation pairs
 """
 
 from __future__ import annotations
@@ -159,6 +160,17 @@ def ranking_accuracy(judge: FitJudge, pairs: Sequence[Pair], seed: int = 0,
             "mrr": round(mrr / n, 4), "mean_percentile": round(pct / n, 4), "n": n}
 
 
+def validation_sample(pairs: Sequence[Pair], n: int, seed: int) -> list[Pair]:
+    """The held-out pairs a judge is measured on: ``n`` validation pairs drawn with ``seed``."""
+    validation = [p for p in pairs if p.split == "validation"]
+    return random.Random(seed).sample(validation, min(n, len(validation)))
+
+
+def protocol(n: int, seed: int) -> str:
+    return (f"{n} validation pairs, the true reply among it and {OTHERS} other validation "
+            f"replies (seed {seed})")
+
+
 def training_rows(pairs: Sequence[Pair], scenes: Scenes, seed: int) -> dict[str, list[str]]:
     fold = [p for p in pairs if in_judge_fold(p)]
     rng = random.Random(seed)
@@ -208,12 +220,9 @@ def train(data_dir: Path, out: Path, config: JudgeConfig, work_dir: Path) -> dic
             "trained_on": "train split, judge fold only (disjoint from the canon pool)"}
     (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     judge = FitJudge.load(out)
-    validation = [p for p in pairs if p.split == "validation"]
-    sample = random.Random(config.seed).sample(validation, min(config.eval_pairs,
-                                                               len(validation)))
+    sample = validation_sample(pairs, config.eval_pairs, config.seed)
     meta["validation_ranking"] = ranking_accuracy(judge, sample, progress=True)
-    meta["protocol"] = (f"{len(sample)} validation pairs, the true reply among it and "
-                        f"{OTHERS} other validation replies (seed {config.seed})")
+    meta["protocol"] = protocol(len(sample), config.seed)
     (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return meta
 
@@ -231,12 +240,28 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
             t.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
         else:
             t.add_argument(flag, type=type(value), default=value)
+    e = sub.add_parser("eval", help="a judge's ranking of held-out validation pairs (the true "
+                                    "reply among 100)")
+    e.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    e.add_argument("--judge-dir", type=Path, default=DEFAULT_DIR)
+    e.add_argument("--pairs", type=int, default=300, help="validation pairs to rank")
+    e.add_argument("--seed", type=int, default=0)
 
 
 def run(args: argparse.Namespace) -> int:
     if not (args.data_dir / "train.jsonl").is_file():
         raise SystemExit(f"{args.data_dir}/train.jsonl not found: run `drhouse data prepare` "
                          "first")
+    if args.judge_action == "eval":
+        try:
+            judge = FitJudge.load(args.judge_dir)
+        except JudgeError as exc:
+            raise SystemExit(str(exc)) from None
+        sample = validation_sample(read_pairs(args.data_dir), args.pairs, args.seed)
+        result = {"judge": str(args.judge_dir), "protocol": protocol(len(sample), args.seed),
+                  **ranking_accuracy(judge, sample, args.seed, progress=True)}
+        print(json.dumps(result, indent=2))
+        return 0
     config = JudgeConfig(**{f: getattr(args, f) for f in asdict(JudgeConfig())})
     print(json.dumps(train(args.data_dir, args.out, config, args.work_dir), indent=2))
     return 0
