@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
+import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -304,7 +305,6 @@ async def test_refine_puts_real_exchanges_in_the_adapters_prompt_only(
 
 
 def test_refine_data_never_shows_a_pair_its_own_scene(tmp_path: Path) -> None:
-    import json
 
     from offline.refine_data import write_refine_data
 
@@ -341,7 +341,6 @@ def test_a_stage_direction_is_taken_off_a_canon_line(tmp_path) -> None:  # type:
     """The transcripts open some of House's lines with what he does ("Rolls his eyes."); the
     bot used to say that aloud ("Washes the pill down with some beer."). Speech that starts
     the same way ("Turns out …", "Looks like …", "I …") stays."""
-    import json
 
     from persona.canon import without_narration
 
@@ -372,6 +371,23 @@ def test_a_stage_direction_is_taken_off_a_canon_line(tmp_path) -> None:  # type:
     built = CanonPool.from_data(tmp_path, BagOfWords(), cache_dir=None)
     assert sorted(line.text for line in built.lines) == ["It's never lupus.",
                                                        "There's no such thing."]
+
+
+def test_a_line_with_a_direction_run_into_its_middle_leaves_the_pool(tmp_path: Path) -> None:
+    from persona.canon import has_run_in_direction
+
+    run_in = ("You know who's even luckier? You and just about every other human being His cell "
+              "phone rings who wasn't down there.")
+    assert has_run_in_direction(run_in)
+    assert has_run_in_direction("Give me a minute He puts the phone on the table.")
+    for speech in ("He's lying. His wife knows it.", "Ask him, he knows.",
+                   "Then I said, I don't know. She left.", "His liver is fine, Wilson."):
+        assert not has_run_in_direction(speech)
+    rows = [{"id": f"row-{i}", "anchor": f"question {i}", "response": text}
+            for i, text in enumerate([run_in, "It's never lupus."] * 8)]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    built = CanonPool.from_data(tmp_path, BagOfWords(), cache_dir=None)
+    assert [line.text for line in built.lines] == ["It's never lupus."]
 
 
 class PreferringListener:
