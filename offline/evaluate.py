@@ -282,6 +282,7 @@ def run(args: argparse.Namespace) -> int:
         parse_sets(args.set))
     reranker = args.reranker or settings.generation.reranker
     check_data(args, settings)
+    check_reuse(args.reuse or [])
     prompts = read_prompts(args, settings.frontend.max_message_chars)
     if not prompts:
         raise SystemExit("no prompts")
@@ -434,6 +435,17 @@ def check_data(args: argparse.Namespace, settings: Settings) -> None:
                              f"prepare ({exc}); run `drhouse data prepare --input CSV`") from exc
     raise SystemExit(f"drhouse eval: {args.data_dir}/train.jsonl not found: run `drhouse data "
                      f"prepare --out {args.data_dir}` or pass --data-dir")
+
+
+def check_reuse(directories: Sequence[Path]) -> None:
+    """Before anything runs for minutes: every ``--reuse`` folder must be an earlier run's
+    output (its run.json and samples/*.jsonl)."""
+    for directory in directories:
+        if not (directory / "run.json").is_file():
+            raise SystemExit(f"drhouse eval --reuse {directory}: no run.json there; give the "
+                             "--out folder of an earlier `drhouse eval`")
+        if not any((directory / "samples").glob("*.jsonl")):
+            raise SystemExit(f"drhouse eval --reuse {directory}: no samples/*.jsonl there")
 
 
 def hears_listener(system: str) -> bool:

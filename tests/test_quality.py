@@ -300,3 +300,23 @@ def test_eval_says_what_to_run_before_generating_when_no_data_is_prepared(
         main(["eval", "--prompts", str(prompts), "--data-dir", str(tmp_path / "none"),
               "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_eval_says_what_is_wrong_with_a_reuse_folder_before_generating(
+        tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from test_selector_train import write_splits
+
+    from cli.main import main
+
+    write_splits(tmp_path / "data")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Do I need surgery?\n")
+    args = ["eval", "--prompts", str(prompts), "--data-dir", str(tmp_path / "data"),
+            "--systems", "human", "--out", str(tmp_path / "out")]
+    (tmp_path / "copied" / "samples").mkdir(parents=True)
+    with pytest.raises(SystemExit, match=r"no run\.json there"):
+        main([*args, "--reuse", str(tmp_path / "copied")])
+    (tmp_path / "copied" / "run.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r"no samples/\*.jsonl there"):
+        main([*args, "--reuse", str(tmp_path / "copied")])
+    assert not (tmp_path / "out").exists()
