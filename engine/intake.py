@@ -24,7 +24,7 @@ from base.keys import WORKERS_GROUP, Keys
 from base.metrics import WorkerMetrics
 from base.protocol import ProtocolError, Request
 from base.redis_conn import REDIS_DOWN
-from persona.prompt import has_words
+from persona.reply_choice import needs_jab
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +63,16 @@ def _stream_order(entry_id: str) -> tuple[int, int]:
 
 
 def needs_no_model(fields: dict[str, str]) -> bool:
-    """A request answered without the model: /reset, /forget, a message without words."""
+    """A request answered without the model: /reset, /forget, a message without words or in
+    another language."""
     try:
         request = Request.loads(fields)
     except ProtocolError:
         return True  # dead-lettered at once
-    # A message whose raw text has no words has none after cleaning either: prepare() jabs it.
+    # A message whose raw text has no words (or is in another language) is so after
+    # cleaning too: prepare() jabs it.
     return request.kind in CONTROL_KINDS or (request.kind == CHAT
-                                             and not has_words(request.text))
+                                             and needs_jab(request.text))
 
 
 def split_quick(entries: list[Entry]) -> tuple[list[Entry], list[Entry]]:

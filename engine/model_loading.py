@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from base.cpu import cpu_has_bf16
 from base.keys import BASE_VARIANT
 
 log = logging.getLogger(__name__)
@@ -67,16 +68,6 @@ def pick_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError("DEVICE=cuda but no CUDA device is available")
     return torch.device(device)
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX); on others (AVX2
-    only) torch emulates it, slower than float32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def fast_dtype(device: torch.device) -> torch.dtype:

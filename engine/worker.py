@@ -52,8 +52,8 @@ from engine.output import PartialEvents, ReplyBuilder
 from engine.task import Task
 from persona.canon import CanonPool
 from persona.pack import Controls, Persona
-from persona.prompt import Turn, clean_user_text, has_words, render_prompt
-from persona.reply_choice import CANON, GENERATED, HYBRID, MODES
+from persona.prompt import Turn, clean_user_text, render_prompt
+from persona.reply_choice import CANON, GENERATED, HYBRID, MODES, jab_for
 
 log = logging.getLogger(__name__)
 
@@ -588,9 +588,9 @@ class Worker:
         if not text:
             task.reply = self.reply(request, text=persona.line("empty"))
             return
-        if not has_words(text):  # "???", a row of emoji: a jab, not a generation
-            task.reply = self.reply(request, text=persona.jab(request_seed(
-                request, self.defaults)))
+        jab = jab_for(persona, text, request_seed(request, self.defaults))
+        if jab is not None:  # "???", a row of emoji, another language: nothing to generate
+            task.reply = self.reply(request, text=jab)
             return
         task.text, task.speaker = text, speaker
         self._taken.append((time.monotonic(), request.conversation))

@@ -465,8 +465,8 @@ def derive_systems(samples: dict[str, list[Sample]], timing: dict[str, dict[str,
     from engine.model_loading import load_model
     from engine.runtime import listener_for
     from offline.quality import Sample
-    from persona.prompt import has_words, render_prompt
-    from persona.reply_choice import GENERATED, Candidate, CanonScores, pick, sure_canon
+    from persona.prompt import render_prompt
+    from persona.reply_choice import GENERATED, Candidate, CanonScores, jab_for, pick, sure_canon
 
     generated = samples.get(adapter)
     listener = None
@@ -498,8 +498,9 @@ def derive_systems(samples: dict[str, list[Sample]], timing: dict[str, dict[str,
             candidates = [Candidate(c[0], GENERATED, source=k)
                           for k, c in enumerate(source.candidates)] if source else []
             started = time.perf_counter()
-            if not has_words(prompt.message):  # as the worker: a jab, nothing generated
-                out.append(Sample(message=prompt.message, reply=persona.jab(i),
+            jab = jab_for(persona, prompt.message, i)
+            if jab is not None:  # as the worker: a jab, nothing generated
+                out.append(Sample(message=prompt.message, reply=jab,
                                   reference=prompt.reference, ms=0.0))
                 continue
             heard = None

@@ -65,7 +65,7 @@ from typing import Any, Literal
 from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
 from base.config import ROOT
-from engine.model_loading import cpu_has_bf16
+from base.cpu import cpu_has_bf16
 from persona.dialogue import load_split
 
 log = logging.getLogger(__name__)

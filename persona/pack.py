@@ -65,10 +65,13 @@ class Persona:
     controls: Controls
     lines: dict[str, str] = field(default_factory=dict)
     jabs: tuple[str, ...] = ()
+    language_jabs: tuple[str, ...] = ()
 
-    def jab(self, seed: int) -> str:
-        """A short jab for a message with no words in it (``seed`` picks which)."""
-        return self.jabs[seed % len(self.jabs)] if self.jabs else self.line("empty")
+    def jab(self, seed: int, language: bool = False) -> str:
+        """A short jab for a message with no words in it, or (``language``) for one in another
+        language; ``seed`` picks which."""
+        pool = (self.language_jabs or self.jabs) if language else self.jabs
+        return pool[seed % len(pool)] if pool else self.line("empty")
 
     def line(self, key: str) -> str:
         """A canned in-character line (``busy``, ``error`` …); falls back to ``error``."""
@@ -94,4 +97,6 @@ def load_persona(name_or_path: str = "house") -> Persona:
         controls=Controls().merged(raw.get("controls", {})),
         lines={k: str(v).strip() for k, v in raw.get("lines", {}).items()},
         jabs=tuple(str(j).strip() for j in raw.get("jabs", []) if str(j).strip()),
+        language_jabs=tuple(str(j).strip() for j in raw.get("language_jabs", [])
+                            if str(j).strip()),
     )

@@ -8,7 +8,9 @@ reply merely repeats the user's message (the choice among candidates is `persona
 
 from __future__ import annotations
 
+import functools
 import re
+import unicodedata
 from collections.abc import Iterable, Sequence
 
 from persona.patterns import OPEN_STAGE_DIRECTION, SELF_NAMES
@@ -187,7 +189,13 @@ def mostly_latin(text: str, share: float = 0.6) -> bool:
     candidate in the message's other script (a Russian greeting answered in Russian) is not
     his."""
     letters = [c for c in text if c.isalpha()]
-    return not letters or sum("a" <= c.lower() <= "z" for c in letters) / len(letters) >= share
+    return not letters or sum(_latin(c) for c in letters) / len(letters) >= share
+
+
+@functools.cache
+def _latin(letter: str) -> bool:
+    """A letter of the Latin script, accented ones included ("é", "ñ")."""
+    return unicodedata.name(letter, "").startswith("LATIN")
 
 
 # Common English words: a reply of four words or more with none of them is in another language
@@ -225,11 +233,32 @@ _OTHER = frozenset({
 
 
 def in_another_language(message: str) -> bool:
-    """A message House would not take for English: mostly another script, or written in Latin
-    letters with two of another language's function words and fewer than two English ones."""
+    """A message House would not take for English: fewer than two common English words, and
+    mostly another script or two of another language's function words. ("I have a headache"
+    with its Hebrew translation after it is English enough to answer.)"""
     w = words(message)
-    return not mostly_latin(message) or (sum(x in _OTHER for x in w) >= 2
-                                         and sum(x in _ENGLISH for x in w) < 2)
+    return sum(x in _ENGLISH for x in w) < 2 and (not mostly_latin(message)
+                                                  or sum(x in _OTHER for x in w) >= 2)
+
+
+# A transcript's note of the language spoken, before the words themselves ("Russian Voydi
+# moya malishka Come in my baby."): a language's name, then a capitalised word.
+_LANGUAGE_NOTE = re.compile(
+    r"^(?:Russian|Spanish|French|German|Italian|Portuguese|Chinese|Mandarin|Cantonese|Japanese|"
+    r"Korean|Hebrew|Yiddish|Arabic|Hindi|Greek|Latin|Polish|Dutch|Swedish|Vietnamese) [A-Z]")
+
+
+def has_foreign_passage(text: str) -> bool:
+    """A line with a passage in another language, mostly with its translation after it
+    ("Dsol, je ne parle pas anglais. Sorry, I don't speak English."): two different function
+    words of another language, or a transcript's language note. Such a line is not House
+    answering in English (5 of the canon pool's 13,273 lines)."""
+    return (len({x for x in words(text) if x in _OTHER_NOT_ENGLISH}) >= 2
+            or bool(_LANGUAGE_NOTE.match(text.strip())))
+
+
+# Of them, those that are English words too ("Um, you could die.").
+_OTHER_NOT_ENGLISH = _OTHER - {"die", "um", "o", "per", "con", "non"}
 
 
 def answers_in_english(reply: str, message: str) -> bool:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Literal
 from persona.patterns import LOOP_SEQ_REP
 from persona.postprocess import (
     answers_in_english,
+    in_another_language,
     in_english,
     is_echo,
     mirrors,
@@ -38,9 +39,11 @@ from persona.postprocess import (
     seq_rep_n,
     sounds_like_assistant,
 )
+from persona.prompt import has_words
 
 if TYPE_CHECKING:
     from persona.canon import CanonHit, CanonPool
+    from persona.pack import Persona
 
 Mode = Literal["generated", "canon", "hybrid"]
 MODES: tuple[str, ...] = ("generated", "canon", "hybrid")
@@ -69,6 +72,22 @@ class Choice:
     @property
     def winner(self) -> Candidate | None:
         return self.candidates[self.index] if self.index >= 0 else None
+
+
+def jab_for(persona: Persona, message: str, seed: int) -> str | None:
+    """The pack's short jab for a message the model is no use for — no words in it ("???", a
+    row of emoji), or another language (`in_another_language`: House answers in English, and
+    the selector reads English only) — else None. ``seed`` picks which jab."""
+    if not has_words(message):
+        return persona.jab(seed)
+    if in_another_language(message):
+        return persona.jab(seed, language=True)
+    return None
+
+
+def needs_jab(message: str) -> bool:
+    """Whether `jab_for` answers ``message`` (nothing to generate)."""
+    return not has_words(message) or in_another_language(message)
 
 
 def acceptable(text: str, message: str) -> bool:

@@ -43,11 +43,13 @@ class BagOfWords:
     """A selector stand-in: hashed word counts, L2-normalised."""
 
     context_exchanges = 1
+    bulk_bf16 = False
 
     def __init__(self) -> None:
         self.meta: dict[str, str] = {}
 
-    def encode(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
+    def encode(self, texts: Sequence[str], progress: bool = False,
+               bulk: bool = False) -> np.ndarray:
         out = np.zeros((len(texts), 512), dtype=np.float32)
         for i, text in enumerate(texts):
             for word in re.findall(r"[a-z']+", text.split(" [SEP] ")[0].lower()):
@@ -385,6 +387,24 @@ def test_a_line_with_a_direction_run_into_its_middle_leaves_the_pool(tmp_path: P
         assert not has_run_in_direction(speech)
     rows = [{"id": f"row-{i}", "anchor": f"question {i}", "response": text}
             for i, text in enumerate([run_in, "It's never lupus."] * 8)]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    built = CanonPool.from_data(tmp_path, BagOfWords(), cache_dir=None)
+    assert [line.text for line in built.lines] == ["It's never lupus."]
+
+
+def test_lines_cut_off_or_partly_in_another_language_leave_the_pool(tmp_path: Path) -> None:
+    from persona.canon import is_unfinished
+
+    assert is_unfinished("It's insomnia. Four nights without REM sleep can cause")
+    assert is_unfinished("Any chance the heart failure could be unrelated to--")
+    assert is_unfinished("I was wrong. You should have stopped me. he leaves")
+    for whole in ("It's never lupus.", "Why?", "Move!", 'He said "no."', "Wait…"):
+        assert not is_unfinished(whole), whole
+    texts = ["Four nights without REM sleep can cause",
+             "Dsol, je ne parle pas anglais. Sorry, I don't speak English.",
+             "Russian Voydi moya malishka Come in my baby.", "It's never lupus."]
+    rows = [{"id": f"row-{i}", "anchor": f"question {i}", "response": text}
+            for i, text in enumerate(texts * 4)]
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     built = CanonPool.from_data(tmp_path, BagOfWords(), cache_dir=None)
     assert [line.text for line in built.lines] == ["It's never lupus."]

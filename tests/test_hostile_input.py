@@ -214,6 +214,19 @@ async def test_a_message_without_words_gets_a_short_jab_and_no_generation(
     assert generator.jobs == []
 
 
+@pytest.mark.parametrize("text", ["Привет! Как дела?", "Hola doctor, me duele la cabeza.",
+                                  "こんにちは"])
+async def test_a_message_in_another_language_gets_an_english_jab_and_no_generation(
+        text: str, core: FrontendCore, queue: QueueClient, redis: aioredis.Redis,
+        keys: Keys, persona: Persona) -> None:
+    generator = CapturingGenerator()
+    async with running_worker(redis, keys, persona, generator):
+        reply = await ask(core, queue, "u9", text)
+        english = await ask(core, queue, "u9", "I have a headache — יש לי כאב ראש")
+    assert reply in persona.language_jabs and english.startswith("Diagnosis ")
+    assert generator.jobs and all("headache" in job.message for job in generator.jobs)
+
+
 COMMANDS = [
     ("/", "unknown_command"), ("/ ", "unknown_command"), ("/@DrHouseBot", "unknown_command"),
     ("//start", "unknown_command"), ("/" + "x" * 200, "unknown_command"),

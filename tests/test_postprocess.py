@@ -149,4 +149,19 @@ def test_a_message_in_another_language_gets_an_answer_in_english() -> None:
     assert acceptable("Take two aspirin. And learn English.", spanish)
     assert acceptable("De nada.", "Thank you so much, doctor.")  # his line, in English talk
     assert answers_in_english("Sarcoidosis.", "Gallstones could cause a pancreatic cyst.")
-    assert answers_in_english("Russian Voydi moya malishka Come in my baby.", "Привет!")
+    # English with its translation after it is answered; accented Latin letters are Latin
+    assert not in_another_language("I have a headache — יש לי כאב ראש")
+    assert not in_another_language("Café au lait spots, doctor?")
+    assert in_another_language("Bonjour docteur, j'ai mal à la tête")
+
+
+def test_a_line_partly_in_another_language_is_found() -> None:
+    from persona.postprocess import has_foreign_passage
+
+    for line in ("Russian Voydi moya malishka Come in my baby.",
+                 "Dsol, je ne parle pas anglais. Sorry, I don't speak English.",
+                 "Tambin de la medicina Also of medicine."):
+        assert has_foreign_passage(line), line
+    for line in ("Dutch for grandmother. She's still my grandmother.", "Korean male, mid-thirties.",
+                 "French vanilla, yeah.", "It's never lupus.", "Um, you could die."):
+        assert not has_foreign_passage(line), line

@@ -96,7 +96,7 @@ async def test_bad_input_gets_a_line_and_the_worker_keeps_serving(fake_worker, q
     huge = await queue.ask(chat("why? " * 10_000), timeout_s=10)
     assert huge.error is None and (huge.text or "").startswith("Diagnosis")
     rtl = await queue.ask(chat("שלום, אני חולה 🤒🤒🤒"), timeout_s=10)
-    assert rtl.error is None and (rtl.text or "").startswith("Diagnosis")
+    assert rtl.error is None and rtl.text in persona.language_jabs  # House answers in English
 
 
 async def test_a_batch_runs_one_generate_call(redis, keys, persona, queue) -> None:  # type: ignore[no-untyped-def]
