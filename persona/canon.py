@@ -63,6 +63,12 @@ _NEXT_VERB = re.compile(r"(?:,\s*(?:then\s+)?|\band\s+|\bthen\s+)([a-z]+s)\b")
 
 
 _ENDING_SUBJECT = re.compile(r"^(?:he|she)\s+([a-z]+s)\b", re.I)
+# The same with a character for subject ("13 walks out.", "Cuddy looks stunned", "The team
+# leaves."): 27 last sentences of train lines, all directions when read; "thinks" is left to
+# speech ("Chase thinks that food allergies should still be on the table.").
+_NAMED_SUBJECT = re.compile(
+    r"^(?:The team|Everyone|13|Thirteen|Kutner|Taub|Masters|Adams|Park|Chase|Cameron|Cuddy|"
+    r"Foreman|Wilson|Amber|Stacy|Lucas|Tritter|Vogler)\s+([a-z]+s)\b")
 
 
 def _narrates(sentence: str) -> bool:
@@ -78,7 +84,10 @@ def _narrates(sentence: str) -> bool:
     if first in NARRATION_VERBS and words[0][:1].isupper():  # not "Takes that long to …"
         return len(words) == 1 or words[1].lower() not in (*_SPEECH_AFTER, "that")
     after = _ENDING_SUBJECT.match(sentence)
-    return bool(after) and after.group(1).lower() in NARRATION_VERBS
+    if after:
+        return after.group(1).lower() in NARRATION_VERBS
+    named = _NAMED_SUBJECT.match(sentence)
+    return bool(named) and named.group(1) in NARRATION_VERBS - {"thinks"}
 
 
 def without_narration(text: str) -> str:

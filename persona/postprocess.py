@@ -228,7 +228,9 @@ _OTHER = frozenset({
     "une", "pas", "avec", "der", "die", "das", "und", "ist", "ich", "nicht", "ein", "eine",
     "mit", "il", "di", "che", "per", "non", "sono", "o", "os", "não", "em", "um", "uma", "hola",
     "bonjour", "hallo", "ciao", "gracias", "merci", "danke", "grazie", "obrigado", "buenos",
-    "buenas", "dias", "señor", "doctora",
+    "buenas", "dias", "señor", "doctora", "tengo", "dolor", "j'ai", "oui", "bonsoir", "salut",
+    "guten", "morgen", "abend", "herr", "frau", "doktor", "wie", "geht", "habe", "bitte", "nein",
+    "buongiorno", "olá", "tudo", "bom",
 })
 
 

@@ -360,6 +360,13 @@ def test_a_stage_direction_is_taken_off_a_canon_line(tmp_path) -> None:  # type:
         "I may as well do it directly."
     assert without_narration("I'm not there! Hangs up the phone. He grabs his cane.") == \
         "I'm not there!"
+    # a character's action at the end (reading 11: "… unless you get in there... 13 walks out.")
+    assert without_narration("You're fired unless you get in there... 13 walks out.") == \
+        "You're fired unless you get in there..."
+    assert without_narration("Go. The team leaves.") == "Go."
+    for speech in ("Sure. Chase thinks that food allergies should still be on the table.",
+                   "Fine. Wilson looks blankly at him Come on, eat!"):
+        assert without_narration(speech) == speech
     for speech in ("Give me the pills. He takes them or he dies.", "Fine. Takes one to know one!",
                    "Good. Takes that long for the blood to reperfuse.", "Yes. Does he?",
                    "Do an MRI. Turns out it was lupus."):

@@ -153,6 +153,7 @@ def test_a_message_in_another_language_gets_an_answer_in_english() -> None:
     assert not in_another_language("I have a headache — יש לי כאב ראש")
     assert not in_another_language("Café au lait spots, doctor?")
     assert in_another_language("Bonjour docteur, j'ai mal à la tête")
+    assert in_another_language("Guten Morgen, Herr Doktor!")  # reading 11 got a canon line
 
 
 def test_a_line_partly_in_another_language_is_found() -> None:
