@@ -40,7 +40,9 @@ class ConsoleFrontend:
         self.settings = settings
         self.persona = persona
         self.queue = queue
-        self.core = FrontendCore(settings, persona, queue, keys)
+        # One line at a time, each after the last one's reply: a scripted chat of ten lines
+        # used to hear "Slow down" from the seventh on (USER_RATE_LIMIT is for chat platforms).
+        self.core = FrontendCore(settings, persona, queue, keys, rate_limit=False)
         self.stdin = stdin or sys.stdin
         self.out = Console(file=stdout or sys.stdout, highlight=False, soft_wrap=True,
                            emoji=False)

@@ -56,13 +56,17 @@ class Immediate:
 
 class FrontendCore:
     def __init__(self, settings: Settings, persona: Persona, queue: QueueClient, keys: Keys,
-                 metrics: FrontendMetrics | None = None):
+                 metrics: FrontendMetrics | None = None, rate_limit: bool = True):
+        """``rate_limit`` False: no per-user limit, for a frontend that waits for each reply
+        before it takes the next message (the terminal chat), so no user can flood the
+        queue through it."""
         self.settings = settings
         self.persona = persona
         self.queue = queue
         self.keys = keys
         self.metrics = metrics or FrontendMetrics(queue.frontend_id)
-        self.limit = UserRateLimit(queue.redis, keys, settings.frontend.user_rate_limit,
+        self.limit = UserRateLimit(queue.redis, keys,
+                                   settings.frontend.user_rate_limit if rate_limit else 0,
                                    settings.frontend.user_rate_window_s)
         self._alive = False
         self._alive_checked = float("-inf")

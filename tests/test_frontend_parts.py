@@ -207,6 +207,30 @@ async def test_the_console_rewrites_a_streamed_reply_in_place(
     assert "\r" not in outputs[False] and outputs[False].count("Diagnosis") == 1
 
 
+async def test_a_scripted_console_chat_is_not_rate_limited(
+        redis, keys, persona, settings) -> None:  # type: ignore[no-untyped-def]
+    """The console waits for each reply before it reads the next line, so the per-user limit
+    of chat platforms (here 2 a window) does not cut a piped conversation short."""
+    import io
+
+    from harness import running_worker
+
+    from base.queue_client import QueueClient
+    from bots.console import ConsoleFrontend
+    from engine.generation import FakeGenerator
+
+    queue = QueueClient(redis, keys, "console-script")
+    await queue.setup()
+    out = io.StringIO()
+    lines = "".join(f"question {i}?\n" for i in range(5))
+    console = ConsoleFrontend(settings.with_overrides(user_rate_limit=2), persona, queue, keys,
+                              stdin=io.StringIO(lines), stdout=out, interactive=False)
+    async with running_worker(redis, keys, persona, FakeGenerator()):
+        await asyncio.wait_for(console.run(), 20)
+    assert out.getvalue().count("Diagnosis") == 5
+    assert persona.line("slow_down") not in out.getvalue()
+
+
 async def test_the_console_waits_for_a_worker_that_is_still_starting(
         redis, keys, persona, settings) -> None:  # type: ignore[no-untyped-def]
     """`make run` on a fresh machine: the first question is typed while the worker is still
