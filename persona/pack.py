@@ -66,11 +66,13 @@ class Persona:
     lines: dict[str, str] = field(default_factory=dict)
     jabs: tuple[str, ...] = ()
     language_jabs: tuple[str, ...] = ()
+    filler_jabs: tuple[str, ...] = ()
 
-    def jab(self, seed: int, language: bool = False) -> str:
-        """A short jab for a message with no words in it, or (``language``) for one in another
-        language; ``seed`` picks which."""
-        pool = (self.language_jabs or self.jabs) if language else self.jabs
+    def jab(self, seed: int, kind: str = "no_words") -> str:
+        """A short jab for a message with no words in it (``no_words``), in another language
+        (``language``) or of nothing but "ok", "hmm", "lol" (``filler``); ``seed`` picks
+        which. A kind the pack has no jabs for gets the no-words ones."""
+        pool = {"language": self.language_jabs, "filler": self.filler_jabs}.get(kind) or self.jabs
         return pool[seed % len(pool)] if pool else self.line("empty")
 
     def line(self, key: str) -> str:
@@ -96,7 +98,11 @@ def load_persona(name_or_path: str = "house") -> Persona:
         other_speakers=tuple(raw.get("other_speakers", [])),
         controls=Controls().merged(raw.get("controls", {})),
         lines={k: str(v).strip() for k, v in raw.get("lines", {}).items()},
-        jabs=tuple(str(j).strip() for j in raw.get("jabs", []) if str(j).strip()),
-        language_jabs=tuple(str(j).strip() for j in raw.get("language_jabs", [])
-                            if str(j).strip()),
+        jabs=_texts(raw.get("jabs", [])),
+        language_jabs=_texts(raw.get("language_jabs", [])),
+        filler_jabs=_texts(raw.get("filler_jabs", [])),
     )
+
+
+def _texts(items: list[Any]) -> tuple[str, ...]:
+    return tuple(str(j).strip() for j in items if str(j).strip())

@@ -24,6 +24,7 @@ Modes (``REPLY_MODE``, or a request's ``mode`` setting):
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
@@ -74,20 +75,37 @@ class Choice:
         return self.candidates[self.index] if self.index >= 0 else None
 
 
-def jab_for(persona: Persona, message: str, seed: int) -> str | None:
-    """The pack's short jab for a message the model is no use for — no words in it ("???", a
-    row of emoji), or another language (`in_another_language`: House answers in English, and
-    the selector reads English only) — else None. ``seed`` picks which jab."""
+# A message of nothing but an acknowledgement or a noise ("ok", "k", "hmm", "lol", "sure"):
+# House's real lines for it come from scenes where it answered something (reading 11: "ok" →
+# "Okay? You're okay with being paid twice to facilitate blackmail?"). "yes", "no", "why" and
+# "thanks" answer something, so they go to the selector like any message.
+_FILLER = re.compile(r"^(?:(?:o+k+a*y*|k+|okey|hm+|m+h*m+|lo+l|lmao|(?:ha)+h?|cool|sure|fine|"
+                     r"alright|whatever|meh|oh+|ah+|wow)\b\W*){1,2}$", re.I)
+
+
+def jab_kind(message: str) -> str | None:
+    """Which of the pack's short jabs answers ``message``, or None when the model and House's
+    lines should: ``no_words`` ("???", a row of emoji), ``language`` (another language:
+    `in_another_language` — House answers in English, and the selector reads English only)
+    or ``filler`` ("ok", "hmm", "lol")."""
     if not has_words(message):
-        return persona.jab(seed)
+        return "no_words"
     if in_another_language(message):
-        return persona.jab(seed, language=True)
+        return "language"
+    if _FILLER.match(message.strip()):
+        return "filler"
     return None
+
+
+def jab_for(persona: Persona, message: str, seed: int) -> str | None:
+    """The pack's jab for ``message`` (`jab_kind`), else None; ``seed`` picks which jab."""
+    kind = jab_kind(message)
+    return persona.jab(seed, kind) if kind else None
 
 
 def needs_jab(message: str) -> bool:
     """Whether `jab_for` answers ``message`` (nothing to generate)."""
-    return not has_words(message) or in_another_language(message)
+    return jab_kind(message) is not None
 
 
 def acceptable(text: str, message: str) -> bool:

@@ -227,6 +227,19 @@ async def test_a_message_in_another_language_gets_an_english_jab_and_no_generati
     assert generator.jobs and all("headache" in job.message for job in generator.jobs)
 
 
+@pytest.mark.parametrize("text", ["ok", "OK!", "k", "hmm...", "lol", "sure"])
+async def test_a_bare_acknowledgement_gets_a_short_jab_and_no_generation(
+        text: str, core: FrontendCore, queue: QueueClient, redis: aioredis.Redis,
+        keys: Keys, persona: Persona) -> None:
+    generator = CapturingGenerator()
+    async with running_worker(redis, keys, persona, generator):
+        reply = await ask(core, queue, "u10", text)
+        answer = await ask(core, queue, "u10", "yes")  # an answer to something: the model's
+    assert reply in persona.filler_jabs and reply != persona.line("fallback")
+    assert answer.startswith("Diagnosis ")
+    assert generator.jobs and all(job.message == "yes" for job in generator.jobs)
+
+
 COMMANDS = [
     ("/", "unknown_command"), ("/ ", "unknown_command"), ("/@DrHouseBot", "unknown_command"),
     ("//start", "unknown_command"), ("/" + "x" * 200, "unknown_command"),

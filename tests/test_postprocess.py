@@ -166,3 +166,15 @@ def test_a_line_partly_in_another_language_is_found() -> None:
     for line in ("Dutch for grandmother. She's still my grandmother.", "Korean male, mid-thirties.",
                  "French vanilla, yeah.", "It's never lupus.", "Um, you could die."):
         assert not has_foreign_passage(line), line
+
+
+def test_which_messages_get_a_jab() -> None:
+    from persona.reply_choice import jab_kind
+
+    assert jab_kind("???") == "no_words" and jab_kind("👍👍") == "no_words"
+    assert jab_kind("Привет!") == "language"
+    for filler in ("ok", "Okay.", "kk", "hmmm", "lol", "haha", "sure", "cool cool", "hm ok"):
+        assert jab_kind(filler) == "filler", filler
+    for message in ("yes", "no", "why", "thanks", "ok thanks", "Okay? Tell me more.", "kidney",
+                    "Sure, but is it lupus?", "I have a headache"):
+        assert jab_kind(message) is None, message
