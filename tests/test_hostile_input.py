@@ -214,30 +214,25 @@ async def test_a_message_without_words_gets_a_short_jab_and_no_generation(
     assert generator.jobs == []
 
 
-@pytest.mark.parametrize("text", ["Привет! Как дела?", "Hola doctor, me duele la cabeza.",
-                                  "こんにちは"])
-async def test_a_message_in_another_language_gets_an_english_jab_and_no_generation(
-        text: str, core: FrontendCore, queue: QueueClient, redis: aioredis.Redis,
+# (message, its jab kind); after it, a message that is the model's to answer: English with
+# its translation, and "yes" (an answer to something, unlike "ok").
+JABBED = [("Привет! Как дела?", "language"), ("Hola doctor, me duele la cabeza.", "language"),
+          ("こんにちは", "language"), ("ok", "filler"), ("OK!", "filler"), ("k", "filler"),
+          ("hmm...", "filler"), ("lol", "filler"), ("sure", "filler")]
+NOT_JABBED = {"language": "I have a headache — יש לי כאב ראש", "filler": "yes"}
+
+
+@pytest.mark.parametrize(("text", "kind"), JABBED)
+async def test_another_language_or_a_bare_ok_gets_a_jab_and_no_generation(
+        text: str, kind: str, core: FrontendCore, queue: QueueClient, redis: aioredis.Redis,
         keys: Keys, persona: Persona) -> None:
     generator = CapturingGenerator()
     async with running_worker(redis, keys, persona, generator):
         reply = await ask(core, queue, "u9", text)
-        english = await ask(core, queue, "u9", "I have a headache — יש לי כאב ראש")
-    assert reply in persona.language_jabs and english.startswith("Diagnosis ")
-    assert generator.jobs and all("headache" in job.message for job in generator.jobs)
-
-
-@pytest.mark.parametrize("text", ["ok", "OK!", "k", "hmm...", "lol", "sure"])
-async def test_a_bare_acknowledgement_gets_a_short_jab_and_no_generation(
-        text: str, core: FrontendCore, queue: QueueClient, redis: aioredis.Redis,
-        keys: Keys, persona: Persona) -> None:
-    generator = CapturingGenerator()
-    async with running_worker(redis, keys, persona, generator):
-        reply = await ask(core, queue, "u10", text)
-        answer = await ask(core, queue, "u10", "yes")  # an answer to something: the model's
-    assert reply in persona.filler_jabs and reply != persona.line("fallback")
+        answer = await ask(core, queue, "u9", NOT_JABBED[kind])
+    assert reply in (persona.language_jabs if kind == "language" else persona.filler_jabs)
     assert answer.startswith("Diagnosis ")
-    assert generator.jobs and all(job.message == "yes" for job in generator.jobs)
+    assert generator.jobs and all(job.message == NOT_JABBED[kind] for job in generator.jobs)
 
 
 COMMANDS = [
