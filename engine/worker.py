@@ -53,7 +53,7 @@ from engine.task import Task
 from persona.canon import CanonPool
 from persona.pack import Controls, Persona
 from persona.prompt import Turn, clean_user_text, render_prompt
-from persona.reply_choice import CANON, GENERATED, HYBRID, MODES, jab_for
+from persona.reply_choice import CANON, GENERATED, HYBRID, MODES, jab_kind
 
 log = logging.getLogger(__name__)
 
@@ -588,11 +588,15 @@ class Worker:
         if not text:
             task.reply = self.reply(request, text=persona.line("empty"))
             return
-        jab = jab_for(persona, text, request_seed(request, self.defaults))
-        if jab is not None:  # "???", a row of emoji, another language: nothing to generate
-            task.reply = self.reply(request, text=jab)
-            return
         task.text, task.speaker = text, speaker
+        kind = jab_kind(text)
+        if kind is not None:  # "???", another language, a bare "ok": nothing to generate
+            # kept in the history like any exchange, so the next jab is another one
+            said = {t.content for t in await self.history.load(request.conversation)
+                    if t.role == "assistant"}
+            task.reply = self.reply(request, text=persona.jab(
+                request_seed(request, self.defaults), kind, avoid=said))
+            return
         self._taken.append((time.monotonic(), request.conversation))
         self._forget_taken()
         task.controls = self.defaults.merged(request.settings)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -68,12 +69,16 @@ class Persona:
     language_jabs: tuple[str, ...] = ()
     filler_jabs: tuple[str, ...] = ()
 
-    def jab(self, seed: int, kind: str = "no_words") -> str:
+    def jab(self, seed: int, kind: str = "no_words", avoid: Collection[str] = ()) -> str:
         """A short jab for a message with no words in it (``no_words``), in another language
         (``language``) or of nothing but "ok", "hmm", "lol" (``filler``); ``seed`` picks
-        which. A kind the pack has no jabs for gets the no-words ones."""
+        which, the next one on when it is in ``avoid`` (what the conversation already heard)
+        while another is left. A kind the pack has no jabs for gets the no-words ones."""
         pool = {"language": self.language_jabs, "filler": self.filler_jabs}.get(kind) or self.jabs
-        return pool[seed % len(pool)] if pool else self.line("empty")
+        if not pool:
+            return self.line("empty")
+        order = [pool[(seed + i) % len(pool)] for i in range(len(pool))]
+        return next((j for j in order if j not in avoid), order[0])
 
     def line(self, key: str) -> str:
         """A canned in-character line (``busy``, ``error`` …); falls back to ``error``."""

@@ -235,6 +235,19 @@ async def test_another_language_or_a_bare_ok_gets_a_jab_and_no_generation(
     assert generator.jobs and all(job.message == NOT_JABBED[kind] for job in generator.jobs)
 
 
+async def test_a_conversation_hears_every_jab_before_one_comes_again(
+        core: FrontendCore, queue: QueueClient, redis: aioredis.Redis, keys: Keys,
+        persona: Persona) -> None:
+    """A chat of "ok", "hmm", "lol" heard "Good talk. Come back when something hurts." three
+    times in five: jab exchanges are kept in the history, and a jab it holds is passed over."""
+    fillers = ["ok", "hmm", "lol", "sure", "k"][: len(persona.filler_jabs)]
+    async with running_worker(redis, keys, persona, CapturingGenerator()):
+        replies = [await ask(core, queue, "u11", text) for text in fillers]
+    assert sorted(replies) == sorted(persona.filler_jabs)
+    turns = await stored_turns(redis, keys, "t:u:u11")
+    assert [t["content"] for t in turns if t["role"] == "user"] == fillers
+
+
 COMMANDS = [
     ("/", "unknown_command"), ("/ ", "unknown_command"), ("/@DrHouseBot", "unknown_command"),
     ("//start", "unknown_command"), ("/" + "x" * 200, "unknown_command"),

@@ -408,7 +408,7 @@ async def test_healthz_fails_after_consecutive_generation_failures(
         await queue.submit(chat(f"poison {i}", conversation=f"p{i}"))
     await worker.run(burst=True)
     assert not worker.metrics.alive(60)
-    await queue.submit(chat("fine", conversation="f"))
+    await queue.submit(chat("fine now?", conversation="f"))
     await worker.run(burst=True)
     assert worker.metrics.alive(60)
 
