@@ -63,14 +63,13 @@ def _stream_order(entry_id: str) -> tuple[int, int]:
 
 
 def needs_no_model(fields: dict[str, str]) -> bool:
-    """A request answered without the model: /reset, /forget, a message without words or in
-    another language."""
+    """A request answered without the model: /reset, /forget, a message the pack's jabs
+    answer (no words, another language, a bare "ok": `persona.reply_choice.jab_kind`)."""
     try:
         request = Request.loads(fields)
     except ProtocolError:
         return True  # dead-lettered at once
-    # A message whose raw text has no words (or is in another language) is so after
-    # cleaning too: prepare() jabs it.
+    # What gets a jab in its raw text gets one after cleaning too: prepare() jabs it.
     return request.kind in CONTROL_KINDS or (request.kind == CHAT
                                              and needs_jab(request.text))
 
