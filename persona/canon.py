@@ -126,10 +126,11 @@ _FINISHED = re.compile(r"[.!?…][\"')\]]*$")
 
 
 def is_unfinished(text: str) -> bool:
-    """True for a line that stops without a full stop, question or exclamation mark. Read on
-    40 of the pool's 361 such lines: most are cut off ("Four nights without REM sleep can
-    cause", "cardiac--") or end in a direction ("… the team leaves"), a few are whole ("Run a
-    CT"); as a reply each reads broken, so such lines leave the pool."""
+    """True for a line that stops without a full stop, question or exclamation mark (354 of
+    the 13,271 train lines the pool's other rules keep). Read on 40 of them: most are cut off
+    ("Four nights without REM sleep can cause", "cardiac--") or end in a direction ("… the
+    team leaves"), a few are whole ("Run a CT"); as a reply each reads broken, so such lines
+    leave the pool."""
     return not _FINISHED.search(text.strip())
 
 

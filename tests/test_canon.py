@@ -417,6 +417,34 @@ def test_lines_cut_off_or_partly_in_another_language_leave_the_pool(tmp_path: Pa
     assert [line.text for line in built.lines] == ["It's never lupus."]
 
 
+def test_the_pool_is_embedded_in_bulk_and_cached_per_precision(tmp_path: Path) -> None:
+    """The pool asks for bulk encoding (bf16 where the CPU has it); a cache written in one
+    precision is not read back in the other."""
+
+    class Recording(BagOfWords):
+        def __init__(self, bf16: bool) -> None:
+            super().__init__()
+            self.bulk_bf16 = bf16
+            self.bulk_calls: list[bool] = []
+
+        def encode(self, texts: Sequence[str], progress: bool = False,
+                   bulk: bool = False) -> np.ndarray:
+            self.bulk_calls.append(bulk)
+            return super().encode(texts, progress, bulk)
+
+    rows = [{"id": f"row-{i}", "anchor": f"question {i}", "response": "It's never lupus."}
+            for i in range(8)]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    cache = tmp_path / "cache"
+    calls = []
+    for bf16 in (False, True, True):  # float32, bf16 (its own cache), bf16 again (cached)
+        selector = Recording(bf16)
+        CanonPool.from_data(tmp_path, selector, cache_dir=cache)
+        calls.append(selector.bulk_calls)
+    assert calls == [[True], [True], []]
+    assert len(list(cache.glob("canon-*.npy"))) == 2
+
+
 class PreferringListener:
     """A listener stand-in: PMI 40 for lines with ``word``, 0 otherwise; records its calls."""
 
