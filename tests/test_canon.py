@@ -113,6 +113,27 @@ def test_what_was_said_to_house_before_a_line_adds_to_its_score() -> None:
                      anchor_weight=0.5).anchor_weight == 0.0  # nothing embedded: no weight
 
 
+def test_a_longer_line_gains_by_the_length_weight() -> None:
+    """CANON_LENGTH_WEIGHT: of two lines the message matches alike, the longer rises by its
+    share of FULL_WORDS words; at weight 0 the selector's order stands."""
+    from persona.canon import FULL_WORDS, length_prior
+
+    selector = BagOfWords()
+    replies = ["A headache?",
+               "Headache. Tumour, hangover or your kid's lego: pick one, sit down and wait."]
+    lines = [CanonLine(i + 1, r, "") for i, r in enumerate(replies)]
+    message = "headache"
+    plain = CanonPool(lines, selector, selector.encode(replies))
+    assert plain.search(message, k=1)[0].line.text == "A headache?"
+    weighted = CanonPool(lines, selector, selector.encode(replies), length_weight=0.8)
+    best = weighted.search(message, k=1)[0]
+    assert best.line.text == replies[1]
+    cosine = float(selector.encode([message])[0] @ selector.encode([replies[1]])[0])
+    assert best.score == pytest.approx(cosine + 0.8)  # 13 words: the whole weight
+    assert length_prior("A headache?", 0.8) == pytest.approx(0.8 * 2 / FULL_WORDS)
+    assert length_prior("anything", 0.0) == 0.0
+
+
 def test_named_people_reads_names_in_any_case_and_possessives() -> None:
     assert named_people("wilson's car and CUDDY") == {"wilson", "cuddy"}
     assert named_people("I have a headache") == set()
@@ -389,8 +410,13 @@ def test_a_line_with_a_direction_run_into_its_middle_leaves_the_pool(tmp_path: P
               "phone rings who wasn't down there.")
     assert has_run_in_direction(run_in)
     assert has_run_in_direction("Give me a minute He puts the phone on the table.")
+    assert has_run_in_direction("You're dying. -- and takes out a bottle of rum and pours two "
+                                "shots' worth. A Man deserves a last drink.")
+    assert has_run_in_direction("Your lips say no, your gnarly fingers say -- makes a vomiting "
+                                "noise, like Uwaah!")
     for speech in ("He's lying. His wife knows it.", "Ask him, he knows.",
-                   "Then I said, I don't know. She left.", "His liver is fine, Wilson."):
+                   "Then I said, I don't know. She left.", "His liver is fine, Wilson.",
+                   "It's not -- this is lupus.", "It's -- well, it's cancer."):
         assert not has_run_in_direction(speech)
     rows = [{"id": f"row-{i}", "anchor": f"question {i}", "response": text}
             for i, text in enumerate([run_in, "It's never lupus."] * 8)]
