@@ -127,7 +127,8 @@ def build_canon(settings: Settings) -> CanonPool | None:
         selector = Selector.load(settings.reply_choice.selector_dir)
         # the first start embeds the pool for minutes on a CPU: show it
         return CanonPool.from_data(ensure_prepared(settings), selector, progress=True,
-                                   anchor_weight=settings.reply_choice.canon_anchor_weight)
+                                   anchor_weight=settings.reply_choice.canon_anchor_weight,
+                                   length_weight=settings.reply_choice.canon_length_weight)
     except (SelectorError, FileNotFoundError) as exc:
         log.warning("REPLY_MODE=%s needs House's lines and the selector; answering in "
                     "generated mode: %s", settings.reply_choice.mode, exc)
