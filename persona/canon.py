@@ -58,6 +58,9 @@ NARRATION_VERBS = frozenset({
     # read in the middle of train lines (2026-12-07): "He motions for Cuddy to back up …"
     "bangs", "bounces", "collapses", "grimaces", "inspects", "motions", "pokes", "punches",
     "rests", "sneezes", "stumbles", "switches", "unplugs",
+    # …and at their start (reading 12: "Peers into the pupil again and now we can see …")
+    "bursts", "connects", "cuts", "furrows", "hits", "interrupts", "jumps", "lowers", "peers",
+    "pushes", "steps", "studies", "swivels", "yanks",
 })
 _SPEECH_AFTER = frozenset({"out", "like", "good", "great", "bad", "fine", "familiar", "sense",
                            "worse", "better", "it"})
@@ -153,6 +156,22 @@ def named_people(text: str) -> set[str]:
     return {w.lower().removesuffix("'s") for w in _WORD.findall(text)} & CHARACTERS
 
 
+# Topics a canon line may raise only where the conversation did: out of its scene such a line
+# is a blow, not a joke (reading 12: "What's the weather like in Princeton?" got "You were
+# raped and you want to talk about the weather?"). About 60 train lines.
+SENSITIVE_TOPICS = {
+    "sexual assault": re.compile(r"\b(?:rap(?:e|ed|es|ing|ist|ists)|molest\w*)\b", re.I),
+    "suicide": re.compile(r"\b(?:suicid\w*|kill(?:s|ed|ing)? (?:yourself|himself|herself|"
+                          r"myself|themselves))\b", re.I),
+    "pregnancy loss": re.compile(r"\b(?:abort\w*|miscarr\w*)\b", re.I),
+}
+
+
+def sensitive_topics(text: str) -> set[str]:
+    """The `SENSITIVE_TOPICS` ``text`` raises."""
+    return {topic for topic, pattern in SENSITIVE_TOPICS.items() if pattern.search(text)}
+
+
 @dataclass(frozen=True)
 class CanonLine:
     row: int
@@ -194,6 +213,7 @@ class CanonPool:
                                dtype=np.float32) if length_weight else None)
         self.by_row = {line.row: i for i, line in enumerate(self.lines)}
         self.names = [named_people(line.text) for line in self.lines]
+        self.topics = [sensitive_topics(line.text) for line in self.lines]
         self.sentences = [len(split_sentences(line.text)) for line in self.lines]
         # one-word lines ("Foreman.", "Mom.", "Cuddy") answer nothing out of their scene
         self.short = [len(line.text.split()) < MIN_WORDS for line in self.lines]
@@ -265,14 +285,16 @@ class CanonPool:
     def _allowed(self, order: Any, n: int, exclude: Collection[int], mentioned: str,
                  max_sentences: int) -> list[int]:
         """The first ``n`` lines of ``order`` a reply may be: not heard lately (``exclude``),
-        naming nobody the conversation did not mention, within the sentence cap, not one
-        word."""
+        naming nobody and raising no sensitive topic the conversation did not mention, within
+        the sentence cap, not one word."""
         allowed = named_people(mentioned)
+        raised = sensitive_topics(mentioned)
         chosen: list[int] = []
         for i in order[: 8 * n + 64]:
             i = int(i)
             line = self.lines[i]
             if (line.row in exclude or not self.names[i] <= allowed
+                    or not self.topics[i] <= raised
                     or self.sentences[i] > max_sentences or self.short[i]):
                 continue
             chosen.append(i)

@@ -134,6 +134,23 @@ def test_a_longer_line_gains_by_the_length_weight() -> None:
     assert length_prior("anything", 0.0) == 0.0
 
 
+def test_a_line_raising_a_sensitive_topic_answers_only_a_conversation_that_raised_it() -> None:
+    """Reading 12: "What's the weather like in Princeton?" got "You were raped and you want to
+    talk about the weather?"."""
+    from persona.canon import sensitive_topics
+
+    canon = pool(["You were raped and you want to talk about the weather?",
+                  "The weather is a symptom of Princeton."])
+    assert [h.line.text for h in canon.search("What's the weather like?", k=2)] == [
+        "The weather is a symptom of Princeton."]
+    raised = canon.search("My friend was raped. Now she only talks about the weather.", k=2)
+    assert "You were raped and you want to talk about the weather?" in [h.line.text
+                                                                       for h in raised]
+    assert sensitive_topics("She tried to kill herself. Suicidal?") == {"suicide"}
+    assert sensitive_topics("A grape, drapes, therapist and a miscarriage") == {
+        "pregnancy loss"}
+
+
 def test_named_people_reads_names_in_any_case_and_possessives() -> None:
     assert named_people("wilson's car and CUDDY") == {"wilson", "cuddy"}
     assert named_people("I have a headache") == set()
