@@ -58,7 +58,7 @@ NARRATION_VERBS = frozenset({
     # read in the middle of train lines (2026-12-07): "He motions for Cuddy to back up …"
     "bangs", "bounces", "collapses", "grimaces", "inspects", "motions", "pokes", "punches",
     "rests", "sneezes", "stumbles", "switches", "unplugs",
-    # …and at their start (reading 12: "Peers into the pupil again and now we can see …")
+    # …and at their start ("Swivels his chair around.", "Studies the board.")
     "bursts", "connects", "cuts", "furrows", "hits", "interrupts", "jumps", "lowers", "peers",
     "pushes", "steps", "studies", "swivels", "yanks",
 })

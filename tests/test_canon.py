@@ -420,6 +420,19 @@ def test_a_stage_direction_is_taken_off_a_canon_line(tmp_path) -> None:  # type:
                                                        "There's no such thing."]
 
 
+def test_a_direction_between_two_sentences_of_speech_is_taken_out() -> None:
+    from persona.canon import without_narration
+
+    assert without_narration("It's not. He takes a sip of tea, then looks at it. This tea is "
+                             "delicious. Local herbs?") == "It's not. This tea is delicious. "\
+                                                          "Local herbs?"
+    assert without_narration("Came here without a job. He pokes at the marks on her torso. "
+                             "Does that hurt?") == "Came here without a job. Does that hurt?"
+    for speech in ("It's lupus. He has a rash. Treat him.",
+                   "Stay away from Weiss. He cries with his patients. He won't like you."):
+        assert without_narration(speech) == speech
+
+
 def test_a_line_with_a_direction_run_into_its_middle_leaves_the_pool(tmp_path: Path) -> None:
     from persona.canon import has_run_in_direction
 
