@@ -104,10 +104,10 @@ def without_narration(text: str) -> str:
     sentences = split_sentences(text.strip())
     if len(sentences) > 1 and _narrates(sentences[-1]):
         return without_narration(" ".join(sentences[:-1]))
-    if len(sentences) > 2 and any(_narrates(s) for s in sentences[1:-1]):
+    between = [s for s in sentences[1:-1] if not _narrates(s)]
+    if len(between) < len(sentences) - 2:
         # "That's very often the first sign. He gets into the elevator. Call my office …"
-        return without_narration(" ".join(
-            [sentences[0], *[s for s in sentences[1:-1] if not _narrates(s)], sentences[-1]]))
+        return without_narration(" ".join([sentences[0], *between, sentences[-1]]))
     if not sentences:
         return ""
     first = sentences[0]
@@ -129,6 +129,7 @@ _RUN_IN_DIRECTION = re.compile(r"[a-z,] (?:He|His|She|Her|They|Their|Everyone|Ev
 # …or after a dash, in the lower case: "You're dying. -- and takes out a bottle of rum and
 # pours two shots' worth." (2 train lines, both directions)
 _DASHED_DIRECTION = re.compile(r"--\s*(?:and\s+)?([a-z]+s)\b")
+_DASHED_VERBS = NARRATION_VERBS | {"makes"}  # "-- makes a vomiting noise"
 
 
 def has_run_in_direction(text: str) -> bool:
@@ -136,7 +137,7 @@ def has_run_in_direction(text: str) -> bool:
     direction cannot be cut out without knowing where the speech resumes)."""
     dashed = _DASHED_DIRECTION.search(text)
     return bool(_RUN_IN_DIRECTION.search(text)
-                or (dashed is not None and dashed.group(1) in NARRATION_VERBS | {"makes"}))
+                or (dashed is not None and dashed.group(1) in _DASHED_VERBS))
 
 
 _FINISHED = re.compile(r"[.!?…][\"')\]]*$")
