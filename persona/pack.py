@@ -68,13 +68,17 @@ class Persona:
     jabs: tuple[str, ...] = ()
     language_jabs: tuple[str, ...] = ()
     filler_jabs: tuple[str, ...] = ()
+    role_jabs: tuple[str, ...] = ()
+    errand_jabs: tuple[str, ...] = ()
 
     def jab(self, seed: int, kind: str = "no_words", avoid: Collection[str] = ()) -> str:
         """A short jab for a message with no words in it (``no_words``), in another language
-        (``language``) or of nothing but "ok", "hmm", "lol" (``filler``); ``seed`` picks
+        (``language``), of nothing but "ok", "hmm", "lol" (``filler``), an attempt to make him
+        someone else (``role``) or a chore for an assistant (``errand``); ``seed`` picks
         which, the next one on when it is in ``avoid`` (what the conversation already heard)
         while another is left. A kind the pack has no jabs for gets the no-words ones."""
-        pool = {"language": self.language_jabs, "filler": self.filler_jabs}.get(kind) or self.jabs
+        pool = {"language": self.language_jabs, "filler": self.filler_jabs,
+                "role": self.role_jabs, "errand": self.errand_jabs}.get(kind) or self.jabs
         if not pool:
             return self.line("empty")
         order = [pool[(seed + i) % len(pool)] for i in range(len(pool))]
@@ -106,6 +110,8 @@ def load_persona(name_or_path: str = "house") -> Persona:
         jabs=_texts(raw.get("jabs", [])),
         language_jabs=_texts(raw.get("language_jabs", [])),
         filler_jabs=_texts(raw.get("filler_jabs", [])),
+        role_jabs=_texts(raw.get("role_jabs", [])),
+        errand_jabs=_texts(raw.get("errand_jabs", [])),
     )
 
 
