@@ -231,6 +231,12 @@ _OTHER = frozenset({
     "buenas", "dias", "señor", "doctora", "tengo", "dolor", "j'ai", "oui", "bonsoir", "salut",
     "guten", "morgen", "abend", "herr", "frau", "doktor", "wie", "geht", "habe", "bitte", "nein",
     "buongiorno", "olá", "tudo", "bom",
+    # Polish, Czech, Slovak and Dutch greetings and words a patient starts with (stop 35: "Dobry
+    # den, doktore. Mam horecku." was answered as English)
+    "dobry", "dobrý", "dobre", "dobrze", "dzień", "dzien", "pane", "panie", "pani", "doktore",
+    "doktorze", "mám", "jsem", "jestem", "mnie", "mě", "nie", "jak", "się", "sie", "boli",
+    "bolí", "horečku", "horecku", "ahoj", "cześć", "czesc", "ik", "het", "een", "niet", "dokter",
+    "goedemorgen", "goedendag", "heb",
 })
 
 

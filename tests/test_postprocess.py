@@ -154,6 +154,9 @@ def test_a_message_in_another_language_gets_an_answer_in_english() -> None:
     assert not in_another_language("Café au lait spots, doctor?")
     assert in_another_language("Bonjour docteur, j'ai mal à la tête")
     assert in_another_language("Guten Morgen, Herr Doktor!")  # reading 11 got a canon line
+    for other in ("Dobry den, doktore. Mam horecku.", "Dzień dobry, panie doktorze.",
+                  "Goedemorgen dokter, ik heb hoofdpijn."):  # Czech, Polish, Dutch
+        assert in_another_language(other), other
 
 
 def test_a_line_partly_in_another_language_is_found() -> None:
