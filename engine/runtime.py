@@ -128,7 +128,8 @@ def build_canon(settings: Settings) -> CanonPool | None:
         # the first start embeds the pool for minutes on a CPU: show it
         return CanonPool.from_data(ensure_prepared(settings), selector, progress=True,
                                    anchor_weight=settings.reply_choice.canon_anchor_weight,
-                                   length_weight=settings.reply_choice.canon_length_weight)
+                                   length_weight=settings.reply_choice.canon_length_weight,
+                                   person_weight=settings.reply_choice.canon_person_weight)
     except (SelectorError, FileNotFoundError) as exc:
         log.warning("REPLY_MODE=%s needs House's lines and the selector; answering in "
                     "generated mode: %s", settings.reply_choice.mode, exc)

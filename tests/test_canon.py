@@ -134,6 +134,44 @@ def test_a_longer_line_gains_by_the_length_weight() -> None:
     assert length_prior("anything", 0.0) == 0.0
 
 
+def test_a_line_about_someone_nobody_mentioned_or_about_house_himself_loses_by_the_weight() -> None:
+    """CANON_PERSON_WEIGHT: a line about "him" answers a message about a third person, and
+    House's line about himself a message that speaks to him; elsewhere each loses the weight.
+    At weight 0 the selector's order stands."""
+    from persona.canon import about_himself, about_someone_else, has_someone, speaks_to_him
+
+    selector = BagOfWords()
+    replies = ["His stomach hurts because he ate the stomach.",  # about someone
+               "My stomach hurts more than yours. I win.",  # House about himself... and "yours"
+               "I ate the stomach.",  # House about himself
+               "Stomach ache. Eat less."]
+    lines = [CanonLine(i + 1, r, "") for i, r in enumerate(replies)]
+    assert [about_someone_else(r) for r in replies] == [True, False, False, False]
+    assert [about_himself(r) for r in replies] == [False, False, True, False]
+    assert has_someone("My son ate the stomach") and has_someone("she ate it")
+    assert not has_someone("I ate the stomach") and speaks_to_him("Do you eat?")
+    assert not speaks_to_him("I ate the stomach, doctor")
+    plain = CanonPool(lines, selector, selector.encode(replies))
+    weighted = CanonPool(lines, selector, selector.encode(replies), person_weight=0.5)
+    message = "ate the stomach"
+    assert plain.search(message, k=1)[0].line.text == "I ate the stomach."
+    cosines = selector.encode(replies) @ selector.encode([message])[0]
+    scores = {h.line.row: h.score for h in weighted.search(message, k=4)}
+    assert [scores[i + 1] for i in range(4)] == pytest.approx(
+        [cosines[0] - 0.5, cosines[1], cosines[2] - 0.5, cosines[3]])  # 1 and 3 lose it
+    # a third person in the message, or earlier in the conversation: "he" may answer it
+    for message, mentioned in (("my son ate the stomach", ""), ("ate the stomach", "my dad")):
+        hits = weighted.search(message, k=4, mentioned=mentioned)
+        row1 = next(h for h in hits if h.line.row == 1)
+        cosine = float(selector.encode([message])[0] @ selector.encode([replies[0]])[0])
+        assert row1.score == pytest.approx(cosine)
+    # spoken to, House may speak of himself
+    hits = weighted.search("did you eat the stomach", k=4)
+    row3 = next(h for h in hits if h.line.row == 3)
+    assert row3.score == pytest.approx(float(selector.encode(["did you eat the stomach"])[0]
+                                             @ selector.encode([replies[2]])[0]))
+
+
 def test_a_line_raising_a_sensitive_topic_answers_only_a_conversation_that_raised_it() -> None:
     """Reading 12: "What's the weather like in Princeton?" got "You were raped and you want to
     talk about the weather?"."""
