@@ -130,13 +130,18 @@ _RUN_IN_DIRECTION = re.compile(r"[a-z,] (?:He|His|She|Her|They|Their|Everyone|Ev
 # pours two shots' worth." (2 train lines, both directions)
 _DASHED_DIRECTION = re.compile(r"--\s*(?:and\s+)?([a-z]+s)\b")
 _DASHED_VERBS = NARRATION_VERBS | {"makes"}  # "-- makes a vomiting noise"
+# …or a sentence the transcript began with "he", "she" or "they" in the lower case, which
+# speech never does: "You can't smell that? she shakes her head, and he looks intently at her."
+# (30 train lines the other rules keep, all directions when read; "So... she didn't have
+# pancreatitis?", after an ellipsis, is speech and stays, as do a few after "!")
+_LOWER_CASE_DIRECTION = re.compile(r"(?<!\.)[.?]\s+(?:he|she|they)\s+[a-z]")
 
 
 def has_run_in_direction(text: str) -> bool:
     """True for a line with a stage direction in its middle: such a line leaves the pool (the
     direction cannot be cut out without knowing where the speech resumes)."""
     dashed = _DASHED_DIRECTION.search(text)
-    return bool(_RUN_IN_DIRECTION.search(text)
+    return bool(_RUN_IN_DIRECTION.search(text) or _LOWER_CASE_DIRECTION.search(text)
                 or (dashed is not None and dashed.group(1) in _DASHED_VERBS))
 
 

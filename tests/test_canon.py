@@ -482,9 +482,13 @@ def test_a_line_with_a_direction_run_into_its_middle_leaves_the_pool(tmp_path: P
                                 "shots' worth. A Man deserves a last drink.")
     assert has_run_in_direction("Your lips say no, your gnarly fingers say -- makes a vomiting "
                                 "noise, like Uwaah!")
+    assert has_run_in_direction("You can't smell that? she shakes her head, and he looks "
+                                "intently at her, processing this.")
+    assert has_run_in_direction("Silent reading time till I get back. he follows Cuddy")
     for speech in ("He's lying. His wife knows it.", "Ask him, he knows.",
                    "Then I said, I don't know. She left.", "His liver is fine, Wilson.",
-                   "It's not -- this is lupus.", "It's -- well, it's cancer."):
+                   "It's not -- this is lupus.", "It's -- well, it's cancer.",
+                   "So... she didn't have pancreatitis?", "Right, he has an infection."):
         assert not has_run_in_direction(speech)
     rows = [{"id": f"row-{i}", "anchor": f"question {i}", "response": text}
             for i, text in enumerate([run_in, "It's never lupus."] * 8)]
