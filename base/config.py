@@ -295,8 +295,9 @@ class ReplyChoiceSettings(SettingsGroup):
     canon_length_weight: float = Field(0.1, ge=0, validation_alias="CANON_LENGTH_WEIGHT")
     # A canon line's score loses this weight where it is about a third person ("he", "her")
     # the conversation never brought up, and again where House speaks of himself to a message
-    # that does not speak to him (persona/canon.py; 0: who a line is about plays no part).
-    canon_person_weight: float = Field(0.0, ge=0, validation_alias="CANON_PERSON_WEIGHT")
+    # that does not speak to him (persona/canon.py; 0.05 won 59.5 % of 74 blind A/B readings
+    # against 0, docs/reply-choice.md; 0: who a line is about plays no part).
+    canon_person_weight: float = Field(0.05, ge=0, validation_alias="CANON_PERSON_WEIGHT")
     # The listener scores only a reply's first LISTENER_TOKENS tokens (its cost is their sum).
     listener_tokens: int = Field(24, ge=1, validation_alias="LISTENER_TOKENS")
     # Under load the listener steps aside: with at least this many other requests in the
