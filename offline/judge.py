@@ -2,7 +2,8 @@
 
 A MiniLM cross-encoder (message and reply read together) with a LoRA adapter, trained on the
 train split's **judge fold** (`persona.dialogue.in_judge_fold`), which the canon pool leaves
-out, so it never saw a line it will judge as a positive. It is never used to choose replies
+out, and on the validation pairs outside its own held-out sample, so it never saw a line of the
+pool as a positive. It is never used to choose replies
 (that is the selector's and the persona classifier's job, `persona.reply_choice`).
 
 `drhouse eval` reports each system's **fit_score**: for every message, the percentile of the
@@ -171,8 +172,13 @@ def protocol(n: int, seed: int) -> str:
             f"replies (seed {seed})")
 
 
-def training_rows(pairs: Sequence[Pair], scenes: Scenes, seed: int) -> dict[str, list[str]]:
-    fold = [p for p in pairs if in_judge_fold(p)]
+def training_rows(pairs: Sequence[Pair], scenes: Scenes, seed: int,
+                  held_out: Sequence[Pair] = ()) -> dict[str, list[str]]:
+    """The judge's pairs: the train split's judge fold and the validation pairs outside its own
+    held-out sample ``held_out`` — none of them a line of the canon pool."""
+    held = {p.row for p in held_out}
+    fold = [p for p in pairs
+            if in_judge_fold(p) or (p.split == "validation" and p.row not in held)]
     rng = random.Random(seed)
     rng.shuffle(fold)
     return {"message": [p.anchor for p in fold], "reply": [p.response for p in fold]}
@@ -192,7 +198,8 @@ def train(data_dir: Path, out: Path, config: JudgeConfig, work_dir: Path) -> dic
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     pairs = read_pairs(data_dir)
-    rows = training_rows(pairs, Scenes(pairs), config.seed)
+    sample = validation_sample(pairs, config.eval_pairs, config.seed)
+    rows = training_rows(pairs, Scenes(pairs), config.seed, held_out=sample)
     model = _cross_encoder(config.max_length)
     module = model[0]
     module.model = get_peft_model(module.model, _lora(config.lora_r, config.lora_alpha, 0.05))
@@ -217,10 +224,10 @@ def train(data_dir: Path, out: Path, config: JudgeConfig, work_dir: Path) -> dic
     meta = {"lora": {"r": config.lora_r, "alpha": config.lora_alpha},
             "max_length": config.max_length, "config": asdict(config),
             "train_pairs": len(rows["message"]), "train_minutes": round(train_s / 60, 1),
-            "trained_on": "train split, judge fold only (disjoint from the canon pool)"}
+            "trained_on": "train split's judge fold and the validation pairs outside the "
+                          "held-out sample (disjoint from the canon pool)"}
     (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     judge = FitJudge.load(out)
-    sample = validation_sample(pairs, config.eval_pairs, config.seed)
     meta["validation_ranking"] = ranking_accuracy(judge, sample, progress=True)
     meta["protocol"] = protocol(len(sample), config.seed)
     (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")

@@ -56,3 +56,21 @@ def test_a_short_run_writes_a_judge_that_judge_eval_measures(
     measured = json.loads(capsys.readouterr().out)
     assert {k: measured[k] for k in meta["validation_ranking"]} == meta["validation_ranking"]
     assert measured["protocol"] == meta["protocol"]
+
+
+def test_the_judge_trains_on_no_line_of_the_canon_pool_nor_on_its_held_out_pairs() -> None:
+    from offline.judge import training_rows, validation_sample
+    from persona.dialogue import Scenes, in_judge_fold
+
+    pairs = [Pair(i, "train", f"m{i}", f"r{i}") for i in range(400)]
+    pairs += [Pair(1000 + i, "validation", f"m{1000 + i}", f"r{1000 + i}") for i in range(60)]
+    pairs += [Pair(2000 + i, "test", f"m{2000 + i}", f"r{2000 + i}") for i in range(20)]
+    held = validation_sample(pairs, 20, 0)
+    rows = training_rows(pairs, Scenes(pairs), 0, held_out=held)
+    trained = set(rows["reply"])
+    fold = {p.response for p in pairs if in_judge_fold(p)}
+    validation = {p.response for p in pairs if p.split == "validation"}
+    assert fold and fold <= trained
+    assert trained - fold == validation - {p.response for p in held}
+    assert not any(p.response in trained for p in pairs
+                   if p.split == "test" or (p.split == "train" and not in_judge_fold(p)))
