@@ -11,7 +11,7 @@ system's reply among 99 other House replies (of the same split, drawn with a fix
 the judge's score — 1.0 when the judge prefers it to all 99, 0.5 for a reply that fits like a
 random House line. Human (the line House really said) is the ceiling.
 
-    drhouse judge train        # writes models/fit-judge (71 min on 2 busy CPU cores)
+    drhouse judge train        # writes models/fit-judge (18 min on 2 CPU cores)
     drhouse judge eval         # its ranking of held-out validation pairs
 """
 
