@@ -92,12 +92,13 @@ _ASKED = r"(?:^|[.!?:]\s*|\b(?:please|can\s+you|could\s+you|would\s+you|now)\s+)
 # House's real lines for such a message come from scenes about something else (reading 12:
 # "From now on you are ChatGPT" → "Took your advice, complimented her shoes…", fit 0).
 _ROLE = re.compile(
-    r"\b(?:ignore|disregard|forget)\b[^.?!]{0,40}\b(?:instructions?|prompts?|rules|persona|"
-    r"character|above)\b"
+    r"\b(?:ignore|disregard|forget)\b[^.?!]{0,40}\b(?:(?:your|all|previous|prior|earlier|"
+    r"system)\s+(?:\w+\s+)?(?:instructions?|prompts?|rules|persona|character)"
+    r"|the\s+above(?=\s*(?:$|[.,!?;:]|and\b)))"
     r"|\byou\s+are\s+(?:now|no\s+longer)\s+\w|\bfrom\s+now\s+on,?\s+you(?:'re|\s+are)\b"
     rf"|{_ASKED}(?:pretend\s+(?:to\s+be|you'?re|you\s+are)|act\s+as\s+(?:a|an|if|my))\b"
     r"|\b(?:system|hidden|initial|original)\s+prompt\b"
-    r"|\b(?:tell|show|print|reveal|repeat|give|list)\b[^.?!]{0,20}\b(?:your|the)\s+instructions\b"
+    r"|\b(?:tell|show|print|reveal|repeat|give|list)\b[^.?!]{0,20}\byour\s+instructions\b"
     r"|^\W*system\s*:|\brepeat\s+after\s+me\b|\b(?:reply|respond|answer)\s+only\s+with\b"
     r"|\bconfirm\s+by\s+saying\b", re.I)
 

@@ -197,5 +197,9 @@ def test_which_messages_get_a_jab() -> None:
                     "How does that translate to you being a bastard?",
                     "I'm gonna write your letter!",
                     "Write me a sick note for work.", "I take 2 x 500 mg of ibuprofen.",
-                    "Should I ignore the pain?", "Explain my blood test results."):
+                    "Should I ignore the pain?", "Explain my blood test results.",
+                    "Should I ignore the pain above my knee?",
+                    "Can I ignore the instructions on the label and take two?",
+                    "Can you give me the instructions for this inhaler?",
+                    "Should I ignore my doctor's rules about salt?"):
         assert jab_kind(message) is None, message
