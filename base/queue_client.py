@@ -8,10 +8,13 @@ A reply is acknowledged only once the chat has it: ``deliver`` may hand back the
 it, from a worker that answered twice, is dropped) and acknowledges; ``undeliverable`` (bot
 blocked, chat gone) is dropped with a log line and counted; ``retry`` leaves the reply pending,
 and the reader sends it again after ``retry_after_s`` (a restarted frontend reads its pending
-replies first), up to ``MAX_SEND_ATTEMPTS`` times. A reply that was sent while Redis failed
-before its acknowledgement is acknowledged later without a second send. So a reply reaches
-its chat at least once, and twice only when the frontend process dies between the send and
-the acknowledgement, or a send failed after the platform took part of a long reply.
+replies first), up to ``MAX_SEND_ATTEMPTS`` times; ``wait`` (the chat's backlog of sends is
+full, `bots.outbox`) leaves it pending too, but is no failed send and never uses up those
+attempts — a group behind its rate limit for minutes loses nothing. A reply that was sent
+while Redis failed before its acknowledgement is acknowledged later without a second send. So
+a reply reaches its chat at least once, and twice only when the frontend process dies between
+the send and the acknowledgement, or a send failed after the platform took part of a long
+reply.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ log = logging.getLogger(__name__)
 ANSWERED_TTL_S = 24 * 3600
 ORDER_TTL_S = 24 * 3600
 MAX_SEND_ATTEMPTS = 8
-SENT, UNDELIVERABLE, RETRY = "sent", "undeliverable", "retry"
+SENT, UNDELIVERABLE, RETRY, WAIT = "sent", "undeliverable", "retry", "wait"
 
 # XADD the request and append its entry id to the conversation's order list, atomically, unless
 # the stream already holds ARGV[1] unanswered requests. The request stream is never trimmed
@@ -231,8 +234,8 @@ class QueueClient:
             sending.add_done_callback(
                 lambda done: self._spawn(self._finished(entry_id, reply.id, done)))
         else:
-            await self._settle(entry_id, reply.id, sending if sending in (UNDELIVERABLE, RETRY)
-                               else SENT)
+            await self._settle(entry_id, reply.id,
+                               sending if sending in (UNDELIVERABLE, RETRY, WAIT) else SENT)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -249,6 +252,8 @@ class QueueClient:
                         type(exc).__name__)
 
     async def _settle(self, entry_id: str, reply_id: str, outcome: str) -> None:
+        if outcome == WAIT:
+            return  # not sent yet, not a failure: pending until the chat has room
         if outcome == RETRY:
             self._attempts[reply_id] = self._attempts.get(reply_id, 0) + 1
             if self._attempts[reply_id] < MAX_SEND_ATTEMPTS:

@@ -22,10 +22,10 @@ from typing import Any, ClassVar
 from base.config import Settings
 from base.keys import Keys
 from base.protocol import Reply
-from base.queue_client import QueueClient
+from base.queue_client import RETRY, UNDELIVERABLE, QueueClient
 from bots.core import FrontendCore, Immediate, Incoming
 from bots.formatting import format_reply
-from bots.outbox import RETRY, UNDELIVERABLE, ChatOutbox, Outcome
+from bots.outbox import ChatOutbox, Outcome
 from bots.serving import serve_replies
 from bots.splitting import split_message
 from bots.streaming import Stream, StreamedReplies

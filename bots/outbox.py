@@ -8,7 +8,8 @@ long reply) keep their order. The state is one task reference per chat with a se
 Each send's task ends with its outcome, which the reply reader waits for before it
 acknowledges the reply (`base.queue_client`): ``sent``; ``undeliverable`` (the platform says
 the message can never arrive: bot blocked, chat gone), dropped; ``retry`` (a network error, 429s
-past the retries, the frontend stopping), left pending and sent again later.
+past the retries, the frontend stopping), left pending and sent again later, a limited number
+of times; ``wait`` (the chat's backlog is full), left pending for as long as it takes.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import time
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Literal
 
+from base.queue_client import RETRY, SENT, UNDELIVERABLE, WAIT
+
 log = logging.getLogger(__name__)
 
-Outcome = Literal["sent", "undeliverable", "retry"]
-SENT, UNDELIVERABLE, RETRY = "sent", "undeliverable", "retry"
+Outcome = Literal["sent", "undeliverable", "retry", "wait"]
 
 
 def retry_everything(exc: BaseException) -> Outcome:
@@ -60,7 +62,8 @@ class ChatOutbox:
         """Run ``send()`` after the sends already queued for ``chat``; the task's result is the
         outcome (failures are logged, never raised). A chat with ``max_per_chat`` sends
         queued (a group behind its 20-a-minute limit) gets no more: the task ends at once with
-        ``retry``, so a reply stays pending in Redis instead of growing this process."""
+        ``wait``, so a reply stays pending in Redis instead of growing this process (a wait is
+        no failed send: it never uses up the reply's attempts)."""
         loop = asyncio.get_running_loop()
         if self._queued.get(chat, 0) >= self.max_per_chat:
             self.refused += 1
@@ -71,7 +74,7 @@ class ChatOutbox:
             if self.notice is not None and self._may_tell(chat):
                 self._queue(chat, self.notice(chat))
             refused: asyncio.Future[Outcome] = loop.create_future()
-            refused.set_result(RETRY)
+            refused.set_result(WAIT)
             return refused  # type: ignore[return-value]
         return self._queue(chat, send)
 

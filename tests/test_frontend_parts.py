@@ -152,8 +152,8 @@ async def test_outbox_bounds_a_chats_backlog_and_typing_bounds_its_requests(
     outbox = ChatOutbox(max_per_chat=3, notice=notice, on_full=lambda: held_back.append(1))
     queued = [outbox.submit("group", stuck) for _ in range(3)]
     refused = outbox.submit("group", stuck)
-    assert await refused == "retry" and outbox.refused == 1  # the reply stays in Redis
-    assert await outbox.submit("group", stuck) == "retry" and len(held_back) == 2
+    assert await refused == "wait" and outbox.refused == 1  # the reply stays in Redis
+    assert await outbox.submit("group", stuck) == "wait" and len(held_back) == 2
     assert await outbox.submit("other", lambda: asyncio.sleep(0)) == "sent"
     gate.set()
     assert [await t for t in queued] == ["sent"] * 3
