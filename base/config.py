@@ -293,8 +293,8 @@ class ReplyChoiceSettings(SettingsGroup):
     # few words out of their scene carry little of House (persona/canon.py:length_prior;
     # 0.1 won 64 % of blind A/B readings against 0, docs/reply-choice.md).
     canon_length_weight: float = Field(0.1, ge=0, validation_alias="CANON_LENGTH_WEIGHT")
-    # A canon line's score loses this weight where it is about a third person ("he", "her")
-    # the conversation never brought up, and again where House speaks of himself to a message
+    # A canon line's score loses this weight (once) where it is about a third person ("he",
+    # "her") the conversation never brought up, or where House speaks of himself to a message
     # that does not speak to him (persona/canon.py; 0.05 won 59.5 % of 74 blind A/B readings
     # against 0, docs/reply-choice.md; 0: who a line is about plays no part).
     canon_person_weight: float = Field(0.05, ge=0, validation_alias="CANON_PERSON_WEIGHT")

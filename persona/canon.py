@@ -256,11 +256,14 @@ class CanonPool:
         # each line's `length_prior` (CANON_LENGTH_WEIGHT); None when the weight is 0
         self.prior = (np.array([length_prior(line.text, length_weight) for line in self.lines],
                                dtype=np.float32) if length_weight else None)
-        # CANON_PERSON_WEIGHT: what a line loses where it is about someone the conversation
-        # never brought up, or about House himself to a message that does not speak to him
+        # CANON_PERSON_WEIGHT: what a line loses (once) where it is about someone the
+        # conversation never brought up, or about House himself to a message that does not
+        # speak to him; the flags are not computed when the weight is 0
         self.person_weight = person_weight
-        self.about_someone = np.array([about_someone_else(line.text) for line in self.lines])
-        self.about_himself = np.array([about_himself(line.text) for line in self.lines])
+        self.about_someone = np.array([person_weight and about_someone_else(line.text)
+                                       for line in self.lines], dtype=bool)
+        self.about_himself = np.array([person_weight and about_himself(line.text)
+                                       for line in self.lines], dtype=bool)
         self.by_row = {line.row: i for i, line in enumerate(self.lines)}
         self.names = [named_people(line.text) for line in self.lines]
         self.topics = [sensitive_topics(line.text) for line in self.lines]
@@ -377,8 +380,8 @@ class CanonPool:
             scores = scores + self.prior
         if self.person_weight:
             scores = scores - self.person_weight * np.stack([
-                self.about_someone * (not has_someone(f"{message} {mentioned}"))
-                + self.about_himself * (not speaks_to_him(message))
+                (self.about_someone & (not has_someone(f"{message} {mentioned}")))
+                | (self.about_himself & (not speaks_to_him(message)))
                 for message, _, _, mentioned in queries])
         return [[CanonHit(self.lines[i], float(row[i]))
                  for i in self._allowed(np.argsort(-row), k, exclude, f"{message} {mentioned}",
