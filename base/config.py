@@ -272,6 +272,9 @@ class ReplyChoiceSettings(SettingsGroup):
     generations; the data they come from."""
 
     mode: Literal["generated", "canon", "hybrid"] = Field("hybrid", validation_alias="REPLY_MODE")
+    # A user's own complaint that the pack's differentials name (a butterfly rash, a fever and a
+    # stiff neck) gets House's answer to it, written for the bot, whatever the mode.
+    differentials: bool = Field(True, validation_alias="DIFFERENTIALS")
     selector_dir: RootPath = Field(ROOT / "models" / "house-selector",
                                    validation_alias="SELECTOR_DIR")
     house_data: RootPath = Field(

@@ -53,7 +53,7 @@ from engine.task import Task
 from persona.canon import CanonPool
 from persona.pack import Controls, Persona
 from persona.prompt import Turn, clean_user_text, render_prompt
-from persona.reply_choice import CANON, GENERATED, HYBRID, MODES, jab_kind
+from persona.reply_choice import CANON, DIFFERENTIAL, GENERATED, HYBRID, MODES, canned_reply
 
 log = logging.getLogger(__name__)
 
@@ -589,13 +589,15 @@ class Worker:
             task.reply = self.reply(request, text=persona.line("empty"))
             return
         task.text, task.speaker = text, speaker
-        kind = jab_kind(text)
-        if kind is not None:  # "???", another language, a bare "ok": nothing to generate
-            # kept in the history like any exchange, so the next jab is another one
-            said = {t.content for t in await self.history.load(request.conversation)
-                    if t.role == "assistant"}
-            task.reply = self.reply(request, text=persona.jab(
-                request_seed(request, self.defaults), kind, avoid=said))
+        # "???", another language, a bare "ok", a complaint the pack's differentials name:
+        # nothing to generate (/compare shows the models, so only its jabs)
+        canned = await self.canned(request, text)
+        if canned is not None:
+            kind, answer = canned
+            if kind == DIFFERENTIAL:
+                self.output.metrics.winners.labels(DIFFERENTIAL).inc()
+            task.reply = self.reply(request, text=answer,
+                                    won=DIFFERENTIAL if kind == DIFFERENTIAL else None)
             return
         self._taken.append((time.monotonic(), request.conversation))
         self._forget_taken()
@@ -648,6 +650,18 @@ class Worker:
                 task.rows.append(len(jobs))
                 jobs.append(GenerationJob(prompt if variant == BASE_VARIANT else refined,
                                           variant, task.controls, seed + k, text))
+
+    async def canned(self, request: Request, text: str) -> tuple[str, str] | None:
+        """A reply that needs no model (`canned_reply`: a jab, or House's answer to a complaint
+        the pack's differentials name — not in /compare, which shows the models), one this
+        conversation has not heard: such exchanges are kept in the history like any other."""
+        differentials = self.settings.reply_choice.differentials and request.kind != "compare"
+        seed = request_seed(request, self.defaults)
+        if canned_reply(self.persona, text, seed, differentials=differentials) is None:
+            return None
+        said = {t.content for t in await self.history.load(request.conversation)
+                if t.role == "assistant"}
+        return canned_reply(self.persona, text, seed, avoid=said, differentials=differentials)
 
     def reply_mode(self, request: Request) -> str:
         """The request's ``mode`` setting, else REPLY_MODE; generated when there is no canon

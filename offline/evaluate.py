@@ -466,7 +466,14 @@ def derive_systems(samples: dict[str, list[Sample]], timing: dict[str, dict[str,
     from engine.runtime import listener_for
     from offline.quality import Sample
     from persona.prompt import render_prompt
-    from persona.reply_choice import GENERATED, Candidate, CanonScores, jab_for, pick, sure_canon
+    from persona.reply_choice import (
+        GENERATED,
+        Candidate,
+        CanonScores,
+        canned_reply,
+        pick,
+        sure_canon,
+    )
 
     generated = samples.get(adapter)
     listener = None
@@ -498,10 +505,11 @@ def derive_systems(samples: dict[str, list[Sample]], timing: dict[str, dict[str,
             candidates = [Candidate(c[0], GENERATED, source=k)
                           for k, c in enumerate(source.candidates)] if source else []
             started = time.perf_counter()
-            jab = jab_for(persona, prompt.message, i)
-            if jab is not None:  # as the worker: a jab, nothing generated
-                out.append(Sample(message=prompt.message, reply=jab,
-                                  reference=prompt.reference, ms=0.0))
+            canned = canned_reply(persona, prompt.message, i,
+                                  differentials=settings.reply_choice.differentials)
+            if canned is not None:  # as the worker: a jab or a differential, nothing generated
+                out.append(Sample(message=prompt.message, reply=canned[1],
+                                  reference=prompt.reference, ms=0.0, won=canned[0]))
                 continue
             heard = None
             if listener is not None:

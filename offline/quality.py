@@ -167,7 +167,9 @@ class Sample:
     # Every candidate of a model reply as (cleaned text, raw text, finished), for
     # counterfactual choices (e.g. without the reranker) from the same generations.
     candidates: tuple[tuple[str, str, bool], ...] = ()
-    won: str | None = None  # "generated" or "canon" (systems that choose among both)
+    # "generated" or "canon" (systems that choose among both), "jab" or "differential" (a
+    # reply that needed no model: persona.reply_choice.canned_reply)
+    won: str | None = None
 
 
 def rate(flags: Iterable[bool]) -> float:

@@ -9,6 +9,8 @@ from typing import Any, ClassVar
 
 import yaml
 
+from persona.differentials import Differentials, load_differentials
+
 PACKS_DIR = Path(__file__).resolve().parent / "packs"
 
 
@@ -70,6 +72,7 @@ class Persona:
     filler_jabs: tuple[str, ...] = ()
     role_jabs: tuple[str, ...] = ()
     errand_jabs: tuple[str, ...] = ()
+    differentials: Differentials = field(default_factory=Differentials)
 
     def jab(self, seed: int, kind: str = "no_words", avoid: Collection[str] = ()) -> str:
         """A short jab for a message with no words in it (``no_words``), in another language
@@ -112,6 +115,8 @@ def load_persona(name_or_path: str = "house") -> Persona:
         filler_jabs=_texts(raw.get("filler_jabs", [])),
         role_jabs=_texts(raw.get("role_jabs", [])),
         errand_jabs=_texts(raw.get("errand_jabs", [])),
+        differentials=load_differentials(path.parent / raw["differentials"])
+        if raw.get("differentials") else Differentials(),
     )
 
 

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 Mode = Literal["generated", "canon", "hybrid"]
 MODES: tuple[str, ...] = ("generated", "canon", "hybrid")
 GENERATED, CANON, HYBRID = "generated", "canon", "hybrid"
+JAB, DIFFERENTIAL = "jab", "differential"  # replies that need no model (`canned_reply`)
 
 Scorer = Callable[[Sequence[str]], Sequence[float]]
 FitScorer = Callable[[Sequence[str]], Sequence[float]]
@@ -133,10 +134,17 @@ def jab_kind(message: str) -> str | None:
     return None
 
 
-def jab_for(persona: Persona, message: str, seed: int) -> str | None:
-    """The pack's jab for ``message`` (`jab_kind`), else None; ``seed`` picks which jab."""
+def canned_reply(persona: Persona, message: str, seed: int, avoid: Collection[str] = (),
+                 differentials: bool = True) -> tuple[str, str] | None:
+    """A reply that needs no model, as ``(kind, text)``: one of the pack's jabs (``jab``,
+    `jab_kind`), or House's answer to the complaint ``message`` names (``differential``, the
+    pack's differentials; with ``differentials``); None when the model and House's lines
+    answer. ``seed`` picks which, one the conversation has not heard (``avoid``) where it can."""
     kind = jab_kind(message)
-    return persona.jab(seed, kind) if kind else None
+    if kind is not None:
+        return JAB, persona.jab(seed, kind, avoid=avoid)
+    text = persona.differentials.answer(message, seed, avoid) if differentials else None
+    return (DIFFERENTIAL, text) if text is not None else None
 
 
 def needs_jab(message: str) -> bool:

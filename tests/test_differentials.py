@@ -1,0 +1,108 @@
+"""House's differentials (persona/differentials.py and the pack's file): which messages name a
+complaint, which do not, and that every answer keeps the persona's rules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from persona.differentials import load_differentials
+from persona.pack import load_persona
+from persona.postprocess import split_sentences
+from persona.reply_choice import DIFFERENTIAL, JAB, acceptable, canned_reply
+
+PERSONA = load_persona("house")
+
+# Messages of readings 1–13 (reports/eval/varied*/messages.txt) and the complaint each names.
+NAMED = [
+    ("I have a fever and a stiff neck.", "meningitis"),
+    ("My daughter has a rash shaped like a butterfly on her face.", "lupus"),
+    ("I've had a cough for three weeks and now I'm coughing up a bit of blood.",
+     "coughing blood"),
+    ("My left arm has been tingling since yesterday.", "numb or tingling"),
+    ("I got bitten by a tick last week and now I have a red ring on my leg.", "tick bite"),
+    ("My grandmother is suddenly confused and keeps calling me by my dad's name.",
+     "confused elderly"),
+    ("I've been throwing up every morning for a week. I'm not pregnant.",
+     "vomiting in the morning"),
+    ("I can't stop scratching, but there's no rash.", "itch without rash"),
+    ("My toddler swallowed a coin. He seems fine.", "swallowed something"),
+    ("I'm always thirsty and I pee all the time.", "thirsty and peeing"),
+    ("I keep getting nosebleeds for no reason.", "nosebleeds"),
+    ("My husband falls asleep in the middle of conversations.", "falling asleep"),
+    ("Can I take ibuprofen with beer?", "alcohol and medicine"),
+    ("i want to kill myself", "suicide"),
+]
+
+# Not a complaint of the writer's: House's own, a patient's in the series' words, a denial, a
+# question about someone else, no complaint at all.
+NOT_NAMED = [
+    "Does your leg still hurt?",
+    "He's got a fever and a stiff neck.",
+    "I have no fever, just a stiff back? No, nothing.",
+    "I think I'm in love with my best friend.",
+    "Do you ever get tired of being right?",
+    "What do you really think of Cuddy?",
+    "It's raining again. I hate Mondays.",
+    "I went to the bee exhibition and had a great time.",
+]
+
+
+@pytest.mark.parametrize(("message", "name"), NAMED)
+def test_a_complaint_gets_its_differential(message: str, name: str) -> None:
+    found = PERSONA.differentials.find(message)
+    assert found is not None and found.name == name
+    kind, text = canned_reply(PERSONA, message, seed=0)
+    assert kind == DIFFERENTIAL and text in found.replies
+
+
+@pytest.mark.parametrize("message", NOT_NAMED)
+def test_what_is_not_the_writers_complaint_goes_to_the_model(message: str) -> None:
+    assert PERSONA.differentials.find(message) is None
+    assert canned_reply(PERSONA, message, seed=0) is None
+
+
+def test_a_denied_cue_does_not_count() -> None:
+    assert PERSONA.differentials.find("I have a stiff neck and a fever.").name == "meningitis"
+    assert PERSONA.differentials.find("I have a stiff neck but no fever.") is None
+    assert PERSONA.differentials.find("My rash doesn't itch.").name == "skin"
+
+
+def test_a_jab_comes_first_and_the_setting_turns_differentials_off() -> None:
+    assert canned_reply(PERSONA, "???", seed=0)[0] == JAB
+    assert canned_reply(PERSONA, "I have a fever and a stiff neck.", seed=0,
+                        differentials=False) is None
+
+
+def test_a_conversation_hears_each_answer_once_then_the_model_answers() -> None:
+    message = "My head hurts every day."
+    found = PERSONA.differentials.find(message)
+    assert found is not None and len(found.replies) == 2
+    heard: list[str] = []
+    for seed in range(len(found.replies)):
+        _, text = canned_reply(PERSONA, message, seed, avoid=heard)
+        assert text not in heard
+        heard.append(text)
+    assert canned_reply(PERSONA, message, seed=0, avoid=heard) is None
+
+
+def test_every_answer_keeps_the_persona_rules() -> None:
+    """Within the sentence cap, in English, not an echo or assistant talk."""
+    cap = PERSONA.controls.sentence_cap
+    entries = PERSONA.differentials.entries
+    assert len(entries) >= 60 and len({d.name for d in entries}) == len(entries)
+    for entry in entries:
+        for reply in entry.replies:
+            assert len(split_sentences(reply)) <= cap, reply
+            assert acceptable(reply, "I feel ill."), reply
+
+
+def test_a_broken_file_names_the_entry(tmp_path: Path) -> None:
+    path = tmp_path / "d.yaml"
+    path.write_text('- name: bad cue\n  when: ["fever & (unclosed"]\n  replies: [Hm.]\n')
+    with pytest.raises(ValueError, match="bad cue"):
+        load_differentials(path)
+    path.write_text("- name: no replies\n  when: [fever]\n  replies: []\n")
+    with pytest.raises(ValueError, match="no replies"):
+        load_differentials(path)
