@@ -16,12 +16,15 @@ from pathlib import Path
 
 import yaml
 
-# The message is about the writer or someone of theirs: a complaint about House himself ("does
+# The message is about the writer or someone of theirs — it says so, or it names nobody else
+# ("tongue feels numb on one side since this morning"): a complaint about House himself ("does
 # your leg hurt?") or a line of the series about a patient ("He's got a fever") is not one.
 _ABOUT_THEM = re.compile(
     r"\b(?:i|i'm|im|i've|ive|i'd|my|me|myself)\b|\b(?:sons?|daughters?|kids?|"
     r"child(?:ren)?|baby|toddler|wife|husband|partner|mom|mum|mother|dad|father|grand\w+|"
     r"boyfriend|girlfriend|brother|sister|friend|roommate)\b", re.I)
+_SOMEONE_ELSE = re.compile(r"\b(?:you|your|yours|he|she|him|his|her|hers|they|them|their|"
+                           r"it's|patient|house|wilson|cuddy)\b|'s\b", re.I)
 
 # A cue right after one of these is denied, not reported: "no fever", "doesn't itch".
 _DENIED = re.compile(
@@ -30,8 +33,9 @@ _DENIED = re.compile(
 
 
 def _cue(text: str) -> re.Pattern[str]:
-    """A cue of the file as a pattern: whole words, ``*`` for any ending ("vomit*")."""
-    return re.compile(r"\b(?:" + text.replace("*", r"\w*") + r")\b", re.I)
+    """A cue of the file as a pattern: whole words or their plural, ``*`` for any ending
+    ("vomit*")."""
+    return re.compile(r"\b(?:" + text.replace("*", r"\w*") + r")(?:e?s)?\b", re.I)
 
 
 def _present(cue: re.Pattern[str], message: str) -> bool:
@@ -60,7 +64,8 @@ class Differentials:
     def find(self, message: str) -> Differential | None:
         """The complaint ``message`` names, or None (also when it is not about the writer or
         someone of theirs)."""
-        if not self.entries or not _ABOUT_THEM.search(message):
+        if not self.entries or not (_ABOUT_THEM.search(message)
+                                    or not _SOMEONE_ELSE.search(message)):
             return None
         return next((d for d in self.entries if d.matches(message)), None)
 

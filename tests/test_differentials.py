@@ -33,6 +33,9 @@ NAMED = [
     ("My husband falls asleep in the middle of conversations.", "falling asleep"),
     ("Can I take ibuprofen with beer?", "alcohol and medicine"),
     ("i want to kill myself", "suicide"),
+    # reading 14's misses, fixed after it: no "I" or "my", but nobody else named; a plural cue
+    ("tongue feels numb on one side since this morning", "stroke"),
+    ("my nails have these little dents all over them like a thimble.", "nails"),
 ]
 
 # Not a complaint of the writer's: House's own, a patient's in the series' words, a denial, a
