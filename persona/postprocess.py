@@ -237,6 +237,11 @@ _OTHER = frozenset({
     "doktorze", "mám", "jsem", "jestem", "mnie", "mě", "nie", "jak", "się", "sie", "boli",
     "bolí", "horečku", "horecku", "ahoj", "cześć", "czesc", "ik", "het", "een", "niet", "dokter",
     "goedemorgen", "goedendag", "heb",
+    # Turkish and Swedish, Norwegian, Danish (reading 14: "Merhaba, son zamanlarda çok yorgun
+    # hissediyorum ve uyuyamıyorum." got a line of the series)
+    "merhaba", "selam", "ve", "bir", "bu", "çok", "cok", "için", "icin", "ile", "ama", "değil",
+    "ben", "mı", "mi", "ne", "hocam", "doktorum", "hej", "jag", "och", "är", "inte", "har",
+    "mycket", "jeg", "ikke", "og", "eg", "hei", "hallå", "läkare", "lege",
 })
 
 

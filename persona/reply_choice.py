@@ -100,8 +100,10 @@ _ROLE = re.compile(
     rf"|{_ASKED}(?:pretend\s+(?:to\s+be|you'?re|you\s+are)|act\s+as\s+(?:a|an|if|my))\b"
     r"|\b(?:system|hidden|initial|original)\s+prompt\b"
     r"|\b(?:tell|show|print|reveal|repeat|give|list)\b[^.?!]{0,20}\byour\s+instructions\b"
-    r"|^\W*system\s*:|\brepeat\s+after\s+me\b|\b(?:reply|respond|answer)\s+only\s+with\b"
-    r"|\bconfirm\s+by\s+saying\b", re.I)
+    r"|^\W*system\W*:|\brepeat\s+after\s+me\b|\b(?:reply|respond|answer)\s+only\s+with\b"
+    r"|\bconfirm\s+by\s+saying\b"
+    r"|\b(?:respond|reply|answer|act|talk|speak)\s+(?:as|like)\s+(?:a|an)\s+(?:\w+\s+){0,2}"
+    r"(?:assistant|ai|chatbot|bot)\b", re.I)
 
 # A chore for an assistant — a poem, code, a translation, a summary, sums, a recipe — which no
 # line of the series answers (reading 12: "Write me a haiku about the ocean." → "It is in the
@@ -111,6 +113,8 @@ _ERRAND = re.compile(
     rf"{_ASKED}(?:write|compose)\b[^.?!]{{0,30}}\b(?:poem|haiku|sonnet|limerick|story|essay|"
     r"song|lyrics|rap|email|code|function|script|program|article|speech)s?\b"
     rf"|{_ASKED}(?:summari[sz]e|translate)\b|\btl;?dr\b|\brecipes?\s+for\b"
+    rf"|{_ASKED}explain\b[^.?!]{{0,60}}\b(?:like\s+(?:i'?m|i\s+am)\s+(?:five|5|a\s+child)|"
+    r"to\s+(?:a|an|my)\s+(?:five|5|\d+|six|seven|ten)[- ]year[- ]old)|\beli5\b"
     r"|\b(?:what(?:'s|\s+is)|how\s+much\s+is|calculate|solve)\s+\d[\d.,]*\s*(?:times|x|\*|×|"
     r"plus|\+|minus|-|divided\s+by|/|multiplied\s+by|over)\s*\d", re.I)
 

@@ -32,6 +32,7 @@ NAMED = [
     ("I keep getting nosebleeds for no reason.", "nosebleeds"),
     ("My husband falls asleep in the middle of conversations.", "falling asleep"),
     ("Can I take ibuprofen with beer?", "alcohol and medicine"),
+    ("can i drink beer while on antibiotics (amoxicillin)?", "alcohol and antibiotics"),
     ("i want to kill myself", "suicide"),
     # reading 14's misses, fixed after it: no "I" or "my", but nobody else named; a plural cue
     ("tongue feels numb on one side since this morning", "stroke"),
