@@ -36,6 +36,16 @@ NAMED = [
     ("i want to kill myself", "suicide"),
     # reading 14's misses, fixed after it: no "I" or "my", but nobody else named; a plural cue
     ("tongue feels numb on one side since this morning", "stroke"),
+    # the blind A/B's readers' notes: a general answer where a specific one was due
+    ("My mom (80) fell yesterday and now she's confused and sleepy. She takes blood thinners.",
+     "head injury on blood thinners"),
+    ("itchy rash between my fingers, worse at night, my roommate has it too", "scabies"),
+    ("My 2 year old has a barking cough at night.", "croup"),
+    ("started lisinopril two weeks ago and now I have a dry cough",
+     "cough from blood pressure pills"),
+    ("took 2 ambien and had a couple drinks, feel really out of it", "alcohol and sedatives"),
+    ("I smoked weed for the first time in years and my heart was racing and I thought I was "
+     "dying for like an hour.", "weed and a racing heart"),
     ("my nails have these little dents all over them like a thimble.", "nails"),
 ]
 
