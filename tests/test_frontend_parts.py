@@ -248,7 +248,7 @@ async def test_the_console_waits_for_a_worker_that_is_still_starting(
     await queue.setup()
     out = io.StringIO()
     console = ConsoleFrontend(settings.with_overrides(reply_timeout_s=0.5), persona,
-                              queue, keys, stdin=io.StringIO("Is it lupus?\n"), stdout=out,
+                              queue, keys, stdin=io.StringIO("Do I need surgery?\n"), stdout=out,
                               interactive=False)
     chatting = asyncio.create_task(console.run())
     await asyncio.sleep(1.2)  # two reply timeouts with no worker
