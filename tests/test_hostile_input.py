@@ -418,7 +418,7 @@ async def test_a_named_complaint_gets_houses_answer_and_no_generation(
     found = persona.differentials.find(complaint)
     assert found is not None
     generator = CapturingGenerator()
-    async with running_worker(redis, keys, persona, generator):
+    async with running_worker(redis, keys, persona, generator, differentials=True):
         heard = [await ask(core, queue, "u12", complaint) for _ in found.replies]
         assert generator.jobs == []
         again = await ask(core, queue, "u12", complaint)
