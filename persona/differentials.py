@@ -24,7 +24,8 @@ _ABOUT_THEM = re.compile(
     r"child(?:ren)?|baby|toddler|wife|husband|partner|mom|mum|mother|dad|father|grand\w+|"
     r"boyfriend|girlfriend|brother|sister|friend|roommate)\b", re.I)
 _SOMEONE_ELSE = re.compile(r"\b(?:you|your|yours|he|she|him|his|her|hers|they|them|their|"
-                           r"it's|patient|house|wilson|cuddy)\b|'s\b", re.I)
+                           r"it's|patient|house|wilson|cuddy|cause|causes|caused|"
+                           r"leads?|explains?)\b|'s\b", re.I)
 
 # A cue right after one of these is denied, not reported: "no fever", "doesn't itch".
 _DENIED = re.compile(
