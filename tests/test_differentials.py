@@ -44,6 +44,13 @@ NAMED = [
     ("started lisinopril two weeks ago and now I have a dry cough",
      "cough from blood pressure pills"),
     ("took 2 ambien and had a couple drinks, feel really out of it", "alcohol and sedatives"),
+    # reading 15's A/B readers' notes
+    ("coughed up blood streaks this morning. go in or wait?", "coughing blood"),
+    ("did a couple lines of coke at a party and 6 hours later my chest still hurts",
+     "cocaine and the heart"),
+    ("sore throat getting worse, can barely open my mouth, voice like a hot potato",
+     "throat abscess"),
+    ("fell off a ladder onto my wrist, it's tender near the base of the thumb", "wrist and thumb"),
     ("I smoked weed for the first time in years and my heart was racing and I thought I was "
      "dying for like an hour.", "weed and a racing heart"),
     ("my nails have these little dents all over them like a thimble.", "nails"),
