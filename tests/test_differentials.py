@@ -51,6 +51,10 @@ NAMED = [
     ("sore throat getting worse, can barely open my mouth, voice like a hot potato",
      "throat abscess"),
     ("fell off a ladder onto my wrist, it's tender near the base of the thumb", "wrist and thumb"),
+    # reading 15's readers' notes: an entry's answers fit every message it takes
+    ("dark brown urine after a long run yesterday, what is it", "dark urine"),
+    ("I've been peeing blood.", "blood in the urine"),
+    ("my 4yo son has had a fever for 5 days, red eyes, cracked lips", "kawasaki"),
     ("I smoked weed for the first time in years and my heart was racing and I thought I was "
      "dying for like an hour.", "weed and a racing heart"),
     ("my nails have these little dents all over them like a thimble.", "nails"),
@@ -97,7 +101,7 @@ def test_a_jab_comes_first_and_the_setting_turns_differentials_off() -> None:
 
 
 def test_a_conversation_hears_each_answer_once_then_the_model_answers() -> None:
-    message = "My head hurts every day."
+    message = "My chest hurts."
     found = PERSONA.differentials.find(message)
     assert found is not None and len(found.replies) == 2
     heard: list[str] = []
