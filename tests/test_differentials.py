@@ -55,6 +55,13 @@ NAMED = [
     ("dark brown urine after a long run yesterday, what is it", "dark urine"),
     ("I've been peeing blood.", "blood in the urine"),
     ("my 4yo son has had a fever for 5 days, red eyes, cracked lips", "kawasaki"),
+    # reading 15's unanswered complaints, the urgent ones
+    ("my 8 month old has been crying in fits, pulling his legs up, red jelly in his diaper",
+     "intussusception"),
+    ("a bat scratched me while camping, it's tiny. do i need anything", "bat or animal bite"),
+    ("sudden flashes of light in my right eye and new floaters, now a curtain",
+     "retinal detachment"),
+    ("newborn looks yellow, 4 days old, sleeping a lot", "newborn jaundice"),
     ("I smoked weed for the first time in years and my heart was racing and I thought I was "
      "dying for like an hour.", "weed and a racing heart"),
     ("my nails have these little dents all over them like a thimble.", "nails"),
