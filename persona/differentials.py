@@ -18,7 +18,8 @@ import yaml
 
 # The message is about the writer or someone of theirs — it says so, or it names nobody else
 # ("tongue feels numb on one side since this morning"): a complaint about House himself ("does
-# your leg hurt?") or a line of the series about a patient ("He's got a fever") is not one.
+# your leg hurt?"), a line of the series about a patient ("He's got a fever") or about medicine
+# in general ("It leads to rheumatic fever.") is not one.
 _ABOUT_THEM = re.compile(
     r"\b(?:i|i'm|im|i've|ive|i'd|my|me|myself)\b|\b(?:sons?|daughters?|kids?|"
     r"child(?:ren)?|baby|toddler|wife|husband|partner|mom|mum|mother|dad|father|grand\w+|"
