@@ -62,6 +62,12 @@ NAMED = [
     ("sudden flashes of light in my right eye and new floaters, now a curtain",
      "retinal detachment"),
     ("newborn looks yellow, 4 days old, sleeping a lot", "newborn jaundice"),
+    # reading 16's misses
+    ("my 4 year old has a fever and little purple dots on her legs that don't fade",
+     "child rash and fever"),
+    ("my left calf is swollen and warm after the flight back from Sydney", "blood clot in the leg"),
+    ("Been drinking a bottle of vodka a day for years, want to quit cold turkey",
+     "stopping drinking"),
     ("I smoked weed for the first time in years and my heart was racing and I thought I was "
      "dying for like an hour.", "weed and a racing heart"),
     ("my nails have these little dents all over them like a thimble.", "nails"),
