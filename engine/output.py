@@ -23,6 +23,7 @@ from persona.pack import Controls, Persona
 from persona.postprocess import reply_candidate
 from persona.reply_choice import (
     CANON,
+    DIFFERENTIAL,
     GENERATED,
     Candidate,
     CanonScores,
@@ -136,6 +137,9 @@ class ReplyBuilder:
         variants = []
         won = GENERATED
         for v, name in enumerate(task.variants):
+            if name == HYBRID_VARIANT and task.answer is not None:  # the bot's answer
+                variants.append(Variant(name=name, text=task.answer, won=DIFFERENTIAL))
+                continue
             if name == HYBRID_VARIANT:
                 default = task.variants.index(self.default_adapter)
                 winner = self.pick(task, self.generated_candidates(task, default, outputs),

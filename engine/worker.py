@@ -613,6 +613,12 @@ class Worker:
                         self.settings.model.default_adapter not in task.variants:
                     task.variants.append(self.settings.model.default_adapter)
                 task.variants.append(HYBRID_VARIANT)
+            if self.settings.reply_choice.differentials and HYBRID_VARIANT in wanted:
+                # what the bot answers a complaint the pack names, beside the models
+                task.answer = persona.differentials.answer(
+                    text, request_seed(request, self.defaults))
+                if task.answer is not None and HYBRID_VARIANT not in task.variants:
+                    task.variants.append(HYBRID_VARIANT)
         else:
             adapter = str(request.settings.get("adapter", self.settings.model.default_adapter))
             task.variants = [adapter if adapter in self.generator.adapters else BASE_VARIANT]

@@ -413,7 +413,7 @@ async def test_a_named_complaint_gets_houses_answer_and_no_generation(
         persona: Persona) -> None:
     """A complaint the pack's differentials name is answered without the model, kept in the
     history, and not answered the same way twice: once a conversation heard every answer to it,
-    the model answers; /compare shows the models."""
+    the model answers; /compare shows the models, and the answer as what the bot answers."""
     complaint = "I have a fever and a stiff neck."
     found = persona.differentials.find(complaint)
     assert found is not None
@@ -426,6 +426,8 @@ async def test_a_named_complaint_gets_houses_answer_and_no_generation(
     assert sorted(heard) == sorted(found.replies)
     assert again.startswith("Diagnosis ") and again not in found.replies
     assert all(job.message == complaint for job in generator.jobs) and generator.jobs
-    assert not any(r in compared for r in found.replies)
+    assert "Base model" in compared and "House (fine-tuned)" in compared
+    assert any(f"his answer to this complaint, written for the bot:\n{r}" in compared
+               for r in found.replies)
     turns = await stored_turns(redis, keys, "t:u:u12")
     assert [t["content"] for t in turns if t["role"] == "assistant"][:len(heard)] == heard
