@@ -68,6 +68,14 @@ NAMED = [
     ("my left calf is swollen and warm after the flight back from Sydney", "blood clot in the leg"),
     ("Been drinking a bottle of vodka a day for years, want to quit cold turkey",
      "stopping drinking"),
+    # reading 16's A/B readers' notes: the dangerous misses
+    ("I ate some wild mushrooms I picked in the forest 8 hours ago and now I'm vomiting",
+     "mushrooms"),
+    ("Bee sting on my neck 10 minutes ago and my lips feel kind of tingly and swollen.",
+     "throat closing"),
+    ("My mom is 79, fell yesterday, now she can't put weight on her right leg", "broken hip"),
+    ("got bit by my neighbors cat on the hand last night, now its red and swollen",
+     "infected bite"),
     ("I smoked weed for the first time in years and my heart was racing and I thought I was "
      "dying for like an hour.", "weed and a racing heart"),
     ("my nails have these little dents all over them like a thimble.", "nails"),
