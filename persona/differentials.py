@@ -73,13 +73,15 @@ class Differentials:
 
     def answer(self, message: str, seed: int, avoid: Collection[str] = ()) -> str | None:
         """House's answer to the complaint ``message`` names (``seed`` picks which), one the
-        conversation has not heard (``avoid``); None when there is none."""
+        conversation has not heard (``avoid``) while there is one — else the same again: the
+        right answer twice beats a line of the series that contradicts it (a stiff neck with a
+        fever asked twice got "No fever, no neck pain." the second time). None: no complaint."""
         found = self.find(message)
         if found is None:
             return None
         replies = found.replies
         order = [replies[(seed + i) % len(replies)] for i in range(len(replies))]
-        return next((r for r in order if r not in avoid), None)
+        return next((r for r in order if r not in avoid), order[0])
 
 
 def load_differentials(path: Path) -> Differentials:

@@ -411,21 +411,22 @@ async def test_a_reset_flood_from_one_user_does_not_refuse_or_delay_anyone_else(
 async def test_a_named_complaint_gets_houses_answer_and_no_generation(
         core: FrontendCore, queue: QueueClient, redis: aioredis.Redis, keys: Keys,
         persona: Persona) -> None:
-    """A complaint the pack's differentials name is answered without the model, kept in the
-    history, and not answered the same way twice: once a conversation heard every answer to it,
-    the model answers; /compare shows the models, and the answer as what the bot answers."""
+    """A complaint the pack's differentials name is answered without the model and kept in
+    the history; a conversation hears every answer to it before one comes again (never a line
+    of the series instead: "No fever, no neck pain." once answered the second "I have a fever
+    and a stiff neck."); /compare shows the models, and the answer as what the bot answers."""
     complaint = "I have a fever and a stiff neck."
     found = persona.differentials.find(complaint)
     assert found is not None
     generator = CapturingGenerator()
     async with running_worker(redis, keys, persona, generator, differentials=True):
         heard = [await ask(core, queue, "u12", complaint) for _ in found.replies]
-        assert generator.jobs == []
         again = await ask(core, queue, "u12", complaint)
+        assert generator.jobs == []
         compared = await ask(core, queue, "u13", f"/compare {complaint}")
     assert sorted(heard) == sorted(found.replies)
-    assert again.startswith("Diagnosis ") and again not in found.replies
-    assert all(job.message == complaint for job in generator.jobs) and generator.jobs
+    assert again in found.replies
+    assert all(job.message == complaint for job in generator.jobs)
     assert "Base model" in compared and "House (fine-tuned)" in compared
     assert any(f"his answer to this complaint, written for the bot:\n{r}" in compared
                for r in found.replies)
