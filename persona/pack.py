@@ -72,16 +72,19 @@ class Persona:
     filler_jabs: tuple[str, ...] = ()
     role_jabs: tuple[str, ...] = ()
     errand_jabs: tuple[str, ...] = ()
+    greeting_jabs: tuple[str, ...] = ()
     differentials: Differentials = field(default_factory=Differentials)
 
     def jab(self, seed: int, kind: str = "no_words", avoid: Collection[str] = ()) -> str:
         """A short jab for a message with no words in it (``no_words``), in another language
         (``language``), of nothing but "ok", "hmm", "lol" (``filler``), an attempt to make him
-        someone else (``role``) or a chore for an assistant (``errand``); ``seed`` picks
+        someone else (``role``), a chore for an assistant (``errand``) or a bare greeting
+        (``greeting``); ``seed`` picks
         which, the next one on when it is in ``avoid`` (what the conversation already heard)
         while another is left. A kind the pack has no jabs for gets the no-words ones."""
         pool = {"language": self.language_jabs, "filler": self.filler_jabs,
-                "role": self.role_jabs, "errand": self.errand_jabs}.get(kind) or self.jabs
+                "role": self.role_jabs, "errand": self.errand_jabs,
+                "greeting": self.greeting_jabs}.get(kind) or self.jabs
         if not pool:
             return self.line("empty")
         order = [pool[(seed + i) % len(pool)] for i in range(len(pool))]
@@ -115,6 +118,7 @@ def load_persona(name_or_path: str = "house") -> Persona:
         filler_jabs=_texts(raw.get("filler_jabs", [])),
         role_jabs=_texts(raw.get("role_jabs", [])),
         errand_jabs=_texts(raw.get("errand_jabs", [])),
+        greeting_jabs=_texts(raw.get("greeting_jabs", [])),
         differentials=load_differentials(path.parent / raw["differentials"])
         if raw.get("differentials") else Differentials(),
     )

@@ -84,6 +84,17 @@ _FILLER = re.compile(r"^(?:(?:o+k+a*y*|k+|okey|hm+|m+h*m+|lo+l|lmao|(?:ha)+h?|co
                      r"alright|whatever|meh|oh+|ah+|wow)\b\W*){1,2}$", re.I)
 
 
+# A message of nothing but a greeting ("Hi!", "Good morning, doctor.", "yo", "sup"), perhaps to
+# him: House's lines for it come from scenes where it greeted someone else (reading 13: "good
+# morning! ☀️" → "Comes back out. Good morning."; reading 16: "sup" → "I'm not sugges! Caught
+# off-guard Would you do that?"). A greeting with a question ("hey doc, how's your day?") is
+# the selector's.
+_GREETING = re.compile(r"^\W*(?:hi+|hello+|hey+|heya|hiya|howdy|yo+|sup|wass?up|what'?s up|"
+                       r"greetings|g'?day|good\s+(?:morning|afternoon|evening|day)|morning|"
+                       r"evening)(?:[\s,]+(?:there|doc|doctor|dr\.?(?:\s+house)?|house|"
+                       r"gregory(?:\s+house)?|everyone|all)){0,2}[\W_]*$", re.I)
+
+
 # Where a request starts: the message's start, a sentence's, or "please", "can you" … before
 # the verb — "pretend you are Wilson" is one, "you can't pretend that…" is not.
 _ASKED = r"(?:^|[.!?:]\s*|\b(?:please|can\s+you|could\s+you|would\s+you|now)\s+)"
@@ -123,14 +134,17 @@ def jab_kind(message: str) -> str | None:
     """Which of the pack's short jabs answers ``message``, or None when the model and House's
     lines should: ``no_words`` ("???", a row of emoji), ``language`` (another language:
     `in_another_language` — House answers in English, and the selector reads English only),
-    ``filler`` ("ok", "hmm", "lol"), ``role`` (an attempt to make him someone else or to read
-    out his instructions) or ``errand`` (a chore for an assistant: a poem, code, sums)."""
+    ``filler`` ("ok", "hmm", "lol"), ``greeting`` ("Hi!", "Good morning, doctor.", "sup"),
+    ``role`` (an attempt to make him someone else or to read out his instructions) or
+    ``errand`` (a chore for an assistant: a poem, code, sums)."""
     if not has_words(message):
         return "no_words"
     if in_another_language(message):
         return "language"
     if _FILLER.match(message.strip()):
         return "filler"
+    if _GREETING.match(message.strip()):
+        return "greeting"
     if _ROLE.search(message):
         return "role"
     if _ERRAND.search(message):
