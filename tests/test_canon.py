@@ -327,7 +327,7 @@ async def test_without_a_canon_pool_hybrid_falls_back_to_generated(
         redis, keys, persona, queue) -> None:  # type: ignore[no-untyped-def]
     worker = Worker(redis, keys, FakeGenerator(), persona,
                     worker_settings("w", reply_mode="canon"))
-    request = chat("hello")
+    request = chat("what do you make of this?")
     await queue.submit(request)
     await worker.run(burst=True)
     reply = await queue.wait_reply(request.id, 10)

@@ -175,13 +175,13 @@ async def test_allow_list_lets_listed_users_and_chats_in(
         guarded: FrontendCore, queue: QueueClient, persona: Persona, fake_worker: Worker,
         redis: aioredis.Redis, keys: Keys) -> None:
     refused = persona.line("not_allowed")
-    assert (await ask(guarded, queue, "1", "hello")).startswith("Diagnosis ")
-    assert await ask(guarded, queue, "3", "hello") == refused
+    assert (await ask(guarded, queue, "1", "what do you make of this?")).startswith("Diagnosis ")
+    assert await ask(guarded, queue, "3", "what do you make of this?") == refused
     assert await ask(guarded, queue, "3", "/start") == refused
     assert await ask(guarded, queue, "3", "/forget") == refused
-    assert (await ask(guarded, queue, "3", "hello", chat="-100",
+    assert (await ask(guarded, queue, "3", "what do you make of this?", chat="-100",
                       conversation="t:c:-100:u:3")).startswith("Diagnosis ")
-    assert await ask(guarded, queue, "3", "hello", chat="-200",
+    assert await ask(guarded, queue, "3", "what do you make of this?", chat="-200",
                      conversation="t:c:-200:u:3") == refused
     assert await redis.llen(keys.history("t:u:3")) == 0
 
