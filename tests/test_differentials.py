@@ -68,6 +68,7 @@ NAMED = [
     ("my left calf is swollen and warm after the flight back from Sydney", "blood clot in the leg"),
     ("Been drinking a bottle of vodka a day for years, want to quit cold turkey",
      "stopping drinking"),
+    ("my baby threw up green twice and he is sleepy", "baby spitting up"),
     # reading 16's A/B readers' notes: the dangerous misses
     ("I ate some wild mushrooms I picked in the forest 8 hours ago and now I'm vomiting",
      "mushrooms"),
