@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from persona.rotation import unheard
+
 # The message is about the writer or someone of theirs — it says so, or it names nobody else
 # ("tongue feels numb on one side since this morning"): a complaint about House himself ("does
 # your leg hurt?"), a line of the series about a patient ("He's got a fever") or about medicine
@@ -38,6 +40,12 @@ def _cue(text: str) -> re.Pattern[str]:
     """A cue of the file as a pattern: whole words or their plural, ``*`` for any ending
     ("vomit*")."""
     return re.compile(r"\b(?:" + text.replace("*", r"\w*") + r")(?:e?s)?\b", re.I)
+
+
+def _theirs(message: str) -> bool:
+    """Whether ``message`` is about the writer or someone of theirs (`_ABOUT_THEM`), or names
+    nobody else (`_SOMEONE_ELSE`)."""
+    return bool(_ABOUT_THEM.search(message)) or not _SOMEONE_ELSE.search(message)
 
 
 def _present(cue: re.Pattern[str], message: str) -> bool:
@@ -66,8 +74,7 @@ class Differentials:
     def find(self, message: str) -> Differential | None:
         """The complaint ``message`` names, or None (also when it is not about the writer or
         someone of theirs)."""
-        if not self.entries or not (_ABOUT_THEM.search(message)
-                                    or not _SOMEONE_ELSE.search(message)):
+        if not self.entries or not _theirs(message):
             return None
         return next((d for d in self.entries if d.matches(message)), None)
 
@@ -77,11 +84,7 @@ class Differentials:
         right answer twice beats a line of the series that contradicts it (a stiff neck with a
         fever asked twice got "No fever, no neck pain." the second time). None: no complaint."""
         found = self.find(message)
-        if found is None:
-            return None
-        replies = found.replies
-        order = [replies[(seed + i) % len(replies)] for i in range(len(replies))]
-        return next((r for r in order if r not in avoid), order[0])
+        return unheard(found.replies, seed, avoid) if found is not None else None
 
 
 def load_differentials(path: Path) -> Differentials:

@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import yaml
 
 from persona.differentials import Differentials, load_differentials
+from persona.rotation import unheard
 
 PACKS_DIR = Path(__file__).resolve().parent / "packs"
 
@@ -87,8 +88,7 @@ class Persona:
                 "greeting": self.greeting_jabs}.get(kind) or self.jabs
         if not pool:
             return self.line("empty")
-        order = [pool[(seed + i) % len(pool)] for i in range(len(pool))]
-        return next((j for j in order if j not in avoid), order[0])
+        return unheard(pool, seed, avoid)
 
     def line(self, key: str) -> str:
         """A canned in-character line (``busy``, ``error`` …); falls back to ``error``."""
