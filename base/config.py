@@ -275,6 +275,9 @@ class ReplyChoiceSettings(SettingsGroup):
     # A user's own complaint that the pack's differentials name (a butterfly rash, a fever and a
     # stiff neck) gets House's answer to it, written for the bot, whatever the mode.
     differentials: bool = Field(True, validation_alias="DIFFERENTIALS")
+    # A question about House, his people or small talk that the pack's topics name ("Do you miss
+    # Kutner?", "cats or dogs?") gets his answer to it, written for the bot, whatever the mode.
+    topics: bool = Field(True, validation_alias="TOPICS")
     selector_dir: RootPath = Field(ROOT / "models" / "house-selector",
                                    validation_alias="SELECTOR_DIR")
     house_data: RootPath = Field(

@@ -40,7 +40,7 @@ class WorkerMetrics:
         self.errors = Counter("house_errors", "Requests answered with an error", ["reason"],
                               registry=r)
         self.winners = Counter("house_reply_winner", "Chat replies by the kind that won "
-                               "(generated or canon)", ["kind"], registry=r)
+                               "(generated, canon, differential or topic)", ["kind"], registry=r)
         self.listener_skipped = Counter("house_listener_skipped", "Replies chosen without "
                                         "the listener because the worker was busy",
                                         registry=r)

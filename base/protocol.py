@@ -75,7 +75,8 @@ class Reply(BaseModel):
     generation_ms: float = 0.0
     batch_size: int = 0
     kind: str = "chat"
-    won: str | None = None  # "generated", "canon" or "differential": the kind of reply that won
+    # "generated", "canon", "differential" or "topic": the kind of reply that won
+    won: str | None = None
     # Set on a partial event (the text generated so far, numbered from 1) that a final reply
     # with the same id supersedes; None on the final reply.
     partial: int | None = None

@@ -19,6 +19,8 @@ def _how(variant: Variant) -> str:
         return "a line from the series"
     if variant.won == "differential":
         return "his answer to this complaint, written for the bot"
+    if variant.won == "topic":
+        return "his answer, written for the bot"
     return f"{variant.tokens} tokens, {variant.ms:.0f} ms"
 
 

@@ -114,9 +114,9 @@ def run(args: argparse.Namespace) -> int:
     from base.config import Settings
     from base.logging_setup import setup_logging
 
-    # The benchmarks time the model: half their messages are complaints the pack's
-    # differentials would answer without it.
-    settings = Settings().with_overrides(differentials=False)
+    # The benchmarks time the model: half their messages are complaints or chat the pack's
+    # differentials and topics would answer without it.
+    settings = Settings().with_overrides(differentials=False, topics=False)
     if args.prefix_cache is not None:
         settings = settings.with_overrides(prefix_cache=args.prefix_cache)
     setup_logging(settings.with_overrides(log_level="WARNING"))
@@ -188,7 +188,7 @@ async def _round(redis: Any, keys: Any, generator: Any, persona: Any, batch_size
     worker = Worker(redis, keys, generator, persona,
                     Settings(worker_name=f"bench-{batch_size}", batch_size=batch_size,
                              batch_wait_ms=batch_wait_ms, read_block_ms=20,
-                             differentials=False))
+                             differentials=False, topics=False))
     stop = asyncio.Event()
     reader = asyncio.create_task(queue.run_reader(stop=stop, block_ms=20))
     serving = asyncio.create_task(worker.run())

@@ -23,7 +23,6 @@ from persona.pack import Controls, Persona
 from persona.postprocess import reply_candidate
 from persona.reply_choice import (
     CANON,
-    DIFFERENTIAL,
     GENERATED,
     Candidate,
     CanonScores,
@@ -138,7 +137,8 @@ class ReplyBuilder:
         won = GENERATED
         for v, name in enumerate(task.variants):
             if name == HYBRID_VARIANT and task.answer is not None:  # the bot's answer
-                variants.append(Variant(name=name, text=task.answer, won=DIFFERENTIAL))
+                kind, text = task.answer
+                variants.append(Variant(name=name, text=text, won=kind))
                 continue
             if name == HYBRID_VARIANT:
                 default = task.variants.index(self.default_adapter)

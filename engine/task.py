@@ -28,8 +28,8 @@ class Task:
     mentioned: str = ""  # the conversation's text: names a canon line may use
     heard: set[int] = field(default_factory=set)  # canon rows heard lately
     canon_row: int | None = None  # the canon line that won, to remember
-    # /compare: the pack's answer to the complaint the message names — what the bot answers
-    answer: str | None = None
+    # /compare: the pack's written answer (kind, text) to the message — what the bot answers
+    answer: tuple[str, str] | None = None
     scores: CanonScores | None = None  # the reply choice's scoring so far (ReplyBuilder)
     listens: bool = False  # whether the listener scores this reply (decided with ``scores``)
     shortlist: int = 0  # canon lines the listener re-ranks for it

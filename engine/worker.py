@@ -53,7 +53,16 @@ from engine.task import Task
 from persona.canon import CanonPool
 from persona.pack import Controls, Persona
 from persona.prompt import Turn, clean_user_text, render_prompt
-from persona.reply_choice import CANON, DIFFERENTIAL, GENERATED, HYBRID, MODES, canned_reply
+from persona.reply_choice import (
+    CANON,
+    DIFFERENTIAL,
+    GENERATED,
+    HYBRID,
+    MODES,
+    TOPIC,
+    canned_reply,
+    written_answer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -589,15 +598,15 @@ class Worker:
             task.reply = self.reply(request, text=persona.line("empty"))
             return
         task.text, task.speaker = text, speaker
-        # "???", another language, a bare "ok", a complaint the pack's differentials name:
-        # nothing to generate (/compare shows the models, so only its jabs)
+        # "???", another language, a bare "ok", a complaint or a topic the pack names: nothing
+        # to generate (/compare shows the models, so only its jabs)
         canned = await self.canned(request, text)
         if canned is not None:
             kind, answer = canned
-            if kind == DIFFERENTIAL:
-                self.output.metrics.winners.labels(DIFFERENTIAL).inc()
-            task.reply = self.reply(request, text=answer,
-                                    won=DIFFERENTIAL if kind == DIFFERENTIAL else None)
+            written = kind in (DIFFERENTIAL, TOPIC)
+            if written:
+                self.output.metrics.winners.labels(kind).inc()
+            task.reply = self.reply(request, text=answer, won=kind if written else None)
             return
         self._taken.append((time.monotonic(), request.conversation))
         self._forget_taken()
@@ -613,10 +622,12 @@ class Worker:
                         self.settings.model.default_adapter not in task.variants:
                     task.variants.append(self.settings.model.default_adapter)
                 task.variants.append(HYBRID_VARIANT)
-            if self.settings.reply_choice.differentials and HYBRID_VARIANT in wanted:
-                # what the bot answers a complaint the pack names, beside the models
-                task.answer = persona.differentials.answer(
-                    text, request_seed(request, self.defaults))
+            if HYBRID_VARIANT in wanted:
+                # what the bot answers a complaint or a topic the pack names, beside the models
+                task.answer = written_answer(
+                    persona, text, request_seed(request, self.defaults),
+                    differentials=self.settings.reply_choice.differentials,
+                    topics=self.settings.reply_choice.topics)
                 if task.answer is not None and HYBRID_VARIANT not in task.variants:
                     task.variants.append(HYBRID_VARIANT)
         else:
@@ -659,15 +670,17 @@ class Worker:
 
     async def canned(self, request: Request, text: str) -> tuple[str, str] | None:
         """A reply that needs no model (`canned_reply`: a jab, or House's answer to a complaint
-        the pack's differentials name — not in /compare, which shows the models), one this
+        or a topic the pack names — not in /compare, which shows the models), one this
         conversation has not heard: such exchanges are kept in the history like any other."""
-        differentials = self.settings.reply_choice.differentials and request.kind != "compare"
+        written = request.kind != "compare"
+        kinds = dict(differentials=written and self.settings.reply_choice.differentials,
+                     topics=written and self.settings.reply_choice.topics)
         seed = request_seed(request, self.defaults)
-        if canned_reply(self.persona, text, seed, differentials=differentials) is None:
+        if canned_reply(self.persona, text, seed, **kinds) is None:
             return None
         said = {t.content for t in await self.history.load(request.conversation)
                 if t.role == "assistant"}
-        return canned_reply(self.persona, text, seed, avoid=said, differentials=differentials)
+        return canned_reply(self.persona, text, seed, avoid=said, **kinds)
 
     def reply_mode(self, request: Request) -> str:
         """The request's ``mode`` setting, else REPLY_MODE; generated when there is no canon

@@ -82,6 +82,7 @@ def compute_metrics(samples: dict[str, list[Sample]], timing: dict[str, dict[str
             figures["canon_share"] = sum(s.won == "canon" for s in items) / len(items)
             figures["differential_share"] = (sum(s.won == "differential" for s in items)
                                              / len(items))
+            figures["topic_share"] = sum(s.won == "topic" for s in items) / len(items)
         t = timing.get(system, {})
         figures["tokens_per_s"] = (t["tokens"] / t["generate_s"]
                                    if t.get("tokens") and t.get("generate_s") else None)

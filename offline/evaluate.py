@@ -506,8 +506,9 @@ def derive_systems(samples: dict[str, list[Sample]], timing: dict[str, dict[str,
                           for k, c in enumerate(source.candidates)] if source else []
             started = time.perf_counter()
             canned = canned_reply(persona, prompt.message, i,
-                                  differentials=settings.reply_choice.differentials)
-            if canned is not None:  # as the worker: a jab or a differential, nothing generated
+                                  differentials=settings.reply_choice.differentials,
+                                  topics=settings.reply_choice.topics)
+            if canned is not None:  # as the worker: a jab or a written answer, nothing generated
                 out.append(Sample(message=prompt.message, reply=canned[1],
                                   reference=prompt.reference, ms=0.0, won=canned[0]))
                 continue

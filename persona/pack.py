@@ -9,7 +9,8 @@ from typing import Any, ClassVar
 
 import yaml
 
-from persona.differentials import Differentials, load_differentials
+from persona.cued import CuedAnswers, load_cued
+from persona.differentials import load_differentials
 from persona.rotation import unheard
 
 PACKS_DIR = Path(__file__).resolve().parent / "packs"
@@ -74,7 +75,8 @@ class Persona:
     role_jabs: tuple[str, ...] = ()
     errand_jabs: tuple[str, ...] = ()
     greeting_jabs: tuple[str, ...] = ()
-    differentials: Differentials = field(default_factory=Differentials)
+    differentials: CuedAnswers = field(default_factory=CuedAnswers)
+    topics: CuedAnswers = field(default_factory=CuedAnswers)
 
     def jab(self, seed: int, kind: str = "no_words", avoid: Collection[str] = ()) -> str:
         """A short jab for a message with no words in it (``no_words``), in another language
@@ -120,7 +122,9 @@ def load_persona(name_or_path: str = "house") -> Persona:
         errand_jabs=_texts(raw.get("errand_jabs", [])),
         greeting_jabs=_texts(raw.get("greeting_jabs", [])),
         differentials=load_differentials(path.parent / raw["differentials"])
-        if raw.get("differentials") else Differentials(),
+        if raw.get("differentials") else CuedAnswers(),
+        topics=load_cued(path.parent / raw["topics"], "topic")
+        if raw.get("topics") else CuedAnswers(),
     )
 
 

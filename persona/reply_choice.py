@@ -49,7 +49,8 @@ if TYPE_CHECKING:
 Mode = Literal["generated", "canon", "hybrid"]
 MODES: tuple[str, ...] = ("generated", "canon", "hybrid")
 GENERATED, CANON, HYBRID = "generated", "canon", "hybrid"
-JAB, DIFFERENTIAL = "jab", "differential"  # replies that need no model (`canned_reply`)
+# replies that need no model (`canned_reply`)
+JAB, DIFFERENTIAL, TOPIC = "jab", "differential", "topic"
 
 Scorer = Callable[[Sequence[str]], Sequence[float]]
 FitScorer = Callable[[Sequence[str]], Sequence[float]]
@@ -152,17 +153,33 @@ def jab_kind(message: str) -> str | None:
     return None
 
 
+def written_answer(persona: Persona, message: str, seed: int, avoid: Collection[str] = (),
+                   differentials: bool = True, topics: bool = True) -> tuple[str, str] | None:
+    """House's answer written for the bot, as ``(kind, text)``: to the user's own complaint
+    the pack's differentials name (``differential``), else to the topic its topics name —
+    himself, his people, small talk (``topic``); each kind only when asked for. ``seed`` picks
+    which, one the conversation has not heard (``avoid``) where it can."""
+    if differentials:
+        text = persona.differentials.answer(message, seed, avoid)
+        if text is not None:
+            return DIFFERENTIAL, text
+    if topics:
+        text = persona.topics.answer(message, seed, avoid)
+        if text is not None:
+            return TOPIC, text
+    return None
+
+
 def canned_reply(persona: Persona, message: str, seed: int, avoid: Collection[str] = (),
-                 differentials: bool = True) -> tuple[str, str] | None:
+                 differentials: bool = True, topics: bool = True) -> tuple[str, str] | None:
     """A reply that needs no model, as ``(kind, text)``: one of the pack's jabs (``jab``,
-    `jab_kind`), or House's answer to the complaint ``message`` names (``differential``, the
-    pack's differentials; with ``differentials``); None when the model and House's lines
-    answer. ``seed`` picks which, one the conversation has not heard (``avoid``) where it can."""
+    `jab_kind`), or an answer written for the bot (`written_answer`); None when the model and
+    House's lines answer. ``seed`` picks which, one the conversation has not heard (``avoid``)
+    where it can."""
     kind = jab_kind(message)
     if kind is not None:
         return JAB, persona.jab(seed, kind, avoid=avoid)
-    text = persona.differentials.answer(message, seed, avoid) if differentials else None
-    return (DIFFERENTIAL, text) if text is not None else None
+    return written_answer(persona, message, seed, avoid, differentials, topics)
 
 
 def needs_jab(message: str) -> bool:

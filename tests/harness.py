@@ -38,10 +38,11 @@ def make_settings(redis_url: str, prefix: str, **overrides: Any) -> Settings:
 def worker_settings(name: str = "test-worker", **fields: Any) -> Settings:
     """A test worker's settings: the shipped defaults without .env, except that it reads in
     short blocks (quick to stop), does not wait to fill a micro-batch, and leaves every message
-    to the generator — the pack's differentials would answer "is it lupus?" or "I cough"
-    themselves; their tests turn them on (``differentials=True``)."""
+    to the generator — the pack's differentials and topics would answer "is it lupus?", "I
+    cough" or "how's Wilson?" themselves; their tests turn them on (``differentials=True``,
+    ``topics=True``)."""
     values: dict[str, Any] = {"read_block_ms": 50, "batch_wait_ms": 0,
-                              "differentials": False, **fields}
+                              "differentials": False, "topics": False, **fields}
     return Settings(_env_file=None, worker_name=name,  # type: ignore[call-arg]
                     worker_metrics_port=0, **values)
 

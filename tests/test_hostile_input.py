@@ -434,3 +434,21 @@ async def test_a_named_complaint_gets_houses_answer_and_no_generation(
                for r in found.replies)
     turns = await stored_turns(redis, keys, "t:u:u12")
     assert [t["content"] for t in turns if t["role"] == "assistant"][:len(heard)] == heard
+
+
+async def test_a_question_about_house_gets_his_written_answer(
+        core: FrontendCore, queue: QueueClient, redis: aioredis.Redis, keys: Keys,
+        persona: Persona) -> None:
+    """A topic the pack names ("Do you miss Kutner?") is answered without the model, a
+    different answer the second time; /compare shows the models and the answer beside them."""
+    question = "Do you miss Kutner?"
+    found = persona.topics.find(question)
+    assert found is not None and len(found.replies) >= 2
+    generator = CapturingGenerator()
+    async with running_worker(redis, keys, persona, generator, topics=True):
+        heard = [await ask(core, queue, "u14", question) for _ in found.replies]
+        assert generator.jobs == []
+        compared = await ask(core, queue, "u15", f"/compare {question}")
+    assert sorted(heard) == sorted(found.replies)
+    assert "Base model" in compared and "House (fine-tuned)" in compared
+    assert any(f"his answer, written for the bot:\n{r}" in compared for r in found.replies)

@@ -1,0 +1,104 @@
+"""House's topics (persona/cued.py and the pack's ``house_topics.yaml``): questions about
+himself, his people and small talk get his answer written for the bot; a complaint, a chore or
+the series' people keep out of small talk; every answer keeps the persona's rules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from persona.cued import load_cued
+from persona.pack import load_persona
+from persona.postprocess import split_sentences
+from persona.reply_choice import DIFFERENTIAL, JAB, TOPIC, acceptable, canned_reply
+
+PERSONA = load_persona("house")
+
+# Phrasings from the helper agents' own test lists (not the held-out reading's messages).
+NAMED = [
+    ("why didn't they just amputate your leg?", "why not amputate"),
+    ("how many vicodin do you take a day", "how many vicodin"),
+    ("Do you miss Kutner?", "kutner's death"),
+    ("what happened with Amber and the bus?", "amber's death"),
+    ("why did you drive your car into Cuddy's house", "car into cuddy's house"),
+    ("do you still love Stacy?", "stacy love"),
+    ("is it ever lupus?", "lupus"),
+    ("what did you learn at Mayfield", "mayfield"),
+    ("who's the better doctor, chase or foreman?", "chase vs foreman"),
+    ("does Wilson know you appreciate him?", "wilson appreciation"),
+    ("cats or dogs?", "cats or dogs"),
+    ("it's been raining all week", "rain"),
+    ("I passed my exam!!", "exam passed or finished"),
+    ("tell me a joke", "tell me a joke"),
+    ("how old are you", "age"),
+    ("I'm so bored", "bored"),
+    ("I had a really bad day", "bad day"),
+    # the order of the file: a narrow entry before the catch-all that would take it
+    ("how are you so smart", "compliment"),
+    ("do you watch football", "monster trucks and sport"),
+]
+
+# Not small talk: a complaint (the differentials, or the model when they name none), a chore
+# (a jab), someone else's leg, a line of the series said to someone else.
+NOT_A_TOPIC = [
+    "my knees ache when it rains",
+    "my leg hurts when I walk",
+    "my dad takes vicodin for his back",
+    "Foreman, run the tests again.",
+    "I went to the bee exhibition and had a great time.",
+]
+
+
+@pytest.mark.parametrize(("message", "name"), NAMED)
+def test_a_question_to_house_gets_his_answer(message: str, name: str) -> None:
+    found = PERSONA.topics.find(message)
+    assert found is not None and found.name == name
+    kind, text = canned_reply(PERSONA, message, seed=0)
+    assert kind == TOPIC and text in found.replies
+
+
+@pytest.mark.parametrize("message", NOT_A_TOPIC)
+def test_what_is_not_a_topic_gets_none(message: str) -> None:
+    assert PERSONA.topics.find(message) is None
+
+
+def test_a_complaint_and_a_chore_come_before_a_topic() -> None:
+    assert canned_reply(PERSONA, "It's raining and I have a fever and a stiff neck.",
+                        seed=0)[0] == DIFFERENTIAL
+    assert canned_reply(PERSONA, "write a poem about the rain", seed=0)[0] == JAB
+    assert canned_reply(PERSONA, "cats or dogs?", seed=0, topics=False) is None
+
+
+def test_a_guard_keeps_small_talk_out() -> None:
+    """"rain" is small talk, "my joints ache when it rains" a complaint (`health` guard), and
+    the series' people are not small talk (`people` guard)."""
+    rain = next(e for e in PERSONA.topics.entries if e.name == "rain")
+    assert rain.matches("it's raining again")
+    assert not rain.matches("it's raining and my joints ache")
+    assert not rain.matches("Wilson says it's raining")
+
+
+def test_every_answer_keeps_the_persona_rules() -> None:
+    """Within the sentence cap, in English, not an echo or assistant talk, no speaker tag."""
+    cap = PERSONA.controls.sentence_cap
+    entries = PERSONA.topics.entries
+    assert len(entries) >= 150 and len({e.name for e in entries}) == len(entries)
+    for entry in entries:
+        assert 1 <= len(entry.replies) <= 3, entry.name
+        for reply in entry.replies:
+            assert len(split_sentences(reply)) <= cap, reply
+            assert acceptable(reply, "So?"), reply
+
+
+def test_a_broken_guard_names_the_entry(tmp_path: Path) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text("guards:\n  health: [fever]\nentries:\n- name: weather\n  unless: [helth]\n"
+                    "  when: [rain]\n  replies: [Stay in.]\n")
+    with pytest.raises(ValueError, match="weather"):
+        load_cued(path, "topic")
+    path.write_text("guards:\n  health: [fever]\nentries:\n- name: weather\n  unless: [health]\n"
+                    "  when: [rain]\n  replies: [Stay in.]\n")
+    weather = load_cued(path, "topic")
+    assert weather.answer("rain again", seed=0) == "Stay in."
+    assert weather.answer("rain and a fever", seed=0) is None
