@@ -157,6 +157,18 @@ def is_unfinished(text: str) -> bool:
     return not _FINISHED.search(text.strip())
 
 
+# Slurs at other people. House calls himself a cripple, and that stays; "a joke would be me
+# calling you a homo" answered "tell me a joke" in the blind A/B of 2026-12-07 d, and no line that
+# says one of these is the bot's to say (4 train lines).
+_SLUR = re.compile(r"\b(?:homos?|fags?|faggots?|dykes?|retards?|retarded|trann(?:y|ies)|"
+                   r"spics?|chinks?|kikes?|wetbacks?|gooks?)\b", re.I)
+
+
+def has_slur(text: str) -> bool:
+    """True for a line with a slur at other people (`_SLUR`): it leaves the pool."""
+    return bool(_SLUR.search(text))
+
+
 def named_people(text: str) -> set[str]:
     """Character names in ``text`` (any case)."""
     return {w.lower().removesuffix("'s") for w in _WORD.findall(text)} & CHARACTERS
@@ -298,7 +310,7 @@ class CanonPool:
             text = without_narration(pair.response)  # House speaks; the script narrates
             key = text.lower()
             if (in_judge_fold(pair) or not text or key in seen or has_run_in_direction(text)
-                    or is_unfinished(text) or has_foreign_passage(text)):
+                    or is_unfinished(text) or has_foreign_passage(text) or has_slur(text)):
                 continue
             seen.add(key)
             lines.append(CanonLine(pair.row, text, pair.anchor))

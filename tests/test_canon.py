@@ -742,3 +742,12 @@ async def test_with_no_sure_threshold_hybrid_generates_and_competes(
     assert reply.won == CANON and reply.text in LINES
     assert [j.message for j in generator.jobs][:1] == [request.text]
     assert worker.metrics.canon_first._value.get() == 0
+
+
+def test_a_slur_at_other_people_leaves_the_pool_and_his_own_cripple_stays() -> None:
+    from persona.canon import has_slur
+
+    assert has_slur("No, a joke would be me calling you a homo. See the difference?")
+    assert has_slur("Mmmm. Tranny nurse is more interesting.")
+    assert not has_slur("Out of the way, cripple coming through.")
+    assert not has_slur("Homocysteine levels are normal.")
