@@ -80,6 +80,19 @@ NAMED = [
     ("I smoked weed for the first time in years and my heart was racing and I thought I was "
      "dying for like an hour.", "weed and a racing heart"),
     ("my nails have these little dents all over them like a thimble.", "nails"),
+    # reading 17's misses (the readers' notes)
+    ("dad is 78, since yesterday his speech is a bit slurred. he's on warfarin", "stroke"),
+    ("grandma is 85, she fell yesterday and now she won't put any weight on her left leg",
+     "broken hip"),
+    ("took ibuprofen 800mg three times a day for a week and now my poop is almost black",
+     "vomiting blood"),
+    ("sometimes i smell burnt toast when there is no toast anywhere", "phantom smell"),
+    ("started sertraline five days ago and now i can't sleep and my jaw is clenched",
+     "ssri side effects"),
+    ("my pee was pinkish this morning... we had beet salad last night", "beetroot"),
+    ("every time i eat shrimp my lips tingle a little but nothing else happens",
+     "mouth tingling after food"),
+    ("stepped on a bee and my tongue is tingling", "throat closing"),
 ]
 
 # Not a complaint of the writer's: House's own, a patient's in the series' words, a denial, a
@@ -93,6 +106,7 @@ NOT_NAMED = [
     "What do you really think of Cuddy?",
     "It's raining again. I hate Mondays.",
     "I went to the bee exhibition and had a great time.",
+    "my cat knocked my phone into the bath this morning. great start to the week",
 ]
 
 
