@@ -93,6 +93,8 @@ NAMED = [
     ("every time i eat shrimp my lips tingle a little but nothing else happens",
      "mouth tingling after food"),
     ("stepped on a bee and my tongue is tingling", "throat closing"),
+    ("chest gets tight when i climb stairs, im 52 and smoke, it passes if i sit for a minute",
+     "angina"),
 ]
 
 # Not a complaint of the writer's: House's own, a patient's in the series' words, a denial, a
