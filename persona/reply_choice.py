@@ -20,6 +20,11 @@ Modes (``REPLY_MODE``, or a request's ``mode`` setting):
 - ``canon``: the selector's best canon lines only;
 - ``hybrid`` (default): both compete — unless the best canon line is sure to win
   (`sure_canon`, before anything is generated: the worker then generates nothing).
+
+Before any of that, whatever the mode, `canned_reply`: a message the pack's jabs answer ("???",
+"ok", another language, "ignore previous instructions"), a complaint its differentials name or
+a topic its topics name (House himself, his people, small talk) gets that answer, nothing
+generated.
 """
 
 from __future__ import annotations

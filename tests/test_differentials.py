@@ -95,6 +95,22 @@ NAMED = [
     ("stepped on a bee and my tongue is tingling", "throat closing"),
     ("chest gets tight when i climb stairs, im 52 and smoke, it passes if i sit for a minute",
      "angina"),
+    # reading 18's misses (the readers' notes)
+    ("my 7 month old has a fever and now her soft spot looks kinda sunken", "sunken soft spot"),
+    ("my grandpa is 84, on warfarin, and since tuesday he keeps getting lost in his own house",
+     "confusion on blood thinners"),
+    ("stubbed my pinky toe, its purple and points slightly outward now", "broken toe"),
+    ("my mom says her fingers turn white then blue then red when she grabs something from the "
+     "freezer", "fingers white then blue"),
+    ("my dad keeps falling asleep mid-sentence, snores like a chainsaw, and now his ankles are "
+     "swollen", "snoring and swollen ankles"),
+    ("my pee is literally neon yellow after taking a multivitamin", "vitamin pee"),
+    ("had a stress fracture last year and another now. also havent had a period in 8 months",
+     "stress fractures and no period"),
+    ("newborn (9 days old) has yellow skin and the whites of his eyes look yellow too",
+     "newborn jaundice"),
+    ("my wife is constantly thirsty, peeing all the time, but her blood sugar test came back "
+     "normal", "thirst with normal sugar"),
 ]
 
 # Not a complaint of the writer's: House's own, a patient's in the series' words, a denial, a

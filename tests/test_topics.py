@@ -37,6 +37,9 @@ NAMED = [
     # the order of the file: a narrow entry before the catch-all that would take it
     ("how are you so smart", "compliment"),
     ("do you watch football", "monster trucks and sport"),
+    # reading 18's misses
+    ("FINALLY quit my job today!!! 6 years at a call center and im free", "quit my job"),
+    ("which model are you running on? gpt? claude?", "are you real"),
 ]
 
 # Not small talk: a complaint (the differentials, or the model when they name none), a chore
@@ -47,6 +50,8 @@ NOT_A_TOPIC = [
     "my dad takes vicodin for his back",
     "Foreman, run the tests again.",
     "I went to the bee exhibition and had a great time.",
+    "I quit smoking",
+    "my cat knocked my coffee onto my laptop this morning",
 ]
 
 
