@@ -167,7 +167,7 @@ class Sample:
     # Every candidate of a model reply as (cleaned text, raw text, finished), for
     # counterfactual choices (e.g. without the reranker) from the same generations.
     candidates: tuple[tuple[str, str, bool], ...] = ()
-    # "generated" or "canon" (systems that choose among both), "jab" or "differential" (a
+    # "generated" or "canon" (systems that choose among both), "jab", "differential" or "topic" (a
     # reply that needed no model: persona.reply_choice.canned_reply)
     won: str | None = None
 

@@ -107,3 +107,14 @@ def test_a_broken_guard_names_the_entry(tmp_path: Path) -> None:
     weather = load_cued(path, "topic")
     assert weather.answer("rain again", seed=0) == "Stay in."
     assert weather.answer("rain and a fever", seed=0) is None
+
+
+def test_no_written_answer_reads_like_a_scene() -> None:
+    """"Blythe: sweet, kind, …" reads as another speaker's line (the scene-insert rule of
+    `drhouse eval` counted two in 300); every answer of both packs opens as House speaking."""
+    from offline.quality import SceneDetector
+
+    scene = SceneDetector(PERSONA.other_speakers)
+    written = [r for pack in (PERSONA.topics, PERSONA.differentials)
+               for e in pack.entries for r in e.replies]
+    assert [r for r in written if scene(r)] == []
