@@ -111,6 +111,8 @@ NAMED = [
      "newborn jaundice"),
     ("my wife is constantly thirsty, peeing all the time, but her blood sugar test came back "
      "normal", "thirst with normal sugar"),
+    # the fresh clone's chat: House's line "Cane. Walking long distances makes my leg hurt."
+    ("my leg hurts when I walk", "leg pain when walking"),
 ]
 
 # Not a complaint of the writer's: House's own, a patient's in the series' words, a denial, a
