@@ -242,16 +242,25 @@ _OTHER = frozenset({
     "merhaba", "selam", "ve", "bir", "bu", "çok", "cok", "için", "icin", "ile", "ama", "değil",
     "ben", "mı", "mi", "ne", "hocam", "doktorum", "hej", "jag", "och", "är", "inte", "har",
     "mycket", "jeg", "ikke", "og", "eg", "hei", "hallå", "läkare", "lege",
+    # German, Dutch, Portuguese and Italian words of readings 15 and 18's messages ("Hallo,
+    # kannst du mir mal erklären…", "Hoi, wat vind je eigenlijk van Wilson?", "oi doutor, qual é
+    # a sua comida favorita?" went to the series' lines)
+    "du", "mir", "kannst", "warum", "immer", "bist", "mein", "meine", "sohn", "tochter", "seit",
+    "gestern", "schmerzen", "hoi", "wat", "vind", "eigenlijk", "mijn", "oi", "qual", "sua", "seu",
+    "você", "voce", "doutor", "meu", "minha", "estou", "tenho", "ogni", "giorno",
 })
 
 
 def in_another_language(message: str) -> bool:
     """A message House would not take for English: fewer than two common English words, and
-    mostly another script or two of another language's function words. ("I have a headache"
+    mostly another script or two of another language's function words — or, in a longer
+    message, twice as many of those words as common English ones. ("I have a headache"
     with its Hebrew translation after it is English enough to answer.)"""
     w = words(message)
-    return sum(x in _ENGLISH for x in w) < 2 and (not mostly_latin(message)
-                                                  or sum(x in _OTHER for x in w) >= 2)
+    english, other = sum(x in _ENGLISH for x in w), sum(x in _OTHER for x in w)
+    if english < 2:
+        return not mostly_latin(message) or other >= 2
+    return other >= 2 * english  # "oi doutor, qual é a sua…": "a", "do" are Portuguese too
 
 
 # A transcript's note of the language spoken, before the words themselves ("Russian Voydi

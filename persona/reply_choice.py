@@ -87,7 +87,8 @@ class Choice:
 # "Okay? You're okay with being paid twice to facilitate blackmail?"). "yes", "no", "why" and
 # "thanks" answer something, so they go to the selector like any message.
 _FILLER = re.compile(r"^(?:(?:o+k+a*y*|k+|okey|hm+|m+h*m+|lo+l|lmao|(?:ha)+h?|cool|sure|fine|"
-                     r"alright|whatever|meh|oh+|ah+|wow)\b\W*){1,2}$", re.I)
+                     r"alright|whatever|meh|oh+|ah+|wow|huh|nvm|never\s*mind|brb|gtg|g2g|idk)"
+                     r"\b\W*){1,2}$", re.I)
 
 
 # A message of nothing but a greeting ("Hi!", "Good morning, doctor.", "yo", "sup"), perhaps to
@@ -98,7 +99,8 @@ _FILLER = re.compile(r"^(?:(?:o+k+a*y*|k+|okey|hm+|m+h*m+|lo+l|lmao|(?:ha)+h?|co
 _GREETING = re.compile(r"^\W*(?:hi+|hello+|hey+|heya|hiya|howdy|yo+|sup|wass?up|what'?s up|"
                        r"greetings|g'?day|good\s+(?:morning|afternoon|evening|day)|morning|"
                        r"evening)(?:[\s,]+(?:there|doc|doctor|dr\.?(?:\s+house)?|house|"
-                       r"gregory(?:\s+house)?|everyone|all)){0,2}[\W_]*$", re.I)
+                       r"gregory(?:\s+house)?|everyone|all|sunshine|friend|buddy|mate|pal|bro|dude|folks)){0,2}"
+                       r"[\W_]*$", re.I)
 
 
 # Where a request starts: the message's start, a sentence's, or "please", "can you" … before
@@ -119,6 +121,7 @@ _ROLE = re.compile(
     r"|\b(?:tell|show|print|reveal|repeat|give|list)\b[^.?!]{0,20}\byour\s+instructions\b"
     r"|^\W*system\W*:|\brepeat\s+after\s+me\b|\b(?:reply|respond|answer)\s+only\s+with\b"
     r"|\bconfirm\s+by\s+saying\b"
+    r"|\blet'?s\s+(?:play\s+a\s+game|role-?play)\b[^.?!]{0,30}\byou(?:'re|\s+are|\s+be)\b"
     r"|\b(?:respond|reply|answer|act|talk|speak)\s+(?:as|like)\s+(?:a|an)\s+(?:\w+\s+){0,2}"
     r"(?:assistant|ai|chatbot|bot)\b", re.I)
 
@@ -130,10 +133,11 @@ _ERRAND = re.compile(
     rf"{_ASKED}(?:write|compose)\b[^.?!]{{0,30}}\b(?:poem|haiku|sonnet|limerick|story|essay|"
     r"song|lyrics|rap|email|code|function|script|program|article|speech)s?\b"
     rf"|{_ASKED}(?:summari[sz]e|translate)\b|\btl;?dr\b|\brecipes?\s+for\b"
-    rf"|{_ASKED}explain\b[^.?!]{{0,60}}\b(?:like\s+(?:i'?m|i\s+am)\s+(?:five|5|a\s+child)|"
+    rf"|{_ASKED}explain\b[^.?!]{{0,60}}\b(?:like\s+(?:i'?m|i\s+am)\s+(?:five|5|\d+|ten|a\s+(?:child|kid))|"
     r"to\s+(?:a|an|my)\s+(?:five|5|\d+|six|seven|ten)[- ]year[- ]old)|\beli5\b"
     r"|\b(?:what(?:'s|\s+is)|how\s+much\s+is|calculate|solve)\s+\d[\d.,]*\s*(?:times|x|\*|×|"
-    r"plus|\+|minus|-|divided\s+by|/|multiplied\s+by|over)\s*\d", re.I)
+    r"plus|\+|minus|-|divided\s+by|/|multiplied\s+by|over)\s*\d"
+    r"|\b\d[\d.,]*\s*(?:%|percent)\s+of\s+\d", re.I)
 
 
 def jab_kind(message: str) -> str | None:
