@@ -40,6 +40,7 @@ NAMED = [
     # reading 18's misses
     ("FINALLY quit my job today!!! 6 years at a call center and im free", "quit my job"),
     ("which model are you running on? gpt? claude?", "are you real"),
+    ("what are you watching on tv these days", "soap operas"),
 ]
 
 # Not small talk: a complaint (the differentials, or the model when they name none), a chore
