@@ -21,8 +21,8 @@ from persona.cued import CuedAnswers, load_cued
 # in general ("It leads to rheumatic fever.") is not one.
 _ABOUT_THEM = re.compile(
     r"\b(?:i|i'm|im|i've|ive|i'd|my|me|myself)\b|\b(?:sons?|daughters?|kids?|"
-    r"child(?:ren)?|baby|newborn|infant|toddler|wife|husband|partner|mom|mum|mother|dad|father|grand\w+|"
-    r"boyfriend|girlfriend|brother|sister|friend|roommate)\b", re.I)
+    r"child(?:ren)?|baby|newborn|infant|toddler|wife|husband|partner|mom|mum|mother|dad|"
+    r"father|grand\w+|boyfriend|girlfriend|brother|sister|friend|roommate)\b", re.I)
 _SOMEONE_ELSE = re.compile(r"\b(?:you|your|yours|he|she|him|his|her|hers|they|them|their|"
                            r"it's|patient|house|wilson|cuddy|cause|causes|caused|"
                            r"leads?|explains?)\b|'s\b", re.I)

@@ -99,8 +99,8 @@ _FILLER = re.compile(r"^(?:(?:o+k+a*y*|k+|okey|hm+|m+h*m+|lo+l|lmao|(?:ha)+h?|co
 _GREETING = re.compile(r"^\W*(?:hi+|hello+|hey+|heya|hiya|howdy|yo+|sup|wass?up|what'?s up|"
                        r"greetings|g'?day|good\s+(?:morning|afternoon|evening|day)|morning|"
                        r"evening)(?:[\s,]+(?:there|doc|doctor|dr\.?(?:\s+house)?|house|"
-                       r"gregory(?:\s+house)?|everyone|all|sunshine|friend|buddy|mate|pal|bro|dude|folks)){0,2}"
-                       r"[\W_]*$", re.I)
+                       r"gregory(?:\s+house)?|everyone|all|sunshine|friend|buddy|mate|pal|bro|"
+                       r"dude|folks)){0,2}[\W_]*$", re.I)
 
 
 # Where a request starts: the message's start, a sentence's, or "please", "can you" … before
@@ -133,8 +133,8 @@ _ERRAND = re.compile(
     rf"{_ASKED}(?:write|compose)\b[^.?!]{{0,30}}\b(?:poem|haiku|sonnet|limerick|story|essay|"
     r"song|lyrics|rap|email|code|function|script|program|article|speech)s?\b"
     rf"|{_ASKED}(?:summari[sz]e|translate)\b|\btl;?dr\b|\brecipes?\s+for\b"
-    rf"|{_ASKED}explain\b[^.?!]{{0,60}}\b(?:like\s+(?:i'?m|i\s+am)\s+(?:five|5|\d+|ten|a\s+(?:child|kid))|"
-    r"to\s+(?:a|an|my)\s+(?:five|5|\d+|six|seven|ten)[- ]year[- ]old)|\beli5\b"
+    rf"|{_ASKED}explain\b[^.?!]{{0,60}}\b(?:like\s+(?:i'?m|i\s+am)\s+(?:five|ten|\d+|"
+    r"a\s+(?:child|kid))|to\s+(?:a|an|my)\s+(?:five|six|seven|ten|\d+)[- ]year[- ]old)|\beli5\b"
     r"|\b(?:what(?:'s|\s+is)|how\s+much\s+is|calculate|solve)\s+\d[\d.,]*\s*(?:times|x|\*|×|"
     r"plus|\+|minus|-|divided\s+by|/|multiplied\s+by|over)\s*\d"
     r"|\b\d[\d.,]*\s*(?:%|percent)\s+of\s+\d", re.I)
