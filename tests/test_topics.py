@@ -39,6 +39,7 @@ NAMED = [
     ("do you watch football", "monster trucks and sport"),
     # reading 18's misses
     ("FINALLY quit my job today!!! 6 years at a call center and im free", "quit my job"),
+    ("should i quit my job", "career advice"),
     ("which model are you running on? gpt? claude?", "are you real"),
     ("what are you watching on tv these days", "soap operas"),
 ]
