@@ -137,7 +137,16 @@ _ERRAND = re.compile(
     r"a\s+(?:child|kid))|to\s+(?:a|an|my)\s+(?:five|six|seven|ten|\d+)[- ]year[- ]old)|\beli5\b"
     r"|\b(?:what(?:'s|\s+is)|how\s+much\s+is|calculate|solve)\s+\d[\d.,]*\s*(?:times|x|\*|×|"
     r"plus|\+|minus|-|divided\s+by|/|multiplied\s+by|over)\s*\d"
-    r"|\b\d[\d.,]*\s*(?:%|percent)\s+of\s+\d", re.I)
+    r"|\b\d[\d.,]*\s*(?:%|percent)\s+of\s+\d"
+    # trivia (reading 18: "whats the capital of australia?" → "Spoken like a true Aussie.")
+    r"|\bwhat(?:'?s|\s+is|\s+was)\s+the\s+(?:capital|population|currency|national\s+\w+|"
+    r"square\s+root)\s+(?:of|in)\b"
+    r"|\bwho\s+(?:won|invented|discovered|painted|composed)\s+"
+    r"(?!(?:you|your|u|ur|me|my|him|her|it)\b)(?:the\s+)?[a-z]"
+    r"|\bhow\s+many\s+(?:ounces|oz|grams|cups|teaspoons|tablespoons|ml|inches|feet|"
+    r"centimet(?:er|re)s|met(?:er|re)s|miles|kilomet(?:er|re)s|km|seconds|minutes|countries|"
+    r"states|continents|planets|moons|bones|calories|legs)\s+(?:are\s+)?(?:in|on|does|do|has)\b",
+    re.I)
 
 
 def jab_kind(message: str) -> str | None:
@@ -146,7 +155,7 @@ def jab_kind(message: str) -> str | None:
     `in_another_language` — House answers in English, and the selector reads English only),
     ``filler`` ("ok", "hmm", "lol"), ``greeting`` ("Hi!", "Good morning, doctor.", "sup"),
     ``role`` (an attempt to make him someone else or to read out his instructions) or
-    ``errand`` (a chore for an assistant: a poem, code, sums)."""
+    ``errand`` (a chore for an assistant: a poem, code, sums, trivia)."""
     if not has_words(message):
         return "no_words"
     if in_another_language(message):

@@ -208,7 +208,9 @@ def test_which_messages_get_a_jab() -> None:
                    "What is 17 times 23?", "Give me a recipe for cake.",
                    "explain black holes like I'm five",
                    "Explain quantum computing to a five year old.",
-                   "Explain quantum entanglement like I'm 10", "whats 17% of 2340"):
+                   "Explain quantum entanglement like I'm 10", "whats 17% of 2340",
+                   "whats the capital of australia? my friend swears its sydney",
+                   "who won the world cup in 2010", "how many ounces in a cup"):
         assert jab_kind(errand) == "errand", errand
     # what was said to House in the series, and a doctor's chores, go to the model
     for message in ("Oh! I give you advice and pretend you're going to listen to it.",
@@ -224,5 +226,7 @@ def test_which_messages_get_a_jab() -> None:
                     "Should I ignore my doctor's rules about salt?",
                     "He acts like a child.", "Can you explain my blood test results?",
                     "Let's play a game of chess sometime?", "I lost 10% of my weight.",
-                    "Que sera sera, whatever will be will be.", "Oi, you! Get out of my clinic."):
+                    "Que sera sera, whatever will be will be.", "Oi, you! Get out of my clinic.",
+                    "Who discovered your talent for medicine?", "How many pills do I take?",
+                    "What's the biggest danger of total body radiation?"):
         assert jab_kind(message) is None, message
