@@ -113,6 +113,13 @@ NAMED = [
      "normal", "thirst with normal sugar"),
     # the fresh clone's chat: House's line "Cane. Walking long distances makes my leg hurt."
     ("my leg hurts when I walk", "leg pain when walking"),
+    # reading 18's canon replies, read again (2026-12-07 e)
+    ("my son is 15 and sleeps like 14 hours on weekends, barely eats at dinner and his grades "
+     "dropped", "teenager sleeping and withdrawn"),
+    ("my dog died after eating chocolate, is my other dog at risk?", "pet poisoning"),
+    ("my dog ate a bunch of grapes", "pet poisoning"),
+    ("burned my hand making dinner", "burn"),
+    ("i got a blister from the stove", "burn"),
 ]
 
 # Not a complaint of the writer's: House's own, a patient's in the series' words, a denial, a
@@ -127,6 +134,7 @@ NOT_NAMED = [
     "It's raining again. I hate Mondays.",
     "I went to the bee exhibition and had a great time.",
     "my cat knocked my phone into the bath this morning. great start to the week",
+    "I burned the lasagna",
 ]
 
 

@@ -42,6 +42,13 @@ NAMED = [
     ("should i quit my job", "career advice"),
     ("which model are you running on? gpt? claude?", "are you real"),
     ("what are you watching on tv these days", "soap operas"),
+    # reading 18's canon replies, read again (2026-12-07 e)
+    ("just made the worst lasagna of my life. noodles crunchy AND the sauce burned", "cooking"),
+    ("going on my first overnight hiking trip this weekend. any tips or are you just gonna "
+     "tell me ill get lyme disease", "hiking and camping"),
+    ("exam season is killing me, organic chem final tomorrow at 8am", "study advice"),
+    ("My cat died yesterday.", "my pet died"),
+    ("My boss is an idiot.", "tired of work"),
 ]
 
 # Not small talk: a complaint (the differentials, or the model when they name none), a chore
@@ -54,6 +61,8 @@ NOT_A_TOPIC = [
     "I went to the bee exhibition and had a great time.",
     "I quit smoking",
     "my cat knocked my coffee onto my laptop this morning",
+    "I feel ill since the hike",
+    "I made dinner for Wilson",
 ]
 
 
