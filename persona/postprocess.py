@@ -248,6 +248,10 @@ _OTHER = frozenset({
     "du", "mir", "kannst", "warum", "immer", "bist", "mein", "meine", "sohn", "tochter", "seit",
     "gestern", "schmerzen", "hoi", "wat", "vind", "eigenlijk", "mijn", "oi", "qual", "sua", "seu",
     "você", "voce", "doutor", "meu", "minha", "estou", "tenho", "ogni", "giorno",
+    # Spanish of reading 19's message ("Hola doctor, ¿me puedes ayudar a escribir un correo…"
+    # got "De nada.")
+    "un", "puedes", "puede", "ayudar", "ayuda", "escribir", "porque", "cuando", "tienes",
+    "tiene", "duele", "cabeza", "usted", "mis", "tus",
 })
 
 
@@ -256,8 +260,8 @@ def in_another_language(message: str) -> bool:
     mostly another script or two of another language's function words — or, in a longer
     message, twice as many of those words as common English ones. ("I have a headache"
     with its Hebrew translation after it is English enough to answer.)"""
-    w = words(message)
-    english, other = sum(x in _ENGLISH for x in w), sum(x in _OTHER for x in w)
+    w = set(words(message))  # distinct: "a … a" is one word, Spanish as much as English
+    english, other = len(w & _ENGLISH), len(w & _OTHER)
     if english < 2:
         return not mostly_latin(message) or other >= 2
     return other >= 2 * english  # "oi doutor, qual é a sua…": "a", "do" are Portuguese too

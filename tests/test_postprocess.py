@@ -182,7 +182,10 @@ def test_which_messages_get_a_jab() -> None:
     # readings 15 and 18: German, Dutch, and Portuguese with "a" and "do" in it
     for other in ("Hallo, kannst du mir mal erklären, warum du immer so unfreundlich bist?",
                   "Hoi, wat vind je eigenlijk van Wilson?",
-                  "oi doutor, qual é a sua comida favorita? aposto que é o almoço do wilson kkkk"):
+                  "oi doutor, qual é a sua comida favorita? aposto que é o almoço do wilson kkkk",
+                  # reading 19: "a … a" and "me" are Spanish too; it got "De nada."
+                  "Hola doctor, ¿me puedes ayudar a escribir un correo a mi casero para pedirle "
+                  "que arregle la calefacción?"):
         assert jab_kind(other) == "language", other
     for filler in ("ok", "Okay.", "kk", "hmmm", "lol", "haha", "sure", "cool cool", "hm ok",
                    "huh", "nvm", "brb"):
