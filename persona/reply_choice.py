@@ -84,11 +84,12 @@ class Choice:
 
 # A message of nothing but an acknowledgement or a noise ("ok", "k", "hmm", "lol", "sure"):
 # House's real lines for it come from scenes where it answered something (reading 11: "ok" →
-# "Okay? You're okay with being paid twice to facilitate blackmail?"). "yes", "no", "why" and
-# "thanks" answer something, so they go to the selector like any message.
+# "Okay? You're okay with being paid twice to facilitate blackmail?"; reading 19: "what" → "You
+# came to me and told me that you were having too much sex."). "yes", "no", "why" and "thanks"
+# answer something, so they go to the selector like any message.
 _FILLER = re.compile(r"^(?:(?:o+k+a*y*|k+|okey|hm+|m+h*m+|lo+l|lmao|(?:ha)+h?|cool|sure|fine|"
-                     r"alright|whatever|meh|oh+|ah+|wow|huh|nvm|never\s*mind|brb|gtg|g2g|idk)"
-                     r"\b\W*){1,2}$", re.I)
+                     r"alright|whatever|meh|oh+|ah+|wow|huh|wh?at+|wut|eh|nvm|never\s*mind|brb|"
+                     r"gtg|g2g|idk)\b\W*){1,2}$", re.I)
 
 
 # A message of nothing but a greeting ("Hi!", "Good morning, doctor.", "yo", "sup"), perhaps to
@@ -149,19 +150,38 @@ _ERRAND = re.compile(
     re.I)
 
 
+# A keyboard mash ("asdfghjkl", "sdkfjhsdf", "jkjkjk"): one run of letters with no vowel, or
+# five keys in a row of the keyboard, or a short chunk typed over and over (reading 19:
+# "asdfghjkl" → "Begins with C, ends with uddy.").
+_KEY_ROWS = ("qwertyuiop", "asdfghjkl", "zxcvbnm")
+
+
+def keyboard_mash(message: str) -> bool:
+    """Whether ``message`` is one run of letters nobody meant as a word."""
+    w = message.strip().lower()
+    if not re.fullmatch(r"[a-z]{5,}", w):
+        return False
+    return (not re.search(r"[aeiouy]", w)
+            or any(w[i:i + 5] in row for row in _KEY_ROWS for i in range(len(w) - 4))
+            or bool(re.fullmatch(r"([a-z]{2,3})\1{2,}", w)))
+
+
 def jab_kind(message: str) -> str | None:
     """Which of the pack's short jabs answers ``message``, or None when the model and House's
     lines should: ``no_words`` ("???", a row of emoji), ``language`` (another language:
     `in_another_language` — House answers in English, and the selector reads English only),
     ``filler`` ("ok", "hmm", "lol"), ``greeting`` ("Hi!", "Good morning, doctor.", "sup"),
-    ``role`` (an attempt to make him someone else or to read out his instructions) or
-    ``errand`` (a chore for an assistant: a poem, code, sums, trivia)."""
+    ``role`` (an attempt to make him someone else or to read out his instructions),
+    ``errand`` (a chore for an assistant: a poem, code, sums, trivia) or ``mash`` (a keyboard
+    mash, `keyboard_mash`)."""
     if not has_words(message):
         return "no_words"
     if in_another_language(message):
         return "language"
     if _FILLER.match(message.strip()):
         return "filler"
+    if keyboard_mash(message):
+        return "mash"
     if _GREETING.match(message.strip()):
         return "greeting"
     if _ROLE.search(message):

@@ -52,7 +52,7 @@ NAMED = [
      "throat abscess"),
     ("fell off a ladder onto my wrist, it's tender near the base of the thumb", "wrist and thumb"),
     # reading 15's readers' notes: an entry's answers fit every message it takes
-    ("dark brown urine after a long run yesterday, what is it", "dark urine"),
+    ("dark brown urine after a long run yesterday, what is it", "dark urine after exercise"),
     ("I've been peeing blood.", "blood in the urine"),
     ("my 4yo son has had a fever for 5 days, red eyes, cracked lips", "kawasaki"),
     # reading 15's unanswered complaints, the urgent ones
@@ -120,6 +120,34 @@ NAMED = [
     ("my dog ate a bunch of grapes", "pet poisoning"),
     ("burned my hand making dinner", "burn"),
     ("i got a blister from the stove", "burn"),
+    # reading 19's misses (the readers' notes)
+    ("my 4yo has had a barking cough only at night for 3 days, she sounds like a seal", "croup"),
+    ("my dad (71) keeps getting lost driving to places hes been going for 30 years", "memory"),
+    ("yesterday he called my mom by his sisters name", "memory"),
+    ("19 weeks pregnant and my hands and feet are SO itchy esp at night, no rash at all",
+     "itching in pregnancy"),
+    ("rolled my ankle playing basketball 6 weeks ago, it still gives out on stairs and clicks",
+     "ankle that keeps giving way"),
+    ("red scaly patches on my elbows and knees, itchy, and my fingernails have tiny dents",
+     "psoriasis"),
+    ("Since I started Accutane my lower back aches like I'm 80", "isotretinoin aches"),
+    ("Been on sertraline 50mg for 3 months. Mood's better but I literally cannot finish in bed",
+     "ssri and sex"),
+    ("every time i stand up fast i black out for a second, like tunnel vision",
+     "blacking out on standing"),
+    ("55 yo male, feet burning and tingling at night. Drink maybe 4 beers a day",
+     "burning feet and alcohol"),
+    ("my grandma (84) has been sleeping like 16 hours a day and barely eating. she's on 9 meds",
+     "old person sleeping all day"),
+    ("I run marathons and lately my pee has been dark brown after long runs",
+     "dark urine after exercise"),
+    ("sudden hair loss in a perfect coin-shaped circle on the back of my head", "bald patch"),
+    ("Lost like 8 kg in 2 months without trying, always hot, hands shaky, heart racing",
+     "overactive thyroid"),
+    ("ate raw oysters 2 days ago, now fever, chills and my leg has a painful red spot thats "
+     "spreading fast", "vibrio"),
+    ("my dog ate an entire sock this morning and then acted like nothing happened",
+     "pet swallowed something"),
 ]
 
 # Not a complaint of the writer's: House's own, a patient's in the series' words, a denial, a

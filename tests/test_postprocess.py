@@ -188,8 +188,13 @@ def test_which_messages_get_a_jab() -> None:
                   "que arregle la calefacción?"):
         assert jab_kind(other) == "language", other
     for filler in ("ok", "Okay.", "kk", "hmmm", "lol", "haha", "sure", "cool cool", "hm ok",
-                   "huh", "nvm", "brb"):
+                   "huh", "nvm", "brb", "what", "What?", "wut", "hahaha"):
         assert jab_kind(filler) == "filler", filler
+    # reading 19: "asdfghjkl" got "Begins with C, ends with uddy."
+    for mash in ("asdfghjkl", "sdkfjhsdf", "jkjkjk", "qwerty", "brrrrr"):
+        assert jab_kind(mash) == "mash", mash
+    for word in ("banana", "liberty", "rhythm", "Mississippi", "strengths", "Property"):
+        assert jab_kind(word) is None, word
     for message in ("yes", "no", "nah", "why", "thanks", "ok thanks", "Okay? Tell me more.",
                     "kidney", "Sure, but is it lupus?", "I have a headache"):
         assert jab_kind(message) is None, message

@@ -49,6 +49,12 @@ NAMED = [
     ("exam season is killing me, organic chem final tomorrow at 8am", "study advice"),
     ("My cat died yesterday.", "my pet died"),
     ("My boss is an idiot.", "tired of work"),
+    # reading 19's House's lines for small talk
+    ("just made homemade ramen from scratch, took 11 hours", "cooking"),
+    ("anyone watching the champions league tonight or am i alone here", "watching the game"),
+    ("started learning guitar two weeks ago, my fingertips hate me", "learning an instrument"),
+    ("going on a second date tomorrow, she picked bowling. advice?", "a date"),
+    ("exams next week and i've studied exactly 0 hours. vibes are bad", "study advice"),
 ]
 
 # Not small talk: a complaint (the differentials, or the model when they name none), a chore
