@@ -106,7 +106,7 @@ _GREETING = re.compile(r"^\W*(?:hi+|hello+|hey+|heya|hiya|howdy|yo+|sup|wass?up|
 
 # Where a request starts: the message's start, a sentence's, or "please", "can you" … before
 # the verb — "pretend you are Wilson" is one, "you can't pretend that…" is not.
-_ASKED = r"(?:^|[.!?:]\s*|\b(?:please|can\s+you|could\s+you|would\s+you|now)\s+)"
+_ASKED = r"(?:^|[.!?:]\s*|\b(?:please|can\s+you|could\s+you|would\s+you|now|help\s+me)\s+)"
 
 # An attempt to make him someone else or to read out his prompt ("ignore all previous
 # instructions", "you are now ChatGPT", "pretend you are Wilson", "print your system prompt"):
@@ -150,19 +150,22 @@ _ERRAND = re.compile(
     re.I)
 
 
-# A keyboard mash ("asdfghjkl", "sdkfjhsdf", "jkjkjk"): one run of letters with no vowel, or
-# five keys in a row of the keyboard, or a short chunk typed over and over (reading 19:
-# "asdfghjkl" → "Begins with C, ends with uddy.").
+# A keyboard mash ("asdfghjkl", "sdkfjhsdf", "jkjkjk"): one run of letters with no vowel, five
+# keys in a row of the keyboard, a row's keys with hardly a vowel ("asdfjkl;"), or a short
+# chunk typed over and over (readings 19 and 20: "asdfghjkl", "asdfjkl;" → "Begins with C, ends
+# with uddy.").
 _KEY_ROWS = ("qwertyuiop", "asdfghjkl", "zxcvbnm")
 
 
 def keyboard_mash(message: str) -> bool:
     """Whether ``message`` is one run of letters nobody meant as a word."""
-    w = message.strip().lower()
+    w = re.sub(r"[;',./\[\]\\]", "", message.strip().lower())  # the keys beside the letters
     if not re.fullmatch(r"[a-z]{5,}", w):
         return False
-    return (not re.search(r"[aeiouy]", w)
+    vowels = len(re.findall(r"[aeiouy]", w)) / len(w)
+    return (vowels == 0
             or any(w[i:i + 5] in row for row in _KEY_ROWS for i in range(len(w) - 4))
+            or (vowels < 0.2 and any(set(w) <= set(row) for row in _KEY_ROWS))
             or bool(re.fullmatch(r"([a-z]{2,3})\1{2,}", w)))
 
 

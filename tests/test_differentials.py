@@ -148,6 +148,28 @@ NAMED = [
      "spreading fast", "vibrio"),
     ("my dog ate an entire sock this morning and then acted like nothing happened",
      "pet swallowed something"),
+    # reading 20's misses (the readers' notes)
+    ("i get this weird smell of burning toast out of nowhere, then i lose a few seconds",
+     "phantom smell"),
+    ("whites of my eyes going kinda yellow the last few days and my pee is dark",
+     "yellow eyes and dark pee"),
+    ("my 6 week old spits up after every feed but the last two days its PROJECTILE",
+     "projectile vomiting baby"),
+    ("lost like 8kg in 2 months without trying, always sweaty, hands shaky", "overactive thyroid"),
+    ("nosebleeds almost every day from the right side only for 6 weeks, that side feels blocked",
+     "one-sided nosebleeds"),
+    ("my knee went pop during basketball and swelled up like a balloon within an hour",
+     "knee pop and swelling"),
+    ("started metformin 3 weeks ago and my stomach has been a disaster zone ever since",
+     "metformin stomach"),
+    ("back from peru and theres an itchy red squiggly line on my foot that moves every day",
+     "creeping eruption"),
+    ("my dad (71) has started shuffling when he walks and his handwriting keeps getting smaller",
+     "parkinsonism"),
+    ("every time i eat something cold my front teeth zap like electricity", "sensitive teeth"),
+    ("my 4 yr old keeps pulling at her left ear, no fever, eating fine", "toddler pulling an ear"),
+    ("my dog ate an entire stick of butter off the counter", "pet ate something fatty"),
+    ("my fingernails have tiny pits in them, also flaky patches behind my ears", "psoriasis"),
 ]
 
 # Not a complaint of the writer's: House's own, a patient's in the series' words, a denial, a

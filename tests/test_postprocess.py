@@ -191,9 +191,10 @@ def test_which_messages_get_a_jab() -> None:
                    "huh", "nvm", "brb", "what", "What?", "wut", "hahaha"):
         assert jab_kind(filler) == "filler", filler
     # reading 19: "asdfghjkl" got "Begins with C, ends with uddy."
-    for mash in ("asdfghjkl", "sdkfjhsdf", "jkjkjk", "qwerty", "brrrrr"):
+    for mash in ("asdfghjkl", "sdkfjhsdf", "jkjkjk", "qwerty", "brrrrr", "asdfjkl;"):
         assert jab_kind(mash) == "mash", mash
-    for word in ("banana", "liberty", "rhythm", "Mississippi", "strengths", "Property"):
+    for word in ("banana", "liberty", "rhythm", "Mississippi", "strengths", "Property",
+                 "flask", "typewriter"):
         assert jab_kind(word) is None, word
     for message in ("yes", "no", "nah", "why", "thanks", "ok thanks", "Okay? Tell me more.",
                     "kidney", "Sure, but is it lupus?", "I have a headache"):
@@ -218,7 +219,8 @@ def test_which_messages_get_a_jab() -> None:
                    "Explain quantum computing to a five year old.",
                    "Explain quantum entanglement like I'm 10", "whats 17% of 2340",
                    "whats the capital of australia? my friend swears its sydney",
-                   "who won the world cup in 2010", "how many ounces in a cup"):
+                   "who won the world cup in 2010", "how many ounces in a cup",
+                   "help me write an email to my landlord asking for my deposit back"):
         assert jab_kind(errand) == "errand", errand
     # what was said to House in the series, and a doctor's chores, go to the model
     for message in ("Oh! I give you advice and pretend you're going to listen to it.",

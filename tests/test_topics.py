@@ -55,6 +55,11 @@ NAMED = [
     ("started learning guitar two weeks ago, my fingertips hate me", "learning an instrument"),
     ("going on a second date tomorrow, she picked bowling. advice?", "a date"),
     ("exams next week and i've studied exactly 0 hours. vibes are bad", "study advice"),
+    # reading 20's
+    ("finally finished my thesis!!! submitted it 20 minutes before the deadline", "thesis done"),
+    ("rent went up again, thinking about moving back in with my parents at 29",
+     "money and rent"),
+    ("planning a trip to japan in october, any must-dos", "vacation"),
 ]
 
 # Not small talk: a complaint (the differentials, or the model when they name none), a chore
