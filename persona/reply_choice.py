@@ -87,7 +87,7 @@ class Choice:
 # "Okay? You're okay with being paid twice to facilitate blackmail?"; reading 19: "what" → "You
 # came to me and told me that you were having too much sex."). "yes", "no", "why" and "thanks"
 # answer something, so they go to the selector like any message.
-_FILLER = re.compile(r"^(?:(?:o+k+a*y*|k+|okey|hm+|m+h*m+|lo+l|lmao|(?:ha)+h?|cool|sure|fine|"
+_FILLER = re.compile(r"^(?:(?:o+k+a*y*|k+|okey|hm+|m+h*m+|lo+l|lmf?ao+|(?:ha)+h?|cool|sure|fine|"
                      r"alright|whatever|meh|oh+|ah+|wow|huh|wh?at+|wut|eh|nvm|never\s*mind|brb|"
                      r"gtg|g2g|idk)\b\W*){1,2}$", re.I)
 
@@ -97,7 +97,7 @@ _FILLER = re.compile(r"^(?:(?:o+k+a*y*|k+|okey|hm+|m+h*m+|lo+l|lmao|(?:ha)+h?|co
 # morning! ☀️" → "Comes back out. Good morning."; reading 16: "sup" → "I'm not sugges! Caught
 # off-guard Would you do that?"). A greeting with a question ("hey doc, how's your day?") is
 # the selector's.
-_GREETING = re.compile(r"^\W*(?:hi+|hello+|hey+|heya|hiya|howdy|yo+|sup|wass?up|what'?s up|"
+_GREETING = re.compile(r"^\W*(?:hi+|hel+o+|hey+|heya|hiya|howdy|yo+|sup|wass?up|what'?s up|"
                        r"greetings|g'?day|good\s+(?:morning|afternoon|evening|day)|morning|"
                        r"evening)(?:[\s,]+(?:there|doc|doctor|dr\.?(?:\s+house)?|house|"
                        r"gregory(?:\s+house)?|everyone|all|sunshine|friend|buddy|mate|pal|bro|"
@@ -120,7 +120,7 @@ _ROLE = re.compile(
     rf"|{_ASKED}(?:pretend\s+(?:to\s+be|you'?re|you\s+are)|act\s+as\s+(?:a|an|if|my))\b"
     r"|\b(?:system|hidden|initial|original)\s+prompt\b"
     r"|\b(?:tell|show|print|reveal|repeat|give|list)\b[^.?!]{0,20}\byour\s+instructions\b"
-    r"|^\W*system\W*:|\brepeat\s+after\s+me\b|\b(?:reply|respond|answer)\s+only\s+with\b"
+    r"|^\W*system\W*:|\brepeat\s+after\s+me\b|\b(?:reply|respond|answer|talk|speak)\s+only\s+(?:with|in)\b"
     r"|\bconfirm\s+by\s+saying\b"
     r"|\blet'?s\s+(?:play\s+a\s+game|role-?play)\b[^.?!]{0,30}\byou(?:'re|\s+are|\s+be)\b"
     r"|\b(?:respond|reply|answer|act|talk|speak)\s+(?:as|like)\s+(?:a|an)\s+(?:\w+\s+){0,2}"
@@ -132,7 +132,8 @@ _ROLE = re.compile(
 # chore ("write me a sick note", "I take 2 x 500 mg") is not one.
 _ERRAND = re.compile(
     rf"{_ASKED}(?:write|compose)\b[^.?!]{{0,30}}\b(?:poem|haiku|sonnet|limerick|story|essay|"
-    r"song|lyrics|rap|email|code|function|script|program|article|speech)s?\b"
+    r"song|lyrics|rap|email|code|function|script|program|article|speech|cover\s+letter|resume|"
+    r"cv|blog\s+post|tweet|caption|toast|eulogy)s?\b"
     rf"|{_ASKED}(?:summari[sz]e|translate)\b|\btl;?dr\b|\brecipes?\s+for\b"
     rf"|{_ASKED}explain\b[^.?!]{{0,60}}\b(?:like\s+(?:i'?m|i\s+am)\s+(?:five|ten|\d+|"
     r"a\s+(?:child|kid))|to\s+(?:a|an|my)\s+(?:five|six|seven|ten|\d+)[- ]year[- ]old)|\beli5\b"

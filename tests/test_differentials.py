@@ -170,6 +170,24 @@ NAMED = [
     ("my 4 yr old keeps pulling at her left ear, no fever, eating fine", "toddler pulling an ear"),
     ("my dog ate an entire stick of butter off the counter", "pet ate something fatty"),
     ("my fingernails have tiny pits in them, also flaky patches behind my ears", "psoriasis"),
+    # reading 21's misses (the readers' notes)
+    ("feels like someone sitting on my chest, kind of spreading into my jaw, sweating a lot. "
+     "probably heartburn from the burrito right?", "chest pain"),
+    ("My dad (71) keeps mixing up his grandkids names and last week he drove to the house we "
+     "sold in 2015. Mom says he's just tired.", "memory"),
+    ("my cat keeps going into the litter box and nothing comes out and hes crying",
+     "cat can't pee"),
+    ("I get a weird metallic taste in my mouth every afternoon since I started at a battery "
+     "recycling plant", "metallic taste at work"),
+    ("fingertips go white then blue then red when it's cold outside, I'm 28",
+     "fingers white then blue"),
+    ("my grandma is on warfarin and she's been eating a giant bowl of kale salad every day",
+     "warfarin and greens"),
+    ("since covid in 2022 coffee smells like burnt garbage to me", "parosmia"),
+    ("woke up and the left side of my face won't move, can't close my eye. 30 weeks pregnant",
+     "face drooping on one side"),
+    ("my golden retriever ate half a pack of sugar free gum like 20 min ago", "pet poisoning"),
+    ("bloated every single day after lunch for months no matter what i eat", "bloating every day"),
 ]
 
 # Not a complaint of the writer's: House's own, a patient's in the series' words, a denial, a

@@ -60,6 +60,7 @@ NAMED = [
     ("rent went up again, thinking about moving back in with my parents at 29",
      "money and rent"),
     ("planning a trip to japan in october, any must-dos", "vacation"),
+    ("nite", "goodbye"),
 ]
 
 # Not small talk: a complaint (the differentials, or the model when they name none), a chore
