@@ -185,7 +185,7 @@ NAMED = [
      "warfarin and greens"),
     ("since covid in 2022 coffee smells like burnt garbage to me", "parosmia"),
     ("woke up and the left side of my face won't move, can't close my eye. 30 weeks pregnant",
-     "face drooping on one side"),
+     "bell's palsy"),
     ("my golden retriever ate half a pack of sugar free gum like 20 min ago", "pet poisoning"),
     ("bloated every single day after lunch for months no matter what i eat", "bloating every day"),
 ]
