@@ -188,6 +188,9 @@ NAMED = [
      "bell's palsy"),
     ("my golden retriever ate half a pack of sugar free gum like 20 min ago", "pet poisoning"),
     ("bloated every single day after lunch for months no matter what i eat", "bloating every day"),
+    # the voice A/B's readers: a metallic taste is not a lost sense of smell
+    ("every morning i wake up with a metallic taste in my mouth and my jaw aches",
+     "metallic taste"),
 ]
 
 # Not a complaint of the writer's: House's own, a patient's in the series' words, a denial, a
