@@ -61,6 +61,10 @@ NAMED = [
      "money and rent"),
     ("planning a trip to japan in october, any must-dos", "vacation"),
     ("nite", "goodbye"),
+    # the topics' voice A/B readers: the piano question got the 221B answer
+    ("how did you even learn to play piano like that? and are all those guitars in your "
+     "apartment yours", "music"),
+    ("where do you live", "221b and holmes"),
 ]
 
 # Not small talk: a complaint (the differentials, or the model when they name none), a chore
