@@ -121,7 +121,8 @@ _ROLE = re.compile(
     r"|\b(?:system|hidden|initial|original)\s+prompt\b"
     r"|\b(?:tell|show|print|reveal|repeat|give|list)\b[^.?!]{0,20}\byour\s+instructions\b"
     r"|^\W*system\W*:|\brepeat\s+after\s+me\b|\b(?:reply|respond|answer|talk|speak)\s+only\s+(?:with|in)\b"
-    r"|\bconfirm\s+by\s+saying\b"
+    r"|\bconfirm\s+by\s+saying\b|\bdeveloper\s+mode\b|\bhidden\s+(?:configuration|config|rules)\b"
+    r"|\b(?:answer|respond|reply|talk|speak)\b[^.?!]{0,30}\busing\s+only\b"
     r"|\blet'?s\s+(?:play\s+a\s+game|role-?play)\b[^.?!]{0,30}\byou(?:'re|\s+are|\s+be)\b"
     r"|\b(?:respond|reply|answer|act|talk|speak)\s+(?:as|like)\s+(?:a|an)\s+(?:\w+\s+){0,2}"
     r"(?:assistant|ai|chatbot|bot)\b", re.I)
@@ -135,6 +136,8 @@ _ERRAND = re.compile(
     r"song|lyrics|rap|email|code|function|script|program|article|speech|cover\s+letter|resume|"
     r"cv|blog\s+post|tweet|caption|toast|eulogy)s?\b"
     rf"|{_ASKED}(?:summari[sz]e|translate)\b|\btl;?dr\b|\brecipes?\s+for\b"
+    r"|\b(?:give|show|send)\s+me\s+(?:a\s+|an\s+|the\s+|some\s+)?(?:python|javascript|sql|bash|regex|"
+    r"one-liner|code|script)\b"
     rf"|{_ASKED}explain\b[^.?!]{{0,60}}\b(?:like\s+(?:i'?m|i\s+am)\s+(?:five|ten|\d+|"
     r"a\s+(?:child|kid))|to\s+(?:a|an|my)\s+(?:five|six|seven|ten|\d+)[- ]year[- ]old)|\beli5\b"
     r"|\b(?:what(?:'s|\s+is)|how\s+much\s+is|calculate|solve)\s+\d[\d.,]*\s*(?:times|x|\*|×|"

@@ -191,6 +191,24 @@ NAMED = [
     # the voice A/B's readers: a metallic taste is not a lost sense of smell
     ("every morning i wake up with a metallic taste in my mouth and my jaw aches",
      "metallic taste"),
+    # reading 22's misses (the readers' notes)
+    ("52M, on atorvastatin 40mg since march. thighs ache going up stairs and my pee looks darker",
+     "statin muscle pain"),
+    ("my 9 month old has had diarrhea for 4 days and no wet nappy since this morning. shes very "
+     "sleepy", "dehydrated baby"),
+    ("I feel like a lump in my throat when I swallow saliva but food goes down without problem",
+     "lump in the throat"),
+    ("when I chew on the left side my left ear clicks and sometimes aches", "jaw clicking"),
+    ("my 4yo keeps sniffing on one side and now theres a really bad smell coming out of his left "
+     "nostril", "something up a child's nose"),
+    ("I'm 67 and on warfarin. My friend told me to start turmeric capsules and cranberry pills",
+     "warfarin and supplements"),
+    ("im 16 and my period hasnt come for 5 months. i run cross country like 60km a week",
+     "no period while training"),
+    ("got a tattoo 10 days ago and now theres little raised bumps only in the red ink parts",
+     "tattoo ink allergy"),
+    ("27 and I faint every single time I get blood drawn", "fainting at needles"),
+    ("both my big toenails went yellow and thick and crumbly", "toenail fungus"),
 ]
 
 # Not a complaint of the writer's: House's own, a patient's in the series' words, a denial, a

@@ -65,6 +65,7 @@ NAMED = [
     ("how did you even learn to play piano like that? and are all those guitars in your "
      "apartment yours", "music"),
     ("where do you live", "221b and holmes"),
+    ("night doc", "goodbye"),
 ]
 
 # Not small talk: a complaint (the differentials, or the model when they name none), a chore
@@ -79,6 +80,7 @@ NOT_A_TOPIC = [
     "my cat knocked my coffee onto my laptop this morning",
     "I feel ill since the hike",
     "I made dinner for Wilson",
+    "I work nights in a warehouse",
 ]
 
 
