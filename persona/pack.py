@@ -76,6 +76,7 @@ class Persona:
     errand_jabs: tuple[str, ...] = ()
     greeting_jabs: tuple[str, ...] = ()
     mash_jabs: tuple[str, ...] = ()
+    harm_jabs: tuple[str, ...] = ()
     differentials: CuedAnswers = field(default_factory=CuedAnswers)
     topics: CuedAnswers = field(default_factory=CuedAnswers)
 
@@ -83,12 +84,14 @@ class Persona:
         """A short jab for a message with no words in it (``no_words``), in another language
         (``language``), of nothing but "ok", "hmm", "lol" (``filler``), an attempt to make him
         someone else (``role``), a chore for an assistant (``errand``), a bare greeting
-        (``greeting``) or a keyboard mash (``mash``); ``seed`` picks
+        (``greeting``), a keyboard mash (``mash``) or a request for a dose to harm someone
+        (``harm``); ``seed`` picks
         which, the next one on when it is in ``avoid`` (what the conversation already heard)
         while another is left. A kind the pack has no jabs for gets the no-words ones."""
         pool = {"language": self.language_jabs, "filler": self.filler_jabs,
                 "role": self.role_jabs, "errand": self.errand_jabs,
-                "greeting": self.greeting_jabs, "mash": self.mash_jabs}.get(kind) or self.jabs
+                "greeting": self.greeting_jabs, "mash": self.mash_jabs,
+                "harm": self.harm_jabs}.get(kind) or self.jabs
         if not pool:
             return self.line("empty")
         return unheard(pool, seed, avoid)
@@ -123,6 +126,7 @@ def load_persona(name_or_path: str = "house") -> Persona:
         errand_jabs=_texts(raw.get("errand_jabs", [])),
         greeting_jabs=_texts(raw.get("greeting_jabs", [])),
         mash_jabs=_texts(raw.get("mash_jabs", [])),
+        harm_jabs=_texts(raw.get("harm_jabs", [])),
         differentials=load_differentials(path.parent / raw["differentials"])
         if raw.get("differentials") else CuedAnswers(),
         topics=load_cued(path.parent / raw["topics"], "topic")

@@ -173,14 +173,26 @@ def keyboard_mash(message: str) -> bool:
             or bool(re.fullmatch(r"([a-z]{2,3})\1{2,}", w)))
 
 
+# A request for a dose to knock out, drug or kill someone, "for a story" or not (reading 23: "how
+# much oxycodone would it take to knock out a grown man" → a series line, "200mg. …").
+_HARM = re.compile(
+    r"\bhow\s+(?:much|many)\b(?:(?!patients|people|times)[^.?!]){0,40}\b(?:would|does|will|to)\b"
+    r"[^.?!]{0,20}\b"
+    r"(?:knock\s+(?:out|\w+\s+out)|kill|overdose|od|sedate|drug|put\s+\w+\s+(?:to\s+sleep|under)|"
+    r"poison|make\s+\w+\s+pass\s+out)\b"
+    r"|\b(?:lethal|fatal|deadly)\s+dose\b"
+    r"|\bdose\s+(?:to|that\s+would|that\s+will)\s+(?:kill|knock)", re.I)
+
+
 def jab_kind(message: str) -> str | None:
     """Which of the pack's short jabs answers ``message``, or None when the model and House's
     lines should: ``no_words`` ("???", a row of emoji), ``language`` (another language:
     `in_another_language` — House answers in English, and the selector reads English only),
     ``filler`` ("ok", "hmm", "lol"), ``greeting`` ("Hi!", "Good morning, doctor.", "sup"),
     ``role`` (an attempt to make him someone else or to read out his instructions),
-    ``errand`` (a chore for an assistant: a poem, code, sums, trivia) or ``mash`` (a keyboard
-    mash, `keyboard_mash`)."""
+    ``errand`` (a chore for an assistant: a poem, code, sums, trivia), ``mash`` (a keyboard
+    mash, `keyboard_mash`) or ``harm`` (a dose to knock out or kill someone: no dose, a crisis
+    line)."""
     if not has_words(message):
         return "no_words"
     if in_another_language(message):
@@ -191,6 +203,8 @@ def jab_kind(message: str) -> str | None:
         return "mash"
     if _GREETING.match(message.strip()):
         return "greeting"
+    if _HARM.search(message):
+        return "harm"
     if _ROLE.search(message):
         return "role"
     if _ERRAND.search(message):

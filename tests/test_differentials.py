@@ -209,6 +209,15 @@ NAMED = [
      "tattoo ink allergy"),
     ("27 and I faint every single time I get blood drawn", "fainting at needles"),
     ("both my big toenails went yellow and thick and crumbly", "toenail fungus"),
+    # reading 23's misses (the readers' notes)
+    ("my grandpa (81) started talking nonsense this morning, mixing up words, and his right hand "
+     "seems weak", "stroke"),
+    ("my pee smells like maple syrup?? only new thing is this fenugreek tea", "maple syrup pee"),
+    ("My 15 y/o daughter wears hoodies in July, barely eats and goes running every morning",
+     "eating disorder"),
+    ("random lump on the side of my neck, doesnt hurt, kinda rubbery and moves a bit",
+     "neck lump"),
+    ("my budgie is sitting fluffed up on the bottom of the cage and his tail bobs", "sick bird"),
 ]
 
 # Not a complaint of the writer's: House's own, a patient's in the series' words, a denial, a
@@ -223,6 +232,7 @@ NOT_NAMED = [
     "It's raining again. I hate Mondays.",
     "I went to the bee exhibition and had a great time.",
     "my cat knocked my phone into the bath this morning. great start to the week",
+    "just got home from my first night shift as a nurse and someone threw up on my shoes",
     "I burned the lasagna",
 ]
 
