@@ -119,14 +119,14 @@ def load_persona(name_or_path: str = "house") -> Persona:
         other_speakers=tuple(raw.get("other_speakers", [])),
         controls=Controls().merged(raw.get("controls", {})),
         lines={k: str(v).strip() for k, v in raw.get("lines", {}).items()},
-        jabs=_texts(raw.get("jabs", [])),
-        language_jabs=_texts(raw.get("language_jabs", [])),
-        filler_jabs=_texts(raw.get("filler_jabs", [])),
-        role_jabs=_texts(raw.get("role_jabs", [])),
-        errand_jabs=_texts(raw.get("errand_jabs", [])),
-        greeting_jabs=_texts(raw.get("greeting_jabs", [])),
-        mash_jabs=_texts(raw.get("mash_jabs", [])),
-        harm_jabs=_texts(raw.get("harm_jabs", [])),
+        jabs=_texts(raw, "jabs", path),
+        language_jabs=_texts(raw, "language_jabs", path),
+        filler_jabs=_texts(raw, "filler_jabs", path),
+        role_jabs=_texts(raw, "role_jabs", path),
+        errand_jabs=_texts(raw, "errand_jabs", path),
+        greeting_jabs=_texts(raw, "greeting_jabs", path),
+        mash_jabs=_texts(raw, "mash_jabs", path),
+        harm_jabs=_texts(raw, "harm_jabs", path),
         differentials=load_differentials(path.parent / raw["differentials"])
         if raw.get("differentials") else CuedAnswers(),
         topics=load_cued(path.parent / raw["topics"], "topic")
@@ -134,5 +134,12 @@ def load_persona(name_or_path: str = "house") -> Persona:
     )
 
 
-def _texts(items: list[Any]) -> tuple[str, ...]:
-    return tuple(str(j).strip() for j in items if str(j).strip())
+def _texts(raw: dict[str, Any], key: str, path: Path) -> tuple[str, ...]:
+    """A pack's list of lines under ``key``; an item YAML read as something else (an unquoted
+    line with ": " in it is a mapping) is a clear error, not a reply printed as a dict."""
+    items = raw.get(key) or []
+    bad = [j for j in items if not isinstance(j, str)]
+    if bad:
+        raise ValueError(f"{path}: {key} holds {bad[0]!r}, not a line of text; quote a line "
+                         "that contains ': ' or starts with a special character")
+    return tuple(j.strip() for j in items if j.strip())

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from persona.cued import load_cued
-from persona.pack import load_persona
+from persona.pack import PACKS_DIR, load_persona
 from persona.postprocess import split_sentences
 from persona.reply_choice import DIFFERENTIAL, JAB, TOPIC, acceptable, canned_reply
 
@@ -147,3 +147,18 @@ def test_no_written_answer_reads_like_a_scene() -> None:
     written = [r for pack in (PERSONA.topics, PERSONA.differentials)
                for e in pack.entries for r in e.replies]
     assert [r for r in written if scene(r)] == []
+
+
+def test_a_pack_line_yaml_reads_as_a_mapping_is_a_clear_error(tmp_path: Path) -> None:
+    """An unquoted jab with ": " in it ("Not a number I give out, story or not: writers …")
+    is a YAML mapping; it printed as a dict in a chat until the pack refused it."""
+    for name in ("house_differentials.yaml", "house_topics.yaml"):
+        (tmp_path / name).write_text((PACKS_DIR / name).read_text(encoding="utf-8"),
+                                     encoding="utf-8")
+    pack = (PACKS_DIR / "house.yaml").read_text(encoding="utf-8")
+    (tmp_path / "bad.yaml").write_text(
+        pack.replace("mash_jabs:\n", "mash_jabs:\n  - Two words: one line.\n", 1),
+        encoding="utf-8")
+    with pytest.raises(ValueError, match="mash_jabs"):
+        load_persona(str(tmp_path / "bad.yaml"))
+    assert all(isinstance(j, str) for j in PERSONA.harm_jabs + PERSONA.mash_jabs)
