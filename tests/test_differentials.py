@@ -218,6 +218,36 @@ NAMED = [
     ("random lump on the side of my neck, doesnt hurt, kinda rubbery and moves a bit",
      "neck lump"),
     ("my budgie is sitting fluffed up on the bottom of the cage and his tail bobs", "sick bird"),
+    # reading 24's (the readers' notes)
+    ("my friend keeps saying she wants to disappear and she gave away a bunch of her stuff",
+     "someone else talking of suicide"),
+    ("every winter we both get headaches and feel dizzy at home, the landlord says the old gas "
+     "heater is fine", "carbon monoxide"),
+    ("did 2 scuba dives yesterday then flew home this morning, now my shoulders ache and im "
+     "tingly", "decompression sickness"),
+    ("been on sertraline 3 weeks, my aunt gave me st johns wort tea and now im sweaty, shaky",
+     "serotonin syndrome"),
+    ("been taking cipro for a uti and now the back of my ankle kinda aches",
+     "antibiotic and a tendon"),
+    ("my son (9) got hit in the eye with a tennis ball, now theres a red floaty blob",
+     "eye injury"),
+    ("my dad (71) says its like a dark curtain coming down over part of his left eye",
+     "retinal detachment"),
+    ("every time i eat raw apples or carrots my mouth and throat get itchy",
+     "pollen fruit allergy"),
+    ("cut like 40 habaneros without gloves and 3 hours later my hands are still on fire",
+     "chilli burn"),
+    ("slept in my contacts on a camping trip, now my eye is red and feels like sand",
+     "eye after contact lenses"),
+    ("got these weird grooves going across all my fingernails, had covid 2 months ago",
+     "lines across the nails"),
+    ("i work nights as a nurse and on my days off i cannot fall asleep before 5am",
+     "night shifts and sleep"),
+    ("can you read my blood test: ALT 78, AST 52, GGT 110. i have 2-3 beers most nights",
+     "liver tests and drinking"),
+    ("my hamster has a wet bottom and has barely moved since yesterday", "sick small pet"),
+    ("learning guitar, 2 weeks in and my fingertips are dying",
+     "sore fingertips from an instrument"),
 ]
 
 # Not a complaint of the writer's: House's own, a patient's in the series' words, a denial, a
@@ -234,6 +264,9 @@ NOT_NAMED = [
     "my cat knocked my phone into the bath this morning. great start to the week",
     "just got home from my first night shift as a nurse and someone threw up on my shoes",
     "I burned the lasagna",
+    # the series' lines reading 24's entries must leave alone
+    "She's having me sleep on the couch. Just for a few nights.",
+    "He turned and got hit by a ball in the park.",
 ]
 
 

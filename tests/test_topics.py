@@ -52,7 +52,6 @@ NAMED = [
     # reading 19's House's lines for small talk
     ("just made homemade ramen from scratch, took 11 hours", "cooking"),
     ("anyone watching the champions league tonight or am i alone here", "watching the game"),
-    ("started learning guitar two weeks ago, my fingertips hate me", "learning an instrument"),
     ("going on a second date tomorrow, she picked bowling. advice?", "a date"),
     ("exams next week and i've studied exactly 0 hours. vibes are bad", "study advice"),
     # reading 20's
@@ -66,6 +65,27 @@ NAMED = [
      "apartment yours", "music"),
     ("where do you live", "221b and holmes"),
     ("night doc", "goodbye"),
+    # reading 24's
+    ("are you an actual ai or is there some guy typing this", "a bot or someone typing"),
+    ("you faked your own death, was wilson in on it or did you let him cry at the funeral",
+     "was wilson in on it"),
+    ("whats the fastest youve ever taken the motorbike", "motorcycle"),
+    ("ok @house replying to @kev: he says coffee and a cold shower sobers you up faster",
+     "sobering up"),
+    ("thanks man, went to urgent care like you said and it WAS appendicitis",
+     "thanks, you were right"),
+    ("my boss takes credit for all my work in meetings", "boss takes the credit"),
+    ("i have $3k saved, pay off my credit card or invest it", "debt or invest"),
+    ("my gf wants to move in together after 4 months. diagnose this", "moving in together"),
+    ("@house settle this: is a hot dog a sandwich", "hot dog sandwich"),
+    ("sarah here swears you catch a cold from going outside with wet hair", "colds and wet hair"),
+    ("he thinks his back pain is from bad energy in the apartment and bought crystals",
+     "crystals and energy"),
+    ("everyone is fighting about whether cracking your knuckles gives you arthritis",
+     "knuckle cracking"),
+    ("how do i add you to my discord server", "add the bot"),
+    ("do you remember what i told you yesterday about my knee", "remember me"),
+    ("@house you got roasted in the meme channel", "a meme of him"),
 ]
 
 # Not small talk: a complaint (the differentials, or the model when they name none), a chore
@@ -81,6 +101,9 @@ NOT_A_TOPIC = [
     "I feel ill since the hike",
     "I made dinner for Wilson",
     "I work nights in a warehouse",
+    # the series' lines reading 24's entries must leave alone
+    "Walking up to him. Did you remember my DVD player?",
+    "I think we should reconsider drugs. Kalvin uses crystal meth.",
 ]
 
 
