@@ -306,6 +306,10 @@ class ReplyChoiceSettings(SettingsGroup):
     canon_person_weight: float = Field(0.05, ge=0, validation_alias="CANON_PERSON_WEIGHT")
     # The listener scores only a reply's first LISTENER_TOKENS tokens (its cost is their sum).
     listener_tokens: int = Field(24, ge=1, validation_alias="LISTENER_TOKENS")
+    # The listener hears the last LISTENER_EXCHANGES exchanges of the conversation before the
+    # message (as it was measured: the selector's context), not the whole history: its cost
+    # then stays that of a conversation's first messages (docs/reply-choice.md).
+    listener_exchanges: int = Field(1, ge=0, validation_alias="LISTENER_EXCHANGES")
     # Under load the listener steps aside: with at least this many other requests in the
     # worker's hands (being answered, or read and waiting), or that many messages of other
     # conversations taken within the last second, the selector's cosine alone ranks the canon

@@ -72,17 +72,20 @@ LOAD_WINDOW_S = 1.0
 # Seconds between tries of a batch while the inference server is unavailable.
 BACKEND_RETRY_S = 2.0
 
-def selector_context(history: Sequence[Turn], exchanges: int = 1) -> tuple[str, ...]:
-    """The last ``exchanges`` exchanges before the new message (user turn, House's reply;
-    older first), as the selector was trained to read them; nothing when the conversation
-    starts."""
-    turns: list[str] = []
+def last_exchanges(history: Sequence[Turn], exchanges: int = 1) -> list[Turn]:
+    """The last ``exchanges`` exchanges before the new message (a user turn and House's
+    reply each, older first); nothing when the conversation starts."""
     end = len(history)
-    while len(turns) < 2 * exchanges and end >= 2 and history[end - 1].role == "assistant" \
-            and history[end - 2].role == "user":
-        turns[:0] = [history[end - 2].content, history[end - 1].content]
+    while len(history) - end < 2 * exchanges and end >= 2 \
+            and history[end - 1].role == "assistant" and history[end - 2].role == "user":
         end -= 2
-    return tuple(turns)
+    return list(history[end:])
+
+
+def selector_context(history: Sequence[Turn], exchanges: int = 1) -> tuple[str, ...]:
+    """The texts of the last ``exchanges`` exchanges, as the selector was trained to read
+    them."""
+    return tuple(turn.content for turn in last_exchanges(history, exchanges))
 
 
 class GenerationFailed(RuntimeError):
@@ -643,7 +646,12 @@ class Worker:
             task.heard = await self.history.recent_canon(request.conversation)
         prompt = render_prompt(self.generator.tokenizer, persona, history, text, speaker,
                                self.settings.history.token_budget)
-        task.prompt = prompt
+        # the listener hears the last exchanges only, as it was measured: the whole history
+        # made it slower than the generation it ranks
+        task.prompt = render_prompt(
+            self.generator.tokenizer, persona,
+            last_exchanges(history, self.settings.reply_choice.listener_exchanges), text,
+            speaker, self.settings.history.token_budget)
         if task.mode == CANON and request.kind != "compare":
             return  # House's real lines only: nothing to generate
         if task.mode == HYBRID and request.kind != "compare":
@@ -858,6 +866,8 @@ class Worker:
             return False
         self.replies += 1
         self.metrics.replies.labels(request.kind).inc()
+        if task.choice_s and request.kind == "chat":
+            self.metrics.reply_choice_seconds.observe(task.choice_s)
         if reply.error:
             self.metrics.errors.labels("reply").inc()
         log.info("request %s kind=%s chars=%d queued=%.0fms", request.id, request.kind,

@@ -24,7 +24,7 @@ from base.config import ROOT
 from base.keys import BASE_VARIANT, HYBRID_VARIANT
 from base.protocol import Request
 from engine.generation import FakeGenerator
-from engine.worker import Worker, selector_context
+from engine.worker import Worker, last_exchanges, selector_context
 from persona.canon import CanonLine, CanonPool, named_people
 from persona.dialogue import Pair, Scenes, in_judge_fold, query_text
 from persona.prompt import Turn
@@ -241,6 +241,8 @@ def test_selector_context_is_the_exchange_before_the_message() -> None:
     assert selector_context(longer, 2) == ("hi", "Go away.", "my leg", "Amputate.")
     assert selector_context(longer, 1) == ("my leg", "Amputate.")
     assert selector_context(history, 2) == ("my leg", "Amputate.")
+    assert last_exchanges(longer, 1) == history and last_exchanges(longer, 0) == []
+    assert last_exchanges([Turn("assistant", "Hi."), *history], 5) == history
 
 
 def test_judge_fold_is_a_tenth_of_train_and_only_train() -> None:
@@ -573,6 +575,29 @@ async def test_the_listener_reranks_the_shortlist_with_the_conversation_prompt(
     prompt, shortlist = listener.calls[0]
     assert message in prompt and persona.system_prompt in prompt
     assert len(shortlist) > 1 and by_cosine in shortlist
+
+
+@pytest.mark.parametrize("exchanges", [0, 1, 2])
+async def test_the_listener_hears_only_the_last_exchanges_of_a_conversation(
+        redis, keys, persona, queue, exchanges) -> None:  # type: ignore[no-untyped-def]
+    """LISTENER_EXCHANGES: the listener's prompt holds the message and that many exchanges
+    before it, not the whole history (a long one made it slower than generating)."""
+    listener = PreferringListener("Everybody lies")
+    worker = Worker(redis, keys, FakeGenerator(), persona,
+                    worker_settings("w", reply_mode="canon", canon_candidates=1,
+                                    listener_exchanges=exchanges),
+                    canon=pool(), listener=listener)  # type: ignore[arg-type]
+    said = ["my knee hurts after running", "I also ate a lot of cheese",
+            "and my headache is back"]
+    for text in said:
+        request = chat(text)
+        await queue.submit(request)
+        await worker.run(burst=True)
+        await queue.wait_reply(request.id, 10)
+    prompt = listener.calls[-1][0]
+    assert said[2] in prompt and persona.system_prompt in prompt
+    assert (said[1] in prompt) == (exchanges >= 1)
+    assert (said[0] in prompt) == (exchanges >= 2)
 
 
 def canon_worker(redis, keys, persona, listener, busy_requests: int) -> Worker:  # type: ignore[no-untyped-def]
