@@ -44,6 +44,11 @@ class WorkerMetrics:
         self.listener_skipped = Counter("house_listener_skipped", "Replies chosen without "
                                         "the listener because the worker was busy",
                                         registry=r)
+        self.reply_choice_seconds = Histogram(
+            "house_reply_choice_seconds", "Time one chat reply spent being chosen: the canon "
+            "search, the listener and the persona classifier (issue 13: at most 15 % of a "
+            "reply's latency)", registry=r,
+            buckets=(.005, .01, .025, .05, .1, .2, .4, .8, 1.6, 3.2))
         self.canon_first = Counter("house_reply_canon_first", "Hybrid replies answered with "
                                    "a canon line before anything was generated "
                                    "(HYBRID_SURE_FIT)", registry=r)

@@ -488,7 +488,7 @@ async def bench_serve(settings: Any, engines: list[str], levels: list[int], mess
     for column in ("engine", "conversations", "replies", "replies/s", "tokens/s",
                    "all talking tokens/s", "p50 ms", "p95 ms",
                    "first text p50 ms", "p95 ms", "/reset p50 ms", "p95 ms",
-                   "no listener"):
+                   "no listener", "choosing ms", "share"):
         table.add_column(column, justify="right")
     try:
         for engine in engines:
@@ -522,7 +522,8 @@ async def bench_serve(settings: Any, engines: list[str], levels: list[int], mess
                               f"{f['p50_ms']:.0f}", f"{f['p95_ms']:.0f}",
                               f"{f['ttft_p50_ms']:.0f}", f"{f['ttft_p95_ms']:.0f}",
                               f"{f['control_p50_ms']:.0f}", f"{f['control_p95_ms']:.0f}",
-                              f"{f['listener_skipped']}/{f['replies']}" if listener else "–")
+                              f"{f['listener_skipped']}/{f['replies']}" if listener else "–",
+                              f"{f['choice_mean_ms']:.0f}", f"{f['choice_share']:.0%}")
             by_engine[engine] = figures
     finally:
         await redis.aclose()
@@ -596,14 +597,28 @@ async def _bench_engine(redis: Any, generator: Any, persona: Any, settings: Any,
         for level in levels:
             await asyncio.sleep(LOAD_WINDOW_S)  # the level before is not this one's load
             before = skipped.get()
-            figures[f"c{level}"] = await _serve_level(
+            chosen_before = _totals(worker.metrics.reply_choice_seconds)
+            f = figures[f"c{level}"] = await _serve_level(
                 ask, level, messages, lambda: worker.metrics.tokens._value.get(),
                 arrival_gap_s)
             # replies chosen without the listener: it steps aside under load
-            figures[f"c{level}"]["listener_skipped"] = int(skipped.get() - before)
+            f["listener_skipped"] = int(skipped.get() - before)
+            # the reply choice's share of the replies' time (issue 13: at most 15 %)
+            count, seconds = (a - b for a, b in zip(
+                _totals(worker.metrics.reply_choice_seconds), chosen_before, strict=True))
+            f["choice_mean_ms"] = seconds * 1000 / count if count else 0.0
+            f["choice_share"] = seconds * 1000 / f["latency_sum_ms"] if f["replies"] else 0.0
         return figures
     finally:
         await _stop_serving(worker, stop, serving, reader, redis, keys)
+
+
+def _totals(histogram: Any) -> tuple[float, float]:
+    """How many observations a prometheus Histogram holds and their sum."""
+    values = {sample.name: sample.value for metric in histogram.collect()
+              for sample in metric.samples}
+    return (next(v for k, v in values.items() if k.endswith("_count")),
+            next(v for k, v in values.items() if k.endswith("_sum")))
 
 
 async def _stop_serving(worker: Any, stop: asyncio.Event, serving: asyncio.Task[Any],
@@ -675,7 +690,8 @@ async def _serve_level(ask: Any, level: int, messages: int, generated: Any,
     return {"replies": len(latencies), "tokens": tokens, "wall_s": wall,
             "replies_per_s": len(latencies) / wall, "tokens_per_s": tokens / wall,
             "all_active_tokens_per_s": (first_done[1] - tokens_before) / window,
-            "all_active_s": window, "p50_ms": percentile(latencies, 50),
+            "all_active_s": window, "latency_sum_ms": sum(latencies),
+            "p50_ms": percentile(latencies, 50),
             "p95_ms": percentile(latencies, 95),
             "ttft_p50_ms": percentile(ttfts, 50), "ttft_p95_ms": percentile(ttfts, 95),
             "control_p50_ms": percentile(controls, 50), "control_p95_ms": percentile(controls, 95)}

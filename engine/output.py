@@ -102,11 +102,15 @@ class ReplyBuilder:
 
     def pick(self, task: Task, generated: list[Candidate], mode: str) -> Candidate | None:
         controls = task.controls or self.defaults
+        started = time.perf_counter()
         listener, shortlist = self._choosing(task)
-        return pick(mode, task.text, generated, self.canon, self.scorer,
-                    self.canon_candidates, task.context, task.heard, task.mentioned,
-                    controls.sentence_cap, listener, shortlist, self.listener_weight,
-                    task.scores)
+        try:
+            return pick(mode, task.text, generated, self.canon, self.scorer,
+                        self.canon_candidates, task.context, task.heard, task.mentioned,
+                        controls.sentence_cap, listener, shortlist, self.listener_weight,
+                        task.scores)
+        finally:
+            task.choice_s += time.perf_counter() - started
 
     def sure_canon(self, task: Task) -> Reply | None:
         """A hybrid request's reply before anything is generated, when the best canon line is
@@ -115,11 +119,16 @@ class ReplyBuilder:
         if self.canon is None:
             return None
         controls = task.controls or self.defaults
+        started = time.perf_counter()
         listener, shortlist = self._choosing(task)
         assert task.scores is not None
-        winner = sure_canon(task.text, self.canon, self.sure_fit, self.sure_cosine, task.scores,
-                            self.canon_candidates, task.context, task.heard, task.mentioned,
-                            controls.sentence_cap, listener, shortlist, self.listener_weight)
+        try:
+            winner = sure_canon(task.text, self.canon, self.sure_fit, self.sure_cosine,
+                                task.scores, self.canon_candidates, task.context, task.heard,
+                                task.mentioned, controls.sentence_cap, listener, shortlist,
+                                self.listener_weight)
+        finally:
+            task.choice_s += time.perf_counter() - started
         if winner is None:
             return None
         task.canon_row = winner.row

@@ -32,6 +32,7 @@ class Task:
     answer: tuple[str, str] | None = None
     scores: CanonScores | None = None  # the reply choice's scoring so far (ReplyBuilder)
     listens: bool = False  # whether the listener scores this reply (decided with ``scores``)
+    choice_s: float = 0.0  # seconds spent choosing its reply (selector, listener, classifier)
     shortlist: int = 0  # canon lines the listener re-ranks for it
     partials: int = 0  # partial events published (their sequence number)
     partial_text: str = ""
