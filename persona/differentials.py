@@ -22,7 +22,11 @@ from persona.cued import CuedAnswers, load_cued
 _ABOUT_THEM = re.compile(
     r"\b(?:i|i'm|im|i've|ive|i'd|my|me|myself)\b|\b(?:sons?|daughters?|kids?|"
     r"child(?:ren)?|baby|newborn|infant|toddler|wife|husband|partner|mom|mum|mother|dad|"
-    r"father|grand\w+|boyfriend|girlfriend|brother|sister|friend|roommate)\b", re.I)
+    r"father|grand\w+|boyfriend|girlfriend|brother|sister|friend|roommate|"
+    # a household ("whole family has headaches", "our great dane") and its pets ("13yo cat
+    # drinking … she eats like a horse"; reading 25)
+    r"(?:whole|my|our) family|our (?:\w+ )?(?:baby|kids?|son|daughter|dog|cat|puppy|kitten|"
+    r"rabbit|hamster)|cat|dog|puppy|kitten|rabbit|bunny|hamster|guinea pig)\b", re.I)
 _SOMEONE_ELSE = re.compile(r"\b(?:you|your|yours|he|she|him|his|her|hers|they|them|their|"
                            r"it's|patient|house|wilson|cuddy|cause|causes|caused|"
                            r"leads?|explains?)\b|'s\b", re.I)

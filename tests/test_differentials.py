@@ -248,6 +248,35 @@ NAMED = [
     ("my hamster has a wet bottom and has barely moved since yesterday", "sick small pet"),
     ("learning guitar, 2 weeks in and my fingertips are dying",
      "sore fingertips from an instrument"),
+    # reading 25's
+    ("my roommate took a bunch of tylenol last night after her bf dumped her, like maybe 20?",
+     "too much paracetamol"),
+    ("my husband is type 1 and hes acting weird, sweaty, slurring, got angry at me for no reason",
+     "low blood sugar in diabetes"),
+    ("mom is 82, slipped in the bathroom, now she cant get up and her right leg looks shorter",
+     "broken hip"),
+    ("our great dane keeps trying to puke but nothing comes out, belly looks bigger and tight",
+     "dog bloat"),
+    ("my dad is 74 and on warfarin, now hes had a nosebleed for like 40 min that wont stop",
+     "bleeding on a blood thinner"),
+    ("my grandma 76 has a painful blistery rash on her forehead, one side only, and that eye is "
+     "getting red", "shingles near the eye"),
+    ("can i take advil for my back if im on lisinopril?", "painkillers on blood pressure pills"),
+    ("19f, keep almost fainting in hot showers, everything goes gray and my heart races",
+     "fainting in a hot shower"),
+    ("punched a guy in the mouth, little cut on my knuckle, now my whole hand is swollen and red",
+     "fight bite"),
+    ("my 6yo keeps scratching her butt at night, i saw something tiny and white moving",
+     "pinworms"),
+    ("my tongue turned black and kind of furry, been taking pepto for a few days", "black tongue"),
+    ("13yo cat drinking way more water than normal and losing weight even though she eats like a "
+     "horse", "old cat drinking and thin"),
+    ("whole family has headaches and feels sick, worse in the mornings and better when were out "
+     "of the house", "carbon monoxide"),
+    ("22m did a crazy leg day, now my thighs are super swollen and my pee is dark like coke",
+     "dark urine after exercise"),
+    ("my 14 yo daughter has lost a lot of weight, she eats like an apple a day and runs every "
+     "night. her period stopped too", "eating disorder"),
 ]
 
 # Not a complaint of the writer's: House's own, a patient's in the series' words, a denial, a
@@ -267,6 +296,8 @@ NOT_NAMED = [
     # the series' lines reading 24's entries must leave alone
     "She's having me sleep on the couch. Just for a few nights.",
     "He turned and got hit by a ball in the park.",
+    "Maybe we should go back to the blood thinners, up the dosage.",
+    "Only other option is blood thinners.",
 ]
 
 

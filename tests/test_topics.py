@@ -86,6 +86,10 @@ NAMED = [
     ("how do i add you to my discord server", "add the bot"),
     ("do you remember what i told you yesterday about my knee", "remember me"),
     ("@house you got roasted in the meme channel", "a meme of him"),
+    # reading 25's
+    ("> i only had like 4 beers im fine to drive   @HouseBot tell him pls", "drink driving"),
+    ("@house settle this, mark says you get sick from going outside with wet hair",
+     "colds and wet hair"),
 ]
 
 # Not small talk: a complaint (the differentials, or the model when they name none), a chore
