@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 from engine.listener import REPLY_END, Listener
 from engine.llamacpp_engine import PREFIX_SEQ, LlamaCppGenerator
@@ -111,8 +112,7 @@ class LlamaCppListener(Listener):
             assert first is not None
             totals = [float(first[row[0]]) for row in rows]
             if wanted:
-                picked = _log_softmax(scores)[np.arange(len(wanted)),
-                                              [token for _, token in wanted]]
+                picked = _token_logprobs(scores, [token for _, token in wanted])
                 for (i, _), value in zip(wanted, picked, strict=True):
                     totals[i] += float(value)
         except Exception:
@@ -186,6 +186,16 @@ class LlamaCppListener(Listener):
         """Free ``seq``: its cells, its kept prompt, its scores."""
         self._firsts.pop(seq, None)
         self.engine.free_sequence(self.context, seq)
+
+
+def _token_logprobs(scores: np.ndarray, tokens: Sequence[int]) -> np.ndarray:
+    """``log P(tokens[i])`` under row ``i`` of ``scores`` (a row of logits per scored token, the
+    vocabulary wide): each row's log-sum-exp by torch (vectorised, on every thread), never a
+    whole log-softmax matrix — numpy's took 48 ms of a reply's 530 ms of choosing (py-spy,
+    Zen 4 EPYC)."""
+    rows = torch.from_numpy(scores)
+    picked = rows[torch.arange(len(tokens)), torch.tensor(tokens)]
+    return (picked - torch.logsumexp(rows, dim=1)).numpy()
 
 
 def _log_softmax(logits: Any) -> np.ndarray:

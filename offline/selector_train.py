@@ -346,10 +346,11 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
     e.add_argument("--listener", action="store_true",
                    help="also the two stages the bot uses: the selector's --shortlist best "
                         "re-ranked with the House model's PMI (engine/listener.py)")
-    e.add_argument("--shortlist", type=int, default=10)
-    e.add_argument("--listener-weight", type=float, default=1.0)
-    e.add_argument("--listener-tokens", type=int, default=24,
-                   help="score only each reply's first this many tokens (LISTENER_TOKENS)")
+    e.add_argument("--shortlist", type=int, help="default: CANON_SHORTLIST, as the bot")
+    e.add_argument("--listener-weight", type=float, help="default: LISTENER_WEIGHT")
+    e.add_argument("--listener-tokens", type=int,
+                   help="score only each reply's first this many tokens (default: "
+                        "LISTENER_TOKENS)")
     e.add_argument("--limit", type=int, default=0,
                    help="--listener on this many messages of the split (0 = all)")
 
@@ -389,8 +390,13 @@ def run(args: argparse.Namespace) -> int:
         from engine.runtime import listener_for, local_engine
         from persona.pack import load_persona
 
-        settings = Settings().with_overrides(listener="pmi",
-                                             listener_tokens=args.listener_tokens)
+        settings = Settings()
+        choice = settings.reply_choice  # what the bot ranks with, unless told otherwise
+        shortlist = args.shortlist or choice.canon_shortlist
+        weight = args.listener_weight if args.listener_weight is not None \
+            else choice.listener_weight
+        tokens = args.listener_tokens or choice.listener_tokens
+        settings = settings.with_overrides(listener="pmi", listener_tokens=tokens)
         persona = load_persona(settings.generation.persona)
         model_settings = settings.model
         from engine.llamacpp_engine import settle_torch_threads
@@ -403,9 +409,8 @@ def run(args: argparse.Namespace) -> int:
         listener = listener_for(settings, loaded, persona, engine)
         if listener is None:
             raise SystemExit(f"no {model_settings.default_adapter} adapter for the listener")
-        print(f"selector {args.shortlist} best + listener (weight {args.listener_weight:g}, "
-              f"{args.listener_tokens} tokens, {getattr(engine, 'engine_name', '?')}):",
-              listener_ranking_metrics(model, chosen, scenes, listener, persona,
-                                       args.shortlist, args.listener_weight,
-                                       limit=args.limit, exchanges=exchanges))
+        print(f"selector {shortlist} best + listener (weight {weight:g}, {tokens} tokens, "
+              f"{getattr(engine, 'engine_name', '?')}):",
+              listener_ranking_metrics(model, chosen, scenes, listener, persona, shortlist,
+                                       weight, limit=args.limit, exchanges=exchanges))
     return 0
