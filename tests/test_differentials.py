@@ -277,6 +277,33 @@ NAMED = [
      "dark urine after exercise"),
     ("my 14 yo daughter has lost a lot of weight, she eats like an apple a day and runs every "
      "night. her period stopped too", "eating disorder"),
+    # reading 26's
+    ("rolled my ankle last night, the knobby bone on the outside hurts like hell when i press it",
+     "ankle bone after a roll"),
+    ("34 weeks pregnant and my palms and soles itch sooo bad, scratching till they bleed",
+     "itching in pregnancy"),
+    ("the airless paint sprayer tip touched my finger, tiny pinhole, now the whole finger is "
+     "swollen", "high-pressure injection injury"),
+    ("came back from thailand 6 days ago, fever 39.4, been taking ibuprofen, is that ok?",
+     "fever after the tropics on ibuprofen"),
+    ("ate home canned green beans at lunch, now im seeing double and my eyelids feel heavy",
+     "botulism"),
+    ("14h flight tomorrow, im 3 weeks out from acl surgery and on the pill",
+     "a flight after surgery"),
+    ("my dog got into the sago palm in the yard and chewed up some of the seeds", "sago palm"),
+    ("welded without my mask yesterday, woke up with my eyes feeling full of sand", "arc eye"),
+    ("my bf has had a swollen super painful testicle since he woke up, he threw up once",
+     "testicle"),
+    ("wisdom tooth out 3 days ago and the pain is way worse now, nasty taste", "dry socket"),
+    ("my friend smokes weed every day, now hes been throwing up nonstop, only hot showers help",
+     "cannabis and vomiting"),
+    ("noticed a dark brown line down my thumbnail, been there months", "dark line down a nail"),
+    ("woke up and my right ear just sounds muffled, like underwater, no pain no cold",
+     "sudden hearing loss"),
+    ("my son got tackled hard, now the tip of his left shoulder hurts and he got dizzy, hes pale",
+     "bleeding inside after a hit"),
+    ("squeezed limes at the beach and now i have brown streaks and blisters on my hands",
+     "lime juice and sun"),
 ]
 
 # Not a complaint of the writer's: House's own, a patient's in the series' words, a denial, a

@@ -90,6 +90,9 @@ NAMED = [
     ("> i only had like 4 beers im fine to drive   @HouseBot tell him pls", "drink driving"),
     ("@house settle this, mark says you get sick from going outside with wet hair",
      "colds and wet hair"),
+    # reading 26's
+    ("does this bot store my messages? i told you some personal stuff yesterday",
+     "does the bot keep my messages"),
 ]
 
 # Not small talk: a complaint (the differentials, or the model when they name none), a chore
@@ -108,6 +111,7 @@ NOT_A_TOPIC = [
     # the series' lines reading 24's entries must leave alone
     "Walking up to him. Did you remember my DVD player?",
     "I think we should reconsider drugs. Kalvin uses crystal meth.",
+    "And I'm going to violate patient privacy laws just to keep you happy?",
 ]
 
 
