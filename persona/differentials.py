@@ -26,7 +26,8 @@ _ABOUT_THEM = re.compile(
     # a household ("whole family has headaches", "our great dane") and its pets ("13yo cat
     # drinking … she eats like a horse"; reading 25)
     r"(?:whole|my|our) family|our (?:\w+ )?(?:baby|kids?|son|daughter|dog|cat|puppy|kitten|"
-    r"rabbit|hamster)|cat|dog|puppy|kitten|rabbit|bunny|hamster|guinea pig)\b", re.I)
+    r"rabbit|hamster|dane|shepherd|lab|labrador|retriever|beagle|terrier|poodle|collie|husky)|"
+    r"cat|dog|puppy|kitten|rabbit|bunny|hamster|guinea pig)\b", re.I)
 _SOMEONE_ELSE = re.compile(r"\b(?:you|your|yours|he|she|him|his|her|hers|they|them|their|"
                            r"it's|patient|house|wilson|cuddy|cause|causes|caused|"
                            r"leads?|explains?)\b|'s\b", re.I)

@@ -304,6 +304,24 @@ NAMED = [
      "bleeding inside after a hit"),
     ("squeezed limes at the beach and now i have brown streaks and blisters on my hands",
      "lime juice and sun"),
+    # reading 27's
+    ("16yo son took a hit in rugby, seemed fine. now 4 hrs later hes throwing up and keeps "
+     "falling asleep on the couch", "head injury then vomiting or drowsy"),
+    ("got back from ghana 10 days ago, now fevers and shaking chills that come and go",
+     "fever after malaria country"),
+    ("6 week old baby feels hot, i took rectal temp its 38.3. she's eating ok tho",
+     "fever in a young baby"),
+    ("used rust remover at work this morning, no gloves, now my fingertips are throbbing and grey",
+     "hydrofluoric acid burn"),
+    ("cat was sniffing the lilies my mom sent, has yellow pollen on her face", "lilies and a cat"),
+    ("mole on my back looks different than last summer, darker on one side and it bled a little",
+     "a changing mole"),
+    ("water stuck in my ear since swimming saturday, sounds muffled. qtip??",
+     "water stuck in the ear"),
+    ("our great dane's belly is suddenly huge and tight and hes trying to throw up", "dog bloat"),
+    ("32 weeks pregnant, my face and hands puffed up overnight and im seeing sparkly spots",
+     "pregnant"),
+    ("took pepto for my stomach and now my poop is BLACK", "black tongue"),
 ]
 
 # Not a complaint of the writer's: House's own, a patient's in the series' words, a denial, a
