@@ -292,7 +292,7 @@ class ReplyChoiceSettings(SettingsGroup):
     listener: Literal["pmi", "none"] = Field("pmi", validation_alias="LISTENER")
     listener_weight: float = Field(1.0, validation_alias="LISTENER_WEIGHT")
     # 6 (was 10): the same Recall@1 on 300 test messages with 16 listener tokens, and a hybrid
-    # reply in a conversation as fast as a generated one (docs/reply-choice.md)
+    # reply in a conversation within 3-14 % of a generated one (docs/reply-choice.md)
     canon_shortlist: int = Field(6, validation_alias="CANON_SHORTLIST")
     # A canon line's score adds this weight x the likeness of the message to what was said to
     # House before the line (the earlier retrieval bot's signal); 0: the selector alone.

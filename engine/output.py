@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import redis.asyncio as aioredis
 
@@ -32,6 +32,16 @@ from persona.reply_choice import (
 from persona.reply_choice import Listener as ReplyListener
 
 PARTIAL_EVERY_S = 0.3  # at most one partial event per streamed reply in this time
+
+
+@contextlib.contextmanager
+def _timed_choice(task: Task) -> Iterator[None]:
+    """Add the time the block takes to ``task.choice_s`` (house_reply_choice_seconds)."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        task.choice_s += time.perf_counter() - started
 
 
 class ReplyBuilder:
@@ -102,15 +112,12 @@ class ReplyBuilder:
 
     def pick(self, task: Task, generated: list[Candidate], mode: str) -> Candidate | None:
         controls = task.controls or self.defaults
-        started = time.perf_counter()
-        listener, shortlist = self._choosing(task)
-        try:
+        with _timed_choice(task):
+            listener, shortlist = self._choosing(task)
             return pick(mode, task.text, generated, self.canon, self.scorer,
                         self.canon_candidates, task.context, task.heard, task.mentioned,
                         controls.sentence_cap, listener, shortlist, self.listener_weight,
                         task.scores)
-        finally:
-            task.choice_s += time.perf_counter() - started
 
     def sure_canon(self, task: Task) -> Reply | None:
         """A hybrid request's reply before anything is generated, when the best canon line is
@@ -119,16 +126,13 @@ class ReplyBuilder:
         if self.canon is None:
             return None
         controls = task.controls or self.defaults
-        started = time.perf_counter()
-        listener, shortlist = self._choosing(task)
-        assert task.scores is not None
-        try:
+        with _timed_choice(task):
+            listener, shortlist = self._choosing(task)
+            assert task.scores is not None
             winner = sure_canon(task.text, self.canon, self.sure_fit, self.sure_cosine,
                                 task.scores, self.canon_candidates, task.context, task.heard,
                                 task.mentioned, controls.sentence_cap, listener, shortlist,
                                 self.listener_weight)
-        finally:
-            task.choice_s += time.perf_counter() - started
         if winner is None:
             return None
         task.canon_row = winner.row

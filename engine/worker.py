@@ -646,12 +646,13 @@ class Worker:
             task.heard = await self.history.recent_canon(request.conversation)
         prompt = render_prompt(self.generator.tokenizer, persona, history, text, speaker,
                                self.settings.history.token_budget)
-        # the listener hears the last exchanges only, as it was measured: the whole history
-        # made it slower than the generation it ranks
-        task.prompt = render_prompt(
-            self.generator.tokenizer, persona,
-            last_exchanges(history, self.settings.reply_choice.listener_exchanges), text,
-            speaker, self.settings.history.token_budget)
+        if self.output.listener is not None:
+            # the listener hears the last exchanges only, as it was measured: the whole
+            # history made it slower than the generation it ranks
+            heard = last_exchanges(history, self.settings.reply_choice.listener_exchanges)
+            task.prompt = prompt if len(heard) == len(history) else render_prompt(
+                self.generator.tokenizer, persona, heard, text, speaker,
+                self.settings.history.token_budget)
         if task.mode == CANON and request.kind != "compare":
             return  # House's real lines only: nothing to generate
         if task.mode == HYBRID and request.kind != "compare":

@@ -25,9 +25,10 @@ _ABOUT_THEM = re.compile(
     r"father|grand\w+|boyfriend|girlfriend|brother|sister|friend|roommate|"
     # a household ("whole family has headaches", "our great dane") and its pets ("13yo cat
     # drinking … she eats like a horse"; reading 25)
-    r"(?:whole|my|our) family|our (?:\w+ )?(?:baby|kids?|son|daughter|dog|cat|puppy|kitten|"
-    r"rabbit|hamster|dane|shepherd|lab|labrador|retriever|beagle|terrier|poodle|collie|husky)|"
-    r"cat|dog|puppy|kitten|rabbit|bunny|hamster|guinea pig)\b", re.I)
+    r"(?:whole|my|our) family|cat|dog|puppy|kitten|rabbit|bunny|hamster|guinea pig|"
+    # a breed needs "our" ("our lab" is a dog, "the lab" a test)
+    r"our (?:\w+ )?(?:dane|shepherd|lab|labrador|retriever|beagle|terrier|poodle|collie|"
+    r"husky))\b", re.I)
 _SOMEONE_ELSE = re.compile(r"\b(?:you|your|yours|he|she|him|his|her|hers|they|them|their|"
                            r"it's|patient|house|wilson|cuddy|cause|causes|caused|"
                            r"leads?|explains?)\b|'s\b", re.I)
