@@ -93,6 +93,28 @@ NAMED = [
     # reading 26's
     ("does this bot store my messages? i told you some personal stuff yesterday",
      "does the bot keep my messages"),
+    # readings 24-27's House's lines, read again (2026-12-07 g): the kinds of question no
+    # entry named, each a catch-all after the specific entries
+    ("is what i type here private? dont want my employer seeing", "does the bot keep my messages"),
+    ("sorry fell asleep lol. what were you saying about my blood test results", "remember me"),
+    ("whats the dumbest thing a patient ever lied to you about", "everybody lies"),
+    ("if you werent a doctor what would you be? dont say unemployed", "if not a doctor"),
+    ("whats your honest opinion on chiropractors", "alternative medicine"),
+    ("should i quit my stable accounting job to open a bakery. im 41", "start a business"),
+    ("wait is the bot reading all of this?? hi @House md", "is the bot reading this"),
+    ("@House i wasnt talking to you, go away", "not talking to you"),
+    ("who added this house bot to the server and can we keep it", "keep the bot"),
+    ("can you send voice messages? want to hear you say it", "voice messages"),
+    ("do you speak french?", "languages"),
+    ("is this free or does it start charging after a certain number of messages", "does it cost"),
+    ("my boss keeps making us stay late every friday. what would you do in my place",
+     "someone who wrongs you"),
+    ("roommate keeps eating my food and denies it. how would you catch him",
+     "someone who wrongs you"),
+    ("my kid cheated on a math test and the teacher called me. how would you handle it",
+     "your kid"),
+    ("my sister asked me to give the toast at her wedding. what would you say up there",
+     "family obligations"),
 ]
 
 # Not small talk: a complaint (the differentials, or the model when they name none), a chore
@@ -112,6 +134,10 @@ NOT_A_TOPIC = [
     "Walking up to him. Did you remember my DVD player?",
     "I think we should reconsider drugs. Kalvin uses crystal meth.",
     "And I'm going to violate patient privacy laws just to keep you happy?",
+    # the series' lines the catch-alls of 2026-12-07 g must leave alone
+    "This isn't just gonna go away.",
+    "Why aren't you detoxing?",
+    "Holds up a bill. Why does it cost $2,300 to fix a broken arm?",
 ]
 
 
