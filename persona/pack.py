@@ -77,6 +77,7 @@ class Persona:
     greeting_jabs: tuple[str, ...] = ()
     mash_jabs: tuple[str, ...] = ()
     harm_jabs: tuple[str, ...] = ()
+    link_jabs: tuple[str, ...] = ()
     differentials: CuedAnswers = field(default_factory=CuedAnswers)
     topics: CuedAnswers = field(default_factory=CuedAnswers)
 
@@ -84,14 +85,14 @@ class Persona:
         """A short jab for a message with no words in it (``no_words``), in another language
         (``language``), of nothing but "ok", "hmm", "lol" (``filler``), an attempt to make him
         someone else (``role``), a chore for an assistant (``errand``), a bare greeting
-        (``greeting``), a keyboard mash (``mash``) or a request for a dose to harm someone
-        (``harm``); ``seed`` picks
+        (``greeting``), a keyboard mash (``mash``), a request for a dose to harm someone
+        (``harm``) or a bare link (``link``); ``seed`` picks
         which, the next one on when it is in ``avoid`` (what the conversation already heard)
         while another is left. A kind the pack has no jabs for gets the no-words ones."""
         pool = {"language": self.language_jabs, "filler": self.filler_jabs,
                 "role": self.role_jabs, "errand": self.errand_jabs,
                 "greeting": self.greeting_jabs, "mash": self.mash_jabs,
-                "harm": self.harm_jabs}.get(kind) or self.jabs
+                "harm": self.harm_jabs, "link": self.link_jabs}.get(kind) or self.jabs
         if not pool:
             return self.line("empty")
         return unheard(pool, seed, avoid)
@@ -127,6 +128,7 @@ def load_persona(name_or_path: str = "house") -> Persona:
         greeting_jabs=_texts(raw, "greeting_jabs", path),
         mash_jabs=_texts(raw, "mash_jabs", path),
         harm_jabs=_texts(raw, "harm_jabs", path),
+        link_jabs=_texts(raw, "link_jabs", path),
         differentials=load_differentials(path.parent / raw["differentials"])
         if raw.get("differentials") else CuedAnswers(),
         topics=load_cued(path.parent / raw["topics"], "topic")

@@ -127,9 +127,14 @@ _ROLE = re.compile(
     r"|\b(?:persona|character)\s+(?:module|mode|layer)\b"
     # "reply only with …", "respond only in pirate speak", "answer every message using only emojis"
     r"|\b(?:answer|respond|reply|talk|speak)\b[^.?!]{0,30}\b(?:only\s+(?:with|in)|using\s+only)\b"
-    r"|\blet'?s\s+(?:play\s+a\s+game|role-?play)\b[^.?!]{0,30}\byou(?:'re|\s+are|\s+be)\b"
+    r"|\blet'?s\s+(?:play\s+a\s+game|role-?play)\b[^.?!]{0,30}\b(?:you(?:'?re|\s+are|\s+be)|ur)\b"
     r"|\b(?:respond|reply|answer|act|talk|speak)\s+(?:as|like)\s+(?:a|an|the)\s+(?:\w+\s+){0,2}"
     r"(?:assistant|ai|chatbot|bot)\b", re.I)
+
+# A message of nothing but a link ("https://vm.tiktok.com/…", a Reddit thread): House's lines for
+# it answer words that are not there (reading 28: a Reddit link → "No, so you can stop bleeding
+# out of your ear."). A link with a question ("check this out, is it lupus?") is not one.
+_LINK_ONLY = re.compile(r"^\W*(?:https?://|www\.)\S+\W*$", re.I)
 
 # A chore for an assistant — a poem, code, a translation, a summary, sums, a recipe — which no
 # line of the series answers (reading 12: "Write me a haiku about the ocean." → "It is in the
@@ -195,10 +200,12 @@ def jab_kind(message: str) -> str | None:
     ``filler`` ("ok", "hmm", "lol"), ``greeting`` ("Hi!", "Good morning, doctor.", "sup"),
     ``role`` (an attempt to make him someone else or to read out his instructions),
     ``errand`` (a chore for an assistant: a poem, code, sums, trivia), ``mash`` (a keyboard
-    mash, `keyboard_mash`) or ``harm`` (a dose to knock out or kill someone: no dose, a crisis
-    line)."""
+    mash, `keyboard_mash`), ``harm`` (a dose to knock out or kill someone: no dose, a crisis
+    line) or ``link`` (nothing but a link)."""
     if not has_words(message):
         return "no_words"
+    if _LINK_ONLY.match(message.strip()):
+        return "link"
     if in_another_language(message):
         return "language"
     if _FILLER.match(message.strip()):

@@ -322,6 +322,21 @@ NAMED = [
     ("32 weeks pregnant, my face and hands puffed up overnight and im seeing sparkly spots",
      "pregnant"),
     ("took pepto for my stomach and now my poop is BLACK", "black tongue"),
+    # reading 28's
+    ("dog ate about half a bar of 85% dark chocolate like 20 min ago, shes a 9kg beagle mix",
+     "dog ate chocolate"),
+    ("27f got my flu shot 3 days ago and now theres a small tender lump in my armpit",
+     "after a vaccine"),
+    ("got the shingrix shot yesterday and my arm is killing me + chills", "after a vaccine"),
+    ("how many days on amoxicillin before strep isnt contagious, my kid has a party saturday",
+     "strep and contagious"),
+    ("can i have one beer on doxycycline or is that dumb", "alcohol and antibiotics"),
+    ("jake says you can sweat out a fever in a sauna and im saying hes an idiot",
+     "sweating out a fever"),
+    ("can i take benadryl with sertraline 100mg? havent slept properly in like 4 nights",
+     "sleep aid on an antidepressant"),
+    ("went to a concert saturday and my ears are still ringing and its tuesday. permanent??",
+     "ringing after a concert"),
 ]
 
 # Not a complaint of the writer's: House's own, a patient's in the series' words, a denial, a

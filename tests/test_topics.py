@@ -114,7 +114,31 @@ NAMED = [
     ("my kid cheated on a math test and the teacher called me. how would you handle it",
      "your kid"),
     ("my sister asked me to give the toast at her wedding. what would you say up there",
-     "family obligations"),
+     "family obligations"),    # reading 28's House's lines
+    ("my sister wants me to cosign her car loan. be honest house", "lending money"),
+    ("would you lend money again to a friend who never paid you back the first time",
+     "lending money"),
+    ("saw my best friends husband on tinder. do i tell her or stay out of it",
+     "a friend's cheating partner"),
+    ("im 29 and thinking about going back to school for nursing. too late?", "learning late"),
+    ("my son wants to quit piano after 4 yrs. let him or make him stick it out",
+     "kid wants to quit"),
+    ("2 job offers, one pays 15k more but its an hour commute each way. which one",
+     "which job offer"),
+    ("how do i tell my parents im dropping out of my masters", "dropping out"),
+    ("bf wants to get a dog together after 6 months of dating. thoughts",
+     "getting a pet together"),
+    ("is it petty to not invite my coworker to my bday drinks", "is it petty"),
+    ("@House tell mike his 5 energy drinks a day are totally fine", "energy drinks"),
+    ("@DrHouse roast kevin pls he thinks antibiotics cure the flu", "antibiotics for a virus"),
+    ("is it actually dangerous to wake up a sleepwalker", "sleepwalkers"),
+    ("@house priya has been coughing through every standup for 3 weeks",
+     "a cough that won't go"),
+    ("if i send you a photo of my blood test results can you read them", "photos"),
+    ("do you remember what we talked about last week?", "remember me"),
+    ("how do i add you to my own discord server", "add the bot"),
+    ("rate my diet: coffee for breakfast, gas station burrito for lunch, cereal for dinner",
+     "rate my diet"),
 ]
 
 # Not small talk: a complaint (the differentials, or the model when they name none), a chore
@@ -138,6 +162,7 @@ NOT_A_TOPIC = [
     "This isn't just gonna go away.",
     "Why aren't you detoxing?",
     "Holds up a bill. Why does it cost $2,300 to fix a broken arm?",
+    "Was it the blood dripping from my ear? Shows House his ear which is dripping blood.",
 ]
 
 
