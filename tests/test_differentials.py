@@ -321,7 +321,8 @@ NAMED = [
     ("our great dane's belly is suddenly huge and tight and hes trying to throw up", "dog bloat"),
     ("32 weeks pregnant, my face and hands puffed up overnight and im seeing sparkly spots",
      "pregnant"),
-    ("took pepto for my stomach and now my poop is BLACK", "black tongue"),
+    ("took pepto for my stomach and now my poop is BLACK", "black stool after bismuth"),
+    ("my tongue turned black and kind of furry?? been taking pepto", "black tongue"),
     # reading 28's
     ("dog ate about half a bar of 85% dark chocolate like 20 min ago, shes a 9kg beagle mix",
      "dog ate chocolate"),
