@@ -337,12 +337,28 @@ NAMED = [
     ("can i take benadryl with sertraline 100mg? havent slept properly in like 4 nights",
      "sleep aid on an antidepressant"),
     ("went to a concert saturday and my ears are still ringing and its tuesday. permanent??",
-     "ringing after a concert"),
+     "ringing after a concert"),    # reading 29's
+    ("my 4 yr old has had diarrhea for 2 days, still drinking juice but he's only peed once",
+     "dehydrated child"),
+    ("can i take zyrtec and sudafed together? 34f no other meds", "antihistamine and decongestant"),
+    ("how long is pink eye contagious for, daughter wants to go back to daycare tmrw",
+     "pink eye and daycare"),
+    ("my cat keeps sneezing, been like a week now. eating fine, 3 yrs old", "sneezing cat"),
+    ("heartburn almost every night for a month, tums barely work. is it ok to take omeprazole",
+     "heartburn and omeprazole"),
+    ("toddler ate a glob of toothpaste, like way more than pea size. fine right?",
+     "swallowed toothpaste"),
+    ("how long after food poisoning can i eat normal food again, day 3",
+     "eating after a stomach bug"),
+    ("i wake up with a white coating on my tongue every morning", "white tongue"),
 ]
 
 # Not a complaint of the writer's: House's own, a patient's in the series' words, a denial, a
 # question about someone else, no complaint at all.
 NOT_NAMED = [
+    # an appendix already out is thanks, not a complaint (reading 29)
+    "update: went to urgent care like u said and it WAS appendicitis, they took it out this "
+    "morning. so thanks i guess",
     "Does your leg still hurt?",
     "He's got a fever and a stiff neck.",
     "I have no fever, just a stiff back? No, nothing.",

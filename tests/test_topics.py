@@ -138,7 +138,28 @@ NAMED = [
     ("do you remember what we talked about last week?", "remember me"),
     ("how do i add you to my own discord server", "add the bot"),
     ("rate my diet: coffee for breakfast, gas station burrito for lunch, cereal for dinner",
-     "rate my diet"),
+     "rate my diet"),    # reading 29's
+    ("be honest, is it weird to ask for a raise after only 7 months", "asking for a raise"),
+    ("what would u do: gf got a job offer across the country, i just bought a condo here",
+     "a partner's move"),
+    ("upstairs neighbor vacuums at 11pm every night. passive aggressive note or knock on the door",
+     "someone who wrongs you"),
+    ("my dad wants me to take over the family hardware store. house what do i do",
+     "family obligations"),
+    ("my 17yo wants to skip college and become an electrician. thoughts?",
+     "skipping college for a trade"),
+    ("should i pay off my car loan early or keep the cash in savings, its at 4.9%",
+     "debt or invest"),
+    ("did you ever genuinely apologize to anyone in 8 seasons", "ever apologized"),
+    ("jake says the 5 second rule is real science", "the five-second rule"),
+    ("guys u can ask this bot medical stuff btw", "telling others about the bot"),
+    ("sarah says you HAVE to drink 8 glasses of water a day or your kidneys fail",
+     "eight glasses of water"),
+    ("diagnose dave, hes yawned like 40 times this meeting", "yawning"),
+    ("this guy says seed oils cause literally every disease", "seed oils"),
+    ("any good medical shows besides yours? finished all 8 seasons twice", "favourite tv show"),
+    ("update: went to urgent care like u said and it WAS appendicitis, they took it out this "
+     "morning. so thanks i guess", "thanks, you were right"),
 ]
 
 # Not small talk: a complaint (the differentials, or the model when they name none), a chore
