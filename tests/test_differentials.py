@@ -350,7 +350,22 @@ NAMED = [
      "swallowed toothpaste"),
     ("how long after food poisoning can i eat normal food again, day 3",
      "eating after a stomach bug"),
-    ("i wake up with a white coating on my tongue every morning", "white tongue"),
+    ("i wake up with a white coating on my tongue every morning", "white tongue"),    # reading 30's
+    ("my husband (52) has had bad indigestion for about an hour, hes sweaty and his jaw aches",
+     "heart attack as indigestion"),
+    ("can i take loratadine while breastfeeding? baby is 3 months", "medicine while breastfeeding"),
+    ("my lab (6yo) keeps licking his front paws till theyre raw and red", "dog licking paws"),
+    ("got a tick bite hiking 10 days ago and now theres a red ring around it thats getting bigger",
+     "tick bite"),
+    ("is it normal that my period cramps make me throw up?? every month",
+     "period pain with vomiting"),
+    ("my 15 month old got into a dishwasher pod, i think she bit it?? shes coughing a little",
+     "detergent pod"),
+    ("can i have grapefruit juice with lisinopril", "grapefruit and medicine"),
+    ("mum is 70 and has shingles on her forehead right by her eye", "shingles near the eye"),
+    ("how long am i contagious w covid, tested positive tuesday", "covid and contagious"),
+    # a late period with vomiting is the pregnancy question, not period pain
+    ("my period is late and i keep throwing up in the mornings", "vomiting in the morning"),
 ]
 
 # Not a complaint of the writer's: House's own, a patient's in the series' words, a denial, a

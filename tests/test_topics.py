@@ -159,7 +159,27 @@ NAMED = [
     ("this guy says seed oils cause literally every disease", "seed oils"),
     ("any good medical shows besides yours? finished all 8 seasons twice", "favourite tv show"),
     ("update: went to urgent care like u said and it WAS appendicitis, they took it out this "
-     "morning. so thanks i guess", "thanks, you were right"),
+     "morning. so thanks i guess", "thanks, you were right"),    # reading 30's
+    ("my sister wants me to be her baby's godfather but im an atheist. do i say yes anyway",
+     "family obligations"),
+    ("landlord wants 20% more rent or i move somewhere 40 min further from work",
+     "rent rise or a longer commute"),
+    ("my 11yo wants a phone bc everyone has one. yes or no", "a kid's first phone"),
+    ("coworker keeps reply-all-ing thanks to 200 ppl. how do i make him stop",
+     "someone who wrongs you"),
+    ("im failing chem. tell my parents now or let them find out", "bad grades and parents"),
+    ("34 and i want to learn to skateboard. too late?", "learning late"),
+    ("neighbours tree dumps leaves in my pool, can i cut the branches", "the neighbour's tree"),
+    ("my gf wants us to share phone passwords. normal or red flag", "sharing passwords"),
+    ("is it weird to go to a concert alone?", "doing things alone"),
+    ("buy a house now or keep renting? rates are insane", "buy or rent"),
+    ("you talk about your dad but never your mom. what was she like", "his mother"),
+    ("how'd you get so good at piano", "music"),
+    ("my sister swears sugar makes kids hyper and i say its a myth", "sugar and hyper kids"),
+    ("we're arguing about whether you can die from not sleeping", "dying without sleep"),
+    ("hot tub after the gym good or bad for recovery?", "hot tub after the gym"),
+    ("is this guy legit? says cold showers cured his depression", "cold showers"),
+    ("is there a limit on how many msgs i can send a day", "a message limit"),
 ]
 
 # Not small talk: a complaint (the differentials, or the model when they name none), a chore
