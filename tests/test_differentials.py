@@ -337,7 +337,8 @@ NAMED = [
     ("can i take benadryl with sertraline 100mg? havent slept properly in like 4 nights",
      "sleep aid on an antidepressant"),
     ("went to a concert saturday and my ears are still ringing and its tuesday. permanent??",
-     "ringing after a concert"),    # reading 29's
+     "ringing after a concert"),
+    # reading 29's
     ("my 4 yr old has had diarrhea for 2 days, still drinking juice but he's only peed once",
      "dehydrated child"),
     ("can i take zyrtec and sudafed together? 34f no other meds", "antihistamine and decongestant"),
@@ -350,7 +351,8 @@ NAMED = [
      "swallowed toothpaste"),
     ("how long after food poisoning can i eat normal food again, day 3",
      "eating after a stomach bug"),
-    ("i wake up with a white coating on my tongue every morning", "white tongue"),    # reading 30's
+    ("i wake up with a white coating on my tongue every morning", "white tongue"),
+    # reading 30's
     ("my husband (52) has had bad indigestion for about an hour, hes sweaty and his jaw aches",
      "heart attack as indigestion"),
     ("can i take loratadine while breastfeeding? baby is 3 months", "medicine while breastfeeding"),
@@ -366,6 +368,14 @@ NAMED = [
     ("how long am i contagious w covid, tested positive tuesday", "covid and contagious"),
     # a late period with vomiting is the pregnancy question, not period pain
     ("my period is late and i keep throwing up in the mornings", "vomiting in the morning"),
+    # answers for one case, not several (voice pass 3's readers: a hamster's wet tail in a
+    # rabbit's answer, a gas bubble in the eye for a flight after knee surgery)
+    ("our rabbit hasnt pooped since last night and isnt eating his hay",
+     "rabbit or guinea pig off food"),
+    ("had retina surgery with a gas bubble last week, can i fly home sunday",
+     "a flight after eye surgery"),
+    ("14h flight tomorrow, im 3 weeks out from acl surgery and on the pill",
+     "a flight after surgery"),
 ]
 
 # Not a complaint of the writer's: House's own, a patient's in the series' words, a denial, a

@@ -114,7 +114,8 @@ NAMED = [
     ("my kid cheated on a math test and the teacher called me. how would you handle it",
      "your kid"),
     ("my sister asked me to give the toast at her wedding. what would you say up there",
-     "family obligations"),    # reading 28's House's lines
+     "family obligations"),
+    # reading 28's House's lines
     ("my sister wants me to cosign her car loan. be honest house", "lending money"),
     ("would you lend money again to a friend who never paid you back the first time",
      "lending money"),
@@ -138,7 +139,8 @@ NAMED = [
     ("do you remember what we talked about last week?", "remember me"),
     ("how do i add you to my own discord server", "add the bot"),
     ("rate my diet: coffee for breakfast, gas station burrito for lunch, cereal for dinner",
-     "rate my diet"),    # reading 29's
+     "rate my diet"),
+    # reading 29's
     ("be honest, is it weird to ask for a raise after only 7 months", "asking for a raise"),
     ("what would u do: gf got a job offer across the country, i just bought a condo here",
      "a partner's move"),
@@ -159,7 +161,8 @@ NAMED = [
     ("this guy says seed oils cause literally every disease", "seed oils"),
     ("any good medical shows besides yours? finished all 8 seasons twice", "favourite tv show"),
     ("update: went to urgent care like u said and it WAS appendicitis, they took it out this "
-     "morning. so thanks i guess", "thanks, you were right"),    # reading 30's
+     "morning. so thanks i guess", "thanks, you were right"),
+    # reading 30's
     ("my sister wants me to be her baby's godfather but im an atheist. do i say yes anyway",
      "family obligations"),
     ("landlord wants 20% more rent or i move somewhere 40 min further from work",
