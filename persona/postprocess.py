@@ -255,6 +255,24 @@ _OTHER = frozenset({
 })
 
 
+def _accented_share(distinct_words: set[str]) -> float:
+    """The share of accented words (`_accented`; 0 under three words): a Latin-script
+    language whose function words `_OTHER` does not list (reading 31: Vietnamese, "bác sĩ ơi con
+    tôi bị sốt 3 ngày rồi", got a line of the series in mock Hmong)."""
+    lettered = [x for x in distinct_words if any(c.isalpha() for c in x)]
+    if len(lettered) < 3:  # "café", "naïve résumé": too few words to tell
+        return 0.0
+    return sum(_accented(x) for x in lettered) / len(lettered)
+
+
+def _accented(word: str) -> bool:
+    """A word of mostly ASCII letters with an accent or two ("bác", "tôi"), not a run of
+    symbols that happen to be letters (a binary blob read as Latin-1)."""
+    letters = [c for c in word if c.isalpha()]
+    other = sum(not c.isascii() for c in letters)
+    return 0 < other <= len(letters) / 2
+
+
 def in_another_language(message: str) -> bool:
     """A message House would not take for English: fewer than two common English words, and
     mostly another script or two of another language's function words — or, in a longer
@@ -263,7 +281,7 @@ def in_another_language(message: str) -> bool:
     w = set(words(message))  # distinct: "a … a" is one word, Spanish as much as English
     english, other = len(w & _ENGLISH), len(w & _OTHER)
     if english < 2:
-        return not mostly_latin(message) or other >= 2
+        return not mostly_latin(message) or other >= 2 or _accented_share(w) >= 0.4
     return other >= 2 * english  # "oi doutor, qual é a sua…": "a", "do" are Portuguese too
 
 

@@ -376,11 +376,26 @@ NAMED = [
      "a flight after eye surgery"),
     ("14h flight tomorrow, im 3 weeks out from acl surgery and on the pill",
      "a flight after surgery"),
+    # reading 31's
+    ("my grandma (87) keeps seeing little kids and cats in her room at night",
+     "seeing things in old age"),
+    ("tattoo is day 6 and peeling like a snake and itchy af, how long till its healed",
+     "a healing tattoo"),
+    ("dad is 81, on amlodipine 10mg and his ankles have gotten really puffy",
+     "ankles on amlodipine"),
+    ("29f, 4 UTIs this year, always after sex. is cranberry juice doing anything",
+     "UTIs after sex"),
+    ("my wife has been chewing ice nonstop and she's always exhausted", "chewing ice"),
+    ("can i take omeprazole and my iron tablets at the same time", "omeprazole and iron"),
+    ("why does my dog keep dragging his butt across the carpet", "dog scooting"),
+    ("got a hard little bump on the back of my wrist, doesnt hurt", "a bump on the wrist"),
 ]
 
 # Not a complaint of the writer's: House's own, a patient's in the series' words, a denial, a
 # question about someone else, no complaint at all.
 NOT_NAMED = [
+    # thanks with the news is not a complaint (readings 29 and 31)
+    "thanks man, took my mom to urgent care like you said and it was her gallbladder",
     # an appendix already out is thanks, not a complaint (reading 29)
     "update: went to urgent care like u said and it WAS appendicitis, they took it out this "
     "morning. so thanks i guess",

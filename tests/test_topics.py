@@ -183,6 +183,24 @@ NAMED = [
     ("hot tub after the gym good or bad for recovery?", "hot tub after the gym"),
     ("is this guy legit? says cold showers cured his depression", "cold showers"),
     ("is there a limit on how many msgs i can send a day", "a message limit"),
+    # reading 31's
+    ("ate like 3 poppy seed bagels yesterday and i have a drug test tmrw",
+     "poppy seeds and a drug test"),
+    ("should i get a dog if i live alone and work 9 to 5 in an office",
+     "a dog and a full-time job"),
+    ("im 31 and thinking about getting braces, worth it?", "braces as an adult"),
+    ("my 8yo got invited to a sleepover at a kid's house. yes or no", "a sleepover"),
+    ("got offered to go fully remote at work but im scared ill go insane", "going remote"),
+    ("jake says raw cookie dough is totally safe if you use good eggs", "raw cookie dough"),
+    ("which one of us is the wilson of this server", "who is the Wilson here"),
+    ("can you remind me to take my antibiotics every 8 hours", "reminders"),
+    ("this guy says you can reverse gray hair with castor oil", "grey hair"),
+    ("can you write a get well soon message for my friend", "a get-well message"),
+    ("who would win in a diagnosis-off, you or doctor strange", "smarter than you"),
+    ("wait did the bot just call me an idiot", "why so mean"),
+    ("my thesis advisor has ignored my emails for 2 months", "someone who wrongs you"),
+    ("thanks man, took my mom to urgent care like you said and it was her gallbladder",
+     "thanks, you were right"),
 ]
 
 # Not small talk: a complaint (the differentials, or the model when they name none), a chore
