@@ -22,6 +22,8 @@ from persona.cued import CuedAnswers, load_cued
 _ABOUT_THEM = re.compile(
     r"\b(?:i|i'm|im|i've|ive|i'd|my|me|myself)\b|\b(?:sons?|daughters?|kids?|"
     r"child(?:ren)?|baby|newborn|infant|toddler|wife|husband|partner|mom|mum|mother|dad|"
+    # "bf is 52 and has had heartburn all evening, hes sweaty" (reading 32)
+    r"bf|gf|hubby|spouse|fianc[eé]e?|"
     r"father|grand\w+|boyfriend|girlfriend|brother|sister|friend|roommate|"
     # a household ("whole family has headaches", "our great dane") and its pets ("13yo cat
     # drinking … she eats like a horse"; reading 25)

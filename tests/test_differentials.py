@@ -389,11 +389,28 @@ NAMED = [
     ("can i take omeprazole and my iron tablets at the same time", "omeprazole and iron"),
     ("why does my dog keep dragging his butt across the carpet", "dog scooting"),
     ("got a hard little bump on the back of my wrist, doesnt hurt", "a bump on the wrist"),
+    # reading 32's
+    ("bf is 52 and has had heartburn all evening, hes sweaty and his left arm feels heavy",
+     "heart attack as indigestion"),
+    ("how long does stomach flu last?? day 2 and i cant keep anything down not even water",
+     "vomiting"),
+    ("does pink eye need antibiotics or does it go away on its own", "pink eye and daycare"),
+    ("how long does sertraline take to actually work? 3 weeks in and i feel the same",
+     "how long an antidepressant takes"),
+    ("my dog keeps shaking his head and scratching his ear, theres brown gunk in there",
+     "dog ear infection"),
+    ("i sleep like 5 hrs on weeknights and then 11 on weekends to catch up",
+     "weekend catch-up sleep"),
+    ("29f missed my birth control pill 2 days in a row, do i just double up", "missed pills"),
+    ("my 2yo started amoxicillin 5 days ago and now has a blotchy rash all over her belly",
+     "rash on amoxicillin"),
 ]
 
 # Not a complaint of the writer's: House's own, a patient's in the series' words, a denial, a
 # question about someone else, no complaint at all.
 NOT_NAMED = [
+    # a missed blood pressure pill is not the contraceptive answer
+    "i forgot my blood pressure pills two days in a row, is that bad?",
     # thanks with the news is not a complaint (readings 29 and 31)
     "thanks man, took my mom to urgent care like you said and it was her gallbladder",
     # an appendix already out is thanks, not a complaint (reading 29)

@@ -201,6 +201,17 @@ NAMED = [
     ("my thesis advisor has ignored my emails for 2 months", "someone who wrongs you"),
     ("thanks man, took my mom to urgent care like you said and it was her gallbladder",
      "thanks, you were right"),
+    # reading 32's
+    ("are my messages saved anywhere? kinda dont want my health stuff stored",
+     "does the bot keep my messages"),
+    ("update: the antibiotics worked, you were right about the sinus thing",
+     "thanks, you were right"),
+    ("my mother in law keeps showing up unannounced and my husband says let it go",
+     "family obligations"),
+    ("wait what do you mean probably not cancer. PROBABLY???", "probably not"),
+    ("is chicken thats a bit pink in the middle fine or nah", "pink chicken"),
+    ("im 17, my parents want me to be a doctor and i want to do graphic design",
+     "parents choosing my career"),
 ]
 
 # Not small talk: a complaint (the differentials, or the model when they name none), a chore
