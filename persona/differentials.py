@@ -38,15 +38,17 @@ _SOMEONE_ELSE = re.compile(r"\b(?:you|your|yours|he|she|him|his|her|hers|they|th
 
 # Thanks for being right, with the news ("took my mom to urgent care like you said and it was her
 # gallbladder, thanks man"; readings 29 and 31 got the complaint's answer again): not a complaint.
-_THANKED = re.compile(r"\b(?:thanks|thank you|thx|ty)\b[^\n]*\blike (?:you|u) said\b"
-                      r"|\blike (?:you|u) said\b[^\n]*\b(?:thanks|thank you|thx)\b", re.I)
-_NEWS = re.compile(r"\b(?:went|took|turned out|it was|they said|said it was|diagnosed)\b", re.I)
+_THANKED = (re.compile(r"\b(?:thanks|thank you|thx|ty)\b", re.I),
+            re.compile(r"\blike (?:you|u) said\b", re.I),
+            re.compile(r"\b(?:went|took|turned out|it was|they said|said it was|diagnosed)\b",
+                       re.I))
 
 
 def _theirs(message: str) -> bool:
     """Whether ``message`` is about the writer or someone of theirs (`_ABOUT_THEM`), or names
-    nobody else (`_SOMEONE_ELSE`) — and is not thanks for an answer that was right (`_THANKED`)."""
-    if _THANKED.search(message) and _NEWS.search(message):
+    nobody else (`_SOMEONE_ELSE`) — and is not thanks, with the news, for an answer that was
+    right (`_THANKED`: all three)."""
+    if all(p.search(message) for p in _THANKED):
         return False
     return bool(_ABOUT_THEM.search(message)) or not _SOMEONE_ELSE.search(message)
 
